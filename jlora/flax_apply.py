@@ -30,7 +30,7 @@ from flax import nnx
 from jlora import lora as lora_lib
 from jlora.ops import einsum_layout, lora_einsum
 
-A_NAME, B_NAME = "lora_a", "lora_b"
+A_NAME, B_NAME = lora_lib.LORA_A, lora_lib.LORA_B
 _LETTERS = "abcdefghijklmnopqrstuvwxy"
 
 
@@ -93,20 +93,8 @@ def _delta(equation: str, x, a, b_scaled):
 
 # ----------------------------------------------------------------------------- linen
 
-def _graft(params: dict, adapters: Any, spec: lora_lib.LoraSpec) -> tuple[dict, set[str]]:
-  targets = lora_lib.resolve(params, spec)
-  flat = lora_lib.flatten(params)
-  grafted = set()
-  for path, f in lora_lib.adapter_leaves(adapters).items():
-    if path not in targets:
-      raise ValueError(f"adapter for '{path}' has no matching target in params")
-    scope, _, leaf = path.rpartition("/")
-    if leaf != "kernel":
-      raise ValueError(f"adapter target '{path}' is not a layer kernel")
-    flat[f"{scope}/{A_NAME}"] = f["a"]
-    flat[f"{scope}/{B_NAME}"] = f["b"] * jnp.asarray(targets[path].scale, f["b"].dtype)
-    grafted.add(scope)
-  return lora_lib.unflatten(flat), grafted
+def _grafted_scopes(adapters: Any) -> set[str]:
+  return {p.rpartition("/")[0] for p in lora_lib.adapter_leaves(adapters)}
 
 
 def apply(apply_fn: Callable, variables: Any, adapters: Any, spec: lora_lib.LoraSpec,
@@ -123,7 +111,8 @@ def apply(apply_fn: Callable, variables: Any, adapters: Any, spec: lora_lib.Lora
   Returns:
     Whatever ``apply_fn`` returns.
   """
-  params, grafted = _graft(variables["params"], adapters, spec)
+  params = lora_lib.with_adapters(variables["params"], adapters, spec)
+  grafted = _grafted_scopes(adapters)
   consumed: set[str] = set()
 
   def interceptor(next_fun, args_, kwargs_, context):

@@ -48,6 +48,8 @@ MLP_NAMES = ("mlp", "ffn", "feed_forward", "feedforward", "moe", "experts", "exp
 UNEMBED_NAMES = ("lm_head", "unembed", "unembedding", "output_projection")
 ROUTER_NAMES = ("router",)
 PRESETS = ("all", "mlp", "attn")
+# Names under which ``with_adapters`` places the factors beside a kernel.
+LORA_A, LORA_B = "lora_a", "lora_b"
 LAYOUT_ROLES = "beio"
 
 
@@ -360,22 +362,31 @@ def adapter_leaves(adapters: PyTree) -> dict[str, dict[str, jax.Array]]:
   return out
 
 
-def _apply_delta(params, adapters, spec, sign: float):
+def checked_factors(params: PyTree, adapters: PyTree, spec: LoraSpec
+                    ) -> list[tuple[Target, dict[str, jax.Array]]]:
+  """(target, {"a", "b"}) for every adapter, checked against the params' kernels."""
   targets = resolve(params, spec)
-  factors = adapter_leaves(adapters)
-  unknown = set(factors) - set(targets)
-  if unknown:
-    raise ValueError(f"adapter for '{sorted(unknown)[0]}' has no matching target in params")
+  out = []
+  for path, f in adapter_leaves(adapters).items():
+    if path not in targets:
+      raise ValueError(f"adapter for '{path}' has no matching target in params")
+    t = targets[path]
+    if tuple(f["a"].shape) != t.a_shape or tuple(f["b"].shape) != t.b_shape:
+      raise ValueError(f"adapter for '{path}' has A{tuple(f['a'].shape)} "
+                       f"B{tuple(f['b'].shape)}, expected A{t.a_shape} B{t.b_shape}")
+    out.append((t, f))
+  return out
+
+
+def _apply_delta(params, adapters, spec, sign: float):
+  factors = {t.path: (t, f) for t, f in checked_factors(params, adapters, spec)}
 
   def one(keypath, w):
     path = path_str(keypath)
     if path not in factors:
       return w
-    t, ab = targets[path], factors[path]
-    if tuple(ab["a"].shape) != t.a_shape or tuple(ab["b"].shape) != t.b_shape:
-      raise ValueError(f"adapter for '{path}' has A{tuple(ab['a'].shape)} "
-                       f"B{tuple(ab['b'].shape)}, expected A{t.a_shape} B{t.b_shape}")
-    return (w.astype(jnp.float32) + sign * delta(t, ab["a"], ab["b"])).astype(w.dtype)
+    t, f = factors[path]
+    return (w.astype(jnp.float32) + sign * delta(t, f["a"], f["b"])).astype(w.dtype)
 
   return jax.tree_util.tree_map_with_path(one, params)
 
@@ -388,6 +399,24 @@ def merge(params: PyTree, adapters: PyTree, spec: LoraSpec) -> PyTree:
 def unmerge(params: PyTree, adapters: PyTree, spec: LoraSpec) -> PyTree:
   """Inverse of ``merge``: W - s A B."""
   return _apply_delta(params, adapters, spec, -1.0)
+
+
+def with_adapters(params: PyTree, adapters: PyTree, spec: LoraSpec) -> dict:
+  """params with each adapter's factors beside its kernel: ``.../lora_a`` = A and
+  ``.../lora_b`` = s * B (the scale folded in, so layers need no spec).
+
+  This is how a forward pass sees adapters: jlora's own layers and ``jlora.apply`` read
+  ``lora_a``/``lora_b`` from their own scope, so lifted transforms (``nn.scan``) slice
+  stacked adapters like the stacked kernel. Differentiable w.r.t. ``adapters``.
+  """
+  flat = flatten(params)
+  for t, f in checked_factors(params, adapters, spec):
+    scope, _, leaf = t.path.rpartition("/")
+    if leaf != "kernel":
+      raise ValueError(f"adapter target '{t.path}' is not a layer kernel")
+    flat[f"{scope}/{LORA_A}"] = f["a"]
+    flat[f"{scope}/{LORA_B}"] = f["b"] * jnp.asarray(t.scale, f["b"].dtype)
+  return unflatten(flat)
 
 
 def count_params(adapters: PyTree) -> int:

@@ -77,3 +77,21 @@ def einsum_layout(equation: str) -> str:
   lhs, out = equation.replace(" ", "").split("->")
   xs, ks = lhs.split(",")
   return "".join("b" if c in xs and c in out else "i" if c in xs else "o" for c in ks)
+
+
+def lora_ragged_dot(x_MK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array,
+                    a_EKR: jax.Array | None = None, b_ERN: jax.Array | None = None,
+                    scale: float = 1.0) -> jax.Array:
+  """Per-expert x @ W_e (+ scale * (x @ A_e) @ B_e) for tokens sorted by expert.
+
+  Rows ``group_sizes[0]`` rows go to expert 0, the next ``group_sizes[1]`` to expert 1, and
+  so on (``jax.lax.ragged_dot``); accumulation in f32.
+  """
+  y = jax.lax.ragged_dot(x_MK, w_EKN.astype(x_MK.dtype), group_sizes_E,
+                         preferred_element_type=jnp.float32)
+  if a_EKR is not None:
+    t = jax.lax.ragged_dot(x_MK, a_EKR.astype(x_MK.dtype), group_sizes_E,
+                           preferred_element_type=jnp.float32)
+    y = y + jax.lax.ragged_dot(t * scale, b_ERN.astype(jnp.float32), group_sizes_E,
+                               preferred_element_type=jnp.float32)
+  return y.astype(x_MK.dtype)

@@ -1,0 +1,108 @@
+"""GGUF files (llama.cpp): metadata -> ModelConfig, dequantised tensors -> jlora's tree, and
+the BPE tokenizer from the embedded vocabulary (via the ``gguf`` and ``tokenizers``
+packages)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jlora.models.config import ModelConfig
+
+# GGUF tensor name -> HF tensor name (llama.cpp's convert script in reverse).
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
+                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_ARCH = {"llama": "llama", "qwen3": "qwen3"}
+
+
+def _reader(path: str):
+  import gguf
+  try:
+    return gguf.GGUFReader(path)
+  except (ValueError, OSError) as e:
+    raise ValueError(f"{path}: cannot read GGUF ({e})") from None
+
+
+def _field(reader, key: str, default=None):
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
+def read_config(path: str, reader=None) -> ModelConfig:
+  reader = reader or _reader(path)
+  arch = _field(reader, "general.architecture")
+  if arch not in _ARCH:
+    raise ValueError(f"{path}: unknown GGUF architecture {arch!r}; supported: "
+                     f"{', '.join(_ARCH)}")
+  g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)
+  heads = int(g("attention.head_count"))
+  hidden = int(g("embedding_length"))
+  names = {t.name for t in reader.tensors}
+  vocab = g("vocab_size") or len(_field(reader, "tokenizer.ggml.tokens"))
+  return ModelConfig(
+      model_type=_ARCH[arch], vocab_size=int(vocab), hidden_size=hidden,
+      intermediate_size=int(g("feed_forward_length")), num_layers=int(g("block_count")),
+      num_heads=heads, num_kv_heads=int(g("attention.head_count_kv", heads)),
+      head_dim=int(g("attention.key_length", hidden // heads)),
+      rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+      rope_theta=float(g("rope.freq_base", 10000.0)),
+      tie_embeddings="output.weight" not in names, qk_norm=arch == "qwen3",
+      max_position_embeddings=int(g("context_length", 8192)))
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """Undo llama.cpp's q/k row permutation (interleaved RoPE -> HF rotate-half)."""
+  out, inp = w.shape
+  return w.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+def hf_tensors(path: str, cfg: ModelConfig, reader=None) -> dict[str, np.ndarray]:
+  """All tensors of a GGUF file, dequantised to f32 and renamed/laid out as in HF."""
+  import gguf
+  reader = reader or _reader(path)
+  out = {}
+  for t in reader.tensors:
+    if t.name in _GLOBAL_NAMES:
+      name = _GLOBAL_NAMES[t.name]
+    else:
+      parts = t.name.split(".")
+      if parts[0] != "blk" or parts[2] not in _LAYER_NAMES:
+        continue  # e.g. rope_freqs: computed from the config instead
+      name = f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    x = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+    x = x.reshape(tuple(int(d) for d in reversed(t.shape)))
+    if cfg.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+      x = _unpermute(x, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
+    out[name] = x
+  return out
+
+
+def tokenizer(path: str, reader=None):
+  """The embedded GPT-2-style BPE tokenizer as a ``tokenizers.Tokenizer``."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  reader = reader or _reader(path)
+  if _field(reader, "tokenizer.ggml.model") != "gpt2":
+    raise ValueError(f"{path}: only GPT-2-style BPE GGUF tokenizers are supported")
+  tokens = _field(reader, "tokenizer.ggml.tokens")
+  merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+  types = _field(reader, "tokenizer.ggml.token_type")
+  tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges,
+                             ignore_merges=False))
+  steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+  if _field(reader, "tokenizer.ggml.pre") in ("smollm", "default"):
+    steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+  tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
+  tok.decoder = decoders.ByteLevel()
+  special = [t for t, k in zip(tokens, types) if k == 3]  # CONTROL tokens
+  tok.add_special_tokens(special)
+  return tok
+
+
+def chat_template(path: str, reader=None) -> str | None:
+  return _field(reader or _reader(path), "tokenizer.chat_template")

@@ -1,0 +1,151 @@
+"""Hugging Face checkpoints: the name table between HF tensors and jlora's tree, and the
+safetensors directory loader (single file, many files, or a sharded index)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from jlora.models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One jlora parameter and the HF tensor(s) it is made of.
+
+  ``hf`` has ``{layer}`` / ``{expert}`` fields when the jlora array stacks layers/experts;
+  ``transpose``: HF stores nn.Linear weights [out, in], jlora kernels are [in, out].
+  """
+  path: str
+  hf: str
+  transpose: bool = False
+
+  def names(self, cfg: ModelConfig) -> Iterator[tuple[tuple[int, ...], str]]:
+    """(index into the stacked array, HF tensor name) for every slice."""
+    layers = range(cfg.num_layers) if "{layer}" in self.hf else [None]
+    experts = range(cfg.num_experts) if "{expert}" in self.hf else [None]
+    for i in layers:
+      for e in experts:
+        index = tuple(x for x in (i, e) if x is not None)
+        yield index, self.hf.format(layer=i, expert=e)
+
+
+def entries(cfg: ModelConfig) -> list[Entry]:
+  """The name table of a model (HF transformers naming)."""
+  L = "model.layers.{layer}."
+  out = [Entry("embed/embedding", "model.embed_tokens.weight"),
+         Entry("norm/scale", "model.norm.weight"),
+         Entry("layers/input_norm/scale", L + "input_layernorm.weight"),
+         Entry("layers/post_attn_norm/scale", L + "post_attention_layernorm.weight")]
+  for p in ("q", "k", "v", "o"):
+    out.append(Entry(f"layers/attn/{p}_proj/kernel", L + f"self_attn.{p}_proj.weight", True))
+    if cfg.attention_bias:
+      out.append(Entry(f"layers/attn/{p}_proj/bias", L + f"self_attn.{p}_proj.bias"))
+  if cfg.qk_norm:
+    out += [Entry("layers/attn/q_norm/scale", L + "self_attn.q_norm.weight"),
+            Entry("layers/attn/k_norm/scale", L + "self_attn.k_norm.weight")]
+  for p in ("gate", "up", "down"):
+    if cfg.is_moe:
+      out.append(Entry(f"layers/moe/{p}_proj/kernel",
+                       L + "mlp.experts.{expert}." + f"{p}_proj.weight", True))
+    else:
+      out.append(Entry(f"layers/mlp/{p}_proj/kernel", L + f"mlp.{p}_proj.weight", True))
+  if cfg.is_moe:
+    out.append(Entry("layers/moe/router/kernel", L + "mlp.gate.weight", True))
+  if not cfg.tie_embeddings:
+    out.append(Entry("lm_head/kernel", "lm_head.weight", True))
+  return out
+
+
+def read_config(path: str) -> ModelConfig:
+  config_file = os.path.join(path, "config.json")
+  if not os.path.isfile(config_file):
+    raise ValueError(f"{path}: no config.json (expected an HF model directory or a .gguf file)")
+  try:
+    with open(config_file) as f:
+      hf = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+  return ModelConfig.from_hf(hf, config_file)
+
+
+def _tensor_files(path: str) -> dict[str, str]:
+  """HF tensor name -> safetensors file that holds it."""
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    return {k: os.path.join(path, v) for k, v in weight_map.items()}
+  files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+  if not files:
+    raise ValueError(f"{path}: no *.safetensors weights")
+  out = {}
+  for name in files:
+    file = os.path.join(path, name)
+    for key in _open(file).keys():
+      out[key] = file
+  return out
+
+
+def _open(file: str):
+  try:
+    return safe_open(file, framework="numpy")
+  except (SafetensorError, OSError) as e:
+    raise ValueError(f"{file}: cannot read safetensors ({e})") from None
+
+
+class SafetensorsDir:
+  """Tensors of an HF safetensors directory, by HF name."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.files = _tensor_files(path)
+    self.handles: dict[str, object] = {}
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.files
+
+  def file(self, name: str) -> str:
+    return self.files[name]
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    file = self.files[name]
+    handle = self.handles.get(file) or self.handles.setdefault(file, _open(file))
+    try:
+      return handle.get_tensor(name)
+    except SafetensorError as e:
+      raise ValueError(f"{file}: cannot read tensor '{name}' ({e})") from None
+
+
+def assemble(tensors, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]],
+             source: str) -> dict[str, np.ndarray]:
+  """{jlora path: f32 numpy array} from HF-named tensors (a SafetensorsDir or a dict).
+
+  Args:
+    tensors: supports ``name in tensors`` and ``tensors[name]``.
+    shapes: expected shape of every jlora parameter (from the model's abstract init).
+    source: what to name in errors (the directory or file).
+  """
+  out = {}
+  for entry in entries(cfg):
+    if entry.path not in shapes:
+      continue
+    array = np.empty(shapes[entry.path], np.float32)
+    for index, name in entry.names(cfg):
+      if name not in tensors:
+        raise ValueError(f"{source}: tensor '{name}' is missing from the checkpoint")
+      x = tensors[name]
+      file = tensors.file(name) if hasattr(tensors, "file") else source
+      want = array.shape[len(index):]
+      want = want[::-1] if entry.transpose else want  # in HF's own [out, in] order
+      if x.shape != want:
+        raise ValueError(f"{file}: tensor '{name}' has shape {x.shape}, the config "
+                         f"implies {want}")
+      array[index] = x.T if entry.transpose else x
+    out[entry.path] = array
+  return out

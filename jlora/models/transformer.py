@@ -1,0 +1,255 @@
+"""Llama 3 / Qwen 3 / Qwen 3 MoE as one linen decoder.
+
+Every projection is a ``Linear`` that calls ``jlora.ops.lora_dense`` on 2-D activations;
+if ``jlora.lora.with_adapters`` placed ``lora_a``/``lora_b`` in its scope, the LoRA term
+rides in the same f32 accumulator and W + BA is never formed. Layers are one ``nn.scan``
+(stacked ``[layers, ...]`` parameters: one compile of one layer, and adapters stacked the
+same way); MoE experts are stacked ``[experts, ...]`` kernels run with ``ragged_dot`` over
+tokens sorted by expert. Parameters carry logical axis names ("layers", "embed", "heads",
+"kv", "mlp", "experts", "vocab") for the sharding table.
+
+The KV cache is explicit: ``{"k", "v": [layers, batch, slots, kv_heads, head_dim],
+"valid": [batch, slots], "end": int}``; attention is causal over slots and ignores invalid
+slots (left padding), while RoPE uses token positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jlora import ops
+from jlora.lora import LORA_A, LORA_B
+from jlora.models.config import ModelConfig
+
+_init = nn.initializers.normal(0.02)
+
+
+def _lora_factors(module: nn.Module):
+  if module.has_variable("params", LORA_A):
+    return module.get_variable("params", LORA_A), module.get_variable("params", LORA_B)
+  return None, None
+
+
+class Linear(nn.Module):
+  """x @ kernel[in, out] (+ LoRA) via ``ops.lora_dense``."""
+  features: int
+  axes: tuple[str, str]
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes),
+                        (x.shape[-1], self.features), jnp.float32)
+    a, b = _lora_factors(self)
+    y = ops.lora_dense(x.astype(self.dtype), kernel, a, b)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             self.axes[1:]),
+                        (self.features,), jnp.float32)
+      y = y + bias.astype(y.dtype)
+    return y
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-6
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                             (self.axis_name,)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (scale * x32.astype(x.dtype)).astype(x.dtype)
+
+
+def rope(x_BTNH, positions_BT, inv_freq):
+  """Rotary embedding in the rotate-half layout HF checkpoints use."""
+  freqs = positions_BT[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  cos, sin = jnp.cos(freqs)[:, :, None, :], jnp.sin(freqs)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNH.dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache):
+    c = self.cfg
+    B, T, _ = x_BTD.shape
+    lin = lambda n, axes, name: Linear(n, axes, c.attention_bias, self.dtype, name=name)
+    q = lin(c.num_heads * c.head_dim, ("embed", "heads"), "q_proj")(x_BTD)
+    k = lin(c.num_kv_heads * c.head_dim, ("embed", "kv"), "k_proj")(x_BTD)
+    v = lin(c.num_kv_heads * c.head_dim, ("embed", "kv"), "v_proj")(x_BTD)
+    q = q.reshape(B, T, c.num_heads, c.head_dim)
+    k = k.reshape(B, T, c.num_kv_heads, c.head_dim)
+    v = v.reshape(B, T, c.num_kv_heads, c.head_dim)
+    if c.qk_norm:
+      q = RMSNorm(c.rms_norm_eps, "head_dim", name="q_norm")(q)
+      k = RMSNorm(c.rms_norm_eps, "head_dim", name="k_norm")(k)
+    inv_freq = jnp.asarray(c.rope_inv_freq())
+    q, k = rope(q, positions_BT, inv_freq), rope(k, positions_BT, inv_freq)
+    if cache is not None:  # write this chunk at slots [end, end + T)
+      k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
+                                                    cache["end"], axis=1)
+      v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
+                                                    cache["end"], axis=1)
+      cache = {**cache, "k": k_cache, "v": v_cache}
+      k, v = k_cache.astype(self.dtype), v_cache.astype(self.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask_BTS[:, None])
+    out = out.reshape(B, T, c.num_heads * c.head_dim)
+    return lin(c.hidden_size, ("heads", "embed"), "o_proj")(out), cache
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    f = self.cfg.intermediate_size
+    gate = Linear(f, ("embed", "mlp"), dtype=self.dtype, name="gate_proj")(x)
+    up = Linear(f, ("embed", "mlp"), dtype=self.dtype, name="up_proj")(x)
+    return Linear(self.cfg.hidden_size, ("mlp", "embed"), dtype=self.dtype,
+                  name="down_proj")(jax.nn.silu(gate) * up)
+
+
+class ExpertLinear(nn.Module):
+  """Per-expert kernels [E, in, out] applied to tokens sorted by expert."""
+  num_experts: int
+  features: int
+  axes: tuple[str, str, str]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_MK, group_sizes_E):
+    kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes),
+                        (self.num_experts, x_MK.shape[-1], self.features), jnp.float32)
+    a, b = _lora_factors(self)
+    return ops.lora_ragged_dot(x_MK.astype(self.dtype), kernel, group_sizes_E, a, b)
+
+
+class Moe(nn.Module):
+  """Qwen 3 MoE block: softmax router, top-k, SwiGLU experts."""
+  cfg: ModelConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    c = self.cfg
+    B, T, D = x_BTD.shape
+    x_MD = x_BTD.reshape(-1, D)
+    logits = Linear(c.num_experts, ("embed", "experts"), dtype=self.dtype,
+                    name="router")(x_MD)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, c.experts_per_token)  # [M, k]
+    if c.norm_topk_prob:
+      weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    order = jnp.argsort(experts.reshape(-1))
+    token = order // c.experts_per_token
+    group_sizes = jnp.bincount(experts.reshape(-1), length=c.num_experts).astype(jnp.int32)
+    xs = x_MD[token]
+    axes_in, axes_out = ("experts", "embed", "mlp"), ("experts", "mlp", "embed")
+    f = c.moe_intermediate_size
+    gate = ExpertLinear(c.num_experts, f, axes_in, self.dtype, name="gate_proj")(xs, group_sizes)
+    up = ExpertLinear(c.num_experts, f, axes_in, self.dtype, name="up_proj")(xs, group_sizes)
+    ys = ExpertLinear(c.num_experts, D, axes_out, self.dtype, name="down_proj")(
+        jax.nn.silu(gate) * up, group_sizes)
+    ys = ys * weights.reshape(-1)[order][:, None].astype(ys.dtype)
+    y = jnp.zeros_like(x_MD).at[token].add(ys.astype(x_MD.dtype))
+    return y.reshape(B, T, D)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache):
+    c = self.cfg
+    h, cache = Attention(c, self.dtype, name="attn")(
+        RMSNorm(c.rms_norm_eps, name="input_norm")(x), positions, mask, cache)
+    x = x + h
+    mlp = Moe(c, self.dtype, name="moe") if c.is_moe else Mlp(c, self.dtype, name="mlp")
+    x = x + mlp(RMSNorm(c.rms_norm_eps, name="post_attn_norm")(x))
+    return x, cache
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM. ``__call__(tokens, positions=None, segment_ids=None, cache=None)``
+  returns ``(logits [B, T, V] f32, cache)``; ``hidden`` stops before the unembedding."""
+  cfg: ModelConfig
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    c = self.cfg
+    self.embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.with_logical_partitioning(
+        _init, ("vocab", "embed")), name="embed")
+    block = nn.remat(Block, prevent_cse=False) if c.remat else Block
+    self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers,
+                          metadata_params={nn.PARTITION_NAME: "layers"})(c, self.dtype)
+    self.norm = RMSNorm(c.rms_norm_eps)
+    if not c.tie_embeddings:
+      self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), dtype=self.dtype)
+
+  def hidden(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
+    B, T = tokens_BT.shape
+    if positions_BT is None:
+      start = 0 if cache is None else cache["end"]
+      positions_BT = jnp.broadcast_to(start + jnp.arange(T), (B, T))
+    mask = _mask(tokens_BT, segment_ids_BT, cache)
+    x = self.embed(tokens_BT).astype(self.dtype)
+    layer_cache = None if cache is None else {"k": cache["k"], "v": cache["v"],
+                                              "end": jnp.broadcast_to(cache["end"],
+                                                                      (self.cfg.num_layers,))}
+    x, layer_cache = self.layers(x, positions_BT, mask, layer_cache)
+    if cache is not None:
+      cache = {**cache, "k": layer_cache["k"], "v": layer_cache["v"], "end": cache["end"] + T}
+    return self.norm(x), cache
+
+  def logits(self, h_BTD):
+    if self.cfg.tie_embeddings:
+      return self.embed.attend(h_BTD.astype(jnp.float32)).astype(jnp.float32)
+    return self.lm_head(h_BTD).astype(jnp.float32)
+
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
+    h, cache = self.hidden(tokens_BT, positions_BT, segment_ids_BT, cache)
+    return self.logits(h), cache
+
+
+def _mask(tokens_BT, segment_ids_BT, cache):
+  """[B, T, S] bool: causal over slots, same segment, valid cache slots."""
+  B, T = tokens_BT.shape
+  if cache is None:
+    causal = jnp.tril(jnp.ones((T, T), bool))[None]
+    if segment_ids_BT is None:
+      return jnp.broadcast_to(causal, (B, T, T))
+    same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    return causal & same
+  S = cache["k"].shape[2]
+  q_slot = cache["end"] + jnp.arange(T)
+  causal = jnp.arange(S)[None, :] <= q_slot[:, None]  # [T, S]
+  return causal[None] & cache["valid"][:, None, :]
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> dict:
+  """An empty KV cache with ``slots`` positions per sequence (all slots valid)."""
+  shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "valid": jnp.ones((batch, slots), bool), "end": jnp.zeros((), jnp.int32)}
+
+
+def layouts(cfg: ModelConfig) -> dict[str, str]:
+  """Kernel layouts of this model's parameter tree, for ``LoraSpec(layouts=...)``."""
+  return {r"^layers/moe/(gate|up|down)_proj/kernel$": "beio",
+          r"^layers/.*/kernel$": "bio", r"^lm_head/kernel$": "io"}
