@@ -9,6 +9,8 @@ adapter to third-party Flax layers (DenseGeneral, Einsum) whose contraction is a
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 
@@ -19,20 +21,46 @@ def lora_dense(x: jax.Array, kernel: jax.Array, a: jax.Array | None = None,
 
   Args:
     x: activations; every leading dim is flattened into one token axis.
-    kernel: frozen 2-D weight.
+    kernel: 2-D weight (frozen under LoRA; trainable in full fine-tuning).
     a, b: adapter factors, or None for the plain projection.
     scale: the LoRA scale (alpha / r).
   Returns:
     The projection in x's dtype.
   """
+  return lora_dense_multi(x, [(kernel, a, b)], scale)[0]
+
+
+def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0) -> list[jax.Array]:
+  """Several projections of the same input (q/k/v, gate/up) as one base GEMM and one thin
+  ``x @ [A_1 | A_2 | ...]`` GEMM; each output gets its own ``t_i @ B_i``.
+
+  On CPU the thin LoRA matmuls and their weight gradients cost far more than their FLOPs
+  (they read all of x for r columns); sharing them across projections of one input reads
+  x once. Differentiated by JAX (an explicit custom VJP measured slower here).
+
+  Args:
+    x: [..., K] activations.
+    projections: sequence of (kernel [K, N_i], a [K, r_i] or None, b [r_i, N_i] or None).
+    scale: LoRA scale applied to every adapter (1.0 when B is pre-scaled).
+  Returns:
+    One [..., N_i] output per projection, in x's dtype.
+  """
   lead, k = x.shape[:-1], x.shape[-1]
   x_MK = x.reshape(-1, k)
-  y_MN = jnp.dot(x_MK, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-  if a is not None:
-    t_MR = jnp.dot(x_MK, a.astype(x.dtype), preferred_element_type=jnp.float32)
-    y_MN = y_MN + jnp.dot(t_MR * scale, b.astype(jnp.float32),
-                          preferred_element_type=jnp.float32)
-  return y_MN.astype(x.dtype).reshape(*lead, kernel.shape[-1])
+  widths = [w.shape[-1] for w, _, _ in projections]
+  kernel = jnp.concatenate([w.astype(x.dtype) for w, _, _ in projections], axis=1) \
+      if len(projections) > 1 else projections[0][0].astype(x.dtype)
+  y_MN = jnp.dot(x_MK, kernel, preferred_element_type=jnp.float32)
+  adapted = [(i, a, b) for i, (_, a, b) in enumerate(projections) if a is not None]
+  outs = jnp.split(y_MN, list(itertools.accumulate(widths))[:-1], axis=1)
+  if adapted:
+    a_cat = jnp.concatenate([a.astype(x.dtype) for _, a, _ in adapted], axis=1)
+    t_MR = jnp.dot(x_MK, a_cat, preferred_element_type=jnp.float32) * scale
+    ranks = [a.shape[-1] for _, a, _ in adapted]
+    for (i, _, b), t in zip(adapted, jnp.split(t_MR, list(itertools.accumulate(ranks))[:-1],
+                                               axis=1)):
+      outs[i] = outs[i] + jnp.dot(t, b.astype(jnp.float32), preferred_element_type=jnp.float32)
+  return [y.astype(x.dtype).reshape(*lead, n) for y, n in zip(outs, widths)]
 
 
 def _fresh_letter(used: str) -> str:

@@ -33,6 +33,8 @@ class ModelConfig:
     norm_topk_prob: renormalise the top-k routing weights to sum to 1.
     max_position_embeddings: the context the model was trained for.
     remat: rematerialise each layer's activations in the backward pass.
+    unroll_layers: unroll the layer scan (same stacked parameters; longer compile, and on
+      CPU a faster step: XLA keeps per-layer slices static).
   """
   model_type: str
   vocab_size: int
@@ -54,6 +56,7 @@ class ModelConfig:
   norm_topk_prob: bool = False
   max_position_embeddings: int = 8192
   remat: bool = False
+  unroll_layers: bool = False
 
   def __post_init__(self):
     if self.model_type not in ARCHITECTURES:

@@ -35,24 +35,34 @@ def _lora_factors(module: nn.Module):
 
 
 class Linear(nn.Module):
-  """x @ kernel[in, out] (+ LoRA) via ``ops.lora_dense``."""
+  """x @ kernel[in, out] (+ LoRA) via ``ops.lora_dense``. ``factors`` hands the kernel and
+  adapter to a caller that runs several projections of one input together."""
   features: int
   axes: tuple[str, str]
   use_bias: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def factors(self, in_features: int):
+    """(kernel, lora_a or None, lora_b or None, bias or None) of this projection."""
     kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes),
-                        (x.shape[-1], self.features), jnp.float32)
-    a, b = _lora_factors(self)
-    y = ops.lora_dense(x.astype(self.dtype), kernel, a, b)
+                        (in_features, self.features), jnp.float32)
+    bias = None
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                              self.axes[1:]),
                         (self.features,), jnp.float32)
-      y = y + bias.astype(y.dtype)
-    return y
+    return (kernel, *_lora_factors(self), bias)
+
+  def __call__(self, x):
+    return project(x, [self], self.dtype)[0]
+
+
+def project(x, layers: list[Linear], dtype):
+  """The same input through several Linears at once (``ops.lora_dense_multi``)."""
+  factors = [l.factors(x.shape[-1]) for l in layers]
+  outs = ops.lora_dense_multi(x.astype(dtype), [f[:3] for f in factors])
+  return [y if f[3] is None else y + f[3].astype(y.dtype) for f, y in zip(factors, outs)]
 
 
 class RMSNorm(nn.Module):
@@ -69,10 +79,16 @@ class RMSNorm(nn.Module):
     return (scale * x32.astype(x.dtype)).astype(x.dtype)
 
 
-def rope(x_BTNH, positions_BT, inv_freq):
+def rope_tables(positions_BT, inv_freq):
+  """(cos, sin) [B, T, head_dim/2], computed once per step and shared by every layer (left
+  inside a layer, XLA fuses the trig into each head's rotation and recomputes it)."""
+  freqs = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def rope(x_BTNH, cos_sin):
   """Rotary embedding in the rotate-half layout HF checkpoints use."""
-  freqs = positions_BT[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
-  cos, sin = jnp.cos(freqs)[:, :, None, :], jnp.sin(freqs)[:, :, None, :]
+  cos, sin = (t[:, :, None, :] for t in cos_sin)
   x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTNH.dtype)
@@ -83,21 +99,21 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BTS, cache):
+  def __call__(self, x_BTD, cos_sin, mask_BTS, cache):
     c = self.cfg
     B, T, _ = x_BTD.shape
     lin = lambda n, axes, name: Linear(n, axes, c.attention_bias, self.dtype, name=name)
-    q = lin(c.num_heads * c.head_dim, ("embed", "heads"), "q_proj")(x_BTD)
-    k = lin(c.num_kv_heads * c.head_dim, ("embed", "kv"), "k_proj")(x_BTD)
-    v = lin(c.num_kv_heads * c.head_dim, ("embed", "kv"), "v_proj")(x_BTD)
+    q, k, v = project(x_BTD, [lin(c.num_heads * c.head_dim, ("embed", "heads"), "q_proj"),
+                              lin(c.num_kv_heads * c.head_dim, ("embed", "kv"), "k_proj"),
+                              lin(c.num_kv_heads * c.head_dim, ("embed", "kv"), "v_proj")],
+                      self.dtype)
     q = q.reshape(B, T, c.num_heads, c.head_dim)
     k = k.reshape(B, T, c.num_kv_heads, c.head_dim)
     v = v.reshape(B, T, c.num_kv_heads, c.head_dim)
     if c.qk_norm:
       q = RMSNorm(c.rms_norm_eps, "head_dim", name="q_norm")(q)
       k = RMSNorm(c.rms_norm_eps, "head_dim", name="k_norm")(k)
-    inv_freq = jnp.asarray(c.rope_inv_freq())
-    q, k = rope(q, positions_BT, inv_freq), rope(k, positions_BT, inv_freq)
+    q, k = rope(q, cos_sin), rope(k, cos_sin)
     if cache is not None:  # write this chunk at slots [end, end + T)
       k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
                                                     cache["end"], axis=1)
@@ -117,8 +133,9 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     f = self.cfg.intermediate_size
-    gate = Linear(f, ("embed", "mlp"), dtype=self.dtype, name="gate_proj")(x)
-    up = Linear(f, ("embed", "mlp"), dtype=self.dtype, name="up_proj")(x)
+    gate, up = project(x, [Linear(f, ("embed", "mlp"), dtype=self.dtype, name="gate_proj"),
+                           Linear(f, ("embed", "mlp"), dtype=self.dtype, name="up_proj")],
+                       self.dtype)
     return Linear(self.cfg.hidden_size, ("mlp", "embed"), dtype=self.dtype,
                   name="down_proj")(jax.nn.silu(gate) * up)
 
@@ -174,10 +191,10 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache):
+  def __call__(self, x, cos_sin, mask, cache):
     c = self.cfg
     h, cache = Attention(c, self.dtype, name="attn")(
-        RMSNorm(c.rms_norm_eps, name="input_norm")(x), positions, mask, cache)
+        RMSNorm(c.rms_norm_eps, name="input_norm")(x), cos_sin, mask, cache)
     x = x + h
     mlp = Moe(c, self.dtype, name="moe") if c.is_moe else Mlp(c, self.dtype, name="mlp")
     x = x + mlp(RMSNorm(c.rms_norm_eps, name="post_attn_norm")(x))
@@ -197,6 +214,7 @@ class Transformer(nn.Module):
     block = nn.remat(Block, prevent_cse=False) if c.remat else Block
     self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                           in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers,
+                          unroll=c.num_layers if c.unroll_layers else 1,
                           metadata_params={nn.PARTITION_NAME: "layers"})(c, self.dtype)
     self.norm = RMSNorm(c.rms_norm_eps)
     if not c.tie_embeddings:
@@ -212,7 +230,8 @@ class Transformer(nn.Module):
     layer_cache = None if cache is None else {"k": cache["k"], "v": cache["v"],
                                               "end": jnp.broadcast_to(cache["end"],
                                                                       (self.cfg.num_layers,))}
-    x, layer_cache = self.layers(x, positions_BT, mask, layer_cache)
+    cos_sin = rope_tables(positions_BT, jnp.asarray(self.cfg.rope_inv_freq()))
+    x, layer_cache = self.layers(x, cos_sin, mask, layer_cache)
     if cache is not None:
       cache = {**cache, "k": layer_cache["k"], "v": layer_cache["v"], "end": cache["end"] + T}
     return self.norm(x), cache
