@@ -44,11 +44,16 @@ def _xent(model, params, tokens):
   return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
-def jlora_steps(cfg: ModelConfig, batch: int, seq: int):
-  """(lora step, full step) closures that run one jitted step each, and their FLOPs."""
-  model = Transformer(cfg)
+def jlora_steps(cfg: ModelConfig, batch: int, seq: int, dtype=jnp.float32, count_flops=True):
+  """(lora step, full step) closures that run one jitted step each, and their FLOPs.
+
+  ``dtype`` is the compute dtype; the frozen base of the LoRA run is stored in it too,
+  while full fine-tuning keeps f32 master weights (the usual mixed-precision setup)."""
+  model = Transformer(cfg, dtype=dtype)
   tokens = _batch(cfg, batch, seq)
   params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens[:, :-1]))["params"]
+  full_params = jax.tree_util.tree_map(jnp.copy, params)
+  params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
   spec = models.lora_spec(cfg, RANK, alpha=ALPHA)
   adapters = jlora.init_adapters(params, spec, jax.random.PRNGKey(1))
 
@@ -70,7 +75,6 @@ def jlora_steps(cfg: ModelConfig, batch: int, seq: int):
     updates, opt_state = full_tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  full_params = jax.tree_util.tree_map(jnp.copy, params)
   full_state = [full_params, full_tx.init(full_params)]
 
   def run_lora():
@@ -81,8 +85,47 @@ def jlora_steps(cfg: ModelConfig, batch: int, seq: int):
     full_state[0], full_state[1], loss = full_step(full_state[0], full_state[1], tokens)
     block(loss)
 
-  lora_flops, full_flops = xla_flops(cfg, batch, seq)
+  lora_flops, full_flops = xla_flops(cfg, batch, seq) if count_flops else (None, None)
   return run_lora, run_full, lora_flops, full_flops
+
+
+def model_flops(cfg: ModelConfig, tokens: int, seq: int, lora: bool) -> float:
+  """Analytic training FLOPs per step: 2 per matmul parameter per token forward (plus
+  causal attention scores and values), backward twice that for full FT; LoRA skips the
+  frozen weight gradients (FINDINGS 7: ~2/3 of full)."""
+  d, L = cfg.hidden_size, cfg.num_layers
+  attn = cfg.hidden_size * cfg.num_heads * cfg.head_dim * 2 + \
+      cfg.hidden_size * cfg.num_kv_heads * cfg.head_dim * 2
+  mlp = 3 * d * cfg.intermediate_size
+  fwd = 2 * tokens * (L * (attn + mlp) + d * cfg.vocab_size) + 4 * tokens * seq * L * \
+      cfg.num_heads * cfg.head_dim
+  return fwd * (2 if lora else 3)
+
+
+GPU_SHAPES = {  # (config, batch, seq): real model sizes for an accelerator. remat: XLA's
+    # attention keeps each layer's [B, heads, T, T] probabilities for the backward otherwise.
+    "smollm2-135m": (dict(SMOL, num_layers=30, remat=True), 8, 2048),
+    "llama3.2-1b": (dict(model_type="llama", vocab_size=128256, hidden_size=2048,
+                         intermediate_size=8192, num_layers=16, num_heads=32,
+                         num_kv_heads=8, head_dim=64, tie_embeddings=True,
+                         rope_theta=500000.0, remat=True), 8, 2048),
+}
+
+
+def gpu_main(repeats: int, peak_tflops: float):
+  print(f"# train_step (accelerator) on {machine()}, bf16 compute, LoRA r={RANK} all layers")
+  print(f"{'model':<14} {'what':<10} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
+  for name, (kw, batch, seq) in GPU_SHAPES.items():
+    cfg = ModelConfig(**kw)
+    run_lora, run_full, _, _ = jlora_steps(cfg, batch, seq, jnp.bfloat16, count_flops=False)
+    times = {}
+    for what, run in (("LoRA", run_lora), ("full FT", run_full)):
+      ms = median_ms(run, repeats)
+      tflops = model_flops(cfg, batch * seq, seq, what == "LoRA") / ms / 1e9
+      times[what] = ms
+      print(f"{name:<14} {what:<10} {ms:9.1f} {batch * seq / ms * 1e3:10.0f} {tflops:8.1f} "
+            f"{tflops / peak_tflops:6.1%}")
+    print(f"{name:<14} LoRA/full time {times['LoRA'] / times['full FT']:.3f}")
 
 
 def xla_flops(cfg: ModelConfig, batch: int, seq: int) -> tuple[float, float]:
@@ -149,7 +192,12 @@ def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--skip-peers", action="store_true")
+  parser.add_argument("--gpu", action="store_true", help="real model shapes, bf16")
+  parser.add_argument("--peak-tflops", type=float, default=989.0,
+                      help="dense bf16 peak for MFU (H100 SXM: 989)")
   args = parser.parse_args(argv)
+  if args.gpu:
+    return gpu_main(args.repeats, args.peak_tflops)
   print(f"# train_step on {machine()}")
   rows = []
   tiny_tokens = 16 * 128

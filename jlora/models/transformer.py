@@ -94,6 +94,14 @@ def rope(x_BTNH, cos_sin):
   return out.astype(x_BTNH.dtype)
 
 
+def _fused_attention(dtype) -> str | None:
+  """"cudnn" on GPU for 16-bit compute (JAX's automatic choice stays on XLA there, which
+  writes [B, heads, T, T] scores to memory); None (XLA) elsewhere."""
+  if jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return None
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
   dtype: Any = jnp.float32
@@ -121,7 +129,11 @@ class Attention(nn.Module):
                                                     cache["end"], axis=1)
       cache = {**cache, "k": k_cache, "v": v_cache}
       k, v = k_cache.astype(self.dtype), v_cache.astype(self.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask_BTS[:, None])
+    if mask_BTS is None:  # plain causal: cuDNN flash attention where it applies
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                         implementation=_fused_attention(q.dtype))
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask_BTS[:, None])
     out = out.reshape(B, T, c.num_heads * c.head_dim)
     return lin(c.hidden_size, ("heads", "embed"), "o_proj")(out), cache
 
@@ -247,12 +259,13 @@ class Transformer(nn.Module):
 
 
 def _mask(tokens_BT, segment_ids_BT, cache):
-  """[B, T, S] bool: causal over slots, same segment, valid cache slots."""
+  """[B, T, S] bool: causal over slots, same segment, valid cache slots; None when plain
+  causal attention is all that is needed."""
   B, T = tokens_BT.shape
   if cache is None:
-    causal = jnp.tril(jnp.ones((T, T), bool))[None]
     if segment_ids_BT is None:
-      return jnp.broadcast_to(causal, (B, T, T))
+      return None
+    causal = jnp.tril(jnp.ones((T, T), bool))[None]
     same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
     return causal & same
   S = cache["k"].shape[2]
