@@ -1,0 +1,158 @@
+"""Where arrays live: the device mesh, one table from logical axes to mesh axes, and the
+shardings of parameters, adapters, optimizer state and batches derived from it.
+
+The mesh has axes ("data", "fsdp", "tensor"). Batches are split over data x fsdp; the
+frozen base is sharded over "fsdp" on its "embed" axis (FSDP: XLA gathers each layer's
+weights where they are used) and over "tensor" on heads / MLP / vocabulary axes. Adapters
+follow their kernel (``jlora.lora.partition_specs``: A keeps the kernel's input axes, B its
+output axes, the rank axis replicated), and optimizer state follows the adapters. One
+``jax.jit`` program runs the same on one device, many local devices, or many processes
+(``jax.distributed``): nothing here depends on where the devices are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jlora import lora as lora_lib
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")
+
+# Logical axis (as the models name them) -> mesh axis. Unlisted logical axes replicate.
+RULES = (
+    ("batch", BATCH),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("experts", None),
+    ("layers", None),
+    ("head_dim", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Sizes of the mesh axes; one of them may be -1 for "all remaining devices".
+
+  Attributes:
+    data: data-parallel replicas.
+    fsdp: shards of the frozen base (and of the batch).
+    tensor: tensor-parallel shards of heads / MLP / vocabulary.
+  """
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def shape(self, n_devices: int) -> tuple[int, int, int]:
+    sizes = [self.data, self.fsdp, self.tensor]
+    if sizes.count(-1) > 1:
+      raise ValueError(f"mesh sizes {sizes}: at most one axis may be -1")
+    if any(s == 0 or s < -1 for s in sizes):
+      raise ValueError(f"mesh sizes {sizes} must be positive (or -1 for the rest)")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+      if n_devices % known:
+        raise ValueError(f"mesh sizes {sizes} do not divide the {n_devices} devices")
+      sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+      raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
+                       f"{math.prod(sizes)} devices, but {n_devices} are available")
+    return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
+  """A ("data", "fsdp", "tensor") mesh over ``devices`` (default: all, every process)."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = config.shape(len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def logical_specs(boxed_params: Any) -> dict[str, P]:
+  """{param path: PartitionSpec over mesh axes} from flax's logical-axis metadata."""
+  logical = nn.get_partition_spec(boxed_params)
+  mesh_specs = nn.logical_to_mesh(logical, RULES)
+  flat = {}
+  for keypath, spec in jax.tree_util.tree_flatten_with_path(
+      mesh_specs, is_leaf=lambda x: isinstance(x, P))[0]:
+    flat[lora_lib.path_str(keypath)] = spec if isinstance(spec, P) else P()
+  return flat
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Drop mesh axes of size 1 and axes that do not divide the dimension they shard
+  (that dimension is replicated instead)."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ()))
+                  if mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in names)
+    keep = names and dim % size == 0
+    out.append((names[0] if len(names) == 1 else names) if keep else None)
+  return P(*out)
+
+
+def param_shardings(specs: dict[str, P], shapes: dict[str, tuple[int, ...]],
+                    mesh: Mesh) -> dict[str, NamedSharding]:
+  """{path: NamedSharding} for parameters (a mesh axis that does not divide a dim is
+  dropped for that dim, e.g. 3 KV heads on a tensor axis of 2)."""
+  return {p: NamedSharding(mesh, _fit(specs.get(p, P()), shapes[p], mesh)) for p in shapes}
+
+
+def adapter_shardings(params_shapes: dict[str, tuple[int, ...]], kernel_specs: dict[str, P],
+                      spec: lora_lib.LoraSpec, mesh: Mesh) -> dict:
+  """Nested {kernel path: {"a", "b": NamedSharding}} mirroring the adapter tree."""
+  targets = lora_lib.resolve({p: jax.ShapeDtypeStruct(s, np.float32)
+                              for p, s in params_shapes.items()}, spec)
+  fitted = {p: tuple(_fit(kernel_specs.get(p, P()), params_shapes[p], mesh))
+            for p in targets}
+  flat = {}
+  for path, ab in lora_lib.partition_specs(targets, fitted).items():
+    t = targets[path]
+    flat[f"{path}/a"] = NamedSharding(mesh, _fit(P(*ab["a"]), t.a_shape, mesh))
+    flat[f"{path}/b"] = NamedSharding(mesh, _fit(P(*ab["b"]), t.b_shape, mesh))
+  return lora_lib.unflatten(flat)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Batch arrays: leading axis over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assemble each host's slice of the batch into global arrays
+  (``jax.make_array_from_process_local_data``); the global batch must divide data x fsdp."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  out = {}
+  for name, x in local.items():
+    x = np.asarray(x)
+    global_rows = x.shape[0] * jax.process_count()
+    if global_rows % shards:
+      raise ValueError(f"batch of {global_rows} rows ('{name}') is not divisible by the "
+                       f"{shards} data x fsdp shards of the mesh")
+    out[name] = jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+  return out
+
+
+def place(tree: Any, shardings: dict[str, NamedSharding]) -> dict:
+  """Put each leaf of a nested dict on its sharding (paths as in ``lora.flatten``)."""
+  flat = lora_lib.flatten(tree)
+  return lora_lib.unflatten({p: jax.device_put(x, shardings[p]) for p, x in flat.items()})
+
+
+def tree_shardings(tree: Any, shardings: dict[str, NamedSharding]) -> dict:
+  """The nested sharding tree matching ``tree`` (for jit in/out_shardings)."""
+  return lora_lib.unflatten({p: shardings[p] for p in lora_lib.flatten(tree)})
