@@ -148,9 +148,76 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 
 def place(tree: Any, shardings: dict[str, NamedSharding]) -> dict:
-  """Put each leaf of a nested dict on its sharding (paths as in ``lora.flatten``)."""
+  """Put each leaf of a nested dict on its sharding (paths as in ``lora.flatten``). Every
+  process holds the same full values (e.g. loaded from the same checkpoint) and keeps only
+  the shards of its own devices."""
   flat = lora_lib.flatten(tree)
-  return lora_lib.unflatten({p: jax.device_put(x, shardings[p]) for p, x in flat.items()})
+  return lora_lib.unflatten({
+      p: jax.make_array_from_callback(x.shape, shardings[p], lambda idx, x=x: np.asarray(x)[idx])
+      for p, x in flat.items()})
+
+
+ENV = {"coordinator": "JLORA_COORDINATOR", "num_processes": "JLORA_NUM_PROCESSES",
+       "process_id": "JLORA_PROCESS_ID"}
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, timeout_s: int = 300) -> None:
+  """Join JAX's multi-controller runtime (call first, before anything touches a device).
+
+  With no arguments and none of JLORA_COORDINATOR / JLORA_NUM_PROCESSES / JLORA_PROCESS_ID
+  set, ``jax.distributed.initialize()`` detects the cluster itself (TPU pods, SLURM, ...).
+  On CPU, collectives between processes use gloo.
+
+  Args:
+    coordinator: "host:port" of process 0.
+    num_processes: total number of processes.
+    process_id: this process's index.
+    timeout_s: how long to wait for all processes before giving up.
+  """
+  import os
+  coordinator = coordinator or os.environ.get(ENV["coordinator"])
+  num_processes = num_processes or _env_int(ENV["num_processes"])
+  process_id = process_id if process_id is not None else _env_int(ENV["process_id"])
+  if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator and process_id:  # JAX aborts the process (no exception) if it never answers
+    _wait_for(coordinator, timeout_s, process_id, num_processes)
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id, initialization_timeout=timeout_s)
+  except Exception as e:  # jax raises XlaRuntimeError / RuntimeError variants here
+    raise ValueError(f"could not join the distributed runtime at coordinator "
+                     f"{coordinator!r} as process {process_id} of {num_processes} within "
+                     f"{timeout_s} s: {str(e).splitlines()[0][:200]}") from None
+
+
+def _wait_for(coordinator: str, timeout_s: float, process_id, num_processes) -> None:
+  import socket
+  import time
+  host, _, port = coordinator.rpartition(":")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=1.0):
+        return
+    except OSError:
+      if time.monotonic() > deadline:
+        raise ValueError(f"could not join the distributed runtime at coordinator "
+                         f"{coordinator!r} as process {process_id} of {num_processes}: "
+                         f"nothing answered within {timeout_s} s") from None
+      time.sleep(0.25)
+
+
+def _env_int(name: str) -> int | None:
+  import os
+  value = os.environ.get(name)
+  if value is None:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"{name}={value!r} is not an integer") from None
 
 
 def tree_shardings(tree: Any, shardings: dict[str, NamedSharding]) -> dict:

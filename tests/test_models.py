@@ -124,6 +124,21 @@ def test_sharded_index_and_bf16(checkpoints, tmp_path):
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(params16))
 
 
+def test_load_sharded_on_a_mesh(checkpoints):
+  from jax.sharding import PartitionSpec as P
+
+  from jlora import sharding as shd
+  mesh = shd.make_mesh(shd.MeshConfig(2, 2, 2))
+  model, params, _ = models.load(checkpoints["qwen3"], mesh=mesh)
+  q = params["layers"]["attn"]["q_proj"]["kernel"]  # [layers, embed, heads]
+  assert q.sharding.spec == P(None, "fsdp", "tensor")
+  _, reference, _ = models.load(checkpoints["qwen3"])
+  tokens = _tokens()
+  y, _ = jax.jit(model.apply)({"params": params}, tokens)
+  y_ref, _ = jax.jit(model.apply)({"params": reference}, tokens)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+
+
 def _copy(src, dst):
   shutil.copytree(src, dst)
   return dst

@@ -1,8 +1,15 @@
 """Sharded training on 8 fake CPU devices equals one device; specs, accumulation, errors."""
 
+import json
+import os
+import subprocess
+import sys
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import portpicker
 import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
@@ -105,3 +112,76 @@ def test_bad_mesh_and_batch():
   mesh = shd.make_mesh(shd.MeshConfig(8, 1, 1))
   with pytest.raises(ValueError, match="batch of 6 rows .* not divisible by the 8"):
     shd.global_batch(_batch(0, rows=6), mesh)
+
+
+def _worker_env():
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+  env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return env
+
+
+def test_two_processes_match_one_process(tmp_path):
+  """2 local processes x 2 devices (gloo) train 5 steps like one process on 4 devices."""
+  port = portpicker.pick_unused_port()
+  outs = [tmp_path / f"p{i}.json" for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed_worker", str(i),
+                             str(port), str(outs[i]), "5"], env=_worker_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=240)[0].decode()[-2000:] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert all(p.returncode == 0 for p in procs), logs
+  results = [json.load(open(o)) for o in outs]
+  assert results[0]["devices"] == 4 and results[0]["local_devices"] == 2
+  reference, _, _ = _run(shd.make_mesh(shd.MeshConfig(data=-1), jax.devices()[:4]), steps=5)
+  for r in results:
+    np.testing.assert_allclose(r["losses"], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_unreachable_coordinator_is_a_clear_error():
+  port = portpicker.pick_unused_port()
+  code = ("import jax; jax.config.update('jax_platforms', 'cpu');"
+          "from jlora import sharding as s;"
+          f"s.initialize('127.0.0.1:{port}', 2, 1, timeout_s=5)")
+  start = time.monotonic()
+  proc = subprocess.run([sys.executable, "-c", code], env=_worker_env(), capture_output=True,
+                        timeout=120)
+  assert proc.returncode != 0
+  assert "could not join the distributed runtime at coordinator" in proc.stderr.decode()
+  assert time.monotonic() - start < 90
+
+
+def _loss_and_grads(cfg, dtype=jnp.float32):
+  model = Transformer(cfg, dtype=dtype)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32)))["params"]
+  params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+  spec = models.lora_spec(cfg, rank=4)
+  adapters = jlora.init_adapters(params, spec, jax.random.PRNGKey(1))
+  trainable, frozen = optim.trainable(params, adapters, spec)
+  step = train.make_step(model, spec, optim.optimizer(1e-2))
+  mesh = shd.make_mesh(shd.MeshConfig(), jax.devices()[:1])
+  state = train.init_state(trainable, optim.optimizer(1e-2), mesh)
+  batch = {k: jnp.asarray(v) for k, v in _batch(0).items()}
+  new, metrics = jax.jit(step)(state, frozen, batch)
+  return metrics, new
+
+
+def test_remat_gives_the_same_step():
+  m1, s1 = _loss_and_grads(CFG)
+  m2, s2 = _loss_and_grads(CFG.replace(remat=True))
+  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+
+
+def test_bf16_base_keeps_adapters_and_optimizer_in_f32():
+  m32, _ = _loss_and_grads(CFG)
+  m16, state = _loss_and_grads(CFG, jnp.bfloat16)
+  leaves = jax.tree_util.tree_leaves(state["trainable"]) + [
+      x for x in jax.tree_util.tree_leaves(state["opt_state"]) if x.ndim]
+  assert all(x.dtype == jnp.float32 for x in leaves)
+  assert m16["loss"].dtype == jnp.float32
+  np.testing.assert_allclose(m16["loss"], m32["loss"], rtol=2e-2)

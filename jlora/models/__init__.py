@@ -32,7 +32,7 @@ def param_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
           lora.flatten(nn.unbox(abstract["params"])).items()}
 
 
-def load(path: str, dtype=jnp.float32, remat: bool = False):
+def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None):
   """Load an HF model directory or a .gguf file.
 
   Args:
@@ -40,6 +40,8 @@ def load(path: str, dtype=jnp.float32, remat: bool = False):
       .gguf file (dequantised to f32).
     dtype: dtype of the stored parameters and of the compute (f32 or bf16).
     remat: rematerialise layer activations in the backward pass.
+    mesh: if given, each parameter is created directly with its sharding on this mesh
+      (``jlora.sharding`` rules), each device receiving only its shard.
   Returns:
     (model, params, config).
   """
@@ -54,9 +56,16 @@ def load(path: str, dtype=jnp.float32, remat: bool = False):
     tensors, source = hf.SafetensorsDir(path), path
   cfg = cfg.replace(remat=remat)
   model = Transformer(cfg, dtype=dtype)
-  arrays = hf.assemble(tensors, cfg, param_shapes(model), source)
-  params = lora.unflatten({p: jnp.asarray(x, dtype) for p, x in arrays.items()})
-  return model, params, cfg
+  shapes = param_shapes(model)
+  arrays = hf.assemble(tensors, cfg, shapes, source)
+  if mesh is None:
+    return model, lora.unflatten({p: jnp.asarray(x, dtype) for p, x in arrays.items()}), cfg
+  from jlora import sharding
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  boxed = jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), tokens)["params"]
+  shardings = sharding.param_shardings(sharding.logical_specs(boxed), shapes, mesh)
+  host = {p: x.astype(jnp.dtype(dtype)) for p, x in arrays.items()}
+  return model, sharding.place(lora.unflatten(host), shardings), cfg
 
 
 def load_tokenizer(path: str):
