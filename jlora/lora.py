@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.tree import flatten, path_str, unflatten  # noqa: F401  (re-exported)
+
 PyTree = Any
 
 # Name fragments of the usual Flax/HF-style module names. A path component must equal one of
@@ -212,53 +214,6 @@ class LoraSpec:
 
   def scale_for(self, rank: int, alpha: float) -> float:
     return alpha / math.sqrt(rank) if self.rslora else alpha / rank
-
-
-# ----------------------------------------------------------------------------- paths
-
-def _key_name(k) -> str | None:
-  if isinstance(k, jax.tree_util.DictKey):
-    return str(k.key)
-  if isinstance(k, jax.tree_util.SequenceKey):
-    return str(k.idx)
-  if isinstance(k, jax.tree_util.GetAttrKey):
-    return None if k.name == "value" else k.name  # nnx.Variable's value hop
-  if isinstance(k, jax.tree_util.FlattenedIndexKey):
-    return str(k.key)
-  return str(k)
-
-
-def path_str(keypath) -> str:
-  """"/"-joined parameter path of a jax key path."""
-  return "/".join(n for n in map(_key_name, keypath) if n is not None)
-
-
-def _is_array(x) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) or (
-      hasattr(x, "shape") and hasattr(x, "dtype"))
-
-
-def flatten(tree: PyTree) -> dict[str, Any]:
-  """{path: leaf} for every leaf; non-array leaves are an error naming the path."""
-  flat = {}
-  for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    path = path_str(keypath)
-    if not _is_array(leaf):
-      raise ValueError(f"parameter '{path}' is a {type(leaf).__name__}, not an array")
-    flat[path] = leaf
-  return flat
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-  """Inverse of flatten for nested string-keyed dicts."""
-  tree: dict = {}
-  for path, leaf in flat.items():
-    node = tree
-    *parents, name = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[name] = leaf
-  return tree
 
 
 # ----------------------------------------------------------------------------- resolve
