@@ -1,0 +1,49 @@
+"""The LR rule and LoRA parameter counts, against the numbers in FINDINGS.md."""
+
+import pytest
+
+from jlora import hparams
+from jlora.models import ModelConfig
+
+LLAMA_8B = ModelConfig("llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                       rope_theta=500000.0)
+LLAMA_1B = ModelConfig("llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                       num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+                       tie_embeddings=True)
+QWEN3_8B = ModelConfig("qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                       num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, qk_norm=True)
+
+
+@pytest.mark.parametrize("cfg, expected", [(LLAMA_8B, 2.9e-4), (LLAMA_1B, 4.9e-4),
+                                           (QWEN3_8B, 4.7e-4)])
+def test_lora_lr_matches_the_published_fit(cfg, expected):
+  assert hparams.lora_lr(cfg) == pytest.approx(expected, rel=0.05)
+  assert hparams.lora_lr(cfg) == pytest.approx(10 * hparams.full_ft_lr(cfg))
+  assert hparams.lora_lr(cfg, steps=50) == pytest.approx(15 * hparams.full_ft_lr(cfg))
+
+
+def test_no_fit_for_other_families_is_said():
+  cfg = LLAMA_1B.replace(model_type="mistral")
+  assert hparams.full_ft_lr(cfg) > 0  # mistral uses the llama family fit
+  with pytest.raises(ValueError, match="must be > 0"):
+    hparams.lora_lr_from_full_ft(0.0)
+  assert hparams.lora_lr_from_full_ft(2e-5) == pytest.approx(2e-4)
+
+
+@pytest.mark.parametrize("rank, targets, billions", [
+    (256, ["all", "lm_head"], 0.705), (256, ["mlp", "lm_head"], 0.487),
+    (256, ["attn", "lm_head"], 0.252), (128, ["mlp", "lm_head"], 0.243),
+    (256, "all", 0.671), (256, "mlp", 0.453), (256, "attn", 0.218), (128, "mlp", 0.226),
+])
+def test_llama_8b_lora_params_from_config_alone(rank, targets, billions):
+  count = hparams.lora_params(LLAMA_8B, rank, targets)
+  assert count / 1e9 == pytest.approx(billions, rel=0.02)
+
+
+def test_moe_rank_per_expert():
+  moe = ModelConfig("qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True,
+                    num_experts=4, experts_per_token=2, moe_intermediate_size=16)
+  # 2 layers x 4 experts x 3 projections, rank 8 // 2 active = 4: gate/up 4*(32+16), down 4*(16+32)
+  assert hparams.lora_params(moe, 8, r"experts|moe/(gate|up|down)_proj") == 2 * 4 * 3 * 4 * 48
