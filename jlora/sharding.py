@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import socket
+import time
 from typing import Any
 
 import jax
@@ -175,7 +178,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     process_id: this process's index.
     timeout_s: how long to wait for all processes before giving up.
   """
-  import os
   coordinator = coordinator or os.environ.get(ENV["coordinator"])
   num_processes = num_processes or _env_int(ENV["num_processes"])
   process_id = process_id if process_id is not None else _env_int(ENV["process_id"])
@@ -193,8 +195,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
 
 def _wait_for(coordinator: str, timeout_s: float, process_id, num_processes) -> None:
-  import socket
-  import time
   host, _, port = coordinator.rpartition(":")
   deadline = time.monotonic() + timeout_s
   while True:
@@ -210,7 +210,6 @@ def _wait_for(coordinator: str, timeout_s: float, process_id, num_processes) -> 
 
 
 def _env_int(name: str) -> int | None:
-  import os
   value = os.environ.get(name)
   if value is None:
     return None
@@ -219,7 +218,3 @@ def _env_int(name: str) -> int | None:
   except ValueError:
     raise ValueError(f"{name}={value!r} is not an integer") from None
 
-
-def tree_shardings(tree: Any, shardings: dict[str, NamedSharding]) -> dict:
-  """The nested sharding tree matching ``tree`` (for jit in/out_shardings)."""
-  return lora_lib.unflatten({p: shardings[p] for p in lora_lib.flatten(tree)})
