@@ -181,8 +181,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   coordinator = coordinator or os.environ.get(ENV["coordinator"])
   num_processes = num_processes or _env_int(ENV["num_processes"])
   process_id = process_id if process_id is not None else _env_int(ENV["process_id"])
-  if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Only the CPU backend reads this: harmless where the devices are GPUs or TPUs.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator and process_id:  # JAX aborts the process (no exception) if it never answers
     _wait_for(coordinator, timeout_s, process_id, num_processes)
   try:

@@ -20,16 +20,21 @@ from jlora.models.config import ModelConfig
 from jlora.models.generate import generate
 from jlora.models.transformer import Transformer, init_cache, layouts
 
-__all__ = ["ModelConfig", "Transformer", "generate", "init_cache", "layouts", "load",
-           "load_tokenizer", "lora_spec", "param_shapes", "smollm2_gguf"]
+__all__ = ["ModelConfig", "Transformer", "abstract_params", "generate", "init_cache",
+           "layouts", "load", "load_tokenizer", "lora_spec", "param_shapes", "smollm2_gguf"]
 
 
-def param_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
-  """{path: shape} of the model's parameters (abstract init: no memory, no FLOPs)."""
+def abstract_params(model: Transformer):
+  """The model's parameters as boxed ShapeDtypeStructs with their logical axes (abstract
+  init: no memory, no FLOPs)."""
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  abstract = jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), tokens)
-  return {p: tuple(x.shape) for p, x in
-          lora.flatten(nn.unbox(abstract["params"])).items()}
+  return jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), tokens)["params"]
+
+
+def param_shapes(model: Transformer, abstract=None) -> dict[str, tuple[int, ...]]:
+  """{path: shape} of the model's parameters."""
+  abstract = abstract_params(model) if abstract is None else abstract
+  return {p: tuple(x.shape) for p, x in lora.flatten(nn.unbox(abstract)).items()}
 
 
 def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None):
@@ -56,14 +61,13 @@ def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None):
     tensors, source = hf.SafetensorsDir(path), path
   cfg = cfg.replace(remat=remat)
   model = Transformer(cfg, dtype=dtype)
-  shapes = param_shapes(model)
+  abstract = abstract_params(model)
+  shapes = param_shapes(model, abstract)
   arrays = hf.assemble(tensors, cfg, shapes, source)
   if mesh is None:
     return model, lora.unflatten({p: jnp.asarray(x, dtype) for p, x in arrays.items()}), cfg
   from jlora import sharding
-  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  boxed = jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), tokens)["params"]
-  shardings = sharding.param_shardings(sharding.logical_specs(boxed), shapes, mesh)
+  shardings = sharding.param_shardings(sharding.logical_specs(abstract), shapes, mesh)
   host = {p: x.astype(jnp.dtype(dtype)) for p, x in arrays.items()}
   return model, sharding.place(lora.unflatten(host), shardings), cfg
 

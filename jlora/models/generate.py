@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jlora.lora import with_adapters
 from jlora.models.transformer import Transformer, init_cache
 
 
@@ -67,7 +68,6 @@ def generate(model: Transformer, params, tokens_BP, *, max_new_tokens: int,
   mask = (jnp.ones_like(tokens_BP, bool) if prompt_mask_BP is None
           else jnp.asarray(prompt_mask_BP, bool))
   if adapters is not None:
-    from jlora.lora import with_adapters
     params = with_adapters(params, adapters, spec)
   key = rng if rng is not None else jax.random.PRNGKey(0)
   return _generate(model, params, tokens_BP, mask, key, max_new_tokens=max_new_tokens,
