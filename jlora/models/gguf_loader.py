@@ -4,6 +4,9 @@ packages)."""
 
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 
 from jlora.models.config import ModelConfig
@@ -22,6 +25,18 @@ _ARCH = {"llama": "llama", "qwen3": "qwen3"}
 
 
 def _reader(path: str):
+  try:
+    stat = os.stat(path)
+  except OSError as e:
+    raise ValueError(f"{path}: cannot read GGUF ({e.strerror})") from None
+  return _cached_reader(os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, mtime_ns: int, size: int):
+  """Parsing the header and metadata takes seconds (pure Python); the weights, tokenizer
+  and chat template of one file are read through one memory-mapped reader."""
+  del mtime_ns, size  # cache keys only: a rewritten file is parsed anew
   import gguf
   try:
     return gguf.GGUFReader(path)

@@ -1,0 +1,237 @@
+"""The grain input pipeline: source -> encode (ids + loss mask, shifted into inputs/targets)
+-> this process's shard -> seeded shuffle, reshuffled every epoch -> first-fit packing into
+fixed-length rows with segment ids and positions -> batches -> thread prefetch.
+
+Batches are numpy dicts ``{"inputs", "targets", "mask"}`` of ``[local_batch, seq_len]``
+int32, plus ``"segment_ids"``/``"positions"`` when packed (0 marks padding): exactly what
+``jlora.train.make_step`` takes. The iterator's ``get_state()``/``set_state()`` round-trips
+to the exact next batch (grain's own iterator state, small JSON-able dict), so checkpoints
+carry it.
+
+Examples are shifted *before* packing (inputs ``ids[:-1]``, targets ``ids[1:]``), so no
+target ever crosses into the next packed document.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import grain
+import grain.experimental as grain_exp
+import numpy as np
+
+from jlora.data import render, sources
+from jlora.data.tokenizer import Tokenizer
+
+OVERFLOW = ("truncate", "drop")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """What to read and how to cut it. ``source``: a path, ``tfds:NAME`` or ``task:NAME``
+  (see ``sources.open_source``); ``batch_size`` is global (rows per step over all
+  processes); ``overflow``: what to do with an example longer than ``seq_len`` tokens."""
+  source: str
+  format: str = "auto"
+  fields: render.Fields = render.Fields()
+  chat: bool = True
+  split: str = "train"
+  seq_len: int = 256
+  batch_size: int = 8
+  pack: bool = True
+  overflow: str = "truncate"
+  shuffle: bool = True
+  seed: int = 0
+  epochs: int | None = None  # None: repeat forever (the trainer counts steps)
+  separator: str = "\n\n"
+  data_dir: str | None = None
+  size: int | None = None  # records of a task: source
+  packing_bins: int | None = None  # first-fit bins; default: the local batch size
+  prefetch: int = 2  # batches prefetched by a background thread; 0 turns it off
+
+  def __post_init__(self):
+    if not self.source:
+      raise ValueError("data.source is empty")
+    if self.format not in render.FORMATS:
+      raise ValueError(f"data.format {self.format!r} is not one of {', '.join(render.FORMATS)}")
+    if self.overflow not in OVERFLOW:
+      raise ValueError(f"data.overflow {self.overflow!r} is not one of {', '.join(OVERFLOW)}")
+    for name in ("seq_len", "batch_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+    if self.epochs is not None and self.epochs < 1:
+      raise ValueError(f"data.epochs must be >= 1 or None, got {self.epochs}")
+    if self.prefetch < 0:
+      raise ValueError(f"data.prefetch must be >= 0, got {self.prefetch}")
+
+
+class _Encode:
+  """record -> shifted example, or None when it has nothing to train on / is dropped."""
+
+  def __init__(self, cfg: DataConfig, tok: Tokenizer, where):
+    self.cfg, self.tok, self.where = cfg, tok, where
+
+  def full(self, index: int, record: dict) -> tuple[np.ndarray, np.ndarray]:
+    try:
+      return render.encode(record, self.tok, self.cfg.format, self.cfg.fields, self.cfg.chat)
+    except ValueError as e:
+      raise ValueError(f"{self.where(index)}: {e}") from None
+
+  def __call__(self, index: int, record: dict) -> dict | None:
+    ids, mask = self.full(index, record)
+    if len(ids) < 2 or not mask[1:].any():
+      return None
+    n = len(ids) - 1
+    if n > self.cfg.seq_len:
+      if self.cfg.overflow == "drop":
+        return None
+      n = self.cfg.seq_len
+    return {"inputs": ids[:n], "targets": ids[1:n + 1], "mask": mask[1:n + 1]}
+
+
+def _where(source):
+  locate = getattr(source, "where", None)
+  return locate if callable(locate) else (lambda i: f"record {i}")
+
+
+def open_source(cfg: DataConfig):
+  source = sources.open_source(cfg.source, split=cfg.split, separator=cfg.separator,
+                               data_dir=cfg.data_dir, seed=cfg.seed, size=cfg.size)
+  if len(source) == 0:
+    raise ValueError(f"{cfg.source}: empty dataset (split {cfg.split!r})")
+  return source
+
+
+def examples(cfg: DataConfig, tok: Tokenizer, source=None) -> grain.MapDataset:
+  """Encoded, shifted examples in source order; dropped ones are None (filtered)."""
+  source = source if source is not None else open_source(cfg)
+  return grain.MapDataset.source(source).map_with_index(_Encode(cfg, tok, _where(source)))
+
+
+def _shard(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process index {process_index} is outside 0..{process_count - 1}")
+  return process_index, process_count
+
+
+def _pad(example: dict, length: int) -> dict:
+  return {k: np.pad(v, (0, length - len(v))).astype(np.int32) for k, v in example.items()}
+
+
+def _rename_packed(row: dict) -> dict:
+  return {"inputs": row["inputs"].astype(np.int32), "targets": row["targets"].astype(np.int32),
+          "mask": row["mask"].astype(np.int32),
+          "segment_ids": row["inputs_segment_ids"].astype(np.int32),
+          "positions": row["inputs_positions"].astype(np.int32)}
+
+
+def dataset(cfg: DataConfig, tok: Tokenizer, *, process_index: int | None = None,
+            process_count: int | None = None, drop_remainder: bool = True,
+            source=None) -> grain.IterDataset:
+  """This process's batches (``batch_size / process_count`` rows each). Processes read
+  disjoint, strided shards of the records that together cover the dataset."""
+  index, count = _shard(process_index, process_count)
+  if cfg.batch_size % count:
+    raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by the "
+                     f"{count} processes")
+  local_batch = cfg.batch_size // count
+  ds = examples(cfg, tok, source)
+  _check_some_fit(ds, cfg)
+  ds = ds.filter(lambda x: x is not None)[index::count]
+  if len(ds) == 0:
+    raise ValueError(f"{cfg.source}: process {index} of {count} has no records")
+  if cfg.shuffle:
+    ds = ds.seed(cfg.seed).shuffle()
+  ds = ds.repeat(cfg.epochs)  # shuffled anew each epoch
+  it = ds.to_iter_dataset()
+  if cfg.pack:
+    lengths = {k: cfg.seq_len for k in ("inputs", "targets", "mask")}
+    it = grain_exp.FirstFitPackIterDataset(
+        it, length_struct=lengths, num_packing_bins=cfg.packing_bins or local_batch,
+        seed=cfg.seed, shuffle_bins=cfg.shuffle).map(_rename_packed)
+  else:
+    it = it.map(lambda x: _pad(x, cfg.seq_len))
+  it = it.batch(local_batch, drop_remainder=drop_remainder)
+  if cfg.prefetch:
+    it = grain_exp.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch)
+  return it
+
+
+def _check_some_fit(ds: grain.MapDataset, cfg: DataConfig, probe: int = 256) -> None:
+  """An endless pipeline over examples that are all dropped would spin forever: fail fast
+  when none of the first ``probe`` records yields an example."""
+  n = min(len(ds), probe)
+  if n and all(ds[i] is None for i in range(n)):
+    why = (f"longer than seq_len={cfg.seq_len} (overflow=drop)" if cfg.overflow == "drop"
+           else "without a trainable token")
+    raise ValueError(f"{cfg.source}: the first {n} records are all {why}")
+
+
+@dataclasses.dataclass
+class Stats:
+  """What the advisor and the run summary need to know about a dataset."""
+  examples: int = 0
+  tokens: int = 0  # input tokens per epoch after truncation/drop
+  trainable_tokens: int = 0  # tokens with loss mask 1
+  truncated: int = 0
+  dropped: int = 0  # too long (overflow=drop) or nothing to train on
+  longest: int = 0  # longest example before truncation, in tokens
+  info_bits: float = 0.0
+  info_basis: str = ""
+  sampled: int = 0  # records actually encoded (all of them unless ``limit`` was given)
+
+  def as_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def __str__(self) -> str:
+    return (f"{self.examples} examples, {self.tokens} tokens ({self.trainable_tokens} "
+            f"trained), {self.truncated} truncated, {self.dropped} dropped, longest "
+            f"{self.longest}; information ~{self.info_bits:.3g} bits ({self.info_basis})")
+
+
+def stats(cfg: DataConfig, tok: Tokenizer, *, limit: int | None = None,
+          first_epoch_loss: float | None = None, source=None) -> Stats:
+  """Counts over one epoch (of ``limit`` evenly spaced records, scaled up, when given).
+
+  Information content (FINDINGS 5): exact for a task that knows it (``facts``); otherwise
+  trainable tokens x bits per token, where bits per token is the measured first-epoch loss
+  (nats, converted) when given, else 1 bit/token, the typical value for SFT text.
+  """
+  source = source if source is not None else open_source(cfg)
+  encode = _Encode(cfg, tok, _where(source))
+  n = len(source)
+  picks = np.arange(n) if limit is None or limit >= n else \
+      np.unique(np.linspace(0, n - 1, limit).astype(np.int64))
+  out = Stats(sampled=len(picks))
+  for i in picks:
+    ids, mask = encode.full(int(i), source[int(i)])
+    targets = len(ids) - 1
+    out.longest = max(out.longest, targets)
+    if targets < 1 or not mask[1:].any() or (targets > cfg.seq_len and cfg.overflow == "drop"):
+      out.dropped += 1
+      continue
+    if targets > cfg.seq_len:
+      out.truncated += 1
+    kept = min(targets, cfg.seq_len)
+    out.examples += 1
+    out.tokens += kept
+    out.trainable_tokens += int(mask[1:kept + 1].sum())
+  scale = n / len(picks)
+  for name in ("examples", "tokens", "trainable_tokens", "truncated", "dropped"):
+    setattr(out, name, int(round(getattr(out, name) * scale)))
+  task = getattr(source, "task", None)
+  if task is not None and task.exact_info:
+    out.info_bits, out.info_basis = source.info_bits, f"exact: {task.name} answers"
+  elif first_epoch_loss is not None:
+    bits = first_epoch_loss / math.log(2)
+    out.info_bits = out.trainable_tokens * bits
+    out.info_basis = f"trained tokens x {bits:.3g} bits/token (measured first-epoch loss)"
+  else:
+    out.info_bits = float(out.trainable_tokens)
+    out.info_basis = "trained tokens x 1 bit/token (SFT text estimate)"
+  return out

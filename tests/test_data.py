@@ -1,0 +1,288 @@
+"""Data: sources, rendering and loss masks, the packed grain pipeline, determinism and
+restore, per-process shards, statistics, and bad input."""
+
+import collections
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import tokenizers
+from tokenizers import decoders, models as tok_models, pre_tokenizers
+
+from jlora import data
+from jlora.data import builder, pipeline, render, sources, tasks
+
+CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_tokenizer(chat_template=CHAT) -> data.Tokenizer:
+  """One token per byte (ids 0..255) plus three special tokens: tiny, exact offsets."""
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  tok = tokenizers.Tokenizer(tok_models.BPE({c: i for i, c in enumerate(alphabet)}, []))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens(["<eos>", "<|im_start|>", "<|im_end|>"])
+  return data.Tokenizer(tok, eos_id=tok.token_to_id("<eos>"), chat_template=chat_template)
+
+
+def write_jsonl(path, records):
+  with open(path, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  return str(path)
+
+
+def texts(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return [" ".join(f"w{i}x{j}" for j in range(int(rng.integers(1, 12)))) for i in range(n)]
+
+
+def segments(batch):
+  """Every packed document in a batch as (inputs, targets, mask) tuples of lists."""
+  out = []
+  for row in range(batch["inputs"].shape[0]):
+    seg = batch["segment_ids"][row]
+    for s in np.unique(seg[seg > 0]):
+      sel = seg == s
+      np.testing.assert_array_equal(batch["positions"][row][sel], np.arange(sel.sum()))
+      out.append(tuple(tuple(batch[k][row][sel].tolist()) for k in ("inputs", "targets", "mask")))
+    assert not batch["mask"][row][seg == 0].any()
+  return out
+
+
+def test_packing_keeps_every_token_once_over_an_epoch(tmp_path):
+  tok = byte_tokenizer()
+  path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts(97)])
+  cfg = data.DataConfig(source=path, seq_len=100, batch_size=4, epochs=1, seed=3)
+  got = []
+  for batch in data.dataset(cfg, tok, process_index=0, process_count=1, drop_remainder=False):
+    assert batch["inputs"].shape[1] == 100 and batch["inputs"].dtype == np.int32
+    got.extend(segments(batch))
+  want = []
+  for t in texts(97):
+    ids = np.concatenate([tok.encode(t), [tok.eos_id]])
+    want.append((tuple(ids[:-1].tolist()), tuple(ids[1:].tolist()), (1,) * (len(ids) - 1)))
+  assert collections.Counter(got) == collections.Counter(want)
+  stats = data.stats(cfg, tok)
+  assert stats.examples == 97 and stats.tokens == sum(len(w[0]) for w in want)
+  assert stats.trainable_tokens == stats.tokens and stats.truncated == stats.dropped == 0
+
+
+def test_packed_batch_logits_equal_unpacked(tmp_path):
+  from jlora.models.config import ModelConfig
+  from jlora.models.transformer import Transformer
+  tok = byte_tokenizer()
+  path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts(12, seed=1)])
+  cfg = data.DataConfig(source=path, seq_len=64, batch_size=2, seed=0)
+  batch = next(iter(data.dataset(cfg, tok, process_index=0, process_count=1)))
+  assert (batch["segment_ids"].max(axis=1) >= 2).all()  # rows really hold several documents
+  mcfg = ModelConfig("llama", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+  model = Transformer(mcfg)
+  params = model.init(jax.random.PRNGKey(0), batch["inputs"][:, :4])["params"]
+  forward = jax.jit(model.apply)
+  packed, _ = forward({"params": params}, batch["inputs"], batch["positions"],
+                      batch["segment_ids"])
+  for row in range(2):
+    seg = batch["segment_ids"][row]
+    for s in np.unique(seg[seg > 0]):
+      sel = seg == s
+      # Alone, right-padded to the row length (causal: the padding cannot change the prefix).
+      alone, _ = forward({"params": params},
+                         np.pad(batch["inputs"][row][sel], (0, 64 - sel.sum()))[None])
+      np.testing.assert_allclose(packed[row][sel], alone[0, :sel.sum()], atol=1e-5)
+
+
+def test_unpacked_rows_are_padded_with_mask_zero(tmp_path):
+  tok = byte_tokenizer()
+  path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "ab", "completion": "cd"}] * 3)
+  cfg = data.DataConfig(source=path, seq_len=16, batch_size=3, pack=False, chat=False)
+  batch = next(iter(data.dataset(cfg, tok, process_index=0, process_count=1)))
+  assert set(batch) == {"inputs", "targets", "mask"}
+  # ids a b c d <eos>: targets b c d <eos>; the prompt's b is not trained.
+  np.testing.assert_array_equal(batch["mask"][0], [0, 1, 1, 1] + [0] * 12)
+  np.testing.assert_array_equal(batch["targets"][0][:4], tok.encode("bcd").tolist() + [tok.eos_id])
+
+
+def test_chat_mask_with_the_real_smollm2_template():
+  from jlora import models
+  tok = data.Tokenizer.from_model(models.smollm2_gguf())
+  assert tok.chat_template and tok.tok.id_to_token(tok.eos_id) == "<|im_end|>"
+  messages = [{"role": "system", "content": "Be brief."},
+              {"role": "user", "content": "What is 7 plus 5?"},
+              {"role": "assistant", "content": "12"},
+              {"role": "user", "content": "And 3 plus 4?"},
+              {"role": "assistant", "content": "It is 7."}]
+  ids, mask = data.encode_chat(tok, messages)
+  text = data.render_chat(tok, messages)
+  assert tok.decode(ids) == text  # masks index the ids of the whole rendered string
+  assert tok.decode(ids[mask == 1]) == "12<|im_end|>\nIt is 7.<|im_end|>\n"
+  # Everything else, system and user turns and the assistant headers, carries mask 0.
+  assert "What is 7 plus 5?" in tok.decode(ids[mask == 0])
+  assert tok.decode(ids[mask == 0]).count("<|im_start|>assistant\n") == 2
+  # A prompt/completion record rendered as chat masks exactly the completion turn.
+  ids, mask = data.encode({"prompt": "What is 7 plus 5?", "completion": "12"}, tok)
+  assert tok.decode(ids[mask == 1]) == "12<|im_end|>\n"
+  assert tok.decode(data.prompt_ids({"prompt": "What is 7 plus 5?"}, tok)).endswith(
+      "<|im_start|>assistant\n")
+
+
+def test_chat_template_that_is_not_prefix_stable_is_refused():
+  bad = "{% for m in messages %}{{ m['content'] }}|{% endfor %}{{ messages|length }}"
+  with pytest.raises(ValueError, match="prefix by prefix"):
+    data.encode_chat(byte_tokenizer(bad), [{"role": "user", "content": "a"},
+                                           {"role": "assistant", "content": "b"}])
+
+
+def _batches(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_same_seed_same_batches_and_restore_gives_the_exact_next_batches(tmp_path):
+  tok = byte_tokenizer()
+  path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts(40)])
+  cfg = data.DataConfig(source=path, seq_len=32, batch_size=2, seed=7)
+  ds = data.dataset(cfg, tok, process_index=0, process_count=1)
+  first, again = _batches(iter(ds), 30), _batches(iter(ds), 30)  # 30 batches: > 1 epoch
+  for a, b in zip(first, again):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  other = _batches(iter(data.dataset(cfg.__class__(**{**cfg.__dict__, "seed": 8}), tok,
+                                     process_index=0, process_count=1)), 3)
+  assert any((a["inputs"] != b["inputs"]).any() for a, b in zip(first, other))
+  it = iter(ds)
+  _batches(it, 11)
+  state = json.loads(json.dumps(it.get_state()))  # the state survives JSON (checkpoints)
+  expected = _batches(it, 5)
+  restored = iter(data.dataset(cfg, tok, process_index=0, process_count=1))
+  restored.set_state(state)
+  for a, b in zip(expected, _batches(restored, 5)):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_two_processes_get_disjoint_shards_that_cover_the_data(tmp_path):
+  tok = byte_tokenizer()
+  records = texts(31)
+  path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in records])
+  cfg = data.DataConfig(source=path, seq_len=100, batch_size=4, epochs=1)
+  seen = []
+  for p in range(2):
+    docs = []
+    for batch in data.dataset(cfg, tok, process_index=p, process_count=2, drop_remainder=False):
+      assert batch["inputs"].shape[0] <= 2  # local batch = global / processes
+      docs.extend(tok.decode(inputs) for inputs, _, _ in segments(batch))
+    seen.append(set(docs))
+  assert not seen[0] & seen[1]
+  assert seen[0] | seen[1] == set(records)
+  with pytest.raises(ValueError, match="not divisible"):
+    data.dataset(data.DataConfig(source=path, batch_size=3), tok, process_index=0,
+                 process_count=2)
+
+
+def test_sources_parquet_text_and_tfds_build(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  records = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(5)]
+  pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.parquet")
+  assert [sources.open_source(str(tmp_path / "d.parquet"))[i] for i in range(5)] == records
+  (tmp_path / "corpus").mkdir()
+  (tmp_path / "corpus" / "a").write_text("one\n%\ntwo lines\nhere\n%\n\n%\nthree\n")
+  text = sources.open_source(str(tmp_path / "corpus"), separator="\n%\n")
+  assert [text[i]["text"] for i in range(len(text))] == ["one", "two lines\nhere", "three"]
+  chats = [{"messages": [{"role": "user", "content": f"q{i}"},
+                         {"role": "assistant", "content": f"a{i}"}], "id": i} for i in range(4)]
+  train = write_jsonl(tmp_path / "chat.jsonl", chats)
+  test = write_jsonl(tmp_path / "chat_test.jsonl", chats[:2])
+  out = builder.build({"train": train, "test": test}, str(tmp_path / "tfds"), "my_chats")
+  built = sources.open_source(out)
+  assert sorted((built[i] for i in range(len(built))), key=lambda r: r["id"]) == chats
+  assert len(sources.open_source(out, split="test")) == 2
+  tok = byte_tokenizer()
+  ids, mask = data.encode(built[0], tok)
+  assert tok.decode(ids[mask == 1]).startswith("a")
+
+
+def test_tasks_are_deterministic_checkable_and_held_out():
+  train = sources.open_source("task:arithmetic", seed=1)
+  assert len(train) == 2000 and train[5] == sources.open_source("task:arithmetic", seed=1)[5]
+  test = sources.open_source("task:arithmetic", split="test", seed=1)
+  train_prompts = {train[i]["prompt"] for i in range(len(train))}
+  assert not train_prompts & {test[i]["prompt"] for i in range(len(test))}
+  for i in range(50):
+    r = train[i]
+    a, op, b = r["prompt"][8:-1].split(" ")
+    assert int(r["answer"]) == {"plus": int(a) + int(b), "minus": int(a) - int(b),
+                                "times": int(a) * int(b)}[op]
+  task = tasks.get("arithmetic")
+  assert task.check("12", "12") and task.check("It is 12.", "12") and not task.check("1 2", "12")
+  assert tasks.get("reverse").check("tzqk", "tzqk")
+  facts = sources.open_source("task:facts", size=300)
+  keys = {facts[i]["prompt"] for i in range(300)}
+  assert len(keys) == 300  # distinct keys: the answers carry exactly log2(100) bits each
+  assert facts.info_bits == pytest.approx(300 * np.log2(100))
+  s = data.stats(data.DataConfig(source="task:facts", size=300), byte_tokenizer())
+  assert s.info_bits == pytest.approx(300 * np.log2(100)) and "exact" in s.info_basis
+
+
+def test_stats_info_from_measured_loss_and_long_examples(tmp_path):
+  tok = byte_tokenizer()
+  path = write_jsonl(tmp_path / "d.jsonl", [{"text": "x" * 50}, {"text": "y" * 5}])
+  truncate = data.DataConfig(source=path, seq_len=20)
+  s = data.stats(truncate, tok, first_epoch_loss=np.log(2) * 0.5)
+  assert (s.examples, s.truncated, s.dropped, s.longest) == (2, 1, 0, 50)
+  assert s.tokens == 20 + 5 and s.info_bits == pytest.approx(0.5 * 25)
+  drop = data.DataConfig(source=path, seq_len=20, overflow="drop", batch_size=1, epochs=1)
+  s = data.stats(drop, tok)
+  assert (s.examples, s.dropped, s.tokens) == (1, 1, 5)
+  rows = list(data.dataset(drop, tok, process_index=0, process_count=1))
+  assert len(rows) == 1 and rows[0]["mask"].sum() == 5
+  rows = list(data.dataset(truncate.__class__(**{**truncate.__dict__, "epochs": 1,
+                                                 "batch_size": 1}), tok,
+                           process_index=0, process_count=1))
+  assert sorted(int(r["mask"].sum()) for r in rows) == [5, 20]
+
+
+def test_bad_input_names_the_problem(tmp_path):
+  tok = byte_tokenizer()
+  with pytest.raises(ValueError, match="nope.jsonl: no such file"):
+    data.dataset(data.DataConfig(source=str(tmp_path / "nope.jsonl")), tok)
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"text": "fine"}\n\n{"text": oops}\n')
+  with pytest.raises(ValueError, match=r"bad.jsonl:3: malformed JSON"):
+    sources.open_source(str(bad))
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n")
+  with pytest.raises(ValueError, match="empty dataset"):
+    data.dataset(data.DataConfig(source=str(empty)), tok)
+  wrong = write_jsonl(tmp_path / "w.jsonl", [{"text": "a"}, {"question": "b"}])
+  with pytest.raises(ValueError, match=r"w.jsonl:2: cannot tell the format"):
+    list(data.dataset(data.DataConfig(source=wrong, epochs=1, batch_size=1, shuffle=False),
+                      tok, process_index=0, process_count=1))
+  long = write_jsonl(tmp_path / "long.jsonl", [{"text": "z" * 100}] * 3)
+  with pytest.raises(ValueError, match="longer than seq_len=10"):
+    data.dataset(data.DataConfig(source=long, seq_len=10, overflow="drop"), tok)
+  with pytest.raises(ValueError, match="data.overflow"):
+    data.DataConfig(source=long, overflow="wrap")
+  with pytest.raises(ValueError, match="unknown task 'nope'"):
+    sources.open_source("task:nope")
+  with pytest.raises(ValueError, match="TFDS dataset 'nope'"):
+    sources.open_source("tfds:nope", data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="no chat template"):
+    data.encode({"messages": [{"role": "assistant", "content": "x"}]}, byte_tokenizer(None))
+
+
+def test_cli_data_build_and_stats(tmp_path, capsys):
+  from jlora import cli
+  path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts(5)])
+  assert cli.main(["data", "build", path, "--out", str(tmp_path / "o"), "--name", "d"]) == 0
+  assert os.path.isfile(tmp_path / "o" / "d" / "1.0.0" / "dataset_info.json")
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text("{]\n")
+  assert cli.main(["data", "build", str(bad), "--out", str(tmp_path / "o2"),
+                   "--name", "d"]) == 2
+  assert "bad.jsonl:1: malformed JSON" in capsys.readouterr().err
+  assert cli.main(["data", "build", path, "--out", str(tmp_path / "o3"), "--name", "Bad-Name"]) == 2
