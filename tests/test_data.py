@@ -286,3 +286,13 @@ def test_cli_data_build_and_stats(tmp_path, capsys):
                    "--name", "d"]) == 2
   assert "bad.jsonl:1: malformed JSON" in capsys.readouterr().err
   assert cli.main(["data", "build", path, "--out", str(tmp_path / "o3"), "--name", "Bad-Name"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("shutil").which("apt-get"), reason="needs a Debian system")
+def test_fetch_the_fortunes_corpus_from_debian(tmp_path):
+  from jlora.data import debian
+  out = debian.fetch("fortunes", str(tmp_path))
+  corpus = sources.open_source(out, separator=debian.separator("fortunes"))
+  assert len(corpus) > 1000
+  assert all("\n%\n" not in corpus[i]["text"] for i in range(0, len(corpus), 97))
