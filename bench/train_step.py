@@ -143,8 +143,9 @@ def xla_flops(cfg: ModelConfig, batch: int, seq: int) -> tuple[float, float]:
   return lora, full
 
 
-def peft_steps(cfg_kw: dict, batch: int, seq: int):
-  """PEFT/torch LoRA and full steps on the same model and batch (None if not installed)."""
+def peft_steps(cfg_kw: dict, batch: int, seq: int, which=("lora", "full")):
+  """PEFT/torch LoRA and full steps on the same model and batch (None if not installed);
+  ``which`` picks the ones to build (each holds its own model)."""
   try:
     import torch
     import transformers as tf
@@ -179,7 +180,7 @@ def peft_steps(cfg_kw: dict, batch: int, seq: int):
       opt.step()
     return step
 
-  return make(True), make(False)
+  return tuple(make(kind == "lora") for kind in which)
 
 
 def nnx_lora_step(cfg_kw: dict, batch: int, seq: int):

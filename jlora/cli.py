@@ -23,6 +23,22 @@ def _parser() -> argparse.ArgumentParser:
   demo.add_argument("--steps", type=_positive_int, default=300)
   demo.add_argument("--lr", type=float, default=3e-3)
   demo.add_argument("--seed", type=int, default=0)
+  run = sub.add_parser("train", help="train from a TOML recipe (see configs/)")
+  run.add_argument("config", help="recipe file, e.g. configs/quickstart.toml")
+  run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set train.steps=50 (repeatable)")
+  run.add_argument("--resume", action="store_true",
+                   help="continue the run in run_dir from its last checkpoint")
+  run.add_argument("--no-progress", action="store_true", help="no progress bar")
+  gen = sub.add_parser("generate", help="sample from a run's base model + adapters")
+  gen.add_argument("run_dir")
+  gen.add_argument("--prompt", required=True)
+  gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
+  gen.add_argument("--temperature", type=float, default=0.0)
+  gen.add_argument("--seed", type=int, default=0)
+  gen.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  gen.add_argument("--no-chat", action="store_true",
+                   help="feed the prompt as plain text, not a chat user turn")
   _data_parser(sub.add_parser("data", help="build, fetch and inspect datasets"))
   return parser
 
@@ -80,6 +96,15 @@ def _data(args) -> None:
     print(f"{args.corpus} -> {out} (documents separated by {debian.separator(args.corpus)!r})")
 
 
+def _summary_line(summary: dict, run_dir: str) -> str:
+  parts = [f"{summary['steps']} steps"]
+  for name in ("eval_loss", "accuracy"):
+    a, b = summary.get(f"{name}_before"), summary.get(f"{name}_after")
+    if a is not None and b is not None:
+      parts.append(f"held-out {name.replace('eval_', '')} {a:.4g} -> {b:.4g}")
+  return f"done: {', '.join(parts)}; run in {run_dir} (summary.json)"
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
@@ -88,6 +113,20 @@ def main(argv: list[str] | None = None) -> int:
       demo.run(rank=args.rank, steps=args.steps, lr=args.lr, seed=args.seed)
     elif args.command == "data":
       _data(args)
+    elif args.command == "train":
+      from jlora import config, trainer
+      cfg = config.load(args.config, args.set)
+      try:
+        summary = trainer.run(cfg, resume=args.resume, progress=not args.no_progress)
+      except trainer.NonFiniteLoss as e:
+        print(f"jlora: {e}", file=sys.stderr)
+        return 1
+      print(_summary_line(summary, cfg.run_dir))
+    elif args.command == "generate":
+      from jlora import trainer
+      print(trainer.generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, seed=args.seed, step=args.step,
+                             chat=not args.no_chat))
   except ValueError as e:  # jlora raises ValueError for bad user input
     if os.environ.get("JLORA_DEBUG"):
       raise

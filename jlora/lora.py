@@ -130,6 +130,8 @@ class Target:
 
 
 def _as_rules(targets) -> tuple[Rule, ...]:
+  if targets is None:  # no adapters at all: full fine-tuning through ``full``
+    return ()
   if isinstance(targets, (str, Rule)):
     targets = (targets,)
   rules = []
@@ -158,6 +160,7 @@ class LoraSpec:
     alpha: W' = W + alpha/r B A. Kept constant across ranks (FINDINGS: alpha = 32).
     targets: preset ("all", "mlp", "attn"), regex, Rule, or a sequence of them. The first
       rule matching a kernel decides its rank/alpha; every rule must match something.
+      None: no adapters (with ``full=(".*",)``: full fine-tuning through the same code).
     rslora: scale by alpha/sqrt(r) instead of alpha/r.
     dtype: dtype of the adapter factors (f32 default, whatever the base dtype is).
     full: regexes of parameters trained in full (like PEFT's modules_to_save).

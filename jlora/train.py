@@ -21,25 +21,53 @@ from jlora import optim
 from jlora import sharding as sharding_lib
 
 
-def token_loss_sum(model, params, batch) -> tuple[jax.Array, jax.Array]:
-  """(sum of masked token cross-entropies in f32, number of masked-in tokens)."""
-  logits, _ = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
-                          batch.get("segment_ids"))
-  xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+def token_loss_sum(model, params, batch, chunk: int | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """(sum of masked token cross-entropies in f32, number of masked-in tokens).
+
+  With ``chunk`` (and a model with ``hidden``/``logits`` methods, as jlora's are) the
+  unembedding and cross-entropy run over ``chunk`` tokens at a time under
+  ``jax.checkpoint``: the ``[B, T, vocab]`` f32 logits are never held, forward or
+  backward, only one ``[chunk, vocab]`` block at a time (for SmolLM2's 49k vocabulary at
+  8 x 128 tokens that is 200 MB of logits, plus as much again for their gradient).
+  """
   mask = batch["mask"].astype(jnp.float32)
-  return jnp.sum(xent * mask), jnp.sum(mask)
+  args = (batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+  if chunk is None or not hasattr(model, "logits"):
+    logits, _ = model.apply({"params": params}, *args)
+    xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return jnp.sum(xent * mask), jnp.sum(mask)
+  h, _ = model.apply({"params": params}, *args, method="hidden")
+  n = h.shape[0] * h.shape[1]
+  chunk = min(chunk, n)
+  pad = -n % chunk
+  flat = lambda x: jnp.pad(x.reshape(n, *x.shape[2:]), [(0, pad)] + [(0, 0)] * (x.ndim - 2))
+  h_c, t_c, m_c = (flat(x).reshape(-1, chunk, *x.shape[2:])
+                   for x in (h, batch["targets"], mask))
+
+  @jax.checkpoint
+  def chunk_loss(params, h, t, m):
+    logits = model.apply({"params": params}, h, method="logits")
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, t) * m)
+
+  def body(total, xs):
+    return total + chunk_loss(params, *xs), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h_c, t_c, m_c))
+  return total, jnp.sum(mask)
 
 
 def make_step(model, spec: lora_lib.LoraSpec, tx: optax.GradientTransformation,
-              grad_accum: int = 1) -> Callable:
-  """``step(state, frozen, batch) -> (state, metrics)``, pure and unjitted."""
+              grad_accum: int = 1, loss_chunk: int | None = None) -> Callable:
+  """``step(state, frozen, batch) -> (state, metrics)``, pure and unjitted. ``loss_chunk``:
+  tokens per cross-entropy block (see ``token_loss_sum``)."""
   if grad_accum < 1:
     raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
 
   def loss_and_grads(trainable, frozen, batch):
     def loss(tr):
       params = lora_lib.with_adapters(optim.combine(tr["full"], frozen), tr["lora"], spec)
-      return token_loss_sum(model, params, batch)
+      return token_loss_sum(model, params, batch, loss_chunk)
     (total, count), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
     return total, count, grads
 
@@ -67,11 +95,13 @@ def make_step(model, spec: lora_lib.LoraSpec, tx: optax.GradientTransformation,
     count = jnp.maximum(count, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-    new_state = {"step": state["step"] + 1,
-                 "trainable": optax.apply_updates(trainable, updates),
-                 "opt_state": opt_state}
+    new_trainable = optax.apply_updates(trainable, updates)
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x))
+                                  for x in jax.tree_util.tree_leaves(new_trainable)] or [True]))
+    new_state = {"step": state["step"] + 1, "trainable": new_trainable, "opt_state": opt_state}
+    # "finite": the updated parameters are all finite (a checkpoint of them is usable).
     return new_state, {"loss": total / count, "tokens": count,
-                       "grad_norm": optax.tree.norm(grads)}
+                       "grad_norm": optax.tree.norm(grads), "finite": finite}
 
   return step
 

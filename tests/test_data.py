@@ -8,25 +8,10 @@ import os
 import jax
 import numpy as np
 import pytest
-import tokenizers
-from tokenizers import decoders, models as tok_models, pre_tokenizers
 
 from jlora import data
-from jlora.data import builder, pipeline, render, sources, tasks
-
-CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def byte_tokenizer(chat_template=CHAT) -> data.Tokenizer:
-  """One token per byte (ids 0..255) plus three special tokens: tiny, exact offsets."""
-  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-  tok = tokenizers.Tokenizer(tok_models.BPE({c: i for i, c in enumerate(alphabet)}, []))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.add_special_tokens(["<eos>", "<|im_start|>", "<|im_end|>"])
-  return data.Tokenizer(tok, eos_id=tok.token_to_id("<eos>"), chat_template=chat_template)
-
+from jlora.data import builder, sources, tasks
+from tests.helpers import byte_tokenizer
 
 def write_jsonl(path, records):
   with open(path, "w") as f:

@@ -37,6 +37,7 @@ class DataConfig:
   format: str = "auto"
   fields: render.Fields = render.Fields()
   chat: bool = True
+  system: str | None = None  # system message for chats without one (chat rendering only)
   split: str = "train"
   seq_len: int = 256
   batch_size: int = 8
@@ -75,7 +76,8 @@ class _Encode:
 
   def full(self, index: int, record: dict) -> tuple[np.ndarray, np.ndarray]:
     try:
-      return render.encode(record, self.tok, self.cfg.format, self.cfg.fields, self.cfg.chat)
+      return render.encode(record, self.tok, self.cfg.format, self.cfg.fields, self.cfg.chat,
+                           self.cfg.system)
     except ValueError as e:
       raise ValueError(f"{self.where(index)}: {e}") from None
 

@@ -123,21 +123,30 @@ def _field(record: dict, name: str, kind=str):
   return value
 
 
+def _with_system(messages: list, system: str | None) -> list:
+  if system is None or (messages and isinstance(messages[0], dict)
+                        and messages[0].get("role") == "system"):
+    return messages
+  return [{"role": "system", "content": system}] + list(messages)
+
+
 def encode(record: dict, tok: Tokenizer, fmt: str = "auto", fields: Fields = Fields(),
-           chat: bool = True) -> tuple[np.ndarray, np.ndarray]:
-  """``(ids, mask)`` int32 arrays of one record."""
+           chat: bool = True, system: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """``(ids, mask)`` int32 arrays of one record. ``system``: a system message put before
+  chats that have none (else the template's default, if any, applies)."""
   if fmt == "auto":
     fmt = detect(record, fields)
   if fmt == "text":
     ids = np.concatenate([_bos(tok), tok.encode(_field(record, fields.text)), _eos(tok)])
     return ids, np.ones(len(ids), np.int32)
   if fmt == "messages":
-    return encode_chat(tok, _field(record, fields.messages, list))
+    return encode_chat(tok, _with_system(_field(record, fields.messages, list), system))
   if fmt == "completion":
     prompt, completion = _field(record, fields.prompt), _field(record, fields.completion)
     if chat and tok.chat_template:
-      return encode_chat(tok, [{"role": "user", "content": prompt},
-                               {"role": "assistant", "content": completion}])
+      return encode_chat(tok, _with_system([{"role": "user", "content": prompt},
+                                            {"role": "assistant", "content": completion}],
+                                           system))
     head = np.concatenate([_bos(tok), tok.encode(prompt)])
     tail = np.concatenate([tok.encode(completion), _eos(tok)])
     return (np.concatenate([head, tail]).astype(np.int32),
@@ -145,10 +154,11 @@ def encode(record: dict, tok: Tokenizer, fmt: str = "auto", fields: Fields = Fie
   raise ValueError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
-def prompt_ids(record: dict, tok: Tokenizer, fields: Fields = Fields(), chat: bool = True):
+def prompt_ids(record: dict, tok: Tokenizer, fields: Fields = Fields(), chat: bool = True,
+               system: str | None = None):
   """Token ids a model is given to produce the record's completion (for evaluation)."""
   prompt = _field(record, fields.prompt)
   if chat and tok.chat_template:
-    return tok.encode(render_chat(tok, [{"role": "user", "content": prompt}],
-                                  add_generation_prompt=True))
+    messages = _with_system([{"role": "user", "content": prompt}], system)
+    return tok.encode(render_chat(tok, messages, add_generation_prompt=True))
   return np.concatenate([_bos(tok), tok.encode(prompt)]).astype(np.int32)

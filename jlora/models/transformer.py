@@ -250,7 +250,11 @@ class Transformer(nn.Module):
 
   def logits(self, h_BTD):
     if self.cfg.tie_embeddings:
-      return self.embed.attend(h_BTD.astype(jnp.float32)).astype(jnp.float32)
+      # h @ E^T as one dot_general contracting both operands' last axis: written as
+      # ``h @ E.T`` (nn.Embed.attend) XLA:CPU materialises the [d, vocab] transpose.
+      table = self.embed.embedding.astype(jnp.float32)
+      return jax.lax.dot_general(h_BTD.astype(jnp.float32), table,
+                                 (((h_BTD.ndim - 1,), (1,)), ((), ())))
     return self.lm_head(h_BTD).astype(jnp.float32)
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):

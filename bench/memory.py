@@ -1,0 +1,191 @@
+"""Peak memory and step time of LoRA vs full fine-tuning on SmolLM2-135M (issue: trainer).
+
+    python -m bench.memory [--steps 3]
+
+Each configuration runs in its own process (peak RSS is per process: ru_maxrss), one after
+another, on the SmolLM2-135M architecture (config from the GGUF; weights random-initialised
+leaf by leaf, so the peak is training's, not the GGUF dequantisation's), batch 8 x 128,
+LoRA r=16 alpha=32 on all 7 projections, AdamW, f32. jlora: layers rematerialised and the
+cross-entropy chunked (256 tokens: the [B, T, 49152] logits are never held), the step
+jitted with donated state. PEFT/torch on the same shapes for comparison. Reported: the
+process's peak RSS (ru_maxrss: set-up included), the peak during the first step (which
+compiles) and during the steady-state steps after it (VmHWM, reset through
+/proc/self/clear_refs, after handing freed heap back with malloc_trim).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+BATCH, SEQ, RANK, CHUNK = 8, 128, 16, 256
+CONFIGS = ("jax-runtime", "jlora-lora", "jlora-full", "jlora-lora-bf16", "jlora-lora-plain",
+           "peft-lora", "peft-full")
+
+
+def _rss_mb() -> float:
+  """Peak RSS of the process so far (MiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _release_freed_heap() -> None:
+  """Hand memory that set-up freed (host-side weight init) back to the OS (glibc keeps it
+  in the heap otherwise, where it would count against whichever run follows)."""
+  import ctypes
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except OSError:
+    pass
+
+
+def _reset_peak() -> None:
+  """Restart the kernel's peak-RSS counter (VmHWM), so the training phase is measured on
+  its own: writing 5 to /proc/self/clear_refs (Linux >= 4.0)."""
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+
+
+def _phase_peak_mb() -> float:
+  """Peak RSS since the last ``_reset_peak`` (VmHWM, MiB)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024
+  raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _measure(run, steps: int) -> dict:
+  """Time ``run()`` (blocking) ``steps`` times after one compiling step; peak RSS of the
+  first step and of the steady steps, each measured from a fresh VmHWM."""
+  _release_freed_heap()
+  before = _rss_mb()
+  _reset_peak()
+  run()
+  first_step_peak = _phase_peak_mb()
+  _release_freed_heap()  # the compiler's freed working memory
+  _reset_peak()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return {"ms_per_step": 1e3 * float(np.median(times)), "rss_before_steps_mb": before,
+          "first_step_peak_mb": first_step_peak, "train_peak_mb": _phase_peak_mb()}
+
+
+def _jlora(kind: str, steps: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import jlora
+  from jlora import models, optim, sharding, train
+  from jlora.models import gguf_loader
+  plain = kind.endswith("plain")
+  cfg = gguf_loader.read_config(models.smollm2_gguf()).replace(remat=not plain)
+  model = models.Transformer(cfg)
+  # Random weights leaf by leaf on the host (a jitted init would briefly hold the random
+  # bits of every parameter too, and that peak is initialisation's, not training's).
+  rng = np.random.default_rng(0)
+  base_dtype = jnp.bfloat16 if kind.endswith("bf16") else jnp.float32  # the frozen base's
+  params = jlora.lora.unflatten({
+      p: jnp.asarray(0.02 * rng.standard_normal(shape, np.float32), base_dtype)
+      for p, shape in models.param_shapes(model).items()})
+  if kind == "jlora-full":
+    spec, adapters = jlora.LoraSpec(rank=1, targets=None, full=(".*",)), {}
+  else:
+    spec = models.lora_spec(cfg, RANK)
+    adapters = jax.jit(lambda p: jlora.init_adapters(p, spec, jax.random.PRNGKey(1)))(params)
+  trainable, frozen = optim.trainable(params, adapters, spec)
+  del params, adapters
+  tx = optim.optimizer(1e-4)
+  mesh = sharding.make_mesh()
+  state = train.init_state(trainable, tx, mesh)
+  del trainable
+  step = train.jit_step(train.make_step(model, spec, tx, loss_chunk=None if plain else CHUNK),
+                        state, frozen, mesh)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "mask": np.ones((BATCH, SEQ), np.int32)}
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = step(holder["state"], frozen, batch)
+    jax.block_until_ready(metrics)
+
+  return _measure(run, steps)
+
+
+def _peft(kind: str, steps: int) -> dict:
+  from bench.train_step import peft_steps
+  from jlora import models
+  from jlora.models import gguf_loader
+  cfg = gguf_loader.read_config(models.smollm2_gguf())
+  kw = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+  run, = peft_steps(kw, BATCH, SEQ + 1, which=(kind.split("-")[1],))
+  return _measure(run, steps)
+
+
+def _runtime(kind: str, steps: int) -> dict:
+  """The fixed cost every jlora run pays: imports plus XLA:CPU's runtime once it has run a
+  computation (thread pools, compiler), with no model."""
+  del kind, steps
+  import jax.numpy as jnp
+  from jlora import models, optim, train  # noqa: F401
+  jnp.ones(8).sum().block_until_ready()
+  _release_freed_heap()
+  return {"ms_per_step": 0.0, "rss_before_steps_mb": _rss_mb(), "first_step_peak_mb": _rss_mb(),
+          "train_peak_mb": _rss_mb()}
+
+
+def child(kind: str, steps: int) -> None:
+  run = _runtime if kind == "jax-runtime" else _peft if kind.startswith("peft") else _jlora
+  out = run(kind, steps)
+  out.update(kind=kind, peak_rss_mb=_rss_mb())
+  print(json.dumps(out))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--child", choices=CONFIGS)
+  parser.add_argument("--only", nargs="*", choices=CONFIGS, default=list(CONFIGS))
+  args = parser.parse_args(argv)
+  if args.child:
+    return child(args.child, args.steps)
+  from bench.common import machine
+  print(f"# machine: {machine()}; SmolLM2-135M shapes, batch {BATCH} x {SEQ}, r={RANK}")
+  results = {}
+  for kind in args.only:
+    done = subprocess.run([sys.executable, "-m", "bench.memory", "--child", kind,
+                           "--steps", str(args.steps)], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    if done.returncode:
+      print(f"{kind}: failed\n{done.stderr[-3000:]}")
+      continue
+    results[kind] = json.loads(done.stdout.strip().splitlines()[-1])
+    r = results[kind]
+    print(f"{kind:18s} peak RSS: process {r['peak_rss_mb']:6.0f} MB, first step "
+          f"{r['first_step_peak_mb']:6.0f} MB, steady steps {r['train_peak_mb']:6.0f} MB; "
+          f"{r['ms_per_step']:7.0f} ms/step")
+  for a, b in (("jlora-lora", "jlora-full"), ("peft-lora", "peft-full")):
+    if a in results and b in results:
+      ra, rb = results[a], results[b]
+      print(f"peak RSS {a} / {b}: process {ra['peak_rss_mb'] / rb['peak_rss_mb']:.3f}, "
+            f"first step {ra['first_step_peak_mb'] / rb['first_step_peak_mb']:.3f}, "
+            f"steady steps {ra['train_peak_mb'] / rb['train_peak_mb']:.3f}"
+            + (" (target <= 0.45)" if a == "jlora-lora" else ""))
+  if "jlora-lora" in results and "peft-lora" in results:
+    print(f"ms/step jlora LoRA / PEFT LoRA: "
+          f"{results['jlora-lora']['ms_per_step'] / results['peft-lora']['ms_per_step']:.2f}")
+
+
+if __name__ == "__main__":
+  main()

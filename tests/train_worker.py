@@ -1,0 +1,50 @@
+"""Runs ``jlora train`` in a subprocess and SIGKILLs itself at a chosen point, like a
+preempted or crashed job: ``python -m tests.train_worker CONFIG MODE N [--resume]``.
+
+MODE ``none``: not killed (the reference run, on the same devices). MODE ``step``: killed while dispatching step N (mid-training, checkpoint saves possibly in
+flight). MODE ``save``: killed during the N-th checkpoint save, after every file of it is
+written to orbax's temporary directory and before the atomic rename that commits it.
+"""
+
+import os
+import signal
+import sys
+
+
+def main():
+  config, mode, n, *rest = sys.argv[1:]
+  n = int(n)
+  calls = {"count": 0}
+
+  def kill_on_nth(fn):
+    def wrapped(*args, **kwargs):
+      calls["count"] += 1
+      if calls["count"] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+      return fn(*args, **kwargs)
+    return wrapped
+
+  if mode == "step":
+    from jlora import sharding
+    sharding.global_batch = kill_on_nth(sharding.global_batch)
+  elif mode == "save":
+    from orbax.checkpoint._src.path import atomicity
+    cls = atomicity.AtomicRenameTemporaryPath
+    finalize = cls.finalize
+
+    async def finalize_or_die(self, *args, **kwargs):
+      if not self.get_final().name.isdigit():  # an item inside a step, not the step itself
+        return await finalize(self, *args, **kwargs)
+      calls["count"] += 1
+      if calls["count"] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+      return await finalize(self, *args, **kwargs)
+    cls.finalize = finalize_or_die
+  elif mode != "none":
+    raise SystemExit(f"unknown mode {mode}")
+  from jlora import cli
+  sys.exit(cli.main(["train", config, "--no-progress", *rest]))
+
+
+if __name__ == "__main__":
+  main()
