@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument("--resume", action="store_true",
                    help="continue the run in run_dir from its last checkpoint")
   run.add_argument("--no-progress", action="store_true", help="no progress bar")
+  run.add_argument("--force", action="store_true",
+                   help="train even when the advisor reports an error")
+  adv = sub.add_parser("advise", help="check a recipe against the findings (no training)")
+  adv.add_argument("config")
+  adv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   gen = sub.add_parser("generate", help="sample from a run's base model + adapters")
   gen.add_argument("run_dir")
   gen.add_argument("--prompt", required=True)
@@ -117,11 +122,18 @@ def main(argv: list[str] | None = None) -> int:
       from jlora import config, trainer
       cfg = config.load(args.config, args.set)
       try:
-        summary = trainer.run(cfg, resume=args.resume, progress=not args.no_progress)
+        summary = trainer.run(cfg, resume=args.resume, progress=not args.no_progress,
+                              force=args.force)
       except trainer.NonFiniteLoss as e:
         print(f"jlora: {e}", file=sys.stderr)
         return 1
       print(_summary_line(summary, cfg.run_dir))
+    elif args.command == "advise":
+      from jlora import advisor, config, trainer
+      findings, stats = trainer.advise(config.load(args.config, args.set))
+      print(f"data: {stats}")
+      print(advisor.report(findings))
+      return 1 if advisor.has_error(findings) else 0
     elif args.command == "generate":
       from jlora import trainer
       print(trainer.generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens,

@@ -296,9 +296,27 @@ def save_adapters(path: str, adapters: Any, spec: jlora.LoraSpec) -> None:
   os.replace(path + ".tmp", path)
 
 
+def advise(cfg: config_lib.RunConfig, stats_limit: int = 2000):
+  """The advisor's findings for a run config (model config and a dataset sample only: no
+  weights are read)."""
+  from jlora import advisor
+  path = config_lib.model_path(cfg)
+  model_cfg = models.read_config(path)
+  stats = data.stats(cfg.data, data.Tokenizer.from_model(path), limit=stats_limit)
+  return advisor.advise_run(cfg, model_cfg, stats), stats
+
+
 def run(cfg: config_lib.RunConfig, *, resume: bool = False, progress: bool = True,
-        log: Callable[[str], None] = print) -> dict:
-  """Train per ``cfg``; returns the summary (also written to RUN_DIR/summary.json)."""
+        log: Callable[[str], None] = print, force: bool = False) -> dict:
+  """Train per ``cfg``; returns the summary (also written to RUN_DIR/summary.json). The
+  advisor's report is printed first; an "error" finding stops the run unless ``force``."""
+  from jlora import advisor
+  findings, stats = advise(cfg)
+  log(f"data: {stats}")
+  log(advisor.report(findings))
+  if advisor.has_error(findings) and not force:
+    raise ValueError("the advisor found an error (ERROR line above): fix the config, or "
+                     "pass --force to train anyway")
   run_dir = _prepare_run_dir(cfg, resume)
   t = cfg.train
   s = setup(cfg)

@@ -72,6 +72,13 @@ def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None):
   return model, sharding.place(lora.unflatten(host), shardings), cfg
 
 
+def read_config(path: str) -> ModelConfig:
+  """The ModelConfig of an HF directory or a .gguf file, without reading any weights."""
+  if not os.path.exists(path):
+    raise ValueError(f"{path}: no such model file or directory")
+  return gguf_loader.read_config(path) if path.endswith(".gguf") else hf.read_config(path)
+
+
 def load_tokenizer(path: str):
   """``tokenizers.Tokenizer`` from an HF directory's tokenizer.json or a .gguf file."""
   if path.endswith(".gguf"):

@@ -1,0 +1,185 @@
+"""The low-regret advisor: checks a run's config against the findings ("LoRA Without
+Regret", shared FINDINGS.md) before it starts. Each rule gives a severity (ok / warn /
+error), a one-line reason and the finding it comes from; ``jlora advise CONFIG`` prints
+the report and ``jlora train`` prints it and refuses an "error" unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jlora import hparams, lora
+from jlora.models.config import ModelConfig
+
+BITS_PER_PARAM = 2.0  # FINDINGS 5: networks store ~2 bits per parameter
+BATCH_WARN, BATCH_STRONG = 256, 1024  # FINDINGS 4
+SEVERITIES = ("ok", "warn", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+  rule: str
+  severity: str
+  message: str
+  finding: int  # the item of FINDINGS.md ("Findings to encode") it comes from
+
+  def __str__(self) -> str:
+    return f"{self.severity.upper():5s} {self.rule:9s} {self.message} [finding {self.finding}]"
+
+
+def _params_by_group(cfg: ModelConfig, rank: int, targets, **kw) -> dict[str, int]:
+  """LoRA parameters per group (attn / mlp) from the config alone (abstract shapes)."""
+  from jlora import models
+  model = models.Transformer(cfg)
+  shapes = {p: jax.ShapeDtypeStruct(s, jnp.float32)
+            for p, s in models.param_shapes(model).items()}
+  spec = models.lora_spec(cfg, rank, targets=targets, **kw)
+  out = {"attn": 0, "mlp": 0, "other": 0}
+  for t in lora.describe(lora.unflatten(shapes), spec).targets:
+    group = "attn" if "/attn/" in t.path else "mlp" if "/mlp/" in t.path or "/moe/" in \
+        t.path else "other"
+    out[group] += t.num_params
+  return out
+
+
+def _coverage(cfg, rank, targets, kw) -> tuple[Finding, int]:
+  groups = _params_by_group(cfg, rank, targets, **kw)
+  total = sum(groups.values())
+  if groups["mlp"] and groups["attn"]:
+    return Finding("coverage", "ok", f"attention and MLP adapted ({total:,} LoRA params)", 1), \
+        total
+  all_layers = sum(_params_by_group(cfg, rank, "all", **kw).values())
+  same_size = max(1, round(rank * total / max(all_layers, 1)))
+  missing = "MLP" if not groups["mlp"] else "attention"
+  severity_note = ("attention-only LoRA is clearly worse even at matched size"
+                   if not groups["mlp"] else "MLP-only is close to all layers")
+  return Finding("coverage", "warn" if not groups["mlp"] else "ok",
+                 f"{missing} layers not adapted: {severity_note}; all layers at rank "
+                 f"{same_size} would have about the same {total:,} params", 1), total
+
+
+def _learning_rate(cfg, lr, steps, method) -> Finding:
+  try:
+    rule = hparams.full_ft_lr(cfg) if method == "full" else hparams.lora_lr(cfg, steps)
+  except ValueError:
+    if lr is None:
+      return Finding("lr", "error", f"no LR fit exists for the {cfg.model_type!r} family: "
+                     "set train.lr (10x your FullFT LR for LoRA)", 2)
+    return Finding("lr", "ok", f"lr {lr:.3g} given; no published fit for "
+                   f"{cfg.model_type!r} to compare with (LoRA: ~10x FullFT)", 2)
+  if lr is None:
+    return Finding("lr", "ok", f"lr {rule:.3g} from the LR rule", 2)
+  ratio = lr / rule
+  if method == "lora":
+    full = hparams.full_ft_lr(cfg)
+    if 0.5 <= lr / full <= 2:
+      return Finding("lr", "warn", f"lr {lr:.3g} is a FULL fine-tuning LR (fit {full:.3g}); "
+                     f"LoRA's optimum is ~10x higher: {rule:.3g}", 2)
+  if 0.5 <= ratio <= 2:
+    return Finding("lr", "ok", f"lr {lr:.3g} is {ratio:.2g}x the rule ({rule:.3g})", 2)
+  return Finding("lr", "warn", f"lr {lr:.3g} is {ratio:.2g}x the rule's {rule:.3g} "
+                 "(outside 0.5x-2x)", 2)
+
+
+def _batch(batch_rows: int, examples_per_row: float | None) -> Finding:
+  examples = batch_rows * (examples_per_row or 1.0)
+  what = (f"{batch_rows} rows (~{examples:.0f} examples packed)" if examples_per_row
+          else f"{batch_rows} sequences")
+  if examples >= BATCH_STRONG:
+    return Finding("batch", "warn", f"batch of {what} per step is >= {BATCH_STRONG}: LoRA "
+                   "falls clearly behind FullFT at large batches whatever the rank; "
+                   "strongly prefer <= 256", 4)
+  if examples > BATCH_WARN:
+    return Finding("batch", "warn", f"batch of {what} per step is > {BATCH_WARN}: LoRA "
+                   "loses to FullFT more as the batch grows; keep <= 256", 4)
+  return Finding("batch", "ok", f"batch of {what} per step (<= {BATCH_WARN})", 4)
+
+
+def _capacity(info_bits, basis, trainable_params, rank, method) -> Finding:
+  capacity = BITS_PER_PARAM * trainable_params
+  if info_bits is None:
+    return Finding("capacity", "ok", f"capacity {capacity:.3g} bits; no dataset statistics "
+                   "to compare with", 5)
+  if method == "full" or info_bits <= capacity:
+    return Finding("capacity", "ok", f"dataset ~{info_bits:.3g} bits ({basis}) <= "
+                   f"{BITS_PER_PARAM:g} bits x {trainable_params:,} params", 5)
+  need = math.ceil(rank * info_bits / capacity)
+  severity = "error" if info_bits > 10 * capacity else "warn"
+  return Finding("capacity", severity, f"dataset ~{info_bits:.3g} bits ({basis}) exceeds "
+                 f"{BITS_PER_PARAM:g} bits x {trainable_params:,} LoRA params: LoRA will "
+                 f"fall behind FullFT; rank >= {need} would hold it", 5)
+
+
+def _alpha(alpha, rslora, lr) -> Finding:
+  if rslora and lr is None:
+    return Finding("alpha", "warn", "rsLoRA (alpha/sqrt(r)) with the LR rule: the rule was "
+                   "fit with alpha/r, so the effective LR now grows with sqrt(r)", 3)
+  if alpha != 32:
+    return Finding("alpha", "warn", f"alpha {alpha:g}: the LR rule assumes alpha 32 with "
+                   "alpha/r scaling; keep alpha fixed across ranks when sweeping", 3)
+  return Finding("alpha", "ok", "alpha 32 with alpha/r: the optimal LR barely moves with "
+                 "rank", 3)
+
+
+def compute_ratio(cfg: ModelConfig, lora_params: int) -> float:
+  """LoRA / FullFT training FLOPs per token over the dense kernels (FINDINGS 7): FullFT
+  runs 3 matmuls per weight (forward, input grad, weight grad); LoRA skips the frozen
+  weight's gradient and adds ~6 r (in + out) for the factors."""
+  from jlora import models
+  dense = sum(math.prod(s) for p, s in models.param_shapes(models.Transformer(cfg)).items()
+              if p.endswith("kernel"))
+  if cfg.is_moe:  # only the routed experts run per token
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * cfg.num_layers
+    dense -= expert * (cfg.num_experts - cfg.experts_per_token)
+  return (2 * dense + 3 * lora_params) / (3 * dense)
+
+
+def advise(cfg: ModelConfig, *, rank: int, targets="all", alpha: float = 32.0,
+           rslora: bool = False, lr: float | None = None, steps: int | None = None,
+           method: str = "lora", batch_rows: int = 32, examples_per_row: float | None = None,
+           info_bits: float | None = None, info_basis: str = "",
+           lora_kwargs: dict | None = None) -> list[Finding]:
+  """The findings for one run (see the module docstring)."""
+  kw = dict(lora_kwargs or {}, alpha=alpha, rslora=rslora)
+  out = []
+  if method == "lora":
+    coverage, params = _coverage(cfg, rank, targets, kw)
+    out.append(coverage)
+  else:
+    from jlora import models
+    params = sum(math.prod(s) for s in models.param_shapes(models.Transformer(cfg)).values())
+  out.append(_learning_rate(cfg, lr, steps, method))
+  out.append(_batch(batch_rows, examples_per_row))
+  out.append(_capacity(info_bits, info_basis, params, rank, method))
+  if method == "lora":
+    out.append(_alpha(alpha, rslora, lr))
+    ratio = compute_ratio(cfg, params)
+    out.append(Finding("compute", "ok", f"LoRA training costs ~{ratio:.2f}x FullFT's FLOPs "
+                       "per token (no gradient for frozen weights)", 7))
+  return out
+
+
+def advise_run(run_cfg, model_cfg: ModelConfig, stats=None) -> list[Finding]:
+  """``advise`` for a jlora RunConfig (``stats``: ``jlora.data.Stats`` when available)."""
+  l, t, d = run_cfg.lora, run_cfg.train, run_cfg.data
+  per_row = None
+  if stats is not None and d.pack and stats.examples:
+    per_row = max(1.0, d.seq_len / max(stats.tokens / stats.examples, 1.0))
+  return advise(model_cfg, rank=l.rank, targets=l.targets, alpha=l.alpha, rslora=l.rslora,
+                lr=t.lr, steps=t.steps, method=t.method, batch_rows=d.batch_size,
+                examples_per_row=per_row,
+                info_bits=None if stats is None else stats.info_bits,
+                info_basis="" if stats is None else stats.info_basis,
+                lora_kwargs={"full": tuple(l.full)})
+
+
+def report(findings: list[Finding]) -> str:
+  return "\n".join(str(f) for f in findings)
+
+
+def has_error(findings: list[Finding]) -> bool:
+  return any(f.severity == "error" for f in findings)

@@ -1,0 +1,79 @@
+"""The advisor: each rule with numbers from the findings, the CLI report, and train's
+refusal on an error finding."""
+
+import pytest
+
+from jlora import advisor, cli, hparams
+from tests.test_hparams import LLAMA_8B
+from tests.test_trainer import model_dir, recipe, write_toml  # noqa: F401 (fixture)
+
+FULL_FT_LR_8B = 5e-5 * (2000 / 4096) ** 0.781
+
+
+def _by_rule(findings):
+  return {f.rule: f for f in findings}
+
+
+def test_attention_only_full_ft_lr_batch_1024_gives_three_warnings():
+  findings = advisor.advise(LLAMA_8B, rank=256, targets="attn", lr=FULL_FT_LR_8B, steps=1000,
+                            batch_rows=1024)
+  warned = {f.rule for f in findings if f.severity == "warn"}
+  assert warned == {"coverage", "lr", "batch"}
+  assert not advisor.has_error(findings)
+  rules = _by_rule(findings)
+  assert "FULL fine-tuning LR" in rules["lr"].message and "0.000286" in rules["lr"].message
+  assert rules["coverage"].finding == 1 and rules["batch"].finding == 4
+  # attn r=256 is 0.218B params (FINDINGS 1); all layers of the same size is rank ~83.
+  assert "218,103,808" in rules["coverage"].message and "rank 83" in rules["coverage"].message
+
+
+def test_the_recommended_recipe_passes_clean():
+  findings = advisor.advise(LLAMA_8B, rank=64, steps=1000, batch_rows=32, info_bits=1e6,
+                            info_basis="measured")
+  assert all(f.severity == "ok" for f in findings), advisor.report(findings)
+  compute = _by_rule(findings)["compute"]
+  assert "0.69x" in compute.message  # 2/3 + the factors' share (FINDINGS 7)
+
+
+def test_lr_band_batch_thresholds_alpha_and_rslora(monkeypatch):
+  rule = 2.856e-4
+  assert _by_rule(advisor.advise(LLAMA_8B, rank=16, lr=1.9 * rule))["lr"].severity == "ok"
+  assert _by_rule(advisor.advise(LLAMA_8B, rank=16, lr=2.1 * rule))["lr"].severity == "warn"
+  assert _by_rule(advisor.advise(LLAMA_8B, rank=16, lr=0.4 * rule))["lr"].severity == "warn"
+  assert _by_rule(advisor.advise(LLAMA_8B, rank=16, batch_rows=256))["batch"].severity == "ok"
+  b = _by_rule(advisor.advise(LLAMA_8B, rank=16, batch_rows=64, examples_per_row=8))["batch"]
+  assert b.severity == "warn" and "512" in b.message  # packed: examples, not rows, count
+  assert _by_rule(advisor.advise(LLAMA_8B, rank=16, alpha=16))["alpha"].severity == "warn"
+  assert _by_rule(advisor.advise(LLAMA_8B, rank=16, rslora=True))["alpha"].severity == "warn"
+  monkeypatch.delitem(hparams.POWER, "llama")  # a family with no published fit
+  assert _by_rule(advisor.advise(LLAMA_8B, rank=16))["lr"].severity == "error"
+  assert _by_rule(advisor.advise(LLAMA_8B, rank=16, lr=2e-4))["lr"].severity == "ok"
+
+
+def test_capacity_threshold_rank():
+  # Llama-3.1-8B, rank 1 all layers: 2.6M params -> 5.2M bits of capacity.
+  findings = _by_rule(advisor.advise(LLAMA_8B, rank=1, info_bits=2e7, info_basis="exact"))
+  cap = findings["capacity"]
+  assert cap.severity == "warn" and "rank >= 4" in cap.message  # 2e7 / 5.24e6 = 3.8
+  assert _by_rule(advisor.advise(LLAMA_8B, rank=1, info_bits=1e8))["capacity"].severity \
+      == "error"
+  assert _by_rule(advisor.advise(LLAMA_8B, rank=4, info_bits=2e7))["capacity"].severity == "ok"
+
+
+def test_advise_cli_and_train_refuses_an_error_unless_forced(model_dir, tmp_path,  # noqa: F811
+                                                             capsys):
+  good = recipe(model_dir, tmp_path / "run")
+  assert cli.main(["advise", write_toml(tmp_path / "good.toml", good)]) == 0
+  out = capsys.readouterr().out
+  assert "OK    coverage" in out and "[finding 5]" in out
+  # 20,000 random facts (132,877 bits) on a rank-1 LoRA of a tiny model: an error.
+  big = {**good, "lora": {"rank": 1},
+         "data": {**good["data"], "source": "task:facts", "size": 20000}}
+  toml = write_toml(tmp_path / "big.toml", big)
+  assert cli.main(["advise", toml]) == 1
+  assert "ERROR capacity" in capsys.readouterr().out
+  assert cli.main(["train", toml, "--no-progress"]) == 2
+  assert "--force" in capsys.readouterr().err
+  assert not (tmp_path / "run").exists()  # refused before touching the run directory
+  assert cli.main(["train", toml, "--no-progress", "--force", "--set", "train.steps=2",
+                   "--set", "eval.examples=0"]) == 0
