@@ -1,24 +1,10 @@
 """The training run behind ``jlora train``: model + data + optimizer from a RunConfig, the
-jitted step in a loop with logging, held-out evaluation, checkpoints and exact resume.
-
-Run directory layout::
-
-    RUN_DIR/config.json      the resolved config (what --resume and jlora generate read)
-    RUN_DIR/start.json       held-out loss / accuracy before training
-    RUN_DIR/metrics.jsonl    one line per logged step (and metrics.csv, tb/ for TensorBoard)
-    RUN_DIR/checkpoints/N/   orbax: trainable state, optimizer, data iterator, meta
-    RUN_DIR/adapters.safetensors  the final LoRA factors (flat "path/a", "path/b")
-    RUN_DIR/summary.json     loss and accuracy before/after, throughput, sizes
-
-Nothing existing is overwritten: a fresh run refuses a non-empty directory, ``--resume``
-refuses a changed model, LoRA spec, method or data, and metrics logged after the last
-checkpoint (by a run that was killed) are dropped when it resumes, so the files always
-describe the one trajectory the checkpoints continue.
+jitted step in a loop with logging, held-out evaluation, checkpoints and exact resume. The
+run directory's files are ``jlora.rundir``'s; held-out data and accuracy ``jlora.evaluate``'s.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -33,48 +19,12 @@ import optax
 
 import jlora
 from jlora import checkpoint, config as config_lib, data, hparams, models, optim
-from jlora import sharding, train
+from jlora import evaluate, rundir, sharding, train
 from jlora.data import render
-
-# Config sections that must not change across --resume (they define the state on disk).
-_FROZEN_ON_RESUME = ("model", "lora", "train.method", "train.seed", "data", "mesh")
 
 
 class NonFiniteLoss(RuntimeError):
   pass
-
-
-# ----------------------------------------------------------------------------- run dir
-
-def _prepare_run_dir(cfg: config_lib.RunConfig, resume: bool) -> str:
-  run_dir = os.path.abspath(cfg.run_dir)
-  saved = os.path.join(run_dir, "config.json")
-  if resume:
-    if not os.path.isfile(saved):
-      raise ValueError(f"{run_dir}: nothing to resume (no config.json)")
-    with open(saved) as f:
-      before = json.load(f)
-    now = cfg.to_dict()
-    for key in _FROZEN_ON_RESUME:
-      a, b = before, now
-      for part in key.split("."):
-        a, b = a.get(part), b.get(part)
-      if a != b:
-        raise ValueError(f"cannot resume {run_dir}: {key} changed (saved {json.dumps(a)}, "
-                         f"now {json.dumps(b)})")
-  else:
-    if os.path.isdir(run_dir) and os.listdir(run_dir):
-      raise ValueError(f"{run_dir} already holds a run: add --resume to continue it, or "
-                       "set run_dir to a new directory")
-    try:
-      os.makedirs(run_dir, exist_ok=True)
-      with open(saved, "w") as f:
-        f.write(cfg.to_json())
-    except OSError as e:
-      raise ValueError(f"{run_dir}: cannot write the run directory ({e.strerror})") from None
-  if not os.access(run_dir, os.W_OK):
-    raise ValueError(f"{run_dir}: cannot write the run directory (permission denied)")
-  return run_dir
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -91,6 +41,7 @@ class Setup:
   frozen: Any
   trainable: Any
   lr: float
+  lr_schedule: Any  # a float or an optax schedule: what tx uses, for logging
   tx: optax.GradientTransformation
 
 
@@ -142,131 +93,10 @@ def setup(cfg: config_lib.RunConfig) -> Setup:
                        out_shardings=shardings)(params)
   trainable, frozen = optim.trainable(params, adapters, spec)
   lr = _learning_rate(cfg, model_cfg)
-  tx = optim.optimizer(schedule(lr, cfg.train), b_lr_ratio=cfg.train.b_lr_ratio,
+  lr_schedule = schedule(lr, cfg.train)
+  tx = optim.optimizer(lr_schedule, b_lr_ratio=cfg.train.b_lr_ratio,
                        weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.grad_clip)
-  return Setup(cfg, model, model_cfg, tok, spec, mesh, frozen, trainable, lr, tx)
-
-
-def eval_data_config(cfg: config_lib.RunConfig) -> data.DataConfig | None:
-  """The held-out data: ``eval.source``, or the training source's ``eval.split`` where
-  sources have splits (tasks, TFDS); None for a single file with no held-out part."""
-  source = cfg.eval.source
-  if source is None:
-    s = cfg.data.source
-    if not (s.startswith(("task:", "tfds:")) or data.sources.is_tfds_dir(s)):
-      return None
-    source = s
-  return dataclasses.replace(cfg.data, source=source, split=cfg.eval.split, shuffle=False,
-                             epochs=1, prefetch=0,
-                             size=cfg.data.size and max(cfg.data.size // 10, 1))
-
-
-def eval_batches(cfg: config_lib.RunConfig, tok) -> list[dict]:
-  dcfg = eval_data_config(cfg)
-  if dcfg is None or cfg.eval.batches == 0:
-    return []
-  out = []
-  for batch in data.dataset(dcfg, tok):
-    out.append(batch)
-    if len(out) == cfg.eval.batches:
-      break
-  return out
-
-
-def _params(s: Setup, trainable) -> Any:
-  return optim.combine(trainable["full"], s.frozen)
-
-
-def accuracy(s: Setup, trainable, records: list[dict], task) -> float:
-  """Greedy answers to held-out task prompts, checked by the task."""
-  d = s.cfg.data
-  prompts = [render.prompt_ids(r, s.tok, d.fields, d.chat, d.system) for r in records]
-  width = max(len(p) for p in prompts)
-  tokens = np.zeros((len(prompts), width), np.int32)
-  mask = np.zeros((len(prompts), width), np.int32)
-  for i, p in enumerate(prompts):
-    tokens[i, width - len(p):], mask[i, width - len(p):] = p, 1
-  lora = trainable["lora"] if trainable["lora"] else None
-  out = np.asarray(models.generate(s.model, _params(s, trainable), tokens,
-                                   max_new_tokens=s.cfg.eval.max_new_tokens,
-                                   prompt_mask_BP=mask, adapters=lora,
-                                   spec=s.spec if lora else None))
-  correct = 0
-  for row, record in zip(out, records):
-    ids = row.tolist()
-    if s.tok.eos_id in ids:
-      ids = ids[:ids.index(s.tok.eos_id)]
-    correct += task.check(s.tok.decode(ids), record["answer"])
-  return correct / len(records)
-
-
-def _task_records(cfg: config_lib.RunConfig) -> tuple[Any, list[dict]]:
-  dcfg = eval_data_config(cfg)
-  if dcfg is None or cfg.eval.examples == 0:
-    return None, []
-  source = data.open_source(dcfg)
-  task = getattr(source, "task", None)
-  if task is None:
-    return None, []
-  return task, [source[i] for i in range(min(cfg.eval.examples, len(source)))]
-
-
-# ----------------------------------------------------------------------------- logging
-
-class _Metrics:
-  """metrics.jsonl + metrics.csv + TensorBoard (tensorboardX) in the run directory."""
-
-  FIELDS = ("step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s", "eval_loss",
-            "elapsed_s")
-
-  def __init__(self, run_dir: str, resume_step: int | None):
-    self.jsonl = os.path.join(run_dir, "metrics.jsonl")
-    self.csv = os.path.join(run_dir, "metrics.csv")
-    if resume_step is not None:  # drop what a killed run logged after its last checkpoint
-      for path in (self.jsonl, self.csv):
-        if os.path.isfile(path):
-          self._truncate(path, resume_step)
-    new_csv = not os.path.isfile(self.csv)
-    self._csv_file = open(self.csv, "a", newline="")
-    self._csv = csv.DictWriter(self._csv_file, self.FIELDS, extrasaction="ignore")
-    if new_csv:
-      self._csv.writeheader()
-    self._jsonl_file = open(self.jsonl, "a")
-    from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
-
-  @staticmethod
-  def _truncate(path: str, step: int) -> None:
-    with open(path) as f:
-      lines = f.readlines()
-    keep = []
-    for i, line in enumerate(lines):
-      if path.endswith(".csv") and i == 0:
-        keep.append(line)
-        continue
-      try:
-        value = json.loads(line)["step"] if path.endswith(".jsonl") else int(line.split(",")[0])
-      except (ValueError, KeyError):
-        continue  # a line cut short by the kill
-      if value <= step and line.endswith("\n"):
-        keep.append(line)
-    with open(path + ".tmp", "w") as f:
-      f.writelines(keep)
-    os.replace(path + ".tmp", path)
-
-  def write(self, row: dict) -> None:
-    self._jsonl_file.write(json.dumps(row) + "\n")
-    self._jsonl_file.flush()
-    self._csv.writerow(row)
-    self._csv_file.flush()
-    for k, v in row.items():
-      if k != "step" and v is not None:
-        self._tb.add_scalar(k, v, row["step"])
-
-  def close(self) -> None:
-    self._jsonl_file.close()
-    self._csv_file.close()
-    self._tb.close()
+  return Setup(cfg, model, model_cfg, tok, spec, mesh, frozen, trainable, lr, lr_schedule, tx)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -277,23 +107,13 @@ def _progress(total: int, initial: int, enabled: bool):
 
 # ----------------------------------------------------------------------------- the run
 
-def _write_json(path: str, value: dict) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=2)
-  os.replace(path + ".tmp", path)
-
-
 def _tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)
              if hasattr(x, "dtype"))
 
 
-def save_adapters(path: str, adapters: Any, spec: jlora.LoraSpec) -> None:
-  from safetensors.numpy import save_file
-  flat = {p: np.asarray(x) for p, x in jlora.lora.flatten(adapters).items()}
-  save_file(flat, path + ".tmp", metadata={"format": "jlora", "rank": str(spec.rank),
-                                          "alpha": str(spec.alpha)})
-  os.replace(path + ".tmp", path)
+def _params(s: Setup, trainable) -> Any:
+  return optim.combine(trainable["full"], s.frozen)
 
 
 def advise(cfg: config_lib.RunConfig, stats_limit: int = 2000):
@@ -317,7 +137,7 @@ def run(cfg: config_lib.RunConfig, *, resume: bool = False, progress: bool = Tru
   if advisor.has_error(findings) and not force:
     raise ValueError("the advisor found an error (ERROR line above): fix the config, or "
                      "pass --force to train anyway")
-  run_dir = _prepare_run_dir(cfg, resume)
+  run_dir = rundir.prepare(cfg, resume)
   t = cfg.train
   s = setup(cfg)
   log(f"model {cfg.model.path}: {s.model_cfg.num_layers} layers, d={s.model_cfg.hidden_size}; "
@@ -332,8 +152,8 @@ def run(cfg: config_lib.RunConfig, *, resume: bool = False, progress: bool = Tru
   loss_fn = jax.jit(lambda tr, batch: train.token_loss_sum(
       s.model, jlora.lora.with_adapters(_params(s, tr), tr["lora"], s.spec), batch,
       t.loss_chunk))
-  held_out = [sharding.global_batch(b, s.mesh) for b in eval_batches(cfg, s.tok)]
-  task, task_records = _task_records(cfg)
+  held_out = [sharding.global_batch(b, s.mesh) for b in evaluate.eval_batches(cfg, s.tok)]
+  task, task_records = evaluate.task_records(cfg)
 
   def eval_loss(trainable) -> dict:
     if not held_out:
@@ -341,10 +161,13 @@ def run(cfg: config_lib.RunConfig, *, resume: bool = False, progress: bool = Tru
     sums = [loss_fn(trainable, b) for b in held_out]
     return {"eval_loss": float(sum(x for x, _ in sums) / max(sum(n for _, n in sums), 1.0))}
 
-  def evaluate(trainable) -> dict:
+  def held_out_metrics(trainable) -> dict:
     out = eval_loss(trainable)
     if task_records:
-      out["accuracy"] = accuracy(s, trainable, task_records, task)
+      lora = trainable["lora"] or None
+      out["accuracy"] = evaluate.accuracy(
+          s.model, _params(s, trainable), lora, s.spec if lora else None, s.tok, cfg.data,
+          task_records, task, cfg.eval.max_new_tokens)
     return out
 
   ckpts = checkpoint.Checkpoints(os.path.join(run_dir, "checkpoints"), keep=t.keep)
@@ -359,14 +182,14 @@ def run(cfg: config_lib.RunConfig, *, resume: bool = False, progress: bool = Tru
     first = int(meta["step"])
     log(f"resumed {run_dir} at step {first}")
   else:
-    before = evaluate(state["trainable"])
-    _write_json(start_file, before)
+    before = held_out_metrics(state["trainable"])
+    rundir.write_json(start_file, before)
     log("before training: " + (", ".join(f"{k} {v:.4g}" for k, v in before.items()) or
                                "no held-out data"))
-  metrics_out = _Metrics(run_dir, first if resume else None)  # drops rows after `first`
+  metrics_out = rundir.Metrics(run_dir, first if resume else None)  # drops rows after `first`
   bar = _progress(t.steps, first, progress)
   begin, seen_tokens, last, after = time.perf_counter(), 0, None, {}
-  lr_at = schedule(s.lr, t)
+  lr_at = s.lr_schedule
   good_step, bad = first, None
   try:
     for step in range(first, t.steps):
@@ -393,7 +216,7 @@ def run(cfg: config_lib.RunConfig, *, resume: bool = False, progress: bool = Tru
              "tokens_per_s": seen_tokens / elapsed if seen_tokens else None,
              "elapsed_s": elapsed}
       if final:
-        after = evaluate(state["trainable"])
+        after = held_out_metrics(state["trainable"])
         row["eval_loss"] = after.get("eval_loss")
       elif cfg.eval.every and n % cfg.eval.every == 0:
         row["eval_loss"] = eval_loss(state["trainable"]).get("eval_loss")
@@ -417,11 +240,11 @@ def run(cfg: config_lib.RunConfig, *, resume: bool = False, progress: bool = Tru
                         f"(last finite logged step {good_step}); last good checkpoint: "
                         f"{'none' if kept is None else f'step {kept}'} in {run_dir}/checkpoints")
   if not after:
-    after = evaluate(state["trainable"])
+    after = held_out_metrics(state["trainable"])
   stored = ckpts.stored_bytes(ckpts.latest_step())
   ckpts.close()
   if t.method == "lora":
-    save_adapters(os.path.join(run_dir, "adapters.safetensors"), state["trainable"]["lora"],
+    rundir.save_adapters(os.path.join(run_dir, "adapters.safetensors"), state["trainable"]["lora"],
                   s.spec)
   with open(start_file) as f:
     before = json.load(f)
@@ -438,7 +261,7 @@ def run(cfg: config_lib.RunConfig, *, resume: bool = False, progress: bool = Tru
       "checkpoint_array_bytes": stored,  # what the last checkpoint holds: no frozen base
       "checkpoint_bytes": checkpoint.size_bytes(step_dir) if os.path.isdir(step_dir) else None,
   }
-  _write_json(os.path.join(run_dir, "summary.json"), summary)
+  rundir.write_json(os.path.join(run_dir, "summary.json"), summary)
   return summary
 
 
@@ -465,7 +288,4 @@ def generate(run_dir: str, prompt: str, *, max_new_tokens: int = 64, temperature
                         max_new_tokens=max_new_tokens, temperature=temperature,
                         rng=jax.random.PRNGKey(seed), adapters=lora,
                         spec=s.spec if lora else None)
-  ids = np.asarray(out[0]).tolist()
-  if s.tok.eos_id in ids:
-    ids = ids[:ids.index(s.tok.eos_id)]
-  return s.tok.decode(ids)
+  return s.tok.decode(evaluate.until_eos(np.asarray(out[0]), s.tok.eos_id))

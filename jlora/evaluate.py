@@ -1,0 +1,71 @@
+"""Held-out evaluation data and task accuracy (greedy answers checked by the task)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from jlora import config as config_lib, data, models
+from jlora.data import render
+
+
+def until_eos(ids, eos_id: int | None) -> list[int]:
+  """Generated ids up to (not including) the first EOS."""
+  ids = [int(i) for i in ids]
+  return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
+def eval_data_config(cfg: config_lib.RunConfig) -> data.DataConfig | None:
+  """The held-out data: ``eval.source``, or the training source's ``eval.split`` where
+  sources have splits (tasks, TFDS); None for a single file with no held-out part."""
+  source = cfg.eval.source
+  if source is None:
+    s = cfg.data.source
+    if not (s.startswith(("task:", "tfds:")) or data.sources.is_tfds_dir(s)):
+      return None
+    source = s
+  return dataclasses.replace(cfg.data, source=source, split=cfg.eval.split, shuffle=False,
+                             epochs=1, prefetch=0,
+                             size=cfg.data.size and max(cfg.data.size // 10, 1))
+
+
+def eval_batches(cfg: config_lib.RunConfig, tok) -> list[dict]:
+  dcfg = eval_data_config(cfg)
+  if dcfg is None or cfg.eval.batches == 0:
+    return []
+  out = []
+  for batch in data.dataset(dcfg, tok):
+    out.append(batch)
+    if len(out) == cfg.eval.batches:
+      break
+  return out
+
+
+def accuracy(model, params, adapters, spec, tok, dcfg: data.DataConfig, records: list[dict],
+             task, max_new_tokens: int) -> float:
+  """Fraction of ``records`` whose greedy answer (prompts left-padded, one batch) the task
+  accepts; ``adapters=None`` samples the base alone."""
+  prompts = [render.prompt_ids(r, tok, dcfg.fields, dcfg.chat, dcfg.system) for r in records]
+  width = max(len(p) for p in prompts)
+  tokens = np.zeros((len(prompts), width), np.int32)
+  mask = np.zeros((len(prompts), width), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, width - len(p):], mask[i, width - len(p):] = p, 1
+  out = np.asarray(models.generate(model, params, tokens, max_new_tokens=max_new_tokens,
+                                   prompt_mask_BP=mask, adapters=adapters, spec=spec))
+  correct = sum(task.check(tok.decode(until_eos(row, tok.eos_id)), record["answer"])
+                for row, record in zip(out, records))
+  return correct / len(records)
+
+
+def task_records(cfg: config_lib.RunConfig) -> tuple[Any, list[dict]]:
+  dcfg = eval_data_config(cfg)
+  if dcfg is None or cfg.eval.examples == 0:
+    return None, []
+  source = data.open_source(dcfg)
+  task = getattr(source, "task", None)
+  if task is None:
+    return None, []
+  return task, [source[i] for i in range(min(cfg.eval.examples, len(source)))]
