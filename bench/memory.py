@@ -26,7 +26,8 @@ import time
 
 import numpy as np
 
-BATCH, SEQ, RANK, CHUNK = 8, 128, 16, 256
+BATCH, SEQ, RANK = 8, 128, 16
+CHUNK = int(os.environ.get("JLORA_BENCH_CHUNK", 256))
 CONFIGS = ("jax-runtime", "jlora-lora", "jlora-full", "jlora-lora-bf16", "jlora-lora-plain",
            "peft-lora", "peft-full")
 
@@ -114,6 +115,8 @@ def _jlora(kind: str, steps: int) -> dict:
   tokens = rng.integers(0, cfg.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
            "mask": np.ones((BATCH, SEQ), np.int32)}
+  if not os.environ.get("JLORA_BENCH_JIT_CALL"):  # as the trainer does (train.compile_step)
+    step = train.compile_step(step, state, frozen, batch)
   holder = {"state": state}
 
   def run():

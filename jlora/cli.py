@@ -44,8 +44,39 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   gen.add_argument("--no-chat", action="store_true",
                    help="feed the prompt as plain text, not a chat user turn")
+  exp = sub.add_parser("export", help="a run's adapters as a Hugging Face PEFT adapter")
+  exp.add_argument("run_dir")
+  exp.add_argument("--format", choices=["peft"], default="peft")
+  exp.add_argument("--out", required=True, help="new directory for the adapter")
+  exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  imp = sub.add_parser("import-peft", help="check a PEFT LoRA adapter against a base model "
+                       "(and convert it for lora.init)")
+  imp.add_argument("adapter_dir")
+  imp.add_argument("--model", required=True, help="the base: HF model dir or .gguf file")
+  merge = sub.add_parser("merge", help="base + a run's adapters merged into an HF model dir")
+  merge.add_argument("run_dir")
+  merge.add_argument("--out", required=True, help="new directory for the merged model")
+  merge.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  merge.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
   _data_parser(sub.add_parser("data", help="build, fetch and inspect datasets"))
   return parser
+
+
+def _interop(args) -> None:
+  from jlora import export
+  if args.command == "export":
+    out = export.export_run(args.run_dir, args.out, args.step)
+    print(f"PEFT adapter -> {out} (load with peft.PeftModel.from_pretrained)")
+  elif args.command == "merge":
+    out = export.merge_run(args.run_dir, args.out, args.step, args.max_shard_size)
+    print(f"merged model -> {out} (load with transformers.AutoModelForCausalLM)")
+  else:
+    from jlora import lora, models
+    _, params, cfg = models.load(args.model)
+    adapters, spec, _ = export.load_peft(args.adapter_dir, params, cfg)
+    print(lora.describe(params, spec))
+    print(f"{args.adapter_dir}: {lora.count_params(adapters):,} adapter params fit "
+          f"{args.model}; train from it with lora.init = \"{args.adapter_dir}\"")
 
 
 def _data_parser(parser: argparse.ArgumentParser) -> None:
@@ -118,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
       demo.run(rank=args.rank, steps=args.steps, lr=args.lr, seed=args.seed)
     elif args.command == "data":
       _data(args)
+    elif args.command in ("export", "import-peft", "merge"):
+      _interop(args)
     elif args.command == "train":
       from jlora import config, trainer
       cfg = config.load(args.config, args.set)

@@ -46,6 +46,9 @@ class LoraSection:
   targets: Union[str, list[str]] = "all"  # preset (all/mlp/attn), regex, or list of regexes
   rslora: bool = False
   full: list[str] = dataclasses.field(default_factory=list)  # params trained in full
+  # A PEFT LoRA adapter directory to start from; its ranks, alphas, targets and
+  # modules_to_save replace rank/alpha/targets/full (jlora import-peft checks one).
+  init: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +58,7 @@ class TrainSection:
   lr: float | None = None  # None: the LR rule (hparams.lora_lr / full_ft_lr)
   schedule: str = "constant"  # constant | cosine | linear (decay to 0 after warm-up)
   warmup_steps: int = 0
-  grad_clip: float | None = 1.0
+  grad_clip: float | None = 1.0  # max global gradient norm; 0 (or None) turns clipping off
   weight_decay: float = 0.0
   b_lr_ratio: float = 1.0  # LoRA+ (1: off)
   grad_accum: int = 1
@@ -77,6 +80,9 @@ class TrainSection:
       raise ValueError(f"train.warmup_steps must be in 0..steps, got {self.warmup_steps}")
     if self.lr is not None and not self.lr > 0:
       raise ValueError(f"train.lr must be > 0, got {self.lr}")
+    if self.grad_clip is not None and not self.grad_clip >= 0:
+      raise ValueError(f"train.grad_clip must be >= 0 (0 turns clipping off), got "
+                       f"{self.grad_clip}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,6 +68,21 @@ def _learning_rate(cfg: config_lib.RunConfig, model_cfg) -> float:
     raise ValueError(f"{e} (or set train.lr)") from None
 
 
+def _from_peft(path: str, params, model, model_cfg, mesh):
+  """(params, spec, adapters) starting from a PEFT adapter, placed like fresh ones."""
+  from jlora import export
+  adapters, spec, new_params = export.load_peft(path, params, model_cfg)
+  abstract = models.abstract_params(model)
+  shardings = sharding.adapter_shardings(models.param_shapes(model, abstract),
+                                         sharding.logical_specs(abstract), spec, mesh)
+  adapters = jax.device_put(adapters, shardings)
+  old = jlora.lora.flatten(params)
+  new_params = {p: x if x is old[p] else jax.device_put(np.asarray(x, old[p].dtype),
+                                                         old[p].sharding)
+                for p, x in jlora.lora.flatten(new_params).items()}
+  return jlora.lora.unflatten(new_params), spec, adapters
+
+
 def setup(cfg: config_lib.RunConfig) -> Setup:
   path = config_lib.model_path(cfg)
   mesh = sharding.make_mesh(sharding.MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
@@ -81,6 +96,8 @@ def setup(cfg: config_lib.RunConfig) -> Setup:
   if cfg.train.method == "full":
     spec = jlora.LoraSpec(rank=1, targets=None, full=(".*",))
     adapters = {}
+  elif cfg.lora.init:
+    params, spec, adapters = _from_peft(cfg.lora.init, params, model, model_cfg, mesh)
   else:
     l = cfg.lora
     spec = models.lora_spec(model_cfg, l.rank, alpha=l.alpha, rslora=l.rslora,
@@ -95,7 +112,8 @@ def setup(cfg: config_lib.RunConfig) -> Setup:
   lr = _learning_rate(cfg, model_cfg)
   lr_schedule = schedule(lr, cfg.train)
   tx = optim.optimizer(lr_schedule, b_lr_ratio=cfg.train.b_lr_ratio,
-                       weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.grad_clip)
+                       weight_decay=cfg.train.weight_decay,
+                       max_grad_norm=cfg.train.grad_clip or None)  # 0: no clipping
   return Setup(cfg, model, model_cfg, tok, spec, mesh, frozen, trainable, lr, lr_schedule, tx)
 
 
@@ -194,6 +212,8 @@ def run(cfg: config_lib.RunConfig, *, resume: bool = False, progress: bool = Tru
   try:
     for step in range(first, t.steps):
       batch = sharding.global_batch(next(it), s.mesh)
+      if step == first:
+        step_fn = train.compile_step(step_fn, state, s.frozen, batch)
       state, metrics = step_fn(state, s.frozen, batch)
       n = step + 1
       if step == first:  # throughput counts from here: the first step includes compilation

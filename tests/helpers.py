@@ -41,11 +41,11 @@ def byte_tokenizer(chat_template=CHAT) -> data.Tokenizer:
   return data.Tokenizer(tok, eos_id=tok.token_to_id("<eos>"), chat_template=chat_template)
 
 
-def tiny_model_dir(out_dir: str, kind: str = "llama") -> str:
+def tiny_model_dir(out_dir: str, kind: str = "llama", **overrides) -> str:
   """A tiny random HF checkpoint (transformers) with the byte tokenizer and a chat template
   beside it: a complete model directory for trainer tests."""
   from tests.hf_models import save_tiny
-  path = save_tiny(kind, out_dir, vocab_size=320)
+  path = save_tiny(kind, out_dir, **{"vocab_size": 320, **overrides})
   tok = byte_tokenizer()
   tok.tok.save(os.path.join(path, "tokenizer.json"))
   with open(os.path.join(path, "tokenizer_config.json"), "w") as f:

@@ -50,6 +50,8 @@ def test_config_errors_are_one_clear_line():
     config.from_dict({**base, "data": {"source": "x", "seq_len": "long"}})
   with pytest.raises(ValueError, match="train.schedule 'cosin'"):
     config.from_dict(base, ["train.schedule=cosin"])
+  with pytest.raises(ValueError, match="train.grad_clip must be >= 0"):
+    config.from_dict(base, ["train.grad_clip=-1.0"])
   with pytest.raises(ValueError, match="missing 'run_dir'"):
     config.from_dict({"data": {"source": "x"}})
   cfg = config.from_dict(base, ["train.steps=5", "lora.targets=['mlp']", "train.lr=1e-4"])

@@ -62,16 +62,22 @@ def entries(cfg: ModelConfig) -> list[Entry]:
   return out
 
 
-def read_config(path: str) -> ModelConfig:
-  config_file = os.path.join(path, "config.json")
-  if not os.path.isfile(config_file):
-    raise ValueError(f"{path}: no config.json (expected an HF model directory or a .gguf file)")
+def read_json(path: str, name: str, expected: str) -> tuple[dict, str]:
+  """(the JSON file ``name`` in directory ``path``, its path); one-line errors when it is
+  missing (saying what ``path`` was expected to be) or malformed."""
+  file = os.path.join(path, name)
+  if not os.path.isfile(file):
+    raise ValueError(f"{path}: no {name} (expected {expected})")
   try:
-    with open(config_file) as f:
-      hf = json.load(f)
+    with open(file) as f:
+      return json.load(f), file
   except json.JSONDecodeError as e:
-    raise ValueError(f"{config_file}: not valid JSON ({e})") from None
-  return ModelConfig.from_hf(hf, config_file)
+    raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
+def read_config(path: str) -> ModelConfig:
+  hf, file = read_json(path, "config.json", "an HF model directory or a .gguf file")
+  return ModelConfig.from_hf(hf, file)
 
 
 def _tensor_files(path: str) -> dict[str, str]:
