@@ -187,8 +187,8 @@ def load_peft(path: str, params, cfg: ModelConfig):
   """A PEFT LoRA adapter directory -> ``(adapters, spec, params)`` for this base model.
 
   ``params`` (the base's, any array type) come back with ``modules_to_save`` tensors put
-  in (as numpy arrays; every other leaf is the one passed in); ``spec`` carries each module's rank and alpha (and rsLoRA) so the forward pass
-  equals PEFT's. Where one module's rank or alpha differs between layers (``rank_pattern``
+  in (as numpy arrays; every other leaf is the one passed in); ``spec`` carries each
+  module's rank and alpha (and rsLoRA) so the forward pass equals PEFT's. Where one module's rank or alpha differs between layers (``rank_pattern``
   per layer), the factors are zero-padded to the largest rank and the scale difference is
   folded into B: exact for the forward pass.
   """
@@ -202,10 +202,11 @@ def load_peft(path: str, params, cfg: ModelConfig):
   except Exception as e:  # safetensors raises its own error types for a damaged file
     raise ValueError(f"{file}: cannot read safetensors ({e})") from None
   modules = {_module_name(name): (entry, index) for entry, index, name in _modules(cfg)}
+  names = {(entry.path, index): name for entry, index, name in _modules(cfg)}
   flat_params = lora_lib.flatten(params)  # only shapes are read, and replaced leaves copied
   rank0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
   rslora = bool(config.get("use_rslora", False))
-  factors: dict[str, dict[tuple, tuple]] = {}  # jlora path -> index -> (A, B, scale, name)
+  factors: dict[str, dict[tuple, dict]] = {}  # jlora path -> index -> {"A"/"B": (key, x)}
   full: dict[str, np.ndarray] = {}
   for key, value in stored.items():
     name = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -239,7 +240,7 @@ def load_peft(path: str, params, cfg: ModelConfig):
     stack = tuple(d for d, c in zip(kernel.shape, layout) if c in "be")
     per_slice = {}
     for index in np.ndindex(*stack):
-      name = next(n for e, i, n in _modules(cfg) if e.path == path and i == index)
+      name = names[(path, index)]
       module = _module_name(name)
       got = slices.get(index, {})
       for which in "AB":
