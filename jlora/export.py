@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
 import tempfile
 from typing import Any, Iterator
 
-import jax
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
@@ -65,9 +63,9 @@ def _short(module: str) -> str:
 
 
 def _abstract_params(cfg: ModelConfig) -> dict:
+  from flax import linen as nn
   from jlora import models
-  shapes = models.param_shapes(models.Transformer(cfg))
-  return lora_lib.unflatten({p: jax.ShapeDtypeStruct(s, np.float32) for p, s in shapes.items()})
+  return nn.unbox(models.abstract_params(models.Transformer(cfg)))
 
 
 @contextlib.contextmanager
@@ -206,6 +204,8 @@ def load_peft(path: str, params, cfg: ModelConfig):
   flat_params = lora_lib.flatten(params)  # only shapes are read, and replaced leaves copied
   rank0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
   rslora = bool(config.get("use_rslora", False))
+  from jlora import models
+  layouts = models.lora_spec(cfg, rank0, rslora=rslora)  # layouts and scale_for
   factors: dict[str, dict[tuple, dict]] = {}  # jlora path -> index -> {"A"/"B": (key, x)}
   full: dict[str, np.ndarray] = {}
   for key, value in stored.items():
@@ -233,11 +233,11 @@ def load_peft(path: str, params, cfg: ModelConfig):
     factors.setdefault(entry.path, {}).setdefault(index, {})[which] = (key, value)
   adapters, rules = {}, []
   for path, slices in sorted(factors.items()):
-    kernel = flat_params[path]
-    layout = lora_lib.LoraSpec(rank=1).with_layouts(_layouts(cfg)).layout_for(path, kernel.shape)
-    fan_in = math.prod(d for d, c in zip(kernel.shape, layout) if c == "i")
-    fan_out = math.prod(d for d, c in zip(kernel.shape, layout) if c == "o")
-    stack = tuple(d for d, c in zip(kernel.shape, layout) if c in "be")
+    shape = tuple(flat_params[path].shape)
+    layout = layouts.layout_for(path, shape)
+    fans = lora_lib.Target(path, shape, layout, 1, alpha0, 1.0)
+    fan_in, fan_out = fans.fan_in, fans.fan_out
+    stack = tuple(d for d, c in zip(shape, layout) if c in "be")  # layers (and experts)
     per_slice = {}
     for index in np.ndindex(*stack):
       name = names[(path, index)]
@@ -256,11 +256,10 @@ def load_peft(path: str, params, cfg: ModelConfig):
         raise ValueError(f"{file}: tensor '{kb}' has shape {b.shape}; expected "
                          f"({fan_out}, {r}) for the base model's '{name}'")
       alpha = float(_pattern_value(config.get("alpha_pattern"), module, alpha0))
-      scale = alpha / math.sqrt(r) if rslora else alpha / r
-      per_slice[index] = (a, b, r, alpha, scale)
+      per_slice[index] = (a, b, r, alpha, layouts.scale_for(r, alpha))
     rank = max(v[2] for v in per_slice.values())
     alpha = per_slice[next(iter(per_slice))][3]
-    common = alpha / math.sqrt(rank) if rslora else alpha / rank
+    common = layouts.scale_for(rank, alpha)
     a_out = np.zeros(stack + (fan_in, rank), np.float32)
     b_out = np.zeros(stack + (rank, fan_out), np.float32)
     for index, (a, b, r, _, scale) in per_slice.items():
@@ -271,18 +270,12 @@ def load_peft(path: str, params, cfg: ModelConfig):
     rules.append(lora_lib.Rule(f"^{re.escape(path)}$", rank=rank * experts, alpha=alpha))
   if not rules:
     raise ValueError(f"{file}: no LoRA factors (lora_A/lora_B) in the adapter")
-  from jlora import models
   spec = models.lora_spec(cfg, rank0, alpha=alpha0, rslora=rslora, targets=tuple(rules),
                           full=tuple(f"^{re.escape(p)}$" for p in sorted(full)))
   params = lora_lib.unflatten({**flat_params, **full})
   adapters = lora_lib.unflatten({f"{p}/{k}": v for p, f in adapters.items() for k, v in f.items()})
   lora_lib.checked_factors(params, adapters, spec)  # every factor fits its kernel
   return adapters, spec, params
-
-
-def _layouts(cfg: ModelConfig) -> dict:
-  from jlora import models
-  return models.layouts(cfg)
 
 
 # ----------------------------------------------------------------------------- merge
@@ -309,7 +302,9 @@ def _parse_size(text: str | int) -> int:
 def write_safetensors_dir(out_dir: str, tensors: dict[str, np.ndarray],
                           max_shard_bytes: int) -> None:
   """HF's layout: one ``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` shards
-  with a ``model.safetensors.index.json`` weight map when larger than a shard."""
+  with a ``model.safetensors.index.json`` weight map when larger than a shard. (Written
+  here rather than with huggingface_hub's splitter: that is not a dependency of jlora, and
+  the layout is three lines of bookkeeping.)"""
   shards, current, size = [], {}, 0
   for name, x in tensors.items():
     if current and size + x.nbytes > max_shard_bytes:
@@ -340,8 +335,7 @@ def base_dtype(path: str):
     from jlora.models import gguf_loader
     kinds = {t.tensor_type.name for t in gguf_loader._reader(path).tensors
              if t.name.endswith("attn_q.weight")}
-    return {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}.get(
-        next(iter(kinds), ""), ml_dtypes.bfloat16)
+    return DTYPES.get(next(iter(kinds), ""), ml_dtypes.bfloat16)
   files = hf._tensor_files(path)
   name = next((n for n in files if n.endswith("q_proj.weight")), next(iter(files)))
   with safe_open(files[name], framework="numpy") as handle:
@@ -350,8 +344,7 @@ def base_dtype(path: str):
 
 def _write_model_files(tmp: str, base_path: str, cfg: ModelConfig, tok, dtype) -> None:
   """config.json (with the saved dtype) and the tokenizer files beside the weights."""
-  dtype_name = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
-                np.dtype(ml_dtypes.bfloat16): "bfloat16"}[np.dtype(dtype)]
+  dtype_name = np.dtype(dtype).name  # float32 / float16 / bfloat16, as HF spells them
   if base_path.endswith(".gguf"):
     config = cfg.to_hf()
     tok.tok.save(os.path.join(tmp, "tokenizer.json"))
