@@ -2,6 +2,10 @@
 
     python -m bench.memory [--steps 3]
 
+Environment knobs for experiments (results in RESULTS.md): JLORA_BENCH_CHUNK=N (loss
+chunk, default 256), JLORA_BENCH_JIT_CALL=1 (compile inside the first call instead of
+ahead of it, as the trainer does).
+
 Each configuration runs in its own process (peak RSS is per process: ru_maxrss), one after
 another, on the SmolLM2-135M architecture (config from the GGUF; weights random-initialised
 leaf by leaf, so the peak is training's, not the GGUF dequantisation's), batch 8 x 128,
