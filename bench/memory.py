@@ -94,6 +94,7 @@ def _jlora(kind: str, steps: int) -> dict:
   from jlora.models import gguf_loader
   plain = kind.endswith("plain")
   cfg = gguf_loader.read_config(models.smollm2_gguf()).replace(remat=not plain)
+  gguf_loader.release()  # as the trainer does once the model is read
   model = models.Transformer(cfg)
   # Random weights leaf by leaf on the host (a jitted init would briefly hold the random
   # bits of every parameter too, and that peak is initialisation's, not training's).

@@ -93,6 +93,7 @@ def setup(cfg: config_lib.RunConfig) -> Setup:
   model, params, model_cfg = models.load(path, dtype=cfg.model.dtype, remat=cfg.model.remat,
                                          mesh=mesh)
   tok = data.Tokenizer.from_model(path)
+  models.gguf_loader.release()  # weights and tokenizer are read: the parsed metadata can go
   if cfg.train.method == "full":
     spec = jlora.LoraSpec(rank=1, targets=None, full=(".*",))
     adapters = {}

@@ -44,6 +44,13 @@ def _cached_reader(path: str, mtime_ns: int, size: int):
     raise ValueError(f"{path}: cannot read GGUF ({e})") from None
 
 
+def release() -> None:
+  """Drop the cached readers. A parsed reader holds every metadata field as Python and
+  numpy objects (~165 MB for SmolLM2's 49k-token vocabulary); callers that have read the
+  weights, tokenizer and template call this so a training run does not carry it."""
+  _cached_reader.cache_clear()
+
+
 def _field(reader, key: str, default=None):
   field = reader.fields.get(key)
   return default if field is None else field.contents()
