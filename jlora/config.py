@@ -33,10 +33,16 @@ class ModelSection:
   path: str = SMOLLM2  # HF model dir, a .gguf file, or "smollm2"
   dtype: str = "float32"  # of the frozen base; adapters and optimizer state stay f32
   remat: bool = True  # recompute each layer's activations in the backward pass
+  # LoRA matmul: auto (the fused Pallas kernel where bench/kernel.py measured it faster,
+  # else XLA), xla, pallas (TPU/GPU), interpret (the Pallas kernels on CPU: tests only)
+  lora_impl: str = "auto"
 
   def __post_init__(self):
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"model.dtype {self.dtype!r} is not float32, bfloat16 or float16")
+    from jlora.kernels import IMPLS
+    if self.lora_impl not in IMPLS:
+      raise ValueError(f"model.lora_impl {self.lora_impl!r} is not one of {', '.join(IMPLS)}")
 
 
 @dataclasses.dataclass(frozen=True)

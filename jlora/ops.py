@@ -14,9 +14,11 @@ import itertools
 import jax
 import jax.numpy as jnp
 
+from jlora import kernels
+
 
 def lora_dense(x: jax.Array, kernel: jax.Array, a: jax.Array | None = None,
-               b: jax.Array | None = None, scale: float = 1.0) -> jax.Array:
+               b: jax.Array | None = None, scale: float = 1.0, impl: str = "xla") -> jax.Array:
   """x[..., K] @ kernel[K, N] (+ scale * (x @ a[K, r]) @ b[r, N]) -> [..., N].
 
   Args:
@@ -24,13 +26,15 @@ def lora_dense(x: jax.Array, kernel: jax.Array, a: jax.Array | None = None,
     kernel: 2-D weight (frozen under LoRA; trainable in full fine-tuning).
     a, b: adapter factors, or None for the plain projection.
     scale: the LoRA scale (alpha / r).
+    impl: see ``lora_dense_multi``.
   Returns:
     The projection in x's dtype.
   """
-  return lora_dense_multi(x, [(kernel, a, b)], scale)[0]
+  return lora_dense_multi(x, [(kernel, a, b)], scale, impl)[0]
 
 
-def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0) -> list[jax.Array]:
+def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0,
+                     impl: str = "xla") -> list[jax.Array]:
   """Several projections of the same input (q/k/v, gate/up) as one base GEMM and one thin
   ``x @ [A_1 | A_2 | ...]`` GEMM; each output gets its own ``t_i @ B_i``.
 
@@ -42,25 +46,51 @@ def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0) -> list[jax.
     x: [..., K] activations.
     projections: sequence of (kernel [K, N_i], a [K, r_i] or None, b [r_i, N_i] or None).
     scale: LoRA scale applied to every adapter (1.0 when B is pre-scaled).
+    impl: ``jlora.kernels.lora_matmul``'s impl. When it selects a Pallas kernel (on this
+      backend) and some projection is adapted, the projections run as one fused LoRA
+      matmul: kernels concatenated, A's concatenated, the B's laid out block-diagonally
+      (exact: the off-diagonal blocks are zero, and their gradient is dropped). Otherwise
+      the XLA matmuls below, differentiated by JAX.
   Returns:
     One [..., N_i] output per projection, in x's dtype.
   """
   lead, k = x.shape[:-1], x.shape[-1]
   x_MK = x.reshape(-1, k)
   widths = [w.shape[-1] for w, _, _ in projections]
-  kernel = jnp.concatenate([w.astype(x.dtype) for w, _, _ in projections], axis=1) \
-      if len(projections) > 1 else projections[0][0].astype(x.dtype)
-  y_MN = jnp.dot(x_MK, kernel, preferred_element_type=jnp.float32)
+  cuts = list(itertools.accumulate(widths))[:-1]
   adapted = [(i, a, b) for i, (_, a, b) in enumerate(projections) if a is not None]
-  outs = jnp.split(y_MN, list(itertools.accumulate(widths))[:-1], axis=1)
+  if adapted and kernels.selects_pallas(impl):
+    w_dtype = projections[0][0].dtype  # the kernel up-casts W tile by tile: no f32 copy
+    y_MN = kernels.lora_matmul(x_MK, _concat([w for w, _, _ in projections], w_dtype),
+                               _concat([a for _, a, _ in adapted], x.dtype),
+                               _block_diagonal(adapted, widths), scale, impl=impl)
+    return [y.reshape(*lead, n) for y, n in zip(jnp.split(y_MN, cuts, axis=1), widths)]
+  y_MN = jnp.dot(x_MK, _concat([w for w, _, _ in projections], x.dtype),
+                 preferred_element_type=jnp.float32)
+  outs = jnp.split(y_MN, cuts, axis=1)
   if adapted:
-    a_cat = jnp.concatenate([a.astype(x.dtype) for _, a, _ in adapted], axis=1)
-    t_MR = jnp.dot(x_MK, a_cat, preferred_element_type=jnp.float32) * scale
+    t_MR = jnp.dot(x_MK, _concat([a for _, a, _ in adapted], x.dtype),
+                   preferred_element_type=jnp.float32) * scale
     ranks = [a.shape[-1] for _, a, _ in adapted]
     for (i, _, b), t in zip(adapted, jnp.split(t_MR, list(itertools.accumulate(ranks))[:-1],
                                                axis=1)):
       outs[i] = outs[i] + jnp.dot(t, b.astype(jnp.float32), preferred_element_type=jnp.float32)
   return [y.astype(x.dtype).reshape(*lead, n) for y, n in zip(outs, widths)]
+
+
+def _concat(arrays, dtype) -> jax.Array:
+  """Column-wise concatenation in ``dtype`` (no copy for a single array of that dtype)."""
+  arrays = [x.astype(dtype) for x in arrays]
+  return jnp.concatenate(arrays, axis=1) if len(arrays) > 1 else arrays[0]
+
+
+def _block_diagonal(adapted, widths) -> jax.Array:
+  """[sum r_i, sum N] f32: each adapted projection's B in its rows and its output columns."""
+  offsets = [0, *itertools.accumulate(widths)]
+  total = offsets[-1]
+  return jnp.concatenate(
+      [jnp.pad(b.astype(jnp.float32), ((0, 0), (offsets[i], total - offsets[i + 1])))
+       for i, _, b in adapted], axis=0)
 
 
 def _fresh_letter(used: str) -> str:

@@ -91,7 +91,7 @@ def setup(cfg: config_lib.RunConfig) -> Setup:
     raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by the mesh's "
                      f"data x fsdp = {shards} shards (set mesh.data, or the batch size)")
   model, params, model_cfg = models.load(path, dtype=cfg.model.dtype, remat=cfg.model.remat,
-                                         mesh=mesh)
+                                         mesh=mesh, lora_impl=cfg.model.lora_impl)
   tok = data.Tokenizer.from_model(path)
   models.gguf_loader.release()  # weights and tokenizer are read: the parsed metadata can go
   if cfg.train.method == "full":

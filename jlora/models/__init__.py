@@ -37,7 +37,8 @@ def param_shapes(model: Transformer, abstract=None) -> dict[str, tuple[int, ...]
   return {p: tuple(x.shape) for p, x in lora.flatten(nn.unbox(abstract)).items()}
 
 
-def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None):
+def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None,
+         lora_impl: str = "xla"):
   """Load an HF model directory or a .gguf file.
 
   Args:
@@ -47,6 +48,7 @@ def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None):
     remat: rematerialise layer activations in the backward pass.
     mesh: if given, each parameter is created directly with its sharding on this mesh
       (``jlora.sharding`` rules), each device receiving only its shard.
+    lora_impl: how adapted projections run (``ModelConfig.lora_impl``).
   Returns:
     (model, params, config).
   """
@@ -59,7 +61,7 @@ def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None):
   else:
     cfg = hf.read_config(path)
     tensors, source = hf.SafetensorsDir(path), path
-  cfg = cfg.replace(remat=remat)
+  cfg = cfg.replace(remat=remat, lora_impl=lora_impl)
   model = Transformer(cfg, dtype=dtype)
   abstract = abstract_params(model)
   shapes = param_shapes(model, abstract)

@@ -35,6 +35,8 @@ class ModelConfig:
     remat: rematerialise each layer's activations in the backward pass.
     unroll_layers: unroll the layer scan (same stacked parameters; longer compile, and on
       CPU a faster step: XLA keeps per-layer slices static).
+    lora_impl: how adapted projections run (``jlora.kernels.lora_matmul``'s impl: "auto",
+      "xla", "pallas" or "interpret"); "xla" is JAX-differentiated XLA matmuls.
   """
   model_type: str
   vocab_size: int
@@ -57,6 +59,7 @@ class ModelConfig:
   max_position_embeddings: int = 8192
   remat: bool = False
   unroll_layers: bool = False
+  lora_impl: str = "xla"
 
   def __post_init__(self):
     if self.model_type not in ARCHITECTURES:
@@ -66,6 +69,9 @@ class ModelConfig:
                  "head_dim"):
       if getattr(self, name) < 1:
         raise ValueError(f"model config {name} must be >= 1, got {getattr(self, name)}")
+    from jlora.kernels import IMPLS
+    if self.lora_impl not in IMPLS:
+      raise ValueError(f"lora_impl {self.lora_impl!r} is not one of {', '.join(IMPLS)}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
                        f"{self.num_kv_heads}")

@@ -41,6 +41,7 @@ class Linear(nn.Module):
   axes: tuple[str, str]
   use_bias: bool = False
   dtype: Any = jnp.float32
+  impl: str = "xla"  # LoRA matmul implementation (jlora.kernels.IMPLS)
 
   @nn.compact
   def factors(self, in_features: int):
@@ -61,7 +62,7 @@ class Linear(nn.Module):
 def project(x, layers: list[Linear], dtype):
   """The same input through several Linears at once (``ops.lora_dense_multi``)."""
   factors = [l.factors(x.shape[-1]) for l in layers]
-  outs = ops.lora_dense_multi(x.astype(dtype), [f[:3] for f in factors])
+  outs = ops.lora_dense_multi(x.astype(dtype), [f[:3] for f in factors], impl=layers[0].impl)
   return [y if f[3] is None else y + f[3].astype(y.dtype) for f, y in zip(factors, outs)]
 
 
@@ -110,7 +111,8 @@ class Attention(nn.Module):
   def __call__(self, x_BTD, cos_sin, mask_BTS, cache):
     c = self.cfg
     B, T, _ = x_BTD.shape
-    lin = lambda n, axes, name: Linear(n, axes, c.attention_bias, self.dtype, name=name)
+    lin = lambda n, axes, name: Linear(n, axes, c.attention_bias, self.dtype, c.lora_impl,
+                                       name=name)
     q, k, v = project(x_BTD, [lin(c.num_heads * c.head_dim, ("embed", "heads"), "q_proj"),
                               lin(c.num_kv_heads * c.head_dim, ("embed", "kv"), "k_proj"),
                               lin(c.num_kv_heads * c.head_dim, ("embed", "kv"), "v_proj")],
@@ -144,12 +146,11 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    f = self.cfg.intermediate_size
-    gate, up = project(x, [Linear(f, ("embed", "mlp"), dtype=self.dtype, name="gate_proj"),
-                           Linear(f, ("embed", "mlp"), dtype=self.dtype, name="up_proj")],
-                       self.dtype)
-    return Linear(self.cfg.hidden_size, ("mlp", "embed"), dtype=self.dtype,
-                  name="down_proj")(jax.nn.silu(gate) * up)
+    c = self.cfg
+    lin = lambda n, axes, name: Linear(n, axes, dtype=self.dtype, impl=c.lora_impl, name=name)
+    gate, up = project(x, [lin(c.intermediate_size, ("embed", "mlp"), "gate_proj"),
+                           lin(c.intermediate_size, ("embed", "mlp"), "up_proj")], self.dtype)
+    return lin(c.hidden_size, ("mlp", "embed"), "down_proj")(jax.nn.silu(gate) * up)
 
 
 class ExpertLinear(nn.Module):
@@ -230,7 +231,8 @@ class Transformer(nn.Module):
                           metadata_params={nn.PARTITION_NAME: "layers"})(c, self.dtype)
     self.norm = RMSNorm(c.rms_norm_eps)
     if not c.tie_embeddings:
-      self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), dtype=self.dtype)
+      self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), dtype=self.dtype,
+                            impl=c.lora_impl)
 
   def hidden(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
     B, T = tokens_BT.shape

@@ -1,0 +1,5 @@
+"""Pallas kernels: the fused LoRA matmul (custom VJP), its XLA reference, backend dispatch."""
+
+from jlora.kernels.matmul import FASTER_ON, IMPLS, TARGETS, lora_matmul, selects_pallas
+
+__all__ = ["FASTER_ON", "IMPLS", "TARGETS", "lora_matmul", "selects_pallas"]
