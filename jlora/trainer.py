@@ -156,6 +156,8 @@ def run(cfg: config_lib.RunConfig, *, resume: bool = False, progress: bool = Tru
   if advisor.has_error(findings) and not force:
     raise ValueError("the advisor found an error (ERROR line above): fix the config, or "
                      "pass --force to train anyway")
+  from jlora import kernels
+  kernels.selects_pallas(cfg.model.lora_impl)  # e.g. "pallas" on CPU: say so before any work
   run_dir = rundir.prepare(cfg, resume)
   t = cfg.train
   s = setup(cfg)

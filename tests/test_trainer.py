@@ -52,6 +52,8 @@ def test_config_errors_are_one_clear_line():
     config.from_dict(base, ["train.schedule=cosin"])
   with pytest.raises(ValueError, match="train.grad_clip must be >= 0"):
     config.from_dict(base, ["train.grad_clip=-1.0"])
+  with pytest.raises(ValueError, match="model.lora_impl 'fused' is not one of"):
+    config.from_dict(base, ["model.lora_impl=fused"])
   with pytest.raises(ValueError, match="missing 'run_dir'"):
     config.from_dict({"data": {"source": "x"}})
   cfg = config.from_dict(base, ["train.steps=5", "lora.targets=['mlp']", "train.lr=1e-4"])
@@ -133,6 +135,11 @@ def test_bad_input_exits_2_without_touching_runs(model_dir, tmp_path, capsys):
   assert "/no/such/model" in capsys.readouterr().err
   assert cli.main(["train", str(tmp_path / "missing.toml")]) == 2
   assert "no such config file" in capsys.readouterr().err
+  if jax.default_backend() == "cpu":  # compiled kernels need a TPU or GPU: refused up front
+    toml = write_toml(tmp_path / "k.toml", {**good, "run_dir": str(tmp_path / "k_run")})
+    assert cli.main(["train", toml, "--set", "model.lora_impl=pallas"]) == 2
+    assert "needs a TPU or GPU" in capsys.readouterr().err
+    assert not (tmp_path / "k_run").exists()
   blocker = tmp_path / "a_file"  # a run dir under a regular file cannot be created (as root too)
   blocker.write_text("")
   toml = write_toml(tmp_path / "l.toml", {**good, "run_dir": str(blocker / "run")})
