@@ -186,9 +186,10 @@ def load_peft(path: str, params, cfg: ModelConfig):
 
   ``params`` (the base's, any array type) come back with ``modules_to_save`` tensors put
   in (as numpy arrays; every other leaf is the one passed in); ``spec`` carries each
-  module's rank and alpha (and rsLoRA) so the forward pass equals PEFT's. Where one module's rank or alpha differs between layers (``rank_pattern``
-  per layer), the factors are zero-padded to the largest rank and the scale difference is
-  folded into B: exact for the forward pass.
+  module's rank and alpha (and rsLoRA) so the forward pass equals PEFT's. Where one
+  module's rank or alpha differs between layers (``rank_pattern`` per layer), the factors
+  are zero-padded to the largest rank and the scale difference is folded into B: exact
+  for the forward pass.
   """
   config = _read_peft_config(path)
   file = os.path.join(path, ADAPTER_FILE)
@@ -199,8 +200,10 @@ def load_peft(path: str, params, cfg: ModelConfig):
     stored = {k: handle.get_tensor(k) for k in handle.keys()}
   except Exception as e:  # safetensors raises its own error types for a damaged file
     raise ValueError(f"{file}: cannot read safetensors ({e})") from None
-  modules = {_module_name(name): (entry, index) for entry, index, name in _modules(cfg)}
-  names = {(entry.path, index): name for entry, index, name in _modules(cfg)}
+  modules, names = {}, {}  # HF module -> (entry, index); (jlora path, index) -> HF name
+  for entry, index, name in _modules(cfg):
+    modules[_module_name(name)] = entry, index
+    names[entry.path, index] = name
   flat_params = lora_lib.flatten(params)  # only shapes are read, and replaced leaves copied
   rank0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
   rslora = bool(config.get("use_rslora", False))

@@ -68,14 +68,18 @@ def _learning_rate(cfg: config_lib.RunConfig, model_cfg) -> float:
     raise ValueError(f"{e} (or set train.lr)") from None
 
 
+def _adapter_shardings(model, spec, mesh):
+  """Each adapter factor's sharding, derived from its kernel's (``jlora.sharding``)."""
+  abstract = models.abstract_params(model)
+  return sharding.adapter_shardings(models.param_shapes(model, abstract),
+                                    sharding.logical_specs(abstract), spec, mesh)
+
+
 def _from_peft(path: str, params, model, model_cfg, mesh):
   """(params, spec, adapters) starting from a PEFT adapter, placed like fresh ones."""
   from jlora import export
   adapters, spec, new_params = export.load_peft(path, params, model_cfg)
-  abstract = models.abstract_params(model)
-  shardings = sharding.adapter_shardings(models.param_shapes(model, abstract),
-                                         sharding.logical_specs(abstract), spec, mesh)
-  adapters = jax.device_put(adapters, shardings)
+  adapters = jax.device_put(adapters, _adapter_shardings(model, spec, mesh))
   old = jlora.lora.flatten(params)
   new_params = {p: x if x is old[p] else jax.device_put(np.asarray(x, old[p].dtype),
                                                          old[p].sharding)
@@ -103,12 +107,9 @@ def setup(cfg: config_lib.RunConfig) -> Setup:
     l = cfg.lora
     spec = models.lora_spec(model_cfg, l.rank, alpha=l.alpha, rslora=l.rslora,
                             targets=l.targets, full=tuple(l.full))
-    abstract = models.abstract_params(model)
-    shapes = models.param_shapes(model, abstract)
-    shardings = sharding.adapter_shardings(shapes, sharding.logical_specs(abstract), spec, mesh)
     key = jax.random.PRNGKey(cfg.train.seed)
     adapters = jax.jit(lambda p: jlora.init_adapters(p, spec, key),
-                       out_shardings=shardings)(params)
+                       out_shardings=_adapter_shardings(model, spec, mesh))(params)
   trainable, frozen = optim.trainable(params, adapters, spec)
   lr = _learning_rate(cfg, model_cfg)
   lr_schedule = schedule(lr, cfg.train)
