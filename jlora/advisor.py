@@ -9,9 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
-import jax.numpy as jnp
-
 from jlora import hparams, lora
 from jlora.models.config import ModelConfig
 
@@ -35,28 +32,31 @@ class Finding:
     return f"{self.severity.upper():5s} {self.rule:9s} {self.message} [finding {self.finding}]"
 
 
-def _params_by_group(cfg: ModelConfig, rank: int, targets, **kw) -> dict[str, int]:
-  """LoRA parameters per group (attn / mlp) from the config alone (abstract shapes)."""
+def plan_for(cfg: ModelConfig, rank: int, targets="all", **kw) -> lora.Plan:
+  """The plan a rank and targets would give on this model (abstract shapes: no weights)."""
   from jlora import models
-  model = models.Transformer(cfg)
-  shapes = {p: jax.ShapeDtypeStruct(s, jnp.float32)
-            for p, s in models.param_shapes(model).items()}
   spec = models.lora_spec(cfg, rank, targets=targets, **kw)
+  return lora.plan(models.abstract_arrays(models.Transformer(cfg)), spec)
+
+
+def params_by_group(plan: lora.Plan) -> dict[str, int]:
+  """LoRA parameters per group (attn / mlp / other) of a plan."""
   out = {"attn": 0, "mlp": 0, "other": 0}
-  for t in lora.describe(lora.unflatten(shapes), spec).targets:
+  for t in plan.targets.values():
     group = "attn" if "/attn/" in t.path else "mlp" if "/mlp/" in t.path or "/moe/" in \
         t.path else "other"
     out[group] += t.num_params
   return out
 
 
-def _coverage(cfg, rank, targets, kw) -> tuple[Finding, int]:
-  groups = _params_by_group(cfg, rank, targets, **kw)
+def _coverage(cfg, plan: lora.Plan, kw) -> tuple[Finding, int]:
+  groups = params_by_group(plan)
   total = sum(groups.values())
   if groups["mlp"] and groups["attn"]:
     return Finding("coverage", "ok", f"attention and MLP adapted ({total:,} LoRA params)", 1), \
         total
-  all_layers = sum(_params_by_group(cfg, rank, "all", **kw).values())
+  rank = plan.spec.rank
+  all_layers = plan_for(cfg, rank, "all", **kw).adapter_params
   same_size = max(1, round(rank * total / max(all_layers, 1)))
   missing = "MLP" if not groups["mlp"] else "attention"
   severity_note = ("attention-only LoRA is clearly worse even at matched size"
@@ -152,12 +152,17 @@ def advise(cfg: ModelConfig, *, rank: int, targets="all", alpha: float = 32.0,
            rslora: bool = False, lr: float | None = None, steps: int | None = None,
            method: str = "lora", batch_rows: int = 32, examples_per_row: float | None = None,
            info_bits: float | None = None, info_basis: str = "",
-           lora_kwargs: dict | None = None) -> list[Finding]:
-  """The findings for one run (see the module docstring)."""
+           lora_kwargs: dict | None = None, plan: lora.Plan | None = None) -> list[Finding]:
+  """The findings for one run (see the module docstring). ``plan``: what will actually be
+  trained (e.g. a PEFT adapter's ranks and targets); it overrides rank, targets, alpha
+  and rslora."""
+  if plan is not None and method == "lora":
+    rank, alpha, rslora = plan.spec.rank, plan.spec.alpha, plan.spec.rslora
   kw = dict(lora_kwargs or {}, alpha=alpha, rslora=rslora)
   out = []
   if method == "lora":
-    coverage, params = _coverage(cfg, rank, targets, kw)
+    plan = plan or plan_for(cfg, rank, targets, **kw)
+    coverage, params = _coverage(cfg, plan, kw)
     out.append(coverage)
   else:
     from jlora import models
@@ -173,8 +178,10 @@ def advise(cfg: ModelConfig, *, rank: int, targets="all", alpha: float = 32.0,
   return out
 
 
-def advise_run(run_cfg, model_cfg: ModelConfig, stats=None) -> list[Finding]:
-  """``advise`` for a jlora RunConfig (``stats``: ``jlora.data.Stats`` when available)."""
+def advise_run(run_cfg, model_cfg: ModelConfig, stats=None, plan: lora.Plan | None = None
+               ) -> list[Finding]:
+  """``advise`` for a jlora RunConfig (``stats``: ``jlora.data.Stats`` when available;
+  ``plan``: the run's resolved plan, so the advisor checks what will be trained)."""
   l, t, d = run_cfg.lora, run_cfg.train, run_cfg.data
   per_row = None
   if stats is not None and d.pack and stats.examples:
@@ -184,7 +191,7 @@ def advise_run(run_cfg, model_cfg: ModelConfig, stats=None) -> list[Finding]:
                 examples_per_row=per_row,
                 info_bits=None if stats is None else stats.info_bits,
                 info_basis="" if stats is None else stats.info_basis,
-                lora_kwargs={"full": tuple(l.full)})
+                lora_kwargs={"full": tuple(l.full)}, plan=plan)
 
 
 def report(findings: list[Finding]) -> str:

@@ -1,11 +1,20 @@
 """The ``jlora`` command. User mistakes end in one line on stderr and exit code 2; set
-JLORA_DEBUG=1 to see the traceback instead."""
+JLORA_DEBUG=1 to see the traceback instead. SIGTERM and Ctrl-C stop a training run after
+its step in flight, with a checkpoint (exit 0 and 130); anywhere else they stop the
+command at once, with the same exit codes."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import signal
 import sys
+import threading
+
+
+class _Terminated(Exception):
+  """SIGTERM outside the training loop (which defers it itself)."""
 
 
 def _positive_int(text: str) -> int:
@@ -16,7 +25,9 @@ def _positive_int(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+  from jlora import __version__
   parser = argparse.ArgumentParser(prog="jlora", description=__doc__)
+  parser.add_argument("--version", action="version", version=f"jlora {__version__}")
   sub = parser.add_subparsers(dest="command", required=True)
   demo = sub.add_parser("demo", help="a short LoRA fit of a small model (seconds, any CPU)")
   demo.add_argument("--rank", type=_positive_int, default=8)
@@ -71,9 +82,9 @@ def _interop(args) -> None:
     out = export.merge_run(args.run_dir, args.out, args.step, args.max_shard_size)
     print(f"merged model -> {out} (load with transformers.AutoModelForCausalLM)")
   else:
-    from jlora import lora, models
+    from jlora import lora, models, peft
     _, params, cfg = models.load(args.model)
-    adapters, spec, _ = export.load_peft(args.adapter_dir, params, cfg)
+    adapters, spec, _ = peft.load_peft(args.adapter_dir, params, cfg)
     print(lora.describe(params, spec))
     print(f"{args.adapter_dir}: {lora.count_params(adapters):,} adapter params fit "
           f"{args.model}; train from it with lora.init = \"{args.adapter_dir}\"")
@@ -141,43 +152,70 @@ def _summary_line(summary: dict, run_dir: str) -> str:
   return f"done: {', '.join(parts)}; run in {run_dir} (summary.json)"
 
 
+def _train(args) -> int:
+  from jlora import config, trainer
+  cfg = config.load(args.config, args.set)
+  try:
+    summary = trainer.run(cfg, resume=args.resume, progress=not args.no_progress,
+                          force=args.force)
+  except trainer.NonFiniteLoss as e:
+    print(f"jlora: {e}", file=sys.stderr)
+    return 1
+  except trainer.Interrupted as e:
+    again = ["jlora", "train", args.config] + [f"--set={x}" for x in args.set] + ["--resume"]
+    print(f"jlora: {e}; resume with: {shlex.join(again)}", file=sys.stderr)
+    return e.exit_code
+  print(_summary_line(summary, cfg.run_dir))
+  return 0
+
+
+def _run(args) -> int:
+  if args.command == "demo":
+    from jlora import demo
+    demo.run(rank=args.rank, steps=args.steps, lr=args.lr, seed=args.seed)
+  elif args.command == "data":
+    _data(args)
+  elif args.command in ("export", "import-peft", "merge"):
+    _interop(args)
+  elif args.command == "train":
+    return _train(args)
+  elif args.command == "advise":
+    from jlora import advisor, config, trainer
+    findings, stats = trainer.advise(config.load(args.config, args.set))
+    print(f"data: {stats}")
+    print(advisor.report(findings))
+    return 1 if advisor.has_error(findings) else 0
+  elif args.command == "generate":
+    from jlora import trainer
+    print(trainer.generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, seed=args.seed, step=args.step,
+                           chat=not args.no_chat))
+  return 0
+
+
+def _raise_terminated(signum, frame):
+  raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  in_main = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
   try:
-    if args.command == "demo":
-      from jlora import demo
-      demo.run(rank=args.rank, steps=args.steps, lr=args.lr, seed=args.seed)
-    elif args.command == "data":
-      _data(args)
-    elif args.command in ("export", "import-peft", "merge"):
-      _interop(args)
-    elif args.command == "train":
-      from jlora import config, trainer
-      cfg = config.load(args.config, args.set)
-      try:
-        summary = trainer.run(cfg, resume=args.resume, progress=not args.no_progress,
-                              force=args.force)
-      except trainer.NonFiniteLoss as e:
-        print(f"jlora: {e}", file=sys.stderr)
-        return 1
-      print(_summary_line(summary, cfg.run_dir))
-    elif args.command == "advise":
-      from jlora import advisor, config, trainer
-      findings, stats = trainer.advise(config.load(args.config, args.set))
-      print(f"data: {stats}")
-      print(advisor.report(findings))
-      return 1 if advisor.has_error(findings) else 0
-    elif args.command == "generate":
-      from jlora import trainer
-      print(trainer.generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, seed=args.seed, step=args.step,
-                             chat=not args.no_chat))
+    return _run(args)
   except ValueError as e:  # jlora raises ValueError for bad user input
     if os.environ.get("JLORA_DEBUG"):
       raise
     print(f"jlora: error: {e}", file=sys.stderr)
     return 2
-  return 0
+  except (KeyboardInterrupt, _Terminated) as e:
+    name = "SIGINT" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
+    print(f"jlora: {name}: stopped (outside training steps: nothing new was saved)",
+          file=sys.stderr)
+    return 130 if isinstance(e, KeyboardInterrupt) else 0
+  finally:
+    if in_main:
+      signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import types
 import typing
 from typing import Any, Union
 
 from jlora.data import DataConfig
+from jlora.sharding import MeshConfig
 
 if sys.version_info >= (3, 11):
   import tomllib
@@ -84,8 +86,8 @@ class TrainSection:
         raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
     if not 0 <= self.warmup_steps < max(self.steps, 1) + 1:
       raise ValueError(f"train.warmup_steps must be in 0..steps, got {self.warmup_steps}")
-    if self.lr is not None and not self.lr > 0:
-      raise ValueError(f"train.lr must be > 0, got {self.lr}")
+    if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+      raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
     if self.grad_clip is not None and not self.grad_clip >= 0:
       raise ValueError(f"train.grad_clip must be >= 0 (0 turns clipping off), got "
                        f"{self.grad_clip}")
@@ -102,13 +104,6 @@ class EvalSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshSection:
-  data: int = -1
-  fsdp: int = 1
-  tensor: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
 class RunConfig:
   run_dir: str
   data: DataConfig
@@ -116,7 +111,7 @@ class RunConfig:
   lora: LoraSection = LoraSection()
   train: TrainSection = TrainSection()
   eval: EvalSection = EvalSection()
-  mesh: MeshSection = MeshSection()
+  mesh: MeshConfig = MeshConfig()  # data / fsdp / tensor sizes (jlora.sharding)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)

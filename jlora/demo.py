@@ -2,8 +2,8 @@
 
 A random linen MLP is the frozen base; the target is the same network with a random
 low-rank change to every kernel, which a LoRA of that rank can represent exactly. Training
-only the adapters (through ``jlora.apply``, ``jlora.optim``) recovers it. ``jlora train``
-with a real model replaces this as the quickstart once the trainer exists.
+only the adapters (through ``jlora.apply``, ``jlora.optim`` and the one train step,
+``jlora.train.make_step``) recovers it. ``jlora train`` is the real-model quickstart.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 import jlora
-from jlora import optim
+from jlora import optim, train
 
 
 class _Mlp(nn.Module):
@@ -42,23 +42,30 @@ def run(rank: int = 8, steps: int = 300, lr: float = 3e-3, seed: int = 0, log=pr
   y = model.apply({"params": jlora.merge(params, change, spec)}, x)
   log(str(jlora.describe(params, spec)))
 
-  def loss_fn(trainable, frozen, x, y):
+  def squared_error(trainable, frozen, batch):  # (sum, count): train.make_step divides
     pred = jlora.apply(model.apply, {"params": optim.combine(trainable["full"], frozen)},
-                       trainable["lora"], spec, x)
-    return jnp.mean((pred - y) ** 2)
+                       trainable["lora"], spec, batch["x"])
+    err = (pred - batch["y"]) ** 2
+    return jnp.sum(err), jnp.float32(err.size)
+
+  @jax.jit
+  def mse(trainable, frozen, batch):
+    total, count = squared_error(trainable, frozen, batch)
+    return total / count
 
   trainable, frozen = optim.trainable(params, adapters, spec)
   tx = optim.optimizer(lr)
-  opt_state = tx.init(trainable)
-  step = jax.jit(optim.step_fn(loss_fn, tx), donate_argnums=(0, 1))
-  before = float(loss_fn(trainable, frozen, x, y))
+  state = train.init_state(trainable, tx)
+  step = train.jit_step(train.make_step(squared_error, tx), state, frozen)
+  batch = {"x": x, "y": y}
+  before = float(mse(state["trainable"], frozen, batch))
   start = time.perf_counter()
   for i in range(steps):
-    trainable, opt_state, loss = step(trainable, opt_state, frozen, x, y)
+    state, metrics = step(state, frozen, batch)
     if (i + 1) % max(steps // 5, 1) == 0:
-      log(f"step {i + 1:4d}  loss {float(loss):.5f}")
+      log(f"step {i + 1:4d}  loss {float(metrics['loss']):.5f}")
   seconds = time.perf_counter() - start
-  after = float(loss_fn(trainable, frozen, x, y))
+  after = float(mse(state["trainable"], frozen, batch))
   log(f"loss {before:.5f} -> {after:.5f} ({before / after:.1f}x lower) in {steps} steps, "
       f"{seconds:.1f} s")
   return {"before": before, "after": after, "seconds": seconds}

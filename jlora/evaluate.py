@@ -43,10 +43,10 @@ def eval_batches(cfg: config_lib.RunConfig, tok) -> list[dict]:
   return out
 
 
-def accuracy(model, params, adapters, spec, tok, dcfg: data.DataConfig, records: list[dict],
-             task, max_new_tokens: int) -> float:
+def accuracy(model, params, tok, dcfg: data.DataConfig, records: list[dict], task,
+             max_new_tokens: int) -> float:
   """Fraction of ``records`` whose greedy answer (prompts left-padded, one batch) the task
-  accepts; ``adapters=None`` samples the base alone."""
+  accepts. ``params``: what the model sees (``optim.model_params``: adapters included)."""
   prompts = [render.prompt_ids(r, tok, dcfg.fields, dcfg.chat, dcfg.system) for r in records]
   width = max(len(p) for p in prompts)
   tokens = np.zeros((len(prompts), width), np.int32)
@@ -54,7 +54,7 @@ def accuracy(model, params, adapters, spec, tok, dcfg: data.DataConfig, records:
   for i, p in enumerate(prompts):
     tokens[i, width - len(p):], mask[i, width - len(p):] = p, 1
   out = np.asarray(models.generate(model, params, tokens, max_new_tokens=max_new_tokens,
-                                   prompt_mask_BP=mask, adapters=adapters, spec=spec))
+                                   prompt_mask_BP=mask))
   correct = sum(task.check(tok.decode(until_eos(row, tok.eos_id)), record["answer"])
                 for row, record in zip(out, records))
   return correct / len(records)

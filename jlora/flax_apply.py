@@ -2,7 +2,9 @@
 
 jlora's own models call ``jlora.ops.lora_dense`` directly. Third-party models do not, so
 this module adds the LoRA term around their ``Dense`` / ``DenseGeneral`` / ``Einsum``
-layers (NNX: ``Linear`` / ``LinearGeneral`` / ``Einsum``) without materialising W + s A B:
+layers (NNX: ``Linear`` / ``LinearGeneral`` / ``Einsum``) without materialising W + s A B.
+The term is ``jlora.ops.lora_einsum`` of the layer's contraction (for a Dense layer,
+``jlora.ops.lora_term`` on flattened activations, as in jlora's own models):
 
 - linen: the factors are placed beside each kernel in the ``params`` collection under the
   reserved names ``lora_a`` / ``lora_b`` (the scale folded into B), and
@@ -10,7 +12,8 @@ layers (NNX: ``Linear`` / ``LinearGeneral`` / ``Einsum``) without materialising 
   ordinary variables of the layer's scope, lifted transforms (``nn.scan``, ``nn.vmap``)
   slice a stacked adapter exactly as they slice the stacked kernel.
 - NNX: the state is merged into a fresh module, and each adapted layer is replaced by a
-  wrapper in that transient copy; the caller's module is never modified.
+  wrapper in that transient copy (holding A, B and the target's scale); the caller's
+  module is never modified.
 
 An adapter that no intercepted layer consumed is an error, so a target that is not one of
 these layer types cannot be silently ignored.
@@ -23,7 +26,6 @@ import re
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
@@ -82,15 +84,6 @@ def _kernel_layout(module) -> str | None:
   return None
 
 
-def _delta(equation: str, x, a, b_scaled):
-  if equation.startswith("..."):
-    k = x.shape[-1]
-    t = jnp.dot(x.reshape(-1, k), a.astype(x.dtype), preferred_element_type=jnp.float32)
-    y = jnp.dot(t, b_scaled.astype(jnp.float32), preferred_element_type=jnp.float32)
-    return y.astype(x.dtype).reshape(*x.shape[:-1], b_scaled.shape[-1])
-  return lora_einsum(equation, x, a, b_scaled)
-
-
 # ----------------------------------------------------------------------------- linen
 
 def _grafted_scopes(adapters: Any) -> set[str]:
@@ -126,9 +119,9 @@ def apply(apply_fn: Callable, variables: Any, adapters: Any, spec: lora_lib.Lora
       return next_fun(*args_, **kwargs_)
     consumed.add("/".join(module.path))
     a = module.get_variable("params", A_NAME)
-    b = module.get_variable("params", B_NAME)
+    b_scaled = module.get_variable("params", B_NAME)  # with_adapters folded the scale in
     y = next_fun(*args_, **kwargs_)
-    return y + _delta(equation, x, a, b).astype(y.dtype)
+    return y + lora_einsum(equation, x, a, b_scaled).astype(y.dtype)
 
   with nn.intercept_methods(interceptor):
     out = apply_fn({**variables, "params": params}, *args, **kwargs)
@@ -165,13 +158,14 @@ class _NnxLoraLayer:
   """Stands in for one NNX layer inside a transient merged model."""
   base: Any
   a: jax.Array
-  b_scaled: jax.Array
+  b: jax.Array
+  scale: float
 
   def __call__(self, x, *args, **kwargs):
     equation = _equation(self.base, x, kwargs.get("einsum_str",
                                                   args[0] if args else None))
     y = self.base(x, *args, **kwargs)
-    return y + _delta(equation, x, self.a, self.b_scaled).astype(y.dtype)
+    return y + lora_einsum(equation, x, self.a, self.b, self.scale).astype(y.dtype)
 
 
 def _child(node, name: str):
@@ -210,8 +204,7 @@ def apply_nnx(graphdef: Any, state: Any, adapters: Any, spec: lora_lib.LoraSpec,
                        "nnx.Linear, nnx.LinearGeneral and nnx.Einsum layers only")
     if "b" in targets[path].layout[:len(targets[path].layout) - len(_kernel_layout(layer))]:
       raise ValueError(f"'{path}' is a stacked NNX kernel; apply_nnx adapts unstacked layers")
-    b_scaled = f["b"] * jnp.asarray(targets[path].scale, f["b"].dtype)
-    _set_child(parent, name, _NnxLoraLayer(layer, f["a"], b_scaled))
+    _set_child(parent, name, _NnxLoraLayer(layer, f["a"], f["b"], targets[path].scale))
   return getattr(model, method)(*args, **kwargs)
 
 

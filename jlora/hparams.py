@@ -8,8 +8,6 @@ short runs (< ~100 steps: B starts at zero, an implicit warm-up).
 
 from __future__ import annotations
 
-import jax
-
 from jlora import lora
 from jlora.models.config import ModelConfig
 
@@ -44,8 +42,5 @@ def lora_params(cfg: ModelConfig, rank: int, targets="all", **spec_kwargs) -> in
   init: no weights, no memory). MoE experts count one adapter per expert at
   rank // experts_per_token (FINDINGS 8)."""
   from jlora import models
-  model = models.Transformer(cfg)
-  shapes = {p: jax.ShapeDtypeStruct(s, jax.numpy.float32)
-            for p, s in models.param_shapes(model).items()}
   spec = models.lora_spec(cfg, rank, targets=targets, **spec_kwargs)
-  return lora.describe(lora.unflatten(shapes), spec).adapter_params
+  return lora.plan(models.abstract_arrays(models.Transformer(cfg)), spec).adapter_params

@@ -1,10 +1,17 @@
 """The one place a LoRA matmul happens: y = x W + s (x A) B, never materialising W + s A B.
 
-``lora_dense`` is the hot path of jlora's own models: activations are flattened to 2-D
-``[tokens, features]`` first (on 3-D activations XLA transposes them for every weight
-gradient, ~1.7x slower on CPU, see KERNEL.md), the thin matmuls accumulate in f32, and the
-frozen base is never differentiated. ``lora_einsum`` is the general form used to add an
-adapter to third-party Flax layers (DenseGeneral, Einsum) whose contraction is an einsum.
+``lora_term`` is the low-rank term s (x A) B on 2-D activations, the definition every XLA
+path shares (it lives in ``jlora.kernels.reference`` so the kernels' reference can use it
+without importing this module back). Its callers:
+
+- ``lora_dense`` / ``lora_dense_multi``: the hot path of jlora's own models. Activations
+  are flattened to 2-D ``[tokens, features]`` first (on 3-D activations XLA transposes them
+  for every weight gradient, ~1.7x slower on CPU, see KERNEL.md), the thin matmuls
+  accumulate in f32, and the frozen base is never differentiated.
+- ``lora_einsum``: the same term for a layer whose contraction is an einsum (third-party
+  Flax Dense, DenseGeneral, Einsum under ``jlora.apply``); a plain dense contraction is
+  flattened and runs as ``lora_term`` itself.
+- ``lora_ragged_dot``: the same two thin products per expert, for tokens sorted by expert.
 """
 
 from __future__ import annotations
@@ -15,6 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from jlora import kernels
+from jlora.kernels.reference import lora_down, lora_term, lora_up
+
+__all__ = ["einsum_layout", "lora_dense", "lora_dense_multi", "lora_einsum",
+           "lora_ragged_dot", "lora_term"]
 
 
 def lora_dense(x: jax.Array, kernel: jax.Array, a: jax.Array | None = None,
@@ -26,7 +37,7 @@ def lora_dense(x: jax.Array, kernel: jax.Array, a: jax.Array | None = None,
     kernel: 2-D weight (frozen under LoRA; trainable in full fine-tuning).
     a, b: adapter factors, or None for the plain projection.
     scale: the LoRA scale (alpha / r).
-    impl: see ``lora_dense_multi``.
+    impl: a model-level implementation, see ``lora_dense_multi``.
   Returns:
     The projection in x's dtype.
   """
@@ -46,11 +57,12 @@ def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0,
     x: [..., K] activations.
     projections: sequence of (kernel [K, N_i], a [K, r_i] or None, b [r_i, N_i] or None).
     scale: LoRA scale applied to every adapter (1.0 when B is pre-scaled).
-    impl: ``jlora.kernels.lora_matmul``'s impl. When it selects a Pallas kernel (on this
-      backend) and some projection is adapted, the projections run as one fused LoRA
-      matmul: kernels concatenated, A's concatenated, the B's laid out block-diagonally
-      (exact: the off-diagonal blocks are zero, and their gradient is dropped). Otherwise
-      the XLA matmuls below, differentiated by JAX.
+    impl: ``model.lora_impl`` (``jlora.kernels.IMPLS``). When it selects a Pallas kernel
+      (on this backend) and some projection is adapted, the projections run as one fused
+      LoRA matmul: kernels concatenated, A's concatenated, the B's laid out
+      block-diagonally (exact: the off-diagonal blocks are zero, and their gradient is
+      dropped). Otherwise ("xla") the XLA matmuls below, differentiated by JAX: one
+      ``x W`` and the halves of ``lora_term``, one ``lora_down`` shared by all adapters.
   Returns:
     One [..., N_i] output per projection, in x's dtype.
   """
@@ -69,12 +81,11 @@ def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0,
                  preferred_element_type=jnp.float32)
   outs = jnp.split(y_MN, cuts, axis=1)
   if adapted:
-    t_MR = jnp.dot(x_MK, _concat([a for _, a, _ in adapted], x.dtype),
-                   preferred_element_type=jnp.float32) * scale
+    t_MR = lora_down(x_MK, _concat([a for _, a, _ in adapted], x.dtype))
     ranks = [a.shape[-1] for _, a, _ in adapted]
     for (i, _, b), t in zip(adapted, jnp.split(t_MR, list(itertools.accumulate(ranks))[:-1],
                                                axis=1)):
-      outs[i] = outs[i] + jnp.dot(t, b.astype(jnp.float32), preferred_element_type=jnp.float32)
+      outs[i] = outs[i] + lora_up(t, b, scale)
   return [y.astype(x.dtype).reshape(*lead, n) for y, n in zip(outs, widths)]
 
 
@@ -99,11 +110,14 @@ def _fresh_letter(used: str) -> str:
 
 def lora_einsum(equation: str, x: jax.Array, a: jax.Array, b: jax.Array,
                 scale: float = 1.0) -> jax.Array:
-  """The LoRA term of ``einsum(equation, x, kernel)``, computed as (x A) B.
+  """The LoRA term of ``einsum(equation, x, kernel)``: ``lora_term`` for any contraction.
 
   The kernel's letters are split by role: in x and in the output (stacked, e.g. experts),
   only in x (contracted: A's input axes) or only in the output (B's output axes). A is
   indexed [stacked..., in..., r] and B [stacked..., r, out...], as ``jlora.lora`` builds them.
+  A dense contraction (x's last axis against a [K, N] kernel, e.g. "...i,io->...o") is
+  flattened to 2-D and runs as ``lora_term``; any other as the same two thin products,
+  written as einsums with the same casts.
 
   Args:
     equation: the layer's "x,kernel->y" einsum (an ellipsis in x and y is allowed).
@@ -121,6 +135,10 @@ def lora_einsum(equation: str, x: jax.Array, a: jax.Array, b: jax.Array,
   if len(stacked + contracted + produced) != len(ks):
     raise ValueError(f"einsum {equation!r}: every kernel axis must be an input, output or "
                      "stacked axis to take a LoRA adapter")
+  if not stacked and len(contracted) == len(produced) == 1 and xs[-1:] == contracted \
+      and out == xs[:-1] + produced:
+    y = lora_term(x.reshape(-1, x.shape[-1]), a, b, scale)
+    return y.astype(x.dtype).reshape(*x.shape[:-1], b.shape[-1])
   r = _fresh_letter(xs + ks + out)
   t_sub = "".join(c for c in out if c not in produced) + r
   t = jnp.einsum(f"{xs},{stacked}{contracted}{r}->{t_sub}", x, a.astype(x.dtype),
@@ -140,16 +158,15 @@ def einsum_layout(equation: str) -> str:
 def lora_ragged_dot(x_MK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array,
                     a_EKR: jax.Array | None = None, b_ERN: jax.Array | None = None,
                     scale: float = 1.0) -> jax.Array:
-  """Per-expert x @ W_e (+ scale * (x @ A_e) @ B_e) for tokens sorted by expert.
+  """Per-expert x @ W_e (+ ``lora_term`` with A_e, B_e) for tokens sorted by expert.
 
-  Rows ``group_sizes[0]`` rows go to expert 0, the next ``group_sizes[1]`` to expert 1, and
-  so on (``jax.lax.ragged_dot``); accumulation in f32.
+  The first ``group_sizes[0]`` rows go to expert 0, the next ``group_sizes[1]`` to expert 1,
+  and so on (``jax.lax.ragged_dot``); accumulation in f32, with ``lora_term``'s casts.
   """
-  y = jax.lax.ragged_dot(x_MK, w_EKN.astype(x_MK.dtype), group_sizes_E,
-                         preferred_element_type=jnp.float32)
+  def dot(lhs, rhs):
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes_E, preferred_element_type=jnp.float32)
+
+  y = dot(x_MK, w_EKN.astype(x_MK.dtype))
   if a_EKR is not None:
-    t = jax.lax.ragged_dot(x_MK, a_EKR.astype(x_MK.dtype), group_sizes_E,
-                           preferred_element_type=jnp.float32)
-    y = y + jax.lax.ragged_dot(t * scale, b_ERN.astype(jnp.float32), group_sizes_E,
-                               preferred_element_type=jnp.float32)
+    y = y + dot(dot(x_MK, a_EKR.astype(x_MK.dtype)) * scale, b_ERN.astype(jnp.float32))
   return y.astype(x_MK.dtype)

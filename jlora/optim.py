@@ -6,7 +6,8 @@ Gradients are taken with respect to ``trainable`` alone, so no gradient of a fro
 is ever computed, and the optimizer is an ``optax.multi_transform`` keyed by leaf role:
 A factors, B factors (LoRA+: its own learning-rate multiplier), full parameters, and
 ``frozen`` (``optax.set_to_zero``: no state), so the same optimizer is also safe on a tree
-that contains frozen leaves.
+that contains frozen leaves. Learning-rate schedules live here too (``schedule``).
+The update step itself is ``jlora.train.make_step``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ PyTree = Any
 ScalarOrSchedule = float | Callable[[Any], Any]
 
 
-def partition(params: PyTree, spec: lora_lib.LoraSpec) -> tuple[dict, dict]:
+def partition(params: PyTree, spec: lora_lib.LoraSpec | lora_lib.Plan) -> tuple[dict, dict]:
   """Split params into (fully trained, frozen) nested dicts by ``spec.full``."""
   flat = lora_lib.flatten(params)
   full = {p: v for p, v in flat.items() if lora_lib.is_full(p, spec)}
@@ -39,10 +40,21 @@ def combine(full: PyTree, frozen: PyTree) -> dict:
   return lora_lib.unflatten({**flat, **lora_lib.flatten(full)})
 
 
-def trainable(params: PyTree, adapters: PyTree, spec: lora_lib.LoraSpec) -> tuple[dict, dict]:
+def trainable(params: PyTree, adapters: PyTree, spec: lora_lib.LoraSpec | lora_lib.Plan
+              ) -> tuple[dict, dict]:
   """(trainable, frozen): ``trainable = {"lora": adapters, "full": fully trained params}``."""
   full, frozen = partition(params, spec)
   return {"lora": adapters, "full": full}, frozen
+
+
+def model_params(trainable_: PyTree, frozen: PyTree,
+                 spec: lora_lib.LoraSpec | lora_lib.Plan) -> dict:
+  """The parameters the model sees: the frozen base with the fully trained leaves put
+  back and each adapter's factors beside its kernel (``lora.with_adapters``). Every
+  forward pass of a training run (loss, evaluation, sampling) goes through this."""
+  params = combine(trainable_["full"], frozen)
+  return lora_lib.with_adapters(params, trainable_["lora"], spec) if trainable_["lora"] \
+      else params
 
 
 def _label(keypath, _) -> str:
@@ -91,18 +103,23 @@ def optimizer(learning_rate: ScalarOrSchedule, *, b_lr_ratio: float = 1.0,
   return tx
 
 
-def step_fn(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
-  """A pure update step: gradients w.r.t. ``trainable`` only, then the optax update.
+def schedule(lr: float, steps: int, kind: str = "constant", warmup_steps: int = 0
+             ) -> ScalarOrSchedule:
+  """Constant (the findings' default) or cosine/linear decay to 0 after ``steps``, each
+  after a linear warm-up of ``warmup_steps``. A constant schedule with no warm-up is the
+  float itself."""
+  w = warmup_steps
+  if kind == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, w, max(steps, w + 1), 0.0)
+  if kind not in ("constant", "linear"):
+    raise ValueError(f"schedule {kind!r} is not constant, cosine or linear")
+  after = (optax.constant_schedule(lr) if kind == "constant"
+           else optax.linear_schedule(lr, 0.0, max(steps - w, 1)))
+  if w == 0:
+    return lr if kind == "constant" else after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, w), after], [w])
 
-  Args:
-    loss_fn: ``loss_fn(trainable, frozen, *batch) -> scalar``.
-    tx: e.g. ``optimizer(...)``.
-  Returns:
-    ``step(trainable, opt_state, frozen, *batch) -> (trainable, opt_state, loss)``; jit it
-    with ``donate_argnums=(0, 1)``.
-  """
-  def step(trainable_, opt_state, frozen, *batch):
-    loss, grads = jax.value_and_grad(loss_fn)(trainable_, frozen, *batch)
-    updates, opt_state = tx.update(grads, opt_state, trainable_)
-    return optax.apply_updates(trainable_, updates), opt_state, loss
-  return step
+
+def lr_at(lr: ScalarOrSchedule, step: int) -> float:
+  """The learning rate a schedule (or a float) gives at ``step``."""
+  return float(lr(step) if callable(lr) else lr)

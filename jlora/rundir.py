@@ -1,37 +1,69 @@
-"""The run directory: created or checked for --resume, metrics files, JSON and adapter files
-written atomically (``.tmp`` + rename), so a crash never leaves a half-written file.
+"""The run directory: checked, locked and created; its metrics files; reading a trained run
+back (generation, export). Files are written atomically (``jlora.atomic``), so a crash
+never leaves half of one.
 
     RUN_DIR/config.json      the resolved config (what --resume and jlora generate read)
+    RUN_DIR/.lock            held (flock) by the one process training in this directory
     RUN_DIR/start.json       held-out loss / accuracy before training
-    RUN_DIR/metrics.jsonl    one line per logged step (and metrics.csv, tb/ for TensorBoard)
+    RUN_DIR/metrics.jsonl    one line per logged step, step 0 = before training (and
+                             metrics.csv, tb/ for TensorBoard)
     RUN_DIR/checkpoints/N/   orbax: trainable state, optimizer, data iterator, meta
     RUN_DIR/adapters.safetensors  the final LoRA factors (flat "path/a", "path/b")
     RUN_DIR/summary.json     loss and accuracy before/after, throughput, sizes
 
 Nothing existing is overwritten: a fresh run refuses a non-empty directory, ``--resume``
-refuses a changed model, LoRA spec, method or data, and metrics logged after the last
-checkpoint (by a run that was killed) are dropped when it resumes, so the files always
-describe the one trajectory the checkpoints continue.
+refuses a changed model, LoRA spec, method or data (naming the keys), and metrics logged
+after the last checkpoint (by a run that was killed) are dropped when it resumes, so the
+files always describe the one trajectory the checkpoints continue. ``check`` runs before
+any weights are loaded, ``create`` only after everything else has been validated.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import fcntl
 import json
 import os
+import sys
 from typing import Any
 
 import numpy as np
 
-from jlora import config as config_lib
-from jlora import lora
+from jlora import atomic, checkpoint, config as config_lib, lora
 
-# Config sections that must not change across --resume (they define the state on disk).
+# Config keys that must not change across --resume (they define the state on disk).
 _FROZEN_ON_RESUME = ("model", "lora", "train.method", "train.seed", "data", "mesh")
+LOCK_FILE = ".lock"
+write_json = atomic.write_json
 
 
+def _get(tree: dict, key: str):
+  for part in key.split("."):
+    tree = tree.get(part) if isinstance(tree, dict) else None
+  return tree
 
-def prepare(cfg: config_lib.RunConfig, resume: bool) -> str:
+
+def _changes(before: Any, now: Any, prefix: str) -> list[str]:
+  """``["lora.rank: 16 -> 8", ...]``: every leaf key whose value differs."""
+  if isinstance(before, dict) and isinstance(now, dict):
+    return [c for k in sorted(set(before) | set(now))
+            for c in _changes(before.get(k), now.get(k), f"{prefix}.{k}" if prefix else k)]
+  return [] if before == now else [f"{prefix}: {json.dumps(before)} -> {json.dumps(now)}"]
+
+
+def checkpoint_steps(run_dir: str) -> list[int]:
+  """Committed checkpoint steps on disk (orbax's temporary directories are not steps)."""
+  path = os.path.join(run_dir, "checkpoints")
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit())
+
+
+def check(cfg: config_lib.RunConfig, resume: bool) -> str:
+  """What can be said about the run directory before any work (nothing is written):
+  a fresh run needs an empty or missing directory; ``--resume`` needs a run of the same
+  config; neither may start while another process holds the directory."""
   run_dir = os.path.abspath(cfg.run_dir)
   saved = os.path.join(run_dir, "config.json")
   if resume:
@@ -40,44 +72,114 @@ def prepare(cfg: config_lib.RunConfig, resume: bool) -> str:
     with open(saved) as f:
       before = json.load(f)
     now = cfg.to_dict()
-    for key in _FROZEN_ON_RESUME:
-      a, b = before, now
-      for part in key.split("."):
-        a, b = a.get(part), b.get(part)
-      if a != b:
-        raise ValueError(f"cannot resume {run_dir}: {key} changed (saved {json.dumps(a)}, "
-                         f"now {json.dumps(b)})")
-  else:
-    if os.path.isdir(run_dir) and os.listdir(run_dir):
-      raise ValueError(f"{run_dir} already holds a run: add --resume to continue it, or "
-                       "set run_dir to a new directory")
-    try:
-      os.makedirs(run_dir, exist_ok=True)
-      with open(saved, "w") as f:
-        f.write(cfg.to_json())
-    except OSError as e:
-      raise ValueError(f"{run_dir}: cannot write the run directory ({e.strerror})") from None
-  if not os.access(run_dir, os.W_OK):
-    raise ValueError(f"{run_dir}: cannot write the run directory (permission denied)")
+    changed = [c for key in _FROZEN_ON_RESUME
+               for c in _changes(_get(before, key), _get(now, key), key)]
+    if changed:
+      raise ValueError(f"cannot resume {run_dir}: changed since it started: "
+                       f"{'; '.join(changed)}")
+  elif os.path.isdir(run_dir) and os.listdir(run_dir):
+    holder = Lock.holder(run_dir)
+    if holder:
+      raise ValueError(f"{run_dir} is in use by {holder}")
+    raise ValueError(f"{run_dir} already holds a run: add --resume to continue it, or "
+                     "set run_dir to a new directory")
+  elif os.path.exists(run_dir) and not os.path.isdir(run_dir):
+    raise ValueError(f"{run_dir}: cannot write the run directory (not a directory)")
+  if os.path.isdir(run_dir):
+    holder = Lock.holder(run_dir)
+    if holder:
+      raise ValueError(f"{run_dir} is in use by {holder}")
   return run_dir
 
 
+class Lock:
+  """One trainer per run directory: an exclusive ``flock`` on RUN_DIR/.lock, held for the
+  whole run. The OS drops it when the process dies (however it dies), so a lock left by a
+  dead process never blocks; the pid and command inside only name the holder."""
+
+  def __init__(self, run_dir: str):
+    path = os.path.join(run_dir, LOCK_FILE)
+    self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(self._fd)
+      raise ValueError(f"{run_dir} is in use by {Lock.holder(run_dir) or 'another process'}"
+                       ) from None
+    os.ftruncate(self._fd, 0)
+    os.write(self._fd, json.dumps({"pid": os.getpid(), "argv": sys.argv}).encode())
+
+  @staticmethod
+  def holder(run_dir: str) -> str | None:
+    """"process 1234 (jlora train x.toml)" if a live process holds the lock, else None."""
+    path = os.path.join(run_dir, LOCK_FILE)
+    if not os.path.isfile(path):
+      return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+      return None  # nobody holds it
+    except BlockingIOError:
+      try:
+        info = json.loads(os.pread(fd, 65536, 0) or b"{}")
+      except ValueError:
+        info = {}
+      argv = " ".join([os.path.basename(info.get("argv", ["?"])[0])] +
+                      info.get("argv", [])[1:])
+      return f"process {info.get('pid', '?')} ({argv})"
+    finally:
+      os.close(fd)
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # closing drops the flock
+      self._fd = None
+
+
+def create(cfg: config_lib.RunConfig, resume: bool) -> tuple[str, Lock]:
+  """Take the run directory (``check`` again, then lock it; a fresh run writes
+  config.json). Call only once everything else is validated."""
+  run_dir = check(cfg, resume)
+  try:
+    os.makedirs(run_dir, exist_ok=True)
+    lock = Lock(run_dir)
+  except OSError as e:
+    raise ValueError(f"{run_dir}: cannot write the run directory ({e.strerror})") from None
+  try:
+    if not resume:
+      if set(os.listdir(run_dir)) - {LOCK_FILE}:  # another process got here first
+        raise ValueError(f"{run_dir} already holds a run: add --resume to continue it")
+      with open(os.path.join(run_dir, "config.json"), "w") as f:
+        f.write(cfg.to_json())
+  except BaseException:
+    lock.release()
+    raise
+  return run_dir, lock
+
+
 class Metrics:
-  """metrics.jsonl + metrics.csv + TensorBoard (tensorboardX) in the run directory."""
+  """metrics.jsonl + metrics.csv + TensorBoard (tensorboardX) in the run directory.
+
+  Args:
+    run_dir: the run directory.
+    keep_through: rows with ``step <= keep_through`` already in the files are kept, later
+      ones dropped (a killed run's rows past its last checkpoint); None keeps everything.
+    fields: the CSV columns (JSONL and TensorBoard take whatever a row has).
+  """
 
   FIELDS = ("step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s", "eval_loss",
-            "elapsed_s")
+            "accuracy", "elapsed_s")
 
-  def __init__(self, run_dir: str, resume_step: int | None):
+  def __init__(self, run_dir: str, keep_through: int | None, fields=FIELDS):
     self.jsonl = os.path.join(run_dir, "metrics.jsonl")
     self.csv = os.path.join(run_dir, "metrics.csv")
-    if resume_step is not None:  # drop what a killed run logged after its last checkpoint
+    if keep_through is not None:
       for path in (self.jsonl, self.csv):
         if os.path.isfile(path):
-          self._truncate(path, resume_step)
+          self._truncate(path, keep_through)
     new_csv = not os.path.isfile(self.csv)
     self._csv_file = open(self.csv, "a", newline="")
-    self._csv = csv.DictWriter(self._csv_file, self.FIELDS, extrasaction="ignore")
+    self._csv = csv.DictWriter(self._csv_file, fields, extrasaction="ignore")
     if new_csv:
       self._csv.writeheader()
     self._jsonl_file = open(self.jsonl, "a")
@@ -109,19 +211,14 @@ class Metrics:
     self._csv.writerow(row)
     self._csv_file.flush()
     for k, v in row.items():
-      if k != "step" and v is not None:
+      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
         self._tb.add_scalar(k, v, row["step"])
+    self._tb.flush()
 
   def close(self) -> None:
     self._jsonl_file.close()
     self._csv_file.close()
     self._tb.close()
-
-
-def write_json(path: str, value: dict) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=2)
-  os.replace(path + ".tmp", path)
 
 
 def save_adapters(path: str, adapters: Any, spec: lora.LoraSpec) -> None:
@@ -130,3 +227,39 @@ def save_adapters(path: str, adapters: Any, spec: lora.LoraSpec) -> None:
   save_file(flat, path + ".tmp", metadata={"format": "jlora", "rank": str(spec.rank),
                                           "alpha": str(spec.alpha)})
   os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------- reading
+
+@dataclasses.dataclass
+class Trained:
+  """A trained run read back: its Setup, the trainable state of one checkpoint, the step."""
+  setup: Any
+  trainable: Any
+  step: int
+
+  @property
+  def model_path(self) -> str:
+    return config_lib.model_path(self.setup.cfg)
+
+
+def load_trained(run_dir: str, step: int | None = None) -> Trained:
+  """A finished or checkpointed run (``step``: default the latest), for generation and
+  export. A step that is not on disk is a one-line error listing the ones that are."""
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.isfile(path):
+    raise ValueError(f"{run_dir}: not a run directory (no config.json)")
+  steps = checkpoint_steps(run_dir)
+  if not steps:
+    raise ValueError(f"{run_dir}: no checkpoint yet")
+  if step is not None and step not in steps:
+    raise ValueError(f"{run_dir}: no checkpoint at step {step}; there are steps "
+                     f"{', '.join(map(str, steps))}")
+  from jlora import setup, train
+  cfg = config_lib.load(path)
+  s = setup.build(cfg, log=lambda _: None)
+  ckpts = checkpoint.Checkpoints(os.path.join(run_dir, "checkpoints"), keep=cfg.train.keep)
+  state = train.init_state(s.trainable, s.tx, s.mesh)
+  state, _, meta = ckpts.restore(checkpoint.abstract(state), step)
+  ckpts.close()
+  return Trained(s, state["trainable"], int(meta["step"]))

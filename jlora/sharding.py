@@ -4,8 +4,9 @@ shardings of parameters, adapters, optimizer state and batches derived from it.
 The mesh has axes ("data", "fsdp", "tensor"). Batches are split over data x fsdp; the
 frozen base is sharded over "fsdp" on its "embed" axis (FSDP: XLA gathers each layer's
 weights where they are used) and over "tensor" on heads / MLP / vocabulary axes. Adapters
-follow their kernel (``jlora.lora.partition_specs``: A keeps the kernel's input axes, B its
-output axes, the rank axis replicated), and optimizer state follows the adapters. One
+follow their kernel (``adapter_specs``: A keeps the kernel's input axes, B its
+output axes, the rank axis replicated), and optimizer state follows the adapters
+(``state_shardings``). Every sharding decision of the project is made here. One
 ``jax.jit`` program runs the same on one device, many local devices, or many processes
 (``jax.distributed``): nothing here depends on where the devices are.
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -111,19 +113,61 @@ def param_shardings(specs: dict[str, P], shapes: dict[str, tuple[int, ...]],
   return {p: NamedSharding(mesh, _fit(specs.get(p, P()), shapes[p], mesh)) for p in shapes}
 
 
-def adapter_shardings(params_shapes: dict[str, tuple[int, ...]], kernel_specs: dict[str, P],
-                      spec: lora_lib.LoraSpec, mesh: Mesh) -> dict:
+def adapter_specs(plan: lora_lib.Plan, kernel_specs: dict[str, P]) -> dict[str, dict[str, P]]:
+  """{kernel path: {"a", "b": PartitionSpec}} derived from each kernel's spec: A keeps the
+  kernel's stacked/expert/input axes, B its stacked/expert/output axes, the rank axis is
+  replicated (the b/e/i/o layout letters say which axis is which)."""
+  out = {}
+  for path, t in plan.targets.items():
+    spec = tuple(kernel_specs.get(path, P()))
+    roles = list(zip(spec + (None,) * (len(t.shape) - len(spec)), t.layout))
+    out[path] = {
+        "a": P(*(s for s, c in roles if c in "bei"), None),
+        "b": P(*(s for s, c in roles if c in "be"), None, *(s for s, c in roles if c == "o")),
+    }
+  return out
+
+
+def adapter_shardings(plan: lora_lib.Plan, kernel_specs: dict[str, P], mesh: Mesh) -> dict:
   """Nested {kernel path: {"a", "b": NamedSharding}} mirroring the adapter tree."""
-  targets = lora_lib.resolve({p: jax.ShapeDtypeStruct(s, np.float32)
-                              for p, s in params_shapes.items()}, spec)
-  fitted = {p: tuple(_fit(kernel_specs.get(p, P()), params_shapes[p], mesh))
-            for p in targets}
+  fitted = {p: _fit(kernel_specs.get(p, P()), t.shape, mesh) for p, t in plan.targets.items()}
   flat = {}
-  for path, ab in lora_lib.partition_specs(targets, fitted).items():
-    t = targets[path]
-    flat[f"{path}/a"] = NamedSharding(mesh, _fit(P(*ab["a"]), t.a_shape, mesh))
-    flat[f"{path}/b"] = NamedSharding(mesh, _fit(P(*ab["b"]), t.b_shape, mesh))
+  for path, ab in adapter_specs(plan, fitted).items():
+    t = plan.targets[path]
+    flat[f"{path}/a"] = NamedSharding(mesh, _fit(ab["a"], t.a_shape, mesh))
+    flat[f"{path}/b"] = NamedSharding(mesh, _fit(ab["b"], t.b_shape, mesh))
   return lora_lib.unflatten(flat)
+
+
+def state_shardings(tx: optax.GradientTransformation, trainable: Any, mesh: Mesh) -> dict:
+  """Shardings of a training state ``{"step", "trainable", "opt_state"}``: the trainable
+  leaves keep theirs, optimizer moments follow the leaf they belong to
+  (``optax.tree_map_params``), everything else (step counts) is replicated."""
+  everywhere = replicated(mesh)
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # multi_transform's "no state here"
+  opt = optax.tree_map_params(
+      tx, lambda leaf, sh: leaf if masked(leaf) else sh, jax.eval_shape(tx.init, trainable),
+      shardings_of(trainable), transform_non_params=lambda _: everywhere, is_leaf=masked)
+  return {"step": everywhere, "trainable": shardings_of(trainable), "opt_state": opt}
+
+
+def shardings_of(tree: Any) -> Any:
+  """The sharding of every array in ``tree``."""
+  return jax.tree_util.tree_map(lambda x: x.sharding, tree)
+
+
+def place_like(tree: Any, like: Any) -> Any:
+  """``tree``'s leaves (host arrays) placed with the sharding and dtype of ``like``'s leaf
+  at the same path; a leaf that *is* ``like``'s is kept as it is."""
+  old = lora_lib.flatten(like)
+  return lora_lib.unflatten({
+      p: x if x is old[p] else jax.device_put(np.asarray(x, old[p].dtype), old[p].sharding)
+      for p, x in lora_lib.flatten(tree).items()})
+
+
+def single_device_mesh() -> Mesh:
+  """A 1x1x1 mesh over the first device (scripts, notebooks, benchmarks)."""
+  return make_mesh(MeshConfig(), jax.devices()[:1])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

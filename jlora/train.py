@@ -1,10 +1,13 @@
-"""The training step: one pure function, jitted once with explicit shardings.
+"""The training step: one pure function for every objective, jitted once with explicit
+shardings.
 
 ``state = {"step", "trainable": {"lora", "full"}, "opt_state"}`` is donated; the frozen base
-is a separate, never-donated argument. A batch is ``{"inputs", "targets": int [B, T],
-"mask": [B, T]}`` plus optional ``"segment_ids"``/``"positions"`` for packed rows. The loss
-is the token-mean cross-entropy over masked-in tokens; with gradient accumulation the
-micro-batches' token-loss *sums* and counts are accumulated and divided once, so k
+is a separate, never-donated argument. An objective is a ``loss_fn(trainable, frozen,
+batch) -> (sum, count[, aux])``: ``lm_loss`` is supervised fine-tuning's (a batch is
+``{"inputs", "targets": int [B, T], "mask": [B, T]}`` plus optional ``"segment_ids"`` /
+``"positions"`` for packed rows); policy-gradient RL and the studies supply their own and
+reuse the same step, state, shardings and loop (``jlora.loop``). With gradient
+accumulation the micro-batches' *sums* and counts are accumulated and divided once, so k
 micro-batches give exactly the gradient of the whole batch.
 """
 
@@ -16,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jlora import lora as lora_lib
 from jlora import optim
 from jlora import sharding as sharding_lib
+
+LossFn = Callable[..., tuple]  # (trainable, frozen, batch) -> (sum, count[, aux sums])
 
 
 def token_loss_sum(model, params, batch, chunk: int | None = None
@@ -57,41 +61,64 @@ def token_loss_sum(model, params, batch, chunk: int | None = None
   return total, jnp.sum(mask)
 
 
-def make_step(model, spec: lora_lib.LoraSpec, tx: optax.GradientTransformation,
-              grad_accum: int = 1, loss_chunk: int | None = None) -> Callable:
-  """``step(state, frozen, batch) -> (state, metrics)``, pure and unjitted. ``loss_chunk``:
-  tokens per cross-entropy block (see ``token_loss_sum``)."""
+def lm_loss(model, spec, loss_chunk: int | None = None) -> LossFn:
+  """The supervised objective: ``loss(trainable, frozen, batch) -> (token cross-entropy
+  sum, masked-in token count)`` over the model with its adapters (``token_loss_sum``)."""
+  def loss(trainable, frozen, batch):
+    return token_loss_sum(model, optim.model_params(trainable, frozen, spec), batch,
+                          loss_chunk)
+  return loss
+
+
+def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int = 1
+              ) -> Callable:
+  """The one training step: ``step(state, frozen, batch) -> (state, metrics)``, pure and
+  unjitted (``jit_step`` jits it), for any objective.
+
+  Args:
+    loss_fn: ``loss_fn(trainable, frozen, batch) -> (total, count)`` or ``(total, count,
+      aux)``: a *sum* of per-token (or per-example) losses, the number of terms it sums,
+      and optionally a dict of scalar sums to report. The step divides once, after
+      accumulation: k micro-batches give exactly the gradient of the whole batch, however
+      unevenly their masks fall. ``lm_loss`` is the supervised one.
+    tx: the optimizer (``optim.optimizer``).
+    grad_accum: micro-batches per step; batch row i goes to micro-batch i % grad_accum.
+  Returns:
+    The step. Metrics: ``loss`` (total / count), ``tokens`` (count), ``grad_norm``,
+    ``finite`` (the updated parameters are all finite: a checkpoint of them is usable),
+    and the objective's aux sums under their own names.
+  """
   if grad_accum < 1:
     raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
 
   def loss_and_grads(trainable, frozen, batch):
     def loss(tr):
-      params = lora_lib.with_adapters(optim.combine(tr["full"], frozen), tr["lora"], spec)
-      return token_loss_sum(model, params, batch, loss_chunk)
-    (total, count), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
-    return total, count, grads
+      total, count, *aux = loss_fn(tr, frozen, batch)
+      return total, (count, aux[0] if aux else {})
+    (total, (count, aux)), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+    return total, count, aux, grads
 
   def step(state, frozen, batch):
     trainable = state["trainable"]
     if grad_accum == 1:
-      total, count, grads = loss_and_grads(trainable, frozen, batch)
+      total, count, aux, grads = loss_and_grads(trainable, frozen, batch)
     else:
-      rows = batch["inputs"].shape[0]
+      rows = jax.tree_util.tree_leaves(batch)[0].shape[0]
       if rows % grad_accum:
         raise ValueError(f"batch of {rows} rows is not divisible by grad_accum={grad_accum}")
       # Row i goes to micro-batch i % k: every micro-batch keeps rows on every data shard.
       micro = jax.tree_util.tree_map(
           lambda x: x.reshape(rows // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
           batch)
+      shapes = jax.eval_shape(loss_and_grads, trainable, frozen,
+                              jax.tree_util.tree_map(lambda x: x[0], micro))
+      zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
 
       def body(carry, mb):
-        total, count, grads = loss_and_grads(trainable, frozen, mb)
-        acc = jax.tree_util.tree_map(jnp.add, carry, (total, count, grads))
-        return acc, None
+        return jax.tree_util.tree_map(jnp.add, carry, loss_and_grads(trainable, frozen, mb)), \
+            None
 
-      zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-               jax.tree_util.tree_map(jnp.zeros_like, trainable))
-      (total, count, grads), _ = jax.lax.scan(body, zeros, micro)
+      (total, count, aux, grads), _ = jax.lax.scan(body, zeros, micro)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], trainable)
@@ -99,37 +126,30 @@ def make_step(model, spec: lora_lib.LoraSpec, tx: optax.GradientTransformation,
     finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x))
                                   for x in jax.tree_util.tree_leaves(new_trainable)] or [True]))
     new_state = {"step": state["step"] + 1, "trainable": new_trainable, "opt_state": opt_state}
-    # "finite": the updated parameters are all finite (a checkpoint of them is usable).
-    return new_state, {"loss": total / count, "tokens": count,
+    return new_state, {**aux, "loss": total / count, "tokens": count,
                        "grad_norm": optax.tree.norm(grads), "finite": finite}
 
   return step
 
 
-def init_state(trainable: Any, tx: optax.GradientTransformation, mesh) -> dict:
-  """Training state, created directly with its shardings: optimizer moments like the
-  trainable leaf they belong to (``optax.tree_map_params``), everything else (step counts)
-  replicated."""
-  everywhere = sharding_lib.replicated(mesh)
-  masked = lambda x: isinstance(x, optax.MaskedNode)  # multi_transform's "no state here"
-  opt_shardings = optax.tree_map_params(
-      tx, lambda leaf, sh: leaf if masked(leaf) else sh, jax.eval_shape(tx.init, trainable),
-      shardings_of(trainable), transform_non_params=lambda _: everywhere, is_leaf=masked)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
-  step = jax.device_put(jnp.zeros((), jnp.int32), everywhere)
+def init_state(trainable: Any, tx: optax.GradientTransformation, mesh=None) -> dict:
+  """Training state, created directly with its shardings (``sharding.state_shardings``:
+  optimizer moments like the leaf they belong to, step counts replicated). ``mesh=None``:
+  one device, for scripts and notebooks."""
+  mesh = sharding_lib.single_device_mesh() if mesh is None else mesh
+  shardings = sharding_lib.state_shardings(tx, trainable, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(trainable)
+  step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
   return {"step": step, "trainable": trainable, "opt_state": opt_state}
 
 
-def shardings_of(tree: Any) -> Any:
-  return jax.tree_util.tree_map(lambda x: x.sharding, tree)
-
-
-def jit_step(step: Callable, state: Any, frozen: Any, mesh) -> Callable:
+def jit_step(step: Callable, state: Any, frozen: Any, mesh=None) -> Callable:
   """Jit ``step`` once with the shardings the state and frozen base already carry, batches
   split over data x fsdp, and the state donated."""
-  batch_sh = sharding_lib.batch_sharding(mesh)
-  state_sh = shardings_of(state)
-  return jax.jit(step, in_shardings=(state_sh, shardings_of(frozen), batch_sh),
+  mesh = sharding_lib.single_device_mesh() if mesh is None else mesh
+  state_sh = sharding_lib.shardings_of(state)
+  return jax.jit(step, in_shardings=(state_sh, sharding_lib.shardings_of(frozen),
+                                     sharding_lib.batch_sharding(mesh)),
                  out_shardings=(state_sh, None), donate_argnums=(0,))
 
 

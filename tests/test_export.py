@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jlora import cli, config, export, lora, models, trainer
+from jlora import cli, config, lora, merged, models, optim, rundir, setup, trainer
+from jlora import peft as jpeft
 from tests.helpers import randomize_b, tiny_model_dir
 
 torch = pytest.importorskip("torch")
@@ -53,9 +54,11 @@ def train_tiny(model_dir, run_dir, **lora_section):
 def test_trained_run_round_trips_through_peft(tmp_path, kind, lora_section):
   model_dir = tiny_model_dir(str(tmp_path / "base"), kind)
   run = train_tiny(model_dir, tmp_path / "run", **lora_section)
-  s, trained = trainer.load_trained(run)
+  run_ = rundir.load_trained(run)
+  s, trained = run_.setup, run_.trainable
   assert float(jnp.abs(trained["lora"]["layers"]["mlp"]["up_proj"]["kernel"]["b"]).max()) > 0
-  ours = jlora_logits(model_dir, trainer._params(s, trained), trained["lora"], s.spec)
+  ours = jlora_logits(model_dir, optim.combine(trained["full"], s.frozen), trained["lora"],
+                      s.spec)
 
   out = tmp_path / "peft"
   assert cli.main(["export", run, "--format", "peft", "--out", str(out)]) == 0
@@ -92,7 +95,7 @@ def test_peft_adapter_imports_with_per_module_ranks(tmp_path):
   want = torch_logits(peft_model)
 
   _, params, model_cfg = models.load(model_dir)
-  adapters, spec, params = export.load_peft(str(tmp_path / "adapter"), params, model_cfg)
+  adapters, spec, params = jpeft.load_peft(str(tmp_path / "adapter"), params, model_cfg)
   assert float(jnp.abs(adapters["layers"]["attn"]["q_proj"]["kernel"]["b"]).max()) > 0
   assert adapters["layers"]["attn"]["q_proj"]["kernel"]["a"].shape == (2, 32, 8)
   np.testing.assert_allclose(jlora_logits(model_dir, params, adapters, spec), want,
@@ -105,8 +108,9 @@ def test_peft_adapter_imports_with_per_module_ranks(tmp_path):
   cfg = config.from_dict({"run_dir": str(tmp_path / "run"), "model": {"path": model_dir},
                           "lora": {"init": str(tmp_path / "adapter")},
                           "data": {"source": "task:arithmetic", "batch_size": 8}})
-  s = trainer.setup(cfg)
-  start = jlora_logits(model_dir, trainer._params(s, s.trainable), s.trainable["lora"], s.spec)
+  s = setup.build(cfg, log=lambda _: None)
+  start = jlora_logits(model_dir, optim.combine(s.trainable["full"], s.frozen),
+                       s.trainable["lora"], s.spec)
   np.testing.assert_allclose(start, want, atol=1e-4, rtol=0)
 
 
@@ -116,10 +120,10 @@ def test_moe_export_uses_per_expert_names_and_round_trips(tmp_path):
   spec = models.lora_spec(cfg, 4)
   adapters = randomize_b(lora.init_adapters(params, spec, jax.random.PRNGKey(0)),
                          jax.random.PRNGKey(1))
-  out = export.save_peft(str(tmp_path / "peft"), adapters, spec, cfg)
-  keys = set(export.safe_open(os.path.join(out, export.ADAPTER_FILE), "np").keys())
+  out = jpeft.save_peft(str(tmp_path / "peft"), adapters, spec, cfg)
+  keys = set(jpeft.safe_open(os.path.join(out, jpeft.ADAPTER_FILE), "np").keys())
   assert ("base_model.model.model.layers.1.mlp.experts.3.down_proj.lora_B.weight" in keys)
-  back, spec2, _ = export.load_peft(out, params, cfg)
+  back, spec2, _ = jpeft.load_peft(out, params, cfg)
   for path, f in lora.adapter_leaves(adapters).items():
     g = lora.adapter_leaves(back)[path]
     np.testing.assert_allclose(np.asarray(g["a"]), np.asarray(f["a"]), atol=1e-6)
@@ -128,7 +132,7 @@ def test_moe_export_uses_per_expert_names_and_round_trips(tmp_path):
   np.testing.assert_allclose(jlora_logits(model_dir, params, back, spec2), want, atol=1e-5)
   # Merged checkpoint of an MoE model: transformers loads it and agrees.
   from jlora import data
-  export.save_merged(str(tmp_path / "merged"), params, adapters, spec, cfg, model_dir,
+  merged.save_merged(str(tmp_path / "merged"), params, adapters, spec, cfg, model_dir,
                      data.Tokenizer.from_model(model_dir))
   np.testing.assert_allclose(torch_logits(hf_model(str(tmp_path / "merged"))), want,
                              atol=1e-4, rtol=0)
@@ -147,19 +151,19 @@ def test_bad_adapters_fail_clearly_and_write_nothing(tmp_path, monkeypatch):
 
   with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.lora_A.weight' has "
                                        r"shape \(4, 48\).*takes 32 inputs"):
-    export.load_peft(adapter("other", other_dir), params, cfg)
+    jpeft.load_peft(adapter("other", other_dir), params, cfg)
   with pytest.raises(ValueError, match="DoRA"):
-    export.load_peft(adapter("dora", use_dora=True), params, cfg)
+    jpeft.load_peft(adapter("dora", use_dora=True), params, cfg)
   with pytest.raises(ValueError, match="bias='all'"):
-    export.load_peft(adapter("bias", bias="all"), params, cfg)
+    jpeft.load_peft(adapter("bias", bias="all"), params, cfg)
   # An adapter naming a module this model does not have.
   path = adapter("renamed")
   from safetensors.numpy import load_file, save_file
-  tensors = load_file(os.path.join(path, export.ADAPTER_FILE))
+  tensors = load_file(os.path.join(path, jpeft.ADAPTER_FILE))
   tensors = {k.replace("q_proj", "qkv_proj"): v for k, v in tensors.items()}
-  save_file(tensors, os.path.join(path, export.ADAPTER_FILE))
+  save_file(tensors, os.path.join(path, jpeft.ADAPTER_FILE))
   with pytest.raises(ValueError, match="unknown target module 'model.layers.0.self_attn.qkv"):
-    export.load_peft(path, params, cfg)
+    jpeft.load_peft(path, params, cfg)
   # CLI: one line, exit 2, and no output directory left behind on failure.
   assert cli.main(["import-peft", str(tmp_path / "dora"), "--model", model_dir]) == 2
   assert cli.main(["export", str(tmp_path / "nowhere"), "--format", "peft",
@@ -171,7 +175,7 @@ def test_bad_adapters_fail_clearly_and_write_nothing(tmp_path, monkeypatch):
 
   def disk_full(*args, **kw):
     raise OSError(28, "No space left on device")
-  monkeypatch.setattr(export, "save_file", disk_full)
+  monkeypatch.setattr(jpeft, "save_file", disk_full)
   with pytest.raises(OSError):
-    export.save_peft(str(tmp_path / "y"), adapters, spec, cfg)
+    jpeft.save_peft(str(tmp_path / "y"), adapters, spec, cfg)
   assert not [p for p in os.listdir(tmp_path) if "y" in p]

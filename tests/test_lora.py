@@ -133,11 +133,26 @@ def test_counts_and_describe(rng):
 
 
 def test_partition_specs_follow_the_kernel():
+  from jax.sharding import PartitionSpec as P
+  from jlora import sharding
   params = {"layers": {"up": {"kernel": jnp.ones((2, 8, 12))}}}
-  spec = jlora.LoraSpec(rank=4, layouts={"up": "bio"})
-  targets = lora.resolve(params, spec)
-  specs = lora.partition_specs(targets, {"layers/up/kernel": (None, "fsdp", "tensor")})
-  assert specs["layers/up/kernel"] == {"a": (None, "fsdp", None), "b": (None, None, "tensor")}
+  plan = lora.plan(params, jlora.LoraSpec(rank=4, layouts={"up": "bio"}))
+  specs = sharding.adapter_specs(plan, {"layers/up/kernel": P(None, "fsdp", "tensor")})
+  assert specs["layers/up/kernel"] == {"a": P(None, "fsdp", None), "b": P(None, None, "tensor")}
+
+
+def test_plan_resolves_once_and_stands_for_its_spec():
+  params = {"l": {"up": {"kernel": jnp.ones((8, 12))}, "norm": {"scale": jnp.ones(8)}}}
+  spec = jlora.LoraSpec(rank=4)
+  plan = lora.plan(params, spec)
+  assert set(plan.targets) == {"l/up/kernel"} and plan.adapter_params == 4 * (8 + 12)
+  adapters = randomize_b(jlora.init_adapters(params, plan, jax.random.PRNGKey(0)),
+                         jax.random.PRNGKey(1))
+  assert lora.resolve({"x": {"kernel": jnp.ones((3, 3))}}, plan) == plan.targets  # not redone
+  seen = lora.with_adapters(params, adapters, plan)["l"]["up"]
+  np.testing.assert_allclose(seen["lora_b"], 32 / 4 * adapters["l"]["up"]["kernel"]["b"])
+  with pytest.raises(ValueError, match="no matching target"):  # factors checked against it
+    lora.with_adapters(params, {"y": {"kernel": adapters["l"]["up"]["kernel"]}}, plan)
 
 
 def test_works_on_linen_scan_params_with_layouts(rng):

@@ -59,3 +59,38 @@ def test_lora_ragged_dot_equals_per_expert_loop():
   expert = np.repeat(np.arange(3), np.asarray(sizes))
   ref = np.stack([x[i] @ w[e] + 0.5 * (x[i] @ a[e]) @ b[e] for i, e in enumerate(expert)])
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 5e-2)])
+def test_lora_term_equals_dense_delta(dtype, tol):
+  """The shared term against x @ (s A B) in f64, B non-zero; f32 out for any x dtype."""
+  rng = np.random.default_rng(3)
+  x, a, b = rng.standard_normal((9, 16)), rng.standard_normal((16, 4)), rng.standard_normal((4, 8))
+  y = ops.lora_term(jnp.asarray(x, dtype), jnp.asarray(a, dtype), jnp.asarray(b, dtype), 0.75)
+  assert y.dtype == jnp.float32 and y.shape == (9, 8)
+  cast = lambda v: np.asarray(jnp.asarray(v, dtype), np.float64)  # the inputs as rounded
+  want = cast(x) @ (0.75 * cast(a) @ cast(b))
+  assert np.max(np.abs(want)) > 1.0
+  np.testing.assert_allclose(y, want, rtol=tol, atol=tol * 4)
+
+
+@pytest.mark.parametrize("equation, x_shape, a_shape, b_shape", [
+    ("...i,io->...o", (2, 3, 6), (6, 2), (2, 5)),      # dense: runs as lora_term
+    ("bti,io->bto", (2, 3, 6), (6, 2), (2, 5)),        # dense without an ellipsis
+    ("btd,dhk->bthk", (2, 3, 6), (6, 2), (2, 4, 3)),   # several output axes
+    ("bthk,hkd->btd", (2, 3, 4, 3), (4, 3, 2), (2, 6)),  # several contracted axes
+    ("etd,edf->etf", (3, 4, 6), (3, 6, 2), (3, 2, 5)),  # stacked (per-expert) axis
+])
+def test_lora_einsum_equals_merged_delta(equation, x_shape, a_shape, b_shape):
+  """lora_einsum against einsum(equation, x, s A B) with the delta built by hand."""
+  k = jax.random.split(jax.random.PRNGKey(4), 3)
+  x, a, b = _rand(k[0], *x_shape), _rand(k[1], *a_shape), _rand(k[2], *b_shape)
+  n_stacked = {"etd,edf->etf": 1}.get(equation, 0)
+  stack = "e"[:n_stacked]
+  a_in = "pqs"[:a.ndim - 1 - n_stacked]
+  b_out = "uvw"[:b.ndim - 1 - n_stacked]
+  delta = 0.5 * jnp.einsum(f"{stack}{a_in}r,{stack}r{b_out}->{stack}{a_in}{b_out}", a, b)
+  want = jnp.einsum(equation, x, delta)
+  got = ops.lora_einsum(equation, x, a, b, 0.5)
+  assert np.max(np.abs(want)) > 1.0
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

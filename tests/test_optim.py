@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import jlora
-from jlora import optim
+from jlora import optim, train
 from tests.helpers import randomize_b
 from tests.models import Mlp
 
@@ -28,6 +28,13 @@ def _setup(rank=4, full=(), hidden=32, key=jax.random.PRNGKey(0)):
     return jnp.mean((pred - y) ** 2)
 
   return params, spec, adapters, loss_fn, x, y
+
+
+def _step(loss_fn, tx, trainable):
+  """The one train step (``train.make_step``) over this file's mean losses
+  ``loss_fn(trainable, frozen, *batch)``, and a fresh state for it."""
+  step = train.make_step(lambda tr, fr, batch: (loss_fn(tr, fr, *batch), jnp.float32(1.0)), tx)
+  return jax.jit(step, donate_argnums=(0,)), train.init_state(trainable, tx)
 
 
 def _bytes(tree):
@@ -53,11 +60,10 @@ def test_frozen_bit_identical_and_trainable_updated():
   trainable, frozen = optim.trainable(params, adapters, spec)
   frozen_before = jax.tree_util.tree_map(np.array, frozen)
   trainable_before = jax.tree_util.tree_map(np.array, trainable)
-  tx = optim.optimizer(1e-2)
-  step = jax.jit(optim.step_fn(loss_fn, tx), donate_argnums=(0, 1))
-  opt_state = tx.init(trainable)
+  step, state = _step(loss_fn, optim.optimizer(1e-2), trainable)
   for _ in range(10):
-    trainable, opt_state, _ = step(trainable, opt_state, frozen, x, y)
+    state, _ = step(state, frozen, (x, y))
+  trainable = state["trainable"]
   for a, b in zip(jax.tree_util.tree_leaves(frozen_before), jax.tree_util.tree_leaves(frozen)):
     np.testing.assert_array_equal(a, np.asarray(b))
   moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(a != np.asarray(b))),
@@ -70,13 +76,12 @@ def test_frozen_bit_identical_and_trainable_updated():
 def test_lora_fits_a_toy_task():
   params, spec, adapters, loss_fn, x, y = _setup()
   trainable, frozen = optim.trainable(params, adapters, spec)
-  tx = optim.optimizer(1e-2)
-  step = jax.jit(optim.step_fn(loss_fn, tx), donate_argnums=(0, 1))
-  opt_state = tx.init(trainable)
   first = float(loss_fn(trainable, frozen, x, y))
+  step, state = _step(loss_fn, optim.optimizer(1e-2), trainable)
   for _ in range(300):
-    trainable, opt_state, loss = step(trainable, opt_state, frozen, x, y)
-  assert first / float(loss) >= 5.0, (first, float(loss))
+    state, metrics = step(state, frozen, (x, y))
+  loss = float(loss_fn(state["trainable"], frozen, x, y))
+  assert first / loss >= 5.0, (first, loss)
 
 
 def test_lora_plus_scales_the_b_learning_rate():
@@ -116,9 +121,10 @@ def test_rank_invariance_at_step_zero():
                          spec, x)
       return jnp.mean((pred - y) ** 2)
 
-    tx = optim.optimizer(1e-4)
-    new, _, before = optim.step_fn(loss_fn, tx)(trainable, tx.init(trainable), frozen)
-    changes[rank] = float(loss_fn(new, frozen)) - float(before)
+    before = float(loss_fn(trainable, frozen))
+    step, state = _step(loss_fn, optim.optimizer(1e-4), trainable)
+    new = step(state, frozen, ())[0]["trainable"]
+    changes[rank] = float(loss_fn(new, frozen)) - before
   values = np.array(list(changes.values()))
   assert np.all(values < 0), changes
   assert np.max(np.abs(values / values.mean() - 1)) < 0.10, changes

@@ -39,14 +39,15 @@ def _setup(mesh, grad_accum=1):
   param_sh = shd.param_shardings(specs, shapes, mesh)
   params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32)))["params"]
   params = shd.place(params, param_sh)
-  spec = models.lora_spec(CFG, rank=4, full=("lm_head",))
-  ad_sh = shd.adapter_shardings(shapes, specs, spec, mesh)
-  adapters = jax.jit(lambda key: jlora.init_adapters(params, spec, key),
+  plan = jlora.lora.plan(params, models.lora_spec(CFG, rank=4, full=("lm_head",)))
+  ad_sh = shd.adapter_shardings(plan, specs, mesh)
+  adapters = jax.jit(lambda key: jlora.init_adapters(params, plan, key),
                      out_shardings=ad_sh)(jax.random.PRNGKey(1))
-  trainable, frozen = optim.trainable(params, adapters, spec)
+  trainable, frozen = optim.trainable(params, adapters, plan)
   tx = optim.optimizer(1e-2)
   state = train.init_state(trainable, tx, mesh)
-  step = train.jit_step(train.make_step(model, spec, tx, grad_accum), state, frozen, mesh)
+  step = train.jit_step(train.make_step(train.lm_loss(model, plan), tx, grad_accum), state,
+                        frozen, mesh)
   return step, state, frozen
 
 
@@ -162,7 +163,7 @@ def _loss_and_grads(cfg, dtype=jnp.float32):
   spec = models.lora_spec(cfg, rank=4)
   adapters = jlora.init_adapters(params, spec, jax.random.PRNGKey(1))
   trainable, frozen = optim.trainable(params, adapters, spec)
-  step = train.make_step(model, spec, optim.optimizer(1e-2))
+  step = train.make_step(train.lm_loss(model, spec), optim.optimizer(1e-2))
   mesh = shd.make_mesh(shd.MeshConfig(), jax.devices()[:1])
   state = train.init_state(trainable, optim.optimizer(1e-2), mesh)
   batch = {k: jnp.asarray(v) for k, v in _batch(0).items()}

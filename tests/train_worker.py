@@ -1,9 +1,12 @@
 """Runs ``jlora train`` in a subprocess and SIGKILLs itself at a chosen point, like a
 preempted or crashed job: ``python -m tests.train_worker CONFIG MODE N [--resume]``.
 
-MODE ``none``: not killed (the reference run, on the same devices). MODE ``step``: killed while dispatching step N (mid-training, checkpoint saves possibly in
-flight). MODE ``save``: killed during the N-th checkpoint save, after every file of it is
-written to orbax's temporary directory and before the atomic rename that commits it.
+MODE ``none``: not killed (the reference run, on the same devices). MODE ``step``: killed
+while dispatching step N (mid-training, checkpoint saves possibly in flight). MODE
+``save``: killed during the N-th checkpoint save, after every file of it is written to
+orbax's temporary directory and before the atomic rename that commits it. MODES
+``sigterm`` / ``sigint``: the process sends itself that signal (through the OS, as a
+scheduler or Ctrl-C would) while dispatching step N, and exits as jlora decides.
 """
 
 import os
@@ -16,17 +19,18 @@ def main():
   n = int(n)
   calls = {"count": 0}
 
-  def kill_on_nth(fn):
+  def kill_on_nth(fn, sig=signal.SIGKILL):
     def wrapped(*args, **kwargs):
       calls["count"] += 1
       if calls["count"] == n:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), sig)
       return fn(*args, **kwargs)
     return wrapped
 
-  if mode == "step":
+  signals = {"step": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigint": signal.SIGINT}
+  if mode in signals:
     from jlora import sharding
-    sharding.global_batch = kill_on_nth(sharding.global_batch)
+    sharding.global_batch = kill_on_nth(sharding.global_batch, signals[mode])
   elif mode == "save":
     from orbax.checkpoint._src.path import atomicity
     cls = atomicity.AtomicRenameTemporaryPath

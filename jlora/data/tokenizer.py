@@ -29,7 +29,7 @@ class Tokenizer:
     tok = models.load_tokenizer(path)
     if path.endswith(".gguf"):
       from jlora.models import gguf_loader
-      reader = gguf_loader._reader(path)
+      reader = gguf_loader.open_reader(path)
       field = lambda k: gguf_loader._field(reader, k)  # noqa: E731
       return cls(tok, field("tokenizer.ggml.eos_token_id"), field("tokenizer.ggml.bos_token_id"),
                  bool(field("tokenizer.ggml.add_bos_token")), field("tokenizer.chat_template"))

@@ -1,5 +1,6 @@
 """Pallas kernels: the fused LoRA matmul (custom VJP), its XLA reference, backend dispatch."""
 
-from jlora.kernels.matmul import FASTER_ON, IMPLS, TARGETS, lora_matmul, selects_pallas
+from jlora.kernels.matmul import (FASTER_ON, IMPLS, KERNEL_IMPLS, TARGETS, lora_matmul,
+                                  selects_pallas)
 
-__all__ = ["FASTER_ON", "IMPLS", "TARGETS", "lora_matmul", "selects_pallas"]
+__all__ = ["FASTER_ON", "IMPLS", "KERNEL_IMPLS", "TARGETS", "lora_matmul", "selects_pallas"]

@@ -20,11 +20,18 @@ Rows beyond M in the last row block are computed on padding and masked on write;
 never enter a reduction (rows are independent in both kernels). Reductions (K forward, N
 backward) use tiles that divide the dim, so no padding is ever summed.
 
-``impl``: "xla" is the reference (plain XLA matmuls, also differentiated through the same
-custom VJP so the two differ only in the kernels); "pallas" runs the kernels compiled for
-the current backend; "interpret" runs them on CPU through Pallas's interpreter (``target``
-picks which layout, "tpu" by default); "auto" uses Pallas only where ``bench/kernel.py``
-measured it faster (``FASTER_ON``), else XLA.
+Two sets of implementation names, because two different things run without Pallas:
+- ``lora_matmul(impl=...)``, ``KERNEL_IMPLS``: "reference" is the kernels' XLA reference,
+  ``x W`` plus the halves of ``jlora.kernels.reference.lora_term`` (the term jlora's models
+  use) as XLA matmuls, differentiated through the same custom VJP, so that it differs from
+  the Pallas paths only in the two fused products; "pallas" runs the kernels compiled for
+  the current backend; "interpret" runs them on CPU through Pallas's interpreter
+  (``target`` picks which layout, "tpu" by default); "auto" uses Pallas only where
+  ``bench/kernel.py`` measured it faster (``FASTER_ON``), else the reference.
+- ``model.lora_impl``, ``IMPLS`` (what ``selects_pallas`` takes): "xla" is the default path
+  of jlora's models, ``jlora.ops``'s XLA matmuls differentiated by JAX autodiff (no custom
+  VJP, see ``jlora.ops.lora_dense_multi``); "pallas" and "interpret" call ``lora_matmul``
+  with that impl; "auto" is "pallas" on the backends in ``FASTER_ON``, else "xla".
 """
 
 from __future__ import annotations
@@ -37,7 +44,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-IMPLS = ("auto", "xla", "pallas", "interpret")
+from jlora.kernels.reference import lora_down, lora_up
+
+KERNEL_IMPLS = ("auto", "reference", "pallas", "interpret")  # lora_matmul(impl=...)
+IMPLS = ("auto", "xla", "pallas", "interpret")  # model.lora_impl
 TARGETS = ("tpu", "gpu")
 # Backends where bench/kernel.py showed the fused kernel faster than the XLA reference
 # (fwd+bwd, bf16, the shapes in that benchmark). Empty until a run on that hardware says so.
@@ -47,32 +57,45 @@ FASTER_ON: frozenset[str] = frozenset()
 @dataclasses.dataclass(frozen=True)
 class _Kernel:
   """How the fused path runs: which kernel layout, and whether interpreted."""
-  target: str | None  # None: XLA reference
+  target: str | None  # None: the XLA reference
   interpret: Any = False  # False, True, or a pltpu.InterpretParams
 
 
 def _choose(impl: str, target: str | None, interpret_params) -> _Kernel:
-  if impl not in IMPLS:
-    raise ValueError(f"lora_matmul impl={impl!r}: expected one of {', '.join(IMPLS)}")
+  if impl not in KERNEL_IMPLS:
+    raise ValueError(f"lora_matmul impl={impl!r}: expected one of {', '.join(KERNEL_IMPLS)}")
   if target is not None and target not in TARGETS:
     raise ValueError(f"lora_matmul target={target!r}: expected one of {', '.join(TARGETS)}")
   backend = jax.default_backend()
   if impl == "auto":
-    impl = "pallas" if backend in FASTER_ON else "xla"
-  if impl == "xla":
+    impl = "pallas" if backend in FASTER_ON else "reference"
+  if impl == "reference":
     return _Kernel(None)
   if impl == "interpret":
     return _Kernel(target or "tpu", interpret_params or True)
   native = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu"}.get(backend)
   if native is None:
     raise ValueError(f"lora_matmul impl='pallas' needs a TPU or GPU (backend is {backend!r}); "
-                     "use impl='interpret' to run the kernels on CPU, or 'xla'")
+                     "use impl='interpret' to run the kernels on CPU, or 'reference' "
+                     "(model.lora_impl: 'interpret' or 'xla')")
   return _Kernel(target or native)
 
 
 def selects_pallas(impl: str) -> bool:
-  """Whether ``impl`` runs the Pallas kernels (compiled or interpreted) on this backend."""
-  return _choose(impl, None, None).target is not None
+  """Whether a model-level ``impl`` (``IMPLS``, ``model.lora_impl``) runs the Pallas kernels.
+
+  Args:
+    impl: "xla" (never: jlora.ops's autodiffed XLA matmuls), or "auto", "pallas",
+      "interpret", passed on to ``lora_matmul`` as its impl.
+  Returns:
+    True when the kernels (compiled or interpreted) run on this backend.
+  Raises:
+    ValueError: ``impl`` is not one of ``IMPLS``, or is "pallas" on a backend without a
+      kernel layout.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"lora_impl {impl!r}: expected one of {', '.join(IMPLS)}")
+  return impl != "xla" and _choose(impl, None, None).target is not None
 
 
 def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: float = 1.0,
@@ -88,7 +111,8 @@ def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: f
     w: the base kernel.
     a, b: LoRA factors (any rank r >= 1).
     scale: the LoRA scale (alpha / r), a Python number.
-    impl: "auto", "xla", "pallas" or "interpret".
+    impl: "auto", "reference", "pallas" or "interpret" (``KERNEL_IMPLS``, see the
+      module docstring; not ``model.lora_impl``'s names).
     target: kernel layout for "pallas"/"interpret": "tpu" or "gpu" (default: the
       backend's for "pallas", "tpu" for "interpret").
     interpret_params: for "interpret" with target "tpu", a ``pltpu.InterpretParams``
@@ -111,15 +135,10 @@ def _lora_matmul(x, w, a, b, scale, kernel):
   return _forward(x, w, a, b, scale, kernel)[0]
 
 
-def _thin(x, a):
-  return jnp.dot(x, a.astype(x.dtype), preferred_element_type=jnp.float32)
-
-
 def _forward(x, w, a, b, scale, kernel):
-  t = _thin(x, a)  # [M, r] f32, saved for dB
+  t = lora_down(x, a)  # [M, r] f32, saved for dB
   if kernel.target is None:
-    y = jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32) \
-        + jnp.dot(scale * t, b.astype(jnp.float32), preferred_element_type=jnp.float32)
+    y = jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32) + lora_up(t, b, scale)
     return y.astype(x.dtype), t
   return _fused_forward(x, w, scale * t, b, kernel), t
 
@@ -138,13 +157,12 @@ def _lora_bwd(scale, kernel, res, dy):
   dy = dy.astype(x.dtype)
   contract_last = (((1,), (1,)), ((), ()))
   contract_first = (((0,), (0,)), ((), ()))
-  ds = scale * jax.lax.dot_general(dy, b.astype(dy.dtype), contract_last,
-                                   preferred_element_type=jnp.float32)  # [M, r]
-  if kernel.target is None:
+  u = lora_down(dy, b.T)  # dY B^T, [M, r] f32
+  ds = scale * u
+  if kernel.target is None:  # dY W^T + s (dY B^T) A^T: the transposed layer's LoRA term
     dx = (jax.lax.dot_general(dy, w.astype(dy.dtype), contract_last,
                               preferred_element_type=jnp.float32)
-          + jax.lax.dot_general(ds, a.astype(jnp.float32), contract_last,
-                                preferred_element_type=jnp.float32)).astype(x.dtype)
+          + lora_up(u, a.T, scale)).astype(x.dtype)
   else:
     dx = _fused_dx(dy, w, ds, a, kernel).astype(x.dtype)
   da = jax.lax.dot_general(x, ds.astype(x.dtype), contract_first,
@@ -245,7 +263,7 @@ def _fused(lhs, w, low, low_w, out_dtype, kernel: _Kernel, *, w_transposed: bool
   for dim, tile in ((p, bp), (red, br)):
     if tile & (tile - 1) or tile < 16:
       raise ValueError(f"lora_matmul GPU kernel: dim {dim} has no power-of-two tile >= 16 "
-                       "dividing it; use impl='xla' for this shape")
+                       "dividing it; use impl='reference' for this shape")
   steps = red // br
   w_block = (bp, red) if w_transposed else (red, bp)
   w_index = (lambda i, j: (j, 0)) if w_transposed else (lambda i, j: (0, j))

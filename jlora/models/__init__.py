@@ -7,6 +7,7 @@ knows this model's stacked-layer and expert layouts.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -20,15 +21,26 @@ from jlora.models.config import ModelConfig
 from jlora.models.generate import generate
 from jlora.models.transformer import Transformer, init_cache, layouts
 
-__all__ = ["ModelConfig", "Transformer", "abstract_params", "generate", "init_cache",
+__all__ = ["ModelConfig", "Transformer", "abstract_arrays", "abstract_params", "generate", "init_cache",
            "layouts", "load", "load_tokenizer", "lora_spec", "param_shapes", "smollm2_gguf"]
 
 
 def abstract_params(model: Transformer):
   """The model's parameters as boxed ShapeDtypeStructs with their logical axes (abstract
-  init: no memory, no FLOPs)."""
+  init: no memory, no FLOPs; traced once per model config and dtype)."""
+  return _abstract(model.cfg, jnp.dtype(model.dtype))
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract(cfg: ModelConfig, dtype):
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  model = Transformer(cfg, dtype=dtype)
   return jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), tokens)["params"]
+
+
+def abstract_arrays(model: Transformer) -> dict:
+  """The model's parameter tree of unboxed ``jax.ShapeDtypeStruct`` leaves."""
+  return nn.unbox(abstract_params(model))
 
 
 def param_shapes(model: Transformer, abstract=None) -> dict[str, tuple[int, ...]]:
@@ -55,7 +67,7 @@ def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None,
   if not os.path.exists(path):
     raise ValueError(f"model path {path!r} does not exist")
   if path.endswith(".gguf"):
-    reader = gguf_loader._reader(path)
+    reader = gguf_loader.open_reader(path)
     cfg = gguf_loader.read_config(path, reader)
     tensors, source = gguf_loader.hf_tensors(path, cfg, reader), path
   else:

@@ -24,7 +24,7 @@ _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
 _ARCH = {"llama": "llama", "qwen3": "qwen3"}
 
 
-def _reader(path: str):
+def open_reader(path: str):
   try:
     stat = os.stat(path)
   except OSError as e:
@@ -57,7 +57,7 @@ def _field(reader, key: str, default=None):
 
 
 def read_config(path: str, reader=None) -> ModelConfig:
-  reader = reader or _reader(path)
+  reader = reader or open_reader(path)
   arch = _field(reader, "general.architecture")
   if arch not in _ARCH:
     raise ValueError(f"{path}: unknown GGUF architecture {arch!r}; supported: "
@@ -87,7 +87,7 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 def hf_tensors(path: str, cfg: ModelConfig, reader=None) -> dict[str, np.ndarray]:
   """All tensors of a GGUF file, dequantised to f32 and renamed/laid out as in HF."""
   import gguf
-  reader = reader or _reader(path)
+  reader = reader or open_reader(path)
   out = {}
   for t in reader.tensors:
     if t.name in _GLOBAL_NAMES:
@@ -108,7 +108,7 @@ def hf_tensors(path: str, cfg: ModelConfig, reader=None) -> dict[str, np.ndarray
 def tokenizer(path: str, reader=None):
   """The embedded GPT-2-style BPE tokenizer as a ``tokenizers.Tokenizer``."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-  reader = reader or _reader(path)
+  reader = reader or open_reader(path)
   if _field(reader, "tokenizer.ggml.model") != "gpt2":
     raise ValueError(f"{path}: only GPT-2-style BPE GGUF tokenizers are supported")
   tokens = _field(reader, "tokenizer.ggml.tokens")
@@ -127,4 +127,4 @@ def tokenizer(path: str, reader=None):
 
 
 def chat_template(path: str, reader=None) -> str | None:
-  return _field(reader or _reader(path), "tokenizer.chat_template")
+  return _field(reader or open_reader(path), "tokenizer.chat_template")

@@ -62,6 +62,18 @@ def entries(cfg: ModelConfig) -> list[Entry]:
   return out
 
 
+def tensor_names(cfg: ModelConfig) -> Iterator[tuple[Entry, tuple[int, ...], str]]:
+  """(entry, index into the stacked jlora array, HF tensor name) for every HF tensor."""
+  for entry in entries(cfg):
+    for index, name in entry.names(cfg):
+      yield entry, index, name
+
+
+def module_name(tensor_name: str) -> str:
+  """"model.layers.0.mlp.up_proj.weight" -> "model.layers.0.mlp.up_proj"."""
+  return tensor_name.rsplit(".", 1)[0]
+
+
 def read_json(path: str, name: str, expected: str) -> tuple[dict, str]:
   """(the JSON file ``name`` in directory ``path``, its path); one-line errors when it is
   missing (saying what ``path`` was expected to be) or malformed."""
@@ -80,7 +92,7 @@ def read_config(path: str) -> ModelConfig:
   return ModelConfig.from_hf(hf, file)
 
 
-def _tensor_files(path: str) -> dict[str, str]:
+def tensor_files(path: str) -> dict[str, str]:
   """HF tensor name -> safetensors file that holds it."""
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.isfile(index):
@@ -110,7 +122,7 @@ class SafetensorsDir:
 
   def __init__(self, path: str):
     self.path = path
-    self.files = _tensor_files(path)
+    self.files = tensor_files(path)
     self.handles: dict[str, object] = {}
 
   def __contains__(self, name: str) -> bool:

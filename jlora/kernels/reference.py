@@ -1,0 +1,42 @@
+"""The LoRA term s (x A) B as plain XLA matmuls: the one definition every XLA path shares.
+
+jlora's models (``jlora.ops``), ``jlora.apply`` on third-party Flax layers, and the
+reference path of the fused Pallas matmul (``jlora.kernels.matmul``) all add the same
+low-rank term, with the same casts: x A in x's dtype accumulated in f32, then the scale
+applied to that thin [M, r] product and B taken in f32. The term lives here, beside the
+kernels, rather than in ``jlora.ops`` because ``jlora.ops`` imports ``jlora.kernels`` to
+dispatch to them; the kernels importing ``jlora.ops`` back would be an import cycle.
+``jlora.ops`` re-exports ``lora_term``.
+
+The term is split into its two thin products because callers share one of them:
+``lora_dense_multi`` runs one ``lora_down`` for several adapters of the same input, and the
+kernel's custom VJP saves ``t = x A`` for dB.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def lora_down(x_MK: jax.Array, a_KR: jax.Array) -> jax.Array:
+  """t = x A: the thin down-projection, A cast to x's dtype, f32 [M, R]."""
+  return jnp.dot(x_MK, a_KR.astype(x_MK.dtype), preferred_element_type=jnp.float32)
+
+
+def lora_up(t_MR: jax.Array, b_RN: jax.Array, scale: float) -> jax.Array:
+  """s t B: the up-projection of a ``lora_down`` result, in f32 [M, N]."""
+  return jnp.dot(t_MR * scale, b_RN.astype(jnp.float32), preferred_element_type=jnp.float32)
+
+
+def lora_term(x_MK: jax.Array, a_KR: jax.Array, b_RN: jax.Array, scale: float) -> jax.Array:
+  """The LoRA term s (x A) B of 2-D (flattened) activations, never forming A B.
+
+  Args:
+    x_MK: activations, [tokens, features].
+    a_KR, b_RN: the adapter factors.
+    scale: the LoRA scale (alpha / r; 1.0 when B is pre-scaled).
+  Returns:
+    f32 [M, N]; the caller casts once, after adding it to the base projection.
+  """
+  return lora_up(lora_down(x_MK, a_KR), b_RN, scale)

@@ -1,0 +1,261 @@
+"""The run loop every objective shares: resume, the step loop, logging, checkpoints,
+held-out evaluation, the non-finite stop and preemption.
+
+An objective (supervised fine-tuning in ``jlora.trainer``; RL and the studies likewise)
+supplies an ``Objective``: its loss (``train.make_step`` turns it into the one train step,
+jitted here with the state's shardings), a batch source, and its held-out evaluation.
+Everything else is here, once:
+
+- resume: the trainable state, optimizer state and the batch source's position come
+  back from the latest checkpoint (``checkpoint.Checkpoints``), bit-exact on CPU;
+- the loop dispatches step n+1 before it reads step n's metrics, and syncs with the host
+  only on steps it logs or checkpoints;
+- SIGTERM (what a scheduler or a TPU VM sends before preempting) and SIGINT (Ctrl-C) are
+  deferred while it runs: the step in flight finishes, a checkpoint is written at it, and
+  ``Interrupted`` says which step was saved (the CLI exits 0 for SIGTERM, 130 for SIGINT);
+- a non-finite loss, gradient or parameter stops the run before it is checkpointed
+  (``NonFiniteLoss``), so the last checkpoint is always a usable one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, Protocol
+
+import jax
+
+from jlora import checkpoint, optim, rundir, sharding, train
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+class Interrupted(Exception):
+  """A signal stopped the run; ``step`` is the checkpoint it left (None: none yet)."""
+
+  def __init__(self, signum: int, step: int | None, run_dir: str):
+    self.signum, self.step, self.run_dir = signum, step, run_dir
+    name = signal.Signals(signum).name
+    saved = f"saved step {step} in {run_dir}" if step is not None else \
+        f"no checkpoint yet in {run_dir}"
+    super().__init__(f"{name}: {saved}")
+
+  @property
+  def exit_code(self) -> int:
+    return 130 if self.signum == signal.SIGINT else 0
+
+
+class Batches(Protocol):
+  """A batch source: ``next(state)`` gives the next global batch (it may sample from the
+  current policy); its position round-trips through JSON for checkpoints."""
+
+  def next(self, state: Any) -> Any: ...
+  def get_state(self) -> dict: ...
+  def set_state(self, state: dict) -> None: ...
+  def close(self) -> None: ...
+
+
+class DataBatches:
+  """Batches from a data pipeline iterator (``jlora.data.dataset``): each process's rows
+  assembled into global arrays on the mesh."""
+
+  def __init__(self, iterator, mesh):
+    self._it, self._mesh = iterator, mesh
+
+  def next(self, state) -> dict:
+    del state  # supervised data does not depend on the model
+    return sharding.global_batch(next(self._it), self._mesh)
+
+  def get_state(self) -> dict:
+    return self._it.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._it.set_state(state)
+
+  def close(self) -> None:
+    if hasattr(self._it, "close"):
+      self._it.close()
+
+
+@dataclasses.dataclass
+class Objective:
+  """What an objective plugs into the loop.
+
+  Attributes:
+    loss: ``loss(trainable, frozen, batch) -> (sum, count[, aux])`` (``train.make_step``).
+    batches: where batches come from (``Batches``).
+    evaluate: trainable -> held-out metrics, run before and after training.
+    eval_loss: trainable -> the cheaper metrics run every ``eval.every`` steps.
+    fields: extra metric names for metrics.csv (JSONL and TensorBoard take them all).
+  """
+  loss: train.LossFn
+  batches: Batches
+  evaluate: Callable[[Any], dict]
+  eval_loss: Callable[[Any], dict]
+  fields: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class Result:
+  state: Any
+  first: int  # the step this invocation started from
+  before: dict  # held-out metrics before training
+  after: dict  # and after
+  last: dict | None  # the last logged row
+  stored_bytes: int | None  # arrays in the last checkpoint
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[list[int]]:
+  """Within the block SIGINT and SIGTERM are recorded (in the yielded list) instead of
+  interrupting; the loop polls the list between steps. Outside the main thread (where
+  Python cannot install handlers) nothing is deferred."""
+  received: list[int] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield received
+    return
+  sigs = (signal.SIGINT, signal.SIGTERM)
+  old = {sig: signal.signal(sig, lambda signum, _: received.append(signum)) for sig in sigs}
+  try:
+    yield received
+  finally:
+    for sig, handler in old.items():
+      signal.signal(sig, handler)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, disable=not enabled, unit="step",
+              dynamic_ncols=True)
+
+
+def _start(s, objective: Objective, ckpts, state, run_dir: str, resume: bool, log):
+  """(state, first step, held-out metrics before training, Metrics) for a fresh or
+  resumed run."""
+  start_file = os.path.join(run_dir, "start.json")
+  if resume and ckpts.latest_step() is not None:
+    state, data_state, meta = ckpts.restore(checkpoint.abstract(state))
+    objective.batches.set_state(data_state)
+    first = int(meta["step"])
+    with open(start_file) as f:
+      before = json.load(f)
+    log(f"resumed {run_dir} at step {first}")
+    return state, first, before, rundir.Metrics(run_dir, first, _fields(objective))
+  if resume:
+    log(f"{run_dir} has no checkpoint yet: starting from step 0")
+  metrics = rundir.Metrics(run_dir, -1, _fields(objective))  # drops a failed start's rows
+  log("evaluating before training")
+  begin = time.perf_counter()
+  before = objective.evaluate(state["trainable"])
+  rundir.write_json(start_file, before)
+  metrics.write({"step": 0, **before})
+  log("before training: " + (", ".join(f"{k} {v:.4g}" for k, v in before.items()) or
+                             "no held-out data") + f" ({time.perf_counter() - begin:.1f} s)")
+  return state, 0, before, metrics
+
+
+def _fields(objective: Objective) -> tuple[str, ...]:
+  return rundir.Metrics.FIELDS + tuple(f for f in objective.fields
+                                       if f not in rundir.Metrics.FIELDS)
+
+
+def _row(n: int, m: dict, lr: float, seen_tokens: int, elapsed: float) -> dict:
+  extra = {k: float(v) for k, v in m.items()
+           if k not in ("loss", "grad_norm", "tokens", "finite")}
+  return {"step": n, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": lr,
+          "tokens": int(m["tokens"]),
+          "tokens_per_s": seen_tokens / elapsed if seen_tokens else None,
+          "elapsed_s": elapsed, **extra}
+
+
+def run(s, objective: Objective, run_dir: str, *, resume: bool = False,
+        log: Callable[[str], None] = print, progress: bool = True) -> Result:
+  """Train ``s`` (a ``jlora.setup.Setup``) with ``objective`` from step 0 or the latest
+  checkpoint to ``train.steps``. Raises ``NonFiniteLoss`` or ``Interrupted`` (after
+  saving)."""
+  t = s.cfg.train
+  ckpts = checkpoint.Checkpoints(os.path.join(run_dir, "checkpoints"), keep=t.keep)
+  state = train.init_state(s.trainable, s.tx, s.mesh)
+  s.trainable = None  # the state owns (and donates) them now
+  metrics_out = None
+  try:
+    state, first, before, metrics_out = _start(s, objective, ckpts, state, run_dir, resume,
+                                               log)
+    with deferred_signals() as received:
+      state, last, after = _steps(s, objective, ckpts, metrics_out, state, first, received,
+                                  progress, run_dir)
+  except Interrupted:
+    ckpts.close()
+    raise
+  finally:
+    if metrics_out is not None:
+      metrics_out.close()
+    ckpts.wait()
+    objective.batches.close()
+  stored = ckpts.stored_bytes(ckpts.latest_step()) if ckpts.latest_step() else None
+  ckpts.close()
+  if not after:
+    after = objective.evaluate(state["trainable"])
+  return Result(state, first, before, after, last, stored)
+
+
+def _steps(s, objective, ckpts, metrics_out, state, first, received, progress, run_dir):
+  """The step loop proper: (state, last logged row, held-out metrics after the final
+  step or {})."""
+  t, ev = s.cfg.train, s.cfg.eval
+  step_fn = train.jit_step(train.make_step(objective.loss, s.tx, t.grad_accum), state,
+                           s.frozen, s.mesh)
+  bar = _progress(t.steps, first, progress)
+  begin, seen_tokens, last, after, good = time.perf_counter(), 0, None, {}, first
+  try:
+    for step in range(first, t.steps):
+      batch = objective.batches.next(state)
+      if step == first:
+        step_fn = train.compile_step(step_fn, state, s.frozen, batch)
+      state, metrics = step_fn(state, s.frozen, batch)
+      n = step + 1
+      if step == first:  # throughput counts from here: the first step includes compilation
+        jax.block_until_ready(metrics)
+        begin = time.perf_counter()
+      else:
+        seen_tokens += batch["inputs"].size if "inputs" in batch else 0
+      final, stop = n == t.steps, bool(received) and n < t.steps
+      if n % t.log_every and n % t.checkpoint_every and not final and not stop:
+        continue  # no host sync: the next step is dispatched right away
+      m = jax.device_get(metrics)
+      if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m["finite"]):
+        kept = ckpts.latest_step()
+        raise NonFiniteLoss(
+            f"loss, gradient or parameters became non-finite at step {n} (last finite "
+            f"logged step {good}); last good checkpoint: "
+            f"{'none' if kept is None else f'step {kept}'} in {ckpts.directory}")
+      good = n
+      row = _row(n, m, optim.lr_at(s.lr_schedule, step), seen_tokens,
+                 time.perf_counter() - begin)
+      if final:
+        after = objective.evaluate(state["trainable"])
+        row.update(after)
+      elif ev.every and n % ev.every == 0:
+        row.update(objective.eval_loss(state["trainable"]))
+      if n % t.checkpoint_every == 0 or final or stop:
+        ckpts.save(n, state, objective.batches.get_state(),
+                   {"step": n, "seed": t.seed, "loss": row["loss"]},
+                   eval_loss=row.get("eval_loss"))
+      metrics_out.write(row)
+      last = row
+      bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s'] or 0:.0f}")
+      bar.update(n - bar.n)
+      if stop:
+        ckpts.wait()
+        raise Interrupted(received[0], n, run_dir)
+  finally:
+    bar.close()
+  return state, last, after

@@ -1,0 +1,157 @@
+"""What a run builds from its config before the first step, in two stages that write
+nothing: ``preflight`` (everything knowable from the config, the model's config file, the
+devices and a sample of the data: cheap) and ``build`` (weights, tokenizer, the LoRA plan,
+shardings, optimizer). Every objective (SFT, RL, the studies) starts from a ``Setup``; the
+run directory is created only after both stages have succeeded, so a mistake never leaves
+a half-made run behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import optax
+
+from jlora import config as config_lib, data, hparams, lora, models, optim, peft, sharding
+
+
+@dataclasses.dataclass
+class Preflight:
+  """What the cheap checks learned: the model's config and the data's statistics."""
+  model_path: str
+  model_cfg: Any
+  stats: data.Stats
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run builds from its config before the first step."""
+  cfg: config_lib.RunConfig
+  model: Any
+  model_cfg: Any
+  tok: data.Tokenizer
+  plan: lora.Plan  # the spec resolved against this model, once: what will be trained
+  mesh: Any
+  frozen: Any
+  trainable: Any
+  lr: float
+  lr_schedule: Any  # a float or an optax schedule: what tx uses, for logging
+  tx: optax.GradientTransformation
+
+  @property
+  def spec(self) -> lora.LoraSpec:
+    return self.plan.spec
+
+
+def preflight(cfg: config_lib.RunConfig, stats_limit: int = 2000) -> Preflight:
+  """The checks that need no weights; raises ValueError naming what is wrong."""
+  from jlora import evaluate, kernels
+  kernels.selects_pallas(cfg.model.lora_impl)  # e.g. "pallas" on a CPU host
+  mesh_shape = cfg.mesh.shape(jax.device_count())
+  shards = mesh_shape[0] * mesh_shape[1]
+  d, t = cfg.data, cfg.train
+  if d.batch_size % shards:
+    raise ValueError(f"data.batch_size={d.batch_size} is not divisible by the mesh's "
+                     f"data x fsdp = {shards} shards (set mesh.data, or the batch size)")
+  if d.batch_size % t.grad_accum:
+    raise ValueError(f"data.batch_size={d.batch_size} is not divisible by "
+                     f"train.grad_accum={t.grad_accum}")
+  path = config_lib.model_path(cfg)
+  model_cfg = models.read_config(path)
+  if d.seq_len > model_cfg.max_position_embeddings:
+    raise ValueError(f"data.seq_len={d.seq_len} exceeds the model's maximum positions "
+                     f"({model_cfg.max_position_embeddings})")
+  _learning_rate(cfg, model_cfg)  # no LR fit for this family and no train.lr: say so now
+  if cfg.lora.init is not None and cfg.train.method == "lora":
+    peft.read_config(cfg.lora.init)
+  tok = data.Tokenizer.from_model(path)
+  stats = data.stats(d, tok, limit=stats_limit)
+  if stats.trainable_tokens == 0:
+    raise ValueError(
+        f"data.source {d.source!r} has no trainable tokens: {stats.examples} examples, "
+        f"{stats.tokens} tokens, 0 with loss ({stats.truncated} truncated at data.seq_len="
+        f"{d.seq_len}, {stats.dropped} dropped): raise data.seq_len, or check the fields")
+  eval_cfg = evaluate.eval_data_config(cfg)
+  if eval_cfg is not None and cfg.eval.batches:
+    data.open_source(eval_cfg)  # a missing or unreadable eval.source fails here
+  return Preflight(path, model_cfg, stats)
+
+
+def _learning_rate(cfg: config_lib.RunConfig, model_cfg) -> float:
+  if cfg.train.lr is not None:
+    return cfg.train.lr
+  try:
+    if cfg.train.method == "full":
+      return hparams.full_ft_lr(model_cfg)
+    return hparams.lora_lr(model_cfg, cfg.train.steps)
+  except ValueError as e:
+    raise ValueError(f"{e} (or set train.lr)") from None
+
+
+def config_spec(cfg: config_lib.RunConfig, model_cfg) -> lora.LoraSpec:
+  """The LoraSpec a config asks for (full fine-tuning: every parameter, no adapters). A
+  ``lora.init`` adapter brings its own spec instead (``build``)."""
+  if cfg.train.method == "full":
+    return lora.LoraSpec(rank=1, targets=None, full=(".*",))
+  l = cfg.lora
+  return models.lora_spec(model_cfg, l.rank, alpha=l.alpha, rslora=l.rslora,
+                          targets=l.targets, full=tuple(l.full))
+
+
+def abstract_plan(cfg: config_lib.RunConfig, model_cfg) -> lora.Plan:
+  """The plan of a config without reading weights (shapes from an abstract init). Not for
+  ``lora.init`` runs, whose spec comes from the adapter (``build``)."""
+  model = models.Transformer(model_cfg)
+  return lora.plan(models.abstract_arrays(model), config_spec(cfg, model_cfg))
+
+
+def _adapter_shardings(model, plan: lora.Plan, mesh):
+  return sharding.adapter_shardings(plan, sharding.logical_specs(models.abstract_params(model)),
+                                    mesh)
+
+
+def build(cfg: config_lib.RunConfig, pre: Preflight | None = None,
+          log: Callable[[str], None] = print) -> Setup:
+  """Load the model and build everything the first step needs (writes nothing)."""
+  pre = pre or preflight(cfg)
+  mesh = sharding.make_mesh(cfg.mesh)
+  start = time.perf_counter()
+  log(f"loading {os.path.basename(pre.model_path)} ({pre.model_cfg.num_layers} layers, "
+      f"d={pre.model_cfg.hidden_size}) on {mesh.size} {jax.devices()[0].platform} device(s)")
+  model, params, model_cfg = models.load(pre.model_path, dtype=cfg.model.dtype,
+                                         remat=cfg.model.remat, mesh=mesh,
+                                         lora_impl=cfg.model.lora_impl)
+  tok = data.Tokenizer.from_model(pre.model_path)
+  models.gguf_loader.release()  # weights and tokenizer are read: the parsed metadata can go
+  if cfg.lora.init is not None and cfg.train.method == "lora":
+    adapters, spec, new_params = peft.load_peft(cfg.lora.init, params, model_cfg)
+    plan = lora.plan(params, spec)
+    adapters = jax.device_put(adapters, _adapter_shardings(model, plan, mesh))
+    params = sharding.place_like(new_params, params)
+  else:
+    plan = lora.plan(params, config_spec(cfg, model_cfg))
+    key = jax.random.PRNGKey(cfg.train.seed)
+    adapters = jax.jit(lambda p: lora.init_adapters(p, plan, key),
+                       out_shardings=_adapter_shardings(model, plan, mesh))(params)
+  trainable, frozen = optim.trainable(params, adapters, plan)
+  lr = _learning_rate(cfg, model_cfg)
+  t = cfg.train
+  lr_schedule = optim.schedule(lr, t.steps, t.schedule, t.warmup_steps)
+  tx = optim.optimizer(lr_schedule, b_lr_ratio=t.b_lr_ratio, weight_decay=t.weight_decay,
+                       max_grad_norm=t.grad_clip or None)  # 0: no clipping
+  log(f"loaded in {time.perf_counter() - start:.1f} s")
+  return Setup(cfg, model, model_cfg, tok, plan, mesh, frozen, trainable, lr, lr_schedule, tx)
+
+
+def describe(s: Setup) -> str:
+  """One line: the model, what is trained, and the learning rate."""
+  t = s.cfg.train
+  what = (f"LoRA r={s.spec.rank} alpha={s.spec.alpha:g}, {len(s.plan.targets)} kernels, "
+          f"{s.plan.adapter_params:,} adapter params" if t.method == "lora"
+          else "full fine-tuning")
+  return f"{what}; lr {s.lr:.3g} ({t.schedule})"
+

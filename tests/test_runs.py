@@ -1,0 +1,141 @@
+"""Run directories as a user meets them: one trainer per directory (two real processes),
+everything validated before a directory is created, data with nothing to train on,
+checkpoint steps that do not exist, resuming a finished run, and what is printed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jlora import cli, config
+from tests.test_trainer import ROOT, model_dir, recipe, write_toml  # noqa: F401 (fixture)
+
+
+def _jlora(*args, timeout=600):
+  return subprocess.run([sys.executable, "-m", "jlora.cli", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def _snapshot(run_dir):
+  """{relative path: (size, mtime_ns)} of every file in a run directory."""
+  out = {}
+  for root, _, files in os.walk(run_dir):
+    for f in files:
+      st = os.stat(os.path.join(root, f))
+      out[os.path.relpath(os.path.join(root, f), run_dir)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+@pytest.fixture(scope="module")
+def trained(model_dir, tmp_path_factory):
+  """A finished 8-step run (checkpoints kept: 6 and 8) and its config file."""
+  tmp = tmp_path_factory.mktemp("trained")
+  toml = write_toml(tmp / "run.toml", recipe(model_dir, tmp / "run"))
+  assert cli.main(["train", toml, "--no-progress"]) == 0
+  return str(tmp / "run"), toml
+
+
+def test_missing_checkpoint_step_is_one_line_listing_the_steps(trained, tmp_path, capsys):
+  run, _ = trained
+  for command in (["export", run, "--out", str(tmp_path / "x")],
+                  ["merge", run, "--out", str(tmp_path / "y")],
+                  ["generate", run, "--prompt", "What is 1 plus 1?"]):
+    assert cli.main([*command, "--step", "3"]) == 2, command
+    err = capsys.readouterr().err
+    assert err == f"jlora: error: {run}: no checkpoint at step 3; there are steps 6, 8\n"
+  assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_resuming_a_finished_run_changes_nothing(trained, capsys):
+  run, toml = trained
+  before = _snapshot(run)
+  summary = json.load(open(os.path.join(run, "summary.json")))
+  assert cli.main(["train", toml, "--resume", "--no-progress"]) == 0
+  out = capsys.readouterr().out
+  assert f"{run} already finished at step 8 (train.steps = 8): nothing to do" in out
+  assert _snapshot(run) == before  # not one file rewritten, no new event file
+  assert json.load(open(os.path.join(run, "summary.json"))) == summary
+
+
+def test_what_a_user_sees(model_dir, tmp_path, capsys):
+  assert _jlora("--version").stdout.strip() == f"jlora {__import__('jlora').__version__}"
+  lines = []
+  from jlora import trainer
+  cfg = config.from_dict(recipe(model_dir, tmp_path / "run", steps=2, checkpoint_every=2))
+  trainer.run(cfg, progress=False, log=lines.append)
+  text = "\n".join(lines)
+  # Loading and the first evaluation announce themselves before the silence they cause.
+  order = [text.index(s) for s in ("loading llama", "loaded in", "evaluating before training",
+                                   "before training: eval_loss")]
+  assert order == sorted(order), text
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.path='/no/such/model'", "/no/such/model"),
+    ("eval.source='/no/such/held_out.jsonl'", "/no/such/held_out.jsonl"),
+    ("lora.init='/no/such/adapter'", "/no/such/adapter"),
+    ("mesh.data=3", "mesh data=3 x fsdp=1 x tensor=1 = 3 devices, but 8 are available"),
+    ("train.grad_accum=3", "data.batch_size=8 is not divisible by train.grad_accum=3"),
+    ("train.lr=inf", "train.lr must be a finite number > 0, got inf"),
+    ("data.seq_len=100000", "data.seq_len=100000 exceeds the model's maximum positions (256)"),
+])
+def test_everything_knowable_is_checked_before_the_run_dir_exists(model_dir, tmp_path, capsys,
+                                                                 override, message):
+  run = tmp_path / "run"
+  toml = write_toml(tmp_path / "r.toml", recipe(model_dir, run))
+  assert cli.main(["train", toml, "--set", override]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and message in err, err
+  assert not run.exists()  # so a corrected rerun (or --resume) is not blocked by it
+
+
+def test_data_with_nothing_to_train_on_is_an_error(model_dir, tmp_path, capsys):
+  data = tmp_path / "long_prompts.jsonl"
+  with open(data, "w") as f:
+    for i in range(20):
+      f.write(json.dumps({"prompt": "x " * 80 + str(i), "completion": "done"}) + "\n")
+  values = recipe(model_dir, tmp_path / "run")
+  values["data"] = {"source": str(data), "seq_len": 32, "batch_size": 8}
+  values["eval"] = {"batches": 0, "examples": 0}
+  assert cli.main(["train", write_toml(tmp_path / "r.toml", values)]) == 2
+  err = capsys.readouterr().err
+  assert (f"data.source '{data}' has no trainable tokens: 20 examples, 640 tokens, 0 with "
+          "loss (20 truncated at data.seq_len=32") in err
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_one_trainer_per_run_dir(model_dir, tmp_path):
+  run = tmp_path / "run"
+  values = recipe(model_dir, run, steps=100000, checkpoint_every=100000, log_every=1)
+  toml = write_toml(tmp_path / "long.toml", values)
+  first = subprocess.Popen([sys.executable, "-m", "jlora.cli", "train", toml, "--no-progress"],
+                           cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+      assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+      time.sleep(0.5)
+    # A second trainer, resuming or starting fresh, is refused with the holder's pid.
+    for extra in (["--resume"], []):
+      second = _jlora("train", toml, "--no-progress", *extra)
+      assert second.returncode == 2, second.stderr
+      assert second.stderr.count("\n") == 1
+      assert f"is in use by process {first.pid} (" in second.stderr, second.stderr
+    assert first.poll() is None  # the first one is unharmed
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+  # The dead process's lock does not block: --resume runs (no checkpoint yet: from 0).
+  again = _jlora("train", toml, "--no-progress", "--resume", "--set", "train.steps=2")
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "has no checkpoint yet: starting from step 0" in again.stdout
+  steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [0, 1, 2]
