@@ -1,28 +1,34 @@
 """Training-step time: jlora LoRA vs jlora full fine-tuning, and the same model in PEFT/torch
 and in Flax NNX with ``nnx.LoRALinear``, measured in one run.
 
-    python -m bench.train_step [--repeats 10] [--skip-peers]
+    python -m bench.train_step [--repeats 10] [--skip-peers] [--loss-chunk 256] [--smoke]
+
+The jlora rows time the step ``jlora train`` runs: ``train.make_step`` over
+``train.lm_loss`` with the trainer's chunked cross-entropy (``--loss-chunk``, default 256
+like ``train.loss_chunk``; 0 for the plain unchunked loss), jitted with donated state
+(``train.jit_step``) and compiled ahead of its first call (``train.compile_step``). Full
+fine-tuning goes through the same step with ``LoraSpec(rank=1, targets=None,
+full=(".*",))``, as ``jlora train`` with ``train.method = "full"`` does.
 
 Tiny Llama: d=256, 4 layers, 4 heads, FFN 1024, vocab 512, tied embeddings, batch 16 x 128,
 LoRA r=16 alpha=32 on all 7 projections, AdamW; plus the jlora pair at the SmolLM2-135M
 layer shape (d=576, FFN 1536, 9 heads / 3 KV heads, 4 layers, batch 8 x 128).
+``--smoke``: the same code at toy shapes (seconds; checks that it runs, times nothing).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import linen as nn
 
 import jlora
 from bench.common import block, machine, median_ms
-from jlora import models, optim
+from jlora import lora, models, optim, train
 from jlora.models import ModelConfig, Transformer
 
 TINY = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=1024,
@@ -32,6 +38,8 @@ SMOL = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_
             num_layers=4, num_heads=9, num_kv_heads=3, head_dim=64, tie_embeddings=True,
             rope_theta=100000.0)
 RANK, ALPHA, LR = 16, 32.0, 1e-4
+LOSS_CHUNK = 256  # config.TrainConfig.loss_chunk's default: what `jlora train` runs
+FULL_SPEC = lora.LoraSpec(rank=1, targets=None, full=(".*",))  # `train.method = "full"`
 
 
 def _batch(cfg, batch, seq, seed=0):
@@ -39,67 +47,70 @@ def _batch(cfg, batch, seq, seed=0):
   return jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq + 1)), jnp.int32)
 
 
-def _xent(model, params, tokens):
-  logits, _ = model.apply({"params": params}, tokens[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+def _lm_batch(tokens) -> dict:
+  """Next-token batch as the data pipeline makes it: every token counts."""
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "mask": jnp.ones((tokens.shape[0], tokens.shape[1] - 1), jnp.float32)}
 
 
-def jlora_steps(cfg: ModelConfig, batch: int, seq: int, dtype=jnp.float32, count_flops=True):
-  """(lora step, full step) closures that run one jitted step each, and their FLOPs.
+def _trainer_step(model, plan, trainable, frozen, batch, loss_chunk):
+  """A closure running one step of ``jlora train``'s kind: the jitted, donated, AOT-compiled
+  ``train.make_step`` over ``train.lm_loss``."""
+  tx = optim.optimizer(LR)
+  state = train.init_state(trainable, tx)
+  jitted = train.jit_step(train.make_step(train.lm_loss(model, plan, loss_chunk), tx), state,
+                          frozen)
+  step = train.compile_step(jitted, state, frozen, batch)
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = step(holder["state"], frozen, batch)
+    block(metrics)
+  return run
+
+
+def jlora_steps(cfg: ModelConfig, batch: int, seq: int, dtype=jnp.float32, count_flops=True,
+                loss_chunk: int | None = LOSS_CHUNK):
+  """(lora step, full step) closures that run one trainer step each, and their FLOPs.
 
   ``dtype`` is the compute dtype; the frozen base of the LoRA run is stored in it too,
   while full fine-tuning keeps f32 master weights (the usual mixed-precision setup)."""
   model = Transformer(cfg, dtype=dtype)
   tokens = _batch(cfg, batch, seq)
+  lm_batch = jax.device_put(_lm_batch(tokens), jax.devices()[0])
   params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens[:, :-1]))["params"]
   full_params = jax.tree_util.tree_map(jnp.copy, params)
   params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
-  spec = models.lora_spec(cfg, RANK, alpha=ALPHA)
-  adapters = jlora.init_adapters(params, spec, jax.random.PRNGKey(1))
 
-  def lora_loss(trainable, frozen, tokens):
-    p = jlora.lora.with_adapters(optim.combine(trainable["full"], frozen),
-                                 trainable["lora"], spec)
-    return _xent(model, p, tokens)
+  plan = lora.plan(params, models.lora_spec(cfg, RANK, alpha=ALPHA))
+  adapters = jlora.init_adapters(params, plan, jax.random.PRNGKey(1))
+  trainable, frozen = optim.trainable(params, adapters, plan)
+  run_lora = _trainer_step(model, plan, trainable, frozen, lm_batch, loss_chunk)
 
-  tx = optim.optimizer(LR)
-  trainable, frozen = optim.trainable(params, adapters, spec)
-  lora_step = jax.jit(optim.step_fn(lora_loss, tx), donate_argnums=(0, 1))
-  lora_state = [trainable, tx.init(trainable)]
-
-  full_tx = optax.adamw(LR, weight_decay=0.0)
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def full_step(params, opt_state, tokens):
-    loss, grads = jax.value_and_grad(lambda p: _xent(model, p, tokens))(params)
-    updates, opt_state = full_tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  full_state = [full_params, full_tx.init(full_params)]
-
-  def run_lora():
-    lora_state[0], lora_state[1], loss = lora_step(lora_state[0], lora_state[1], frozen, tokens)
-    block(loss)
-
-  def run_full():
-    full_state[0], full_state[1], loss = full_step(full_state[0], full_state[1], tokens)
-    block(loss)
+  full_plan = lora.plan(full_params, FULL_SPEC)
+  trainable, frozen = optim.trainable(full_params, {}, full_plan)
+  run_full = _trainer_step(model, full_plan, trainable, frozen, lm_batch, loss_chunk)
 
   lora_flops, full_flops = xla_flops(cfg, batch, seq) if count_flops else (None, None)
   return run_lora, run_full, lora_flops, full_flops
 
 
 def model_flops(cfg: ModelConfig, tokens: int, seq: int, lora: bool) -> float:
-  """Analytic training FLOPs per step: 2 per matmul parameter per token forward (plus
-  causal attention scores and values), backward twice that for full FT; LoRA skips the
-  frozen weight gradients (FINDINGS 7: ~2/3 of full)."""
+  """Analytic training FLOPs per step, for MFU.
+
+  Matmuls: 2 FLOPs per weight per token forward, twice that backward for full FT (input
+  and weight gradients), once for LoRA (no frozen-weight gradients; the rank-r adapters'
+  own FLOPs are left out). Attention scores and values: causal attention counts half of
+  T x T (2 x T/2 x head_dim FLOPs per token, head and product: what a causal kernel
+  computes), and its backward is twice its forward in both methods (it has no weights).
+  """
   d, L = cfg.hidden_size, cfg.num_layers
   attn = cfg.hidden_size * cfg.num_heads * cfg.head_dim * 2 + \
       cfg.hidden_size * cfg.num_kv_heads * cfg.head_dim * 2
   mlp = 3 * d * cfg.intermediate_size
-  fwd = 2 * tokens * (L * (attn + mlp) + d * cfg.vocab_size) + 4 * tokens * seq * L * \
-      cfg.num_heads * cfg.head_dim
-  return fwd * (2 if lora else 3)
+  matmul_fwd = 2 * tokens * (L * (attn + mlp) + d * cfg.vocab_size)
+  causal_fwd = 2 * 2 * tokens * (seq / 2) * L * cfg.num_heads * cfg.head_dim  # QK^T and PV
+  return matmul_fwd * (2 if lora else 3) + causal_fwd * 3
 
 
 GPU_SHAPES = {  # (config, batch, seq): real model sizes for an accelerator. remat: XLA's
@@ -110,14 +121,17 @@ GPU_SHAPES = {  # (config, batch, seq): real model sizes for an accelerator. rem
                          num_kv_heads=8, head_dim=64, tie_embeddings=True,
                          rope_theta=500000.0, remat=True), 8, 2048),
 }
+SMOKE_SHAPES = {"tiny": (dict(TINY, num_layers=2, remat=True), 2, 32)}
 
 
-def gpu_main(repeats: int, peak_tflops: float):
-  print(f"# train_step (accelerator) on {machine()}, bf16 compute, LoRA r={RANK} all layers")
+def gpu_main(repeats: int, peak_tflops: float, loss_chunk: int | None, shapes=GPU_SHAPES):
+  print(f"# train_step (accelerator) on {machine()}, bf16 compute, LoRA r={RANK} all layers, "
+        f"loss_chunk={loss_chunk}")
   print(f"{'model':<14} {'what':<10} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
-  for name, (kw, batch, seq) in GPU_SHAPES.items():
+  for name, (kw, batch, seq) in shapes.items():
     cfg = ModelConfig(**kw)
-    run_lora, run_full, _, _ = jlora_steps(cfg, batch, seq, jnp.bfloat16, count_flops=False)
+    run_lora, run_full, _, _ = jlora_steps(cfg, batch, seq, jnp.bfloat16, count_flops=False,
+                                           loss_chunk=loss_chunk)
     times = {}
     for what, run in (("LoRA", run_lora), ("full FT", run_full)):
       ms = median_ms(run, repeats)
@@ -129,18 +143,24 @@ def gpu_main(repeats: int, peak_tflops: float):
 
 
 def xla_flops(cfg: ModelConfig, batch: int, seq: int) -> tuple[float, float]:
-  """XLA's FLOP count of the LoRA and full gradient computations. Counted on an unrolled
-  twin of the model: XLA's cost analysis counts a while-loop (scan) body once."""
+  """XLA's FLOP count of the LoRA and full gradient computations, on the plain (unchunked)
+  loss: the chunked loss is a scan, which XLA's cost analysis counts once, as it would a
+  layer scan (hence the unrolled twin of the model here); the chunked loss's recomputed
+  logits (remat) are not model FLOPs anyway."""
   model = Transformer(cfg.replace(unroll_layers=True))
-  tokens = _batch(cfg, batch, seq)
-  params = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens[:, :-1]))["params"]
-  spec = models.lora_spec(cfg, RANK, alpha=ALPHA)
-  adapters = jax.eval_shape(lambda: jlora.init_adapters(params, spec, jax.random.PRNGKey(1)))
+  batch_ = _lm_batch(_batch(cfg, batch, seq))
+  params = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                   batch_["inputs"]))["params"]
   count = lambda f, *a: jax.jit(f).lower(*a).compile().cost_analysis()["flops"]
-  lora = count(jax.grad(lambda a, p: _xent(model, jlora.lora.with_adapters(p, a, spec),
-                                          tokens)), adapters, params)
-  full = count(jax.grad(lambda p: _xent(model, p, tokens)), params)
-  return lora, full
+
+  def grad_flops(spec):
+    plan = lora.plan(params, spec)
+    adapters = jax.eval_shape(lambda: jlora.init_adapters(params, plan, jax.random.PRNGKey(1)))
+    trainable, frozen = optim.trainable(params, adapters, plan)
+    loss = train.lm_loss(model, plan)
+    return count(jax.grad(lambda tr, fr: loss(tr, fr, batch_)[0]), trainable, frozen)
+
+  return grad_flops(models.lora_spec(cfg, RANK, alpha=ALPHA)), grad_flops(FULL_SPEC)
 
 
 def peft_steps(cfg_kw: dict, batch: int, seq: int, which=("lora", "full")):
@@ -189,34 +209,43 @@ def nnx_lora_step(cfg_kw: dict, batch: int, seq: int):
   return lora_train_step(cfg_kw, batch, seq, RANK, ALPHA, LR)
 
 
+CPU_SHAPES = {"tiny": (TINY, 16, 128), "smol": (SMOL, 8, 128)}  # (config, batch, seq)
+CPU_SMOKE_SHAPES = {"tiny": (dict(TINY, num_layers=2), 2, 32),
+                    "smol": (dict(SMOL, num_layers=1), 2, 32)}
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--skip-peers", action="store_true")
+  parser.add_argument("--loss-chunk", type=int, default=LOSS_CHUNK,
+                      help="tokens per cross-entropy chunk (as train.loss_chunk); 0: plain loss")
+  parser.add_argument("--smoke", action="store_true",
+                      help="toy shapes and one repeat: checks the bench runs, times nothing")
   parser.add_argument("--gpu", action="store_true", help="real model shapes, bf16")
   parser.add_argument("--peak-tflops", type=float, default=989.0,
                       help="dense bf16 peak for MFU (H100 SXM: 989)")
   args = parser.parse_args(argv)
+  chunk = args.loss_chunk or None
+  repeats = 1 if args.smoke else args.repeats
   if args.gpu:
-    return gpu_main(args.repeats, args.peak_tflops)
-  print(f"# train_step on {machine()}")
+    return gpu_main(repeats, args.peak_tflops, chunk,
+                    SMOKE_SHAPES if args.smoke else GPU_SHAPES)
+  shapes = CPU_SMOKE_SHAPES if args.smoke else CPU_SHAPES
+  print(f"# train_step on {machine()}; jlora: the trainer's step, loss_chunk={chunk}")
   rows = []
-  tiny_tokens = 16 * 128
-  run_lora, run_full, lf, ff = jlora_steps(ModelConfig(**TINY), 16, 128)
-  t_lora, t_full = median_ms(run_lora, args.repeats), median_ms(run_full, args.repeats)
-  rows.append(("tiny", "jlora LoRA", t_lora, tiny_tokens, lf))
-  rows.append(("tiny", "jlora full FT", t_full, tiny_tokens, ff))
-  if not args.skip_peers:
-    peft = peft_steps(TINY, 16, 128)
-    if peft:
-      rows.append(("tiny", "PEFT LoRA", median_ms(peft[0], args.repeats), tiny_tokens, None))
-      rows.append(("tiny", "PEFT full FT", median_ms(peft[1], args.repeats), tiny_tokens, None))
-    rows.append(("tiny", "NNX LoRALinear", median_ms(nnx_lora_step(TINY, 16, 128),
-                                                     args.repeats), tiny_tokens, None))
-  smol_tokens = 8 * 128
-  run_lora, run_full, lf, ff = jlora_steps(ModelConfig(**SMOL), 8, 128)
-  rows.append(("smol", "jlora LoRA", median_ms(run_lora, args.repeats), smol_tokens, lf))
-  rows.append(("smol", "jlora full FT", median_ms(run_full, args.repeats), smol_tokens, ff))
+  for name, (kw, batch, seq) in shapes.items():
+    tokens = batch * seq
+    run_lora, run_full, lf, ff = jlora_steps(ModelConfig(**kw), batch, seq, loss_chunk=chunk)
+    rows.append((name, "jlora LoRA", median_ms(run_lora, repeats), tokens, lf))
+    rows.append((name, "jlora full FT", median_ms(run_full, repeats), tokens, ff))
+    if name == "tiny" and not args.skip_peers:
+      peft = peft_steps(kw, batch, seq)
+      if peft:
+        rows.append((name, "PEFT LoRA", median_ms(peft[0], repeats), tokens, None))
+        rows.append((name, "PEFT full FT", median_ms(peft[1], repeats), tokens, None))
+      rows.append((name, "NNX LoRALinear", median_ms(nnx_lora_step(kw, batch, seq), repeats),
+                   tokens, None))
 
   print(f"{'config':<6} {'what':<16} {'ms/step':>9} {'tokens/s':>10} {'GFLOP':>8}")
   for cfg, what, ms, tokens, flops in rows:
@@ -224,7 +253,7 @@ def main(argv=None):
     print(f"{cfg:<6} {what:<16} {ms:9.1f} {tokens / ms * 1e3:10.0f} {gf}")
   by = {(c, w): ms for c, w, ms, *_ in rows}
   flops = {(c, w): f for c, w, _, _, f in rows}
-  for c in ("tiny", "smol"):
+  for c in shapes:
     print(f"{c}: LoRA/full time {by[c, 'jlora LoRA'] / by[c, 'jlora full FT']:.3f}, "
           f"FLOPs {flops[c, 'jlora LoRA'] / flops[c, 'jlora full FT']:.3f}")
   for peer in ("PEFT LoRA", "NNX LoRALinear"):

@@ -131,35 +131,22 @@ def _pattern_value(patterns: dict, module: str, default):
   return default
 
 
-def load_peft(path: str, params, cfg: ModelConfig):
-  """A PEFT LoRA adapter directory -> ``(adapters, spec, params)`` for this base model.
-
-  ``params`` (the base's, any array type) come back with ``modules_to_save`` tensors put
-  in (as numpy arrays; every other leaf is the one passed in); ``spec`` carries each
-  module's rank and alpha (and rsLoRA) so the forward pass equals PEFT's. Where one
-  module's rank or alpha differs between layers (``rank_pattern`` per layer), the factors
-  are zero-padded to the largest rank and the scale difference is folded into B: exact
-  for the forward pass.
-  """
-  config = read_config(path)
+def _read_tensors(path: str) -> tuple[str, dict[str, np.ndarray]]:
   file = os.path.join(path, ADAPTER_FILE)
   if not os.path.isfile(file):
     raise ValueError(f"{path}: no {ADAPTER_FILE}")
   try:
     handle = safe_open(file, framework="numpy")
-    stored = {k: handle.get_tensor(k) for k in handle.keys()}
+    return file, {k: handle.get_tensor(k) for k in handle.keys()}
   except Exception as e:  # safetensors raises its own error types for a damaged file
     raise ValueError(f"{file}: cannot read safetensors ({e})") from None
-  modules, names = {}, {}  # HF module -> (entry, index); (jlora path, index) -> HF name
-  for entry, index, name in hf.tensor_names(cfg):
-    modules[hf.module_name(name)] = entry, index
-    names[entry.path, index] = name
-  flat_params = lora_lib.flatten(params)  # only shapes are read, and replaced leaves copied
-  rank0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
-  rslora = bool(config.get("use_rslora", False))
-  from jlora import models
-  layouts = models.lora_spec(cfg, rank0, rslora=rslora)  # layouts and scale_for
-  factors: dict[str, dict[tuple, dict]] = {}  # jlora path -> index -> {"A"/"B": (key, x)}
+
+
+def _sort_tensors(file: str, stored: dict, modules: dict, flat_params: dict,
+                  cfg: ModelConfig) -> tuple[dict, dict]:
+  """(LoRA factors by jlora path -> layer index -> {"A"/"B": (key, array)}, fully
+  trained parameters by jlora path), every tensor checked against the base."""
+  factors: dict[str, dict[tuple, dict]] = {}
   full: dict[str, np.ndarray] = {}
   for key, value in stored.items():
     name = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -184,43 +171,76 @@ def load_peft(path: str, params, cfg: ModelConfig):
                        f"this {cfg.model_type} model)")
     entry, index = modules[module]
     factors.setdefault(entry.path, {}).setdefault(index, {})[which] = (key, value)
+  return factors, full
+
+
+def _stack(file: str, path: str, slices: dict, target: lora_lib.Target, names: dict,
+           config: dict, layouts: lora_lib.LoraSpec) -> tuple[dict, int, float]:
+  """One jlora path's per-layer (per-expert) PEFT factors stacked as jlora's A and B:
+  ``({"a", "b"}, rank, alpha)``. Ranks are zero-padded to the largest and each slice's
+  scale difference folded into its B (exact: s_i B_i A_i = s (B_i s_i / s) A_i)."""
+  stack = tuple(d for d, c in zip(target.shape, target.layout) if c in "be")
+  per_slice = {}
+  for index in np.ndindex(*stack):
+    name = names[(path, index)]
+    module = hf.module_name(name)
+    got = slices.get(index, {})
+    for which in "AB":
+      if which not in got:
+        raise ValueError(f"{file}: '{PREFIX}{module}.lora_{which}.weight' is missing "
+                         f"(the adapter covers {path.split('/')[-2]} in some layers only)")
+    (ka, a), (kb, b) = got["A"], got["B"]
+    r = a.shape[0]
+    if a.shape != (r, target.fan_in):
+      raise ValueError(f"{file}: tensor '{ka}' has shape {a.shape}; the base model's "
+                       f"'{name}' takes {target.fan_in} inputs (expected ({r}, "
+                       f"{target.fan_in}))")
+    if b.shape != (target.fan_out, r):
+      raise ValueError(f"{file}: tensor '{kb}' has shape {b.shape}; expected "
+                       f"({target.fan_out}, {r}) for the base model's '{name}'")
+    alpha = float(_pattern_value(config.get("alpha_pattern"), module, target.alpha))
+    per_slice[index] = (a, b, r, alpha, layouts.scale_for(r, alpha))
+  rank = max(v[2] for v in per_slice.values())
+  alpha = per_slice[next(iter(per_slice))][3]
+  common = layouts.scale_for(rank, alpha)
+  a_out = np.zeros(stack + (target.fan_in, rank), np.float32)
+  b_out = np.zeros(stack + (rank, target.fan_out), np.float32)
+  for index, (a, b, r, _, scale) in per_slice.items():
+    a_out[index][:, :r] = a.T
+    b_out[index][:r] = b.T * (scale / common)
+  return {"a": a_out, "b": b_out}, rank, alpha
+
+
+def load_peft(path: str, params, cfg: ModelConfig):
+  """A PEFT LoRA adapter directory -> ``(adapters, spec, params)`` for this base model.
+
+  ``params`` (the base's, any array type) come back with ``modules_to_save`` tensors put
+  in (as numpy arrays; every other leaf is the one passed in); ``spec`` carries each
+  module's rank and alpha (and rsLoRA) so the forward pass equals PEFT's. Where one
+  module's rank or alpha differs between layers (``rank_pattern`` per layer), the factors
+  are zero-padded to the largest rank and the scale difference is folded into B: exact
+  for the forward pass.
+  """
+  from jlora import models
+  config = read_config(path)
+  file, stored = _read_tensors(path)
+  modules, names = {}, {}  # HF module -> (entry, index); (jlora path, index) -> HF name
+  for entry, index, name in hf.tensor_names(cfg):
+    modules[hf.module_name(name)] = entry, index
+    names[entry.path, index] = name
+  flat_params = lora_lib.flatten(params)  # only shapes are read, and replaced leaves copied
+  rank0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+  rslora = bool(config.get("use_rslora", False))
+  layouts = models.lora_spec(cfg, rank0, rslora=rslora)  # layouts and scale_for
+  factors, full = _sort_tensors(file, stored, modules, flat_params, cfg)
   adapters, rules = {}, []
-  for path, slices in sorted(factors.items()):
-    shape = tuple(flat_params[path].shape)
-    layout = layouts.layout_for(path, shape)
-    fans = lora_lib.Target(path, shape, layout, 1, alpha0, 1.0)
-    fan_in, fan_out = fans.fan_in, fans.fan_out
-    stack = tuple(d for d, c in zip(shape, layout) if c in "be")  # layers (and experts)
-    per_slice = {}
-    for index in np.ndindex(*stack):
-      name = names[(path, index)]
-      module = hf.module_name(name)
-      got = slices.get(index, {})
-      for which in "AB":
-        if which not in got:
-          raise ValueError(f"{file}: '{PREFIX}{module}.lora_{which}.weight' is missing "
-                           f"(the adapter covers {path.split('/')[-2]} in some layers only)")
-      (ka, a), (kb, b) = got["A"], got["B"]
-      r = a.shape[0]
-      if a.shape != (r, fan_in):
-        raise ValueError(f"{file}: tensor '{ka}' has shape {a.shape}; the base model's "
-                         f"'{name}' takes {fan_in} inputs (expected ({r}, {fan_in}))")
-      if b.shape != (fan_out, r):
-        raise ValueError(f"{file}: tensor '{kb}' has shape {b.shape}; expected "
-                         f"({fan_out}, {r}) for the base model's '{name}'")
-      alpha = float(_pattern_value(config.get("alpha_pattern"), module, alpha0))
-      per_slice[index] = (a, b, r, alpha, layouts.scale_for(r, alpha))
-    rank = max(v[2] for v in per_slice.values())
-    alpha = per_slice[next(iter(per_slice))][3]
-    common = layouts.scale_for(rank, alpha)
-    a_out = np.zeros(stack + (fan_in, rank), np.float32)
-    b_out = np.zeros(stack + (rank, fan_out), np.float32)
-    for index, (a, b, r, _, scale) in per_slice.items():
-      a_out[index][:, :r] = a.T
-      b_out[index][:r] = b.T * (scale / common)  # exact: s_i B_i A_i = common (B_i') A_i
-    adapters[path] = {"a": a_out, "b": b_out}
+  for p, slices in sorted(factors.items()):
+    shape = tuple(flat_params[p].shape)
+    layout = layouts.layout_for(p, shape)
+    target = lora_lib.Target(p, shape, layout, 1, alpha0, 1.0)  # fans and stacking
+    adapters[p], rank, alpha = _stack(file, p, slices, target, names, config, layouts)
     experts = (cfg.experts_per_token or 1) if "e" in layout else 1
-    rules.append(lora_lib.Rule(f"^{re.escape(path)}$", rank=rank * experts, alpha=alpha))
+    rules.append(lora_lib.Rule(f"^{re.escape(p)}$", rank=rank * experts, alpha=alpha))
   if not rules:
     raise ValueError(f"{file}: no LoRA factors (lora_A/lora_B) in the adapter")
   spec = models.lora_spec(cfg, rank0, alpha=alpha0, rslora=rslora, targets=tuple(rules),

@@ -207,7 +207,11 @@ def _fused(lhs, w, low, low_w, out_dtype, kernel: _Kernel, *, w_transposed: bool
   """lhs[M, R] . w + low[M, r] . low_w -> [M, P] with f32 accumulation, where "." is a
   matmul (w [R, P], low_w [r, P]) or, with ``w_transposed``, a matmul against the
   transpose (w [P, R], low_w [P, r]), contracted in-kernel. The low-rank product seeds the
-  accumulator; the rank is zero-padded to what the target needs (exact)."""
+  accumulator; the rank is zero-padded to what the target needs (exact).
+
+  Longer than most functions here on purpose: each layout's kernel body closes over its
+  tile sizes and grid, so the two bodies and their BlockSpecs stay side by side with the
+  shared padding rules rather than being threaded through helpers."""
   m, red = lhs.shape
   p = w.shape[0] if w_transposed else w.shape[1]
   r = low.shape[1]

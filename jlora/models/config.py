@@ -35,8 +35,9 @@ class ModelConfig:
     remat: rematerialise each layer's activations in the backward pass.
     unroll_layers: unroll the layer scan (same stacked parameters; longer compile, and on
       CPU a faster step: XLA keeps per-layer slices static).
-    lora_impl: how adapted projections run (``jlora.kernels.lora_matmul``'s impl: "auto",
-      "xla", "pallas" or "interpret"); "xla" is JAX-differentiated XLA matmuls.
+    lora_impl: how adapted projections run (``jlora.kernels.IMPLS``): "xla" (the default
+      path: XLA matmuls through ``jlora.ops``, differentiated by JAX), or "auto" /
+      "pallas" / "interpret" (the fused ``jlora.kernels.lora_matmul``).
   """
   model_type: str
   vocab_size: int
