@@ -1,4 +1,4 @@
-"""Capacity (FINDINGS 5, issue 8): where does LoRA fall behind full fine-tuning on pure
+"""Capacity (FINDINGS 5): where does LoRA fall behind full fine-tuning on pure
 memorisation, and does the advisor's threshold rank predict it?
 
 The data is ``task:facts``: made-up keys with uniform random answers among 100, so every
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
-from jlora import advisor, config, data, lora, optim, train, trainer
+from jlora import advisor, config, data, optim, setup, train
 from bench.common import machine
 
 RANKS = (1, 2, 4, 8, 16)
@@ -83,26 +83,25 @@ def _recipe(model_dir, run_dir, facts, seed, method, rank, lr, steps, batch,
       "eval": {"batches": 0, "examples": 0}})
 
 
-def _nll_bits(s: trainer.Setup, trainable, cfg) -> float:
+def _nll_bits(s: setup.Setup, trainable, cfg) -> float:
   """Total cross-entropy over the answers of the whole fact table, in bits."""
   dcfg = dataclasses.replace(cfg.data, shuffle=False, epochs=1)
+  lm_loss = train.lm_loss(s.model, s.plan)
 
   @jax.jit
   def loss(trainable, batch):
-    params = lora.with_adapters(optim.combine(trainable["full"], s.frozen),
-                                 trainable["lora"], s.spec)
-    return train.token_loss_sum(s.model, params, batch)[0]
+    return lm_loss(trainable, s.frozen, batch)[0]
 
   total = sum(float(loss(trainable, b)) for b in data.dataset(dcfg, s.tok,
                                                                drop_remainder=False))
   return total / math.log(2)
 
 
-def _from_base(s: trainer.Setup, base_params) -> trainer.Setup:
+def _from_base(s: setup.Setup, base_params) -> setup.Setup:
   """``s`` starting from the format-trained base instead of the model file."""
   adapters = {} if s.cfg.train.method == "full" else jlora.init_adapters(
-      base_params, s.spec, jax.random.PRNGKey(s.cfg.train.seed))
-  trainable, frozen = optim.trainable(base_params, adapters, s.spec)
+      base_params, s.plan, jax.random.PRNGKey(s.cfg.train.seed))
+  trainable, frozen = optim.trainable(base_params, adapters, s.plan)
   trainable = jax.tree_util.tree_map(jnp.copy, trainable)  # the step donates it
   return dataclasses.replace(s, trainable=trainable, frozen=frozen)
 
@@ -124,11 +123,13 @@ def _batches(cfg, tok) -> list:
 
 def _train(cfg, base_params=None):
   """Train one config; returns (setup, trainable) after ``cfg.train.steps`` steps."""
-  s = trainer.setup(cfg)
+  s = setup.build(cfg, log=lambda _: None)
   if base_params is not None:
     s = _from_base(s, base_params)
   state = train.init_state(s.trainable, s.tx, s.mesh)
-  step = train.jit_step(train.make_step(s.model, s.spec, s.tx), state, s.frozen, s.mesh)
+  # The plain loss (no train.loss_chunk): the word-level vocabulary is small.
+  step = train.jit_step(train.make_step(train.lm_loss(s.model, s.plan), s.tx), state,
+                        s.frozen, s.mesh)
   batches = _batches(cfg, s.tok)
   for i in range(cfg.train.steps):
     state, metrics = step(state, s.frozen, batches[i % len(batches)])
@@ -165,7 +166,7 @@ def main(argv=None):
   # 1. The base learns the format (and the answer alphabet) on another table.
   fmt = _recipe(model_dir, run, args.facts, 1, "full", 1, 3e-3, args.format_steps, args.batch)
   s, tr = _train(fmt)
-  base = optim.combine(tr["full"], s.frozen)
+  base = optim.model_params(tr, s.frozen, s.plan)
   info = args.facts * BITS
   rows = []
 
@@ -184,8 +185,8 @@ def main(argv=None):
     return best
 
   print(f"format: {time.time() - t0:.0f} s", flush=True)
-  s0 = _from_base(trainer.setup(_recipe(model_dir, run, args.facts, 0, "full", 1, 1e-3, 1,
-                                        args.batch)), base)
+  s0 = _from_base(setup.build(_recipe(model_dir, run, args.facts, 0, "full", 1, 1e-3, 1,
+                                      args.batch), log=lambda _: None), base)
   before = _nll_bits(s0, s0.trainable, s0.cfg) / args.facts
   print(f"before: {before:.3f} bits/answer", flush=True)
   lrs = lambda text: [float(x) for x in text.split(",")]
@@ -197,7 +198,8 @@ def main(argv=None):
   model_cfg = s0.model_cfg
   for r in ranks:
     bits, lr = measure("lora", r, lrs(args.lr_lora))
-    params = sum(advisor._params_by_group(model_cfg, r, "all", alpha=32.0).values())
+    params = sum(advisor.params_by_group(advisor.plan_for(model_cfg, r, "all",
+                                                          alpha=32.0)).values())
     rows.append((r, params, bits, lr))
 
   # The advisor's threshold: the rank it says would hold the data (same rule as `advise`).

@@ -5,8 +5,9 @@
 Pipeline: the quickstart's data (task:arithmetic rendered with SmolLM2's chat template,
 packed into 8 x 128 rows), and optionally a text corpus (``jlora data fetch fortunes``).
 tokens/s counts row slots produced (batch x seq_len per batch: what a step consumes) and
-real (non-padding) tokens. Consumption: a jitted SmolLM2-135M LoRA (r=16, all layers)
-train step on the same batch shape, measured in the same run.
+real (non-padding) tokens. Consumption: the step `jlora train` runs (``train.make_step``
+over the chunked ``train.lm_loss``, compiled ahead) for SmolLM2-135M LoRA (r=16, all
+layers) on the same batch shape, measured in the same run.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from bench.common import block, machine, median_ms
 import jlora
-from jlora import data, models, optim, sharding, train
+from jlora import config, data, lora, models, optim, sharding, train
 
 SEQ, BATCH = 128, 8
 
@@ -38,18 +39,21 @@ def pipeline_rate(cfg: data.DataConfig, tok, batches: int) -> tuple[float, float
 
 
 def step_ms(batch: dict) -> float:
+  """ms per step of `jlora train`'s step (chunked loss, donated state, compiled ahead)."""
   model, params, cfg = models.load(models.smollm2_gguf(), remat=True)
-  spec = models.lora_spec(cfg, rank=16)
-  adapters = jax.jit(lambda p: jlora.init_adapters(p, spec, jax.random.PRNGKey(0)))(params)
-  trainable, frozen = optim.trainable(params, adapters, spec)
+  plan = lora.plan(params, models.lora_spec(cfg, rank=16))
+  adapters = jax.jit(lambda p: jlora.init_adapters(p, plan, jax.random.PRNGKey(0)))(params)
+  trainable, frozen = optim.trainable(params, adapters, plan)
   tx = optim.optimizer(1e-4)
   mesh = sharding.make_mesh()
   state = train.init_state(trainable, tx, mesh)
-  step = train.jit_step(train.make_step(model, spec, tx), state, frozen, mesh)
-  holder = {"state": state}
+  loss = train.lm_loss(model, plan, config.TrainSection().loss_chunk)
+  step = train.jit_step(train.make_step(loss, tx), state, frozen, mesh)
+  batch = sharding.global_batch(batch, mesh)
+  holder = {"state": state, "step": train.compile_step(step, state, frozen, batch)}
 
   def run():
-    holder["state"], metrics = step(holder["state"], frozen, batch)
+    holder["state"], metrics = holder["step"](holder["state"], frozen, batch)
     block(metrics)
 
   return median_ms(run, repeats=3, warmup=1)

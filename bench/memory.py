@@ -103,19 +103,20 @@ def _jlora(kind: str, steps: int) -> dict:
   params = jlora.lora.unflatten({
       p: jnp.asarray(0.02 * rng.standard_normal(shape, np.float32), base_dtype)
       for p, shape in models.param_shapes(model).items()})
-  if kind == "jlora-full":
-    spec, adapters = jlora.LoraSpec(rank=1, targets=None, full=(".*",)), {}
+  if kind == "jlora-full":  # as `jlora train` with train.method = "full"
+    plan, adapters = jlora.lora.plan(params, jlora.LoraSpec(rank=1, targets=None,
+                                                            full=(".*",))), {}
   else:
-    spec = models.lora_spec(cfg, RANK)
-    adapters = jax.jit(lambda p: jlora.init_adapters(p, spec, jax.random.PRNGKey(1)))(params)
-  trainable, frozen = optim.trainable(params, adapters, spec)
+    plan = jlora.lora.plan(params, models.lora_spec(cfg, RANK))
+    adapters = jax.jit(lambda p: jlora.init_adapters(p, plan, jax.random.PRNGKey(1)))(params)
+  trainable, frozen = optim.trainable(params, adapters, plan)
   del params, adapters
   tx = optim.optimizer(1e-4)
   mesh = sharding.make_mesh()
   state = train.init_state(trainable, tx, mesh)
   del trainable
-  step = train.jit_step(train.make_step(model, spec, tx, loss_chunk=None if plain else CHUNK),
-                        state, frozen, mesh)
+  loss = train.lm_loss(model, plan, loss_chunk=None if plain else CHUNK)
+  step = train.jit_step(train.make_step(loss, tx), state, frozen, mesh)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, cfg.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],

@@ -13,7 +13,7 @@ full=(".*",))``, as ``jlora train`` with ``train.method = "full"`` does.
 Tiny Llama: d=256, 4 layers, 4 heads, FFN 1024, vocab 512, tied embeddings, batch 16 x 128,
 LoRA r=16 alpha=32 on all 7 projections, AdamW; plus the jlora pair at the SmolLM2-135M
 layer shape (d=576, FFN 1536, 9 heads / 3 KV heads, 4 layers, batch 8 x 128).
-``--smoke``: the same code at toy shapes (seconds; checks that it runs, times nothing).
+``--smoke``: the same code at toy shapes, one repeat (checks that it runs; times nothing).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from flax import linen as nn
 
 import jlora
 from bench.common import block, machine, median_ms
-from jlora import lora, models, optim, train
+from jlora import config, lora, models, optim, train
 from jlora.models import ModelConfig, Transformer
 
 TINY = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=1024,
@@ -38,7 +38,7 @@ SMOL = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_
             num_layers=4, num_heads=9, num_kv_heads=3, head_dim=64, tie_embeddings=True,
             rope_theta=100000.0)
 RANK, ALPHA, LR = 16, 32.0, 1e-4
-LOSS_CHUNK = 256  # config.TrainConfig.loss_chunk's default: what `jlora train` runs
+LOSS_CHUNK = config.TrainSection().loss_chunk  # what `jlora train` runs by default
 FULL_SPEC = lora.LoraSpec(rank=1, targets=None, full=(".*",))  # `train.method = "full"`
 
 
@@ -98,11 +98,12 @@ def jlora_steps(cfg: ModelConfig, batch: int, seq: int, dtype=jnp.float32, count
 def model_flops(cfg: ModelConfig, tokens: int, seq: int, lora: bool) -> float:
   """Analytic training FLOPs per step, for MFU.
 
-  Matmuls: 2 FLOPs per weight per token forward, twice that backward for full FT (input
-  and weight gradients), once for LoRA (no frozen-weight gradients; the rank-r adapters'
-  own FLOPs are left out). Attention scores and values: causal attention counts half of
-  T x T (2 x T/2 x head_dim FLOPs per token, head and product: what a causal kernel
-  computes), and its backward is twice its forward in both methods (it has no weights).
+  Matmuls: 2 FLOPs per weight and token forward; backward 4 for full FT (input and weight
+  gradients), 2 for LoRA (input gradients only: the frozen weights get none; the rank-r
+  adapters' own FLOPs are left out). Attention scores (Q K^T) and values (P V): causal
+  attention counts half of T x T, i.e. 2 x T/2 x head_dim FLOPs per token, query head and
+  product (the lower triangle a causal kernel computes), and its backward is twice its
+  forward for both methods (attention has no weights).
   """
   d, L = cfg.hidden_size, cfg.num_layers
   attn = cfg.hidden_size * cfg.num_heads * cfg.head_dim * 2 + \

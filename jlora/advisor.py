@@ -1,5 +1,5 @@
 """The low-regret advisor: checks a run's config against the findings ("LoRA Without
-Regret", shared FINDINGS.md) before it starts. Each rule gives a severity (ok / warn /
+Regret"; docs/FINDINGS.md) before it starts. Each rule gives a severity (ok / warn /
 error), a one-line reason and the finding it comes from; ``jlora advise CONFIG`` prints
 the report and ``jlora train`` prints it and refuses an "error" unless ``--force``.
 """
@@ -26,7 +26,7 @@ class Finding:
   rule: str
   severity: str
   message: str
-  finding: int  # the item of FINDINGS.md ("Findings to encode") it comes from
+  finding: int  # the numbered finding in docs/FINDINGS.md it comes from
 
   def __str__(self) -> str:
     return f"{self.severity.upper():5s} {self.rule:9s} {self.message} [finding {self.finding}]"

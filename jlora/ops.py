@@ -6,7 +6,7 @@ without importing this module back). Its callers:
 
 - ``lora_dense`` / ``lora_dense_multi``: the hot path of jlora's own models. Activations
   are flattened to 2-D ``[tokens, features]`` first (on 3-D activations XLA transposes them
-  for every weight gradient, ~1.7x slower on CPU, see KERNEL.md), the thin matmuls
+  for every weight gradient, ~1.7x slower on XLA:CPU in the tiny-Llama step), the thin matmuls
   accumulate in f32, and the frozen base is never differentiated.
 - ``lora_einsum``: the same term for a layer whose contraction is an einsum (third-party
   Flax Dense, DenseGeneral, Einsum under ``jlora.apply``); a plain dense contraction is

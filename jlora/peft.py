@@ -1,5 +1,5 @@
-"""PEFT LoRA adapters, out and in: Hugging Face's adapter format (PEFT_FORMAT in the
-project's shared notes) from and to jlora's adapter trees.
+"""PEFT LoRA adapters, out and in: Hugging Face PEFT's adapter format
+(adapter_config.json + adapter_model.safetensors) from and to jlora's adapter trees.
 
 - ``save_peft``: jlora adapters -> ``adapter_model.safetensors`` + ``adapter_config.json``
   (HF module names, ``lora_A`` [r, in] / ``lora_B`` [out, r], per-module rank/alpha in

@@ -1,5 +1,5 @@
-"""The advisor: each rule with numbers from the findings, the CLI report, and train's
-refusal on an error finding."""
+"""The advisor: each rule with numbers from the findings (docs/FINDINGS.md), the CLI report,
+and train's refusal on an error finding."""
 
 import pytest
 
@@ -32,7 +32,14 @@ def test_the_recommended_recipe_passes_clean():
                             info_basis="measured")
   assert all(f.severity == "ok" for f in findings), advisor.report(findings)
   compute = _by_rule(findings)["compute"]
-  assert "0.69x" in compute.message  # 2/3 + the factors' share (FINDINGS 7)
+  # FINDINGS 7 by hand: per token FullFT runs 3 matmuls per dense kernel entry, LoRA 2
+  # (no frozen weight gradient) plus 3 per adapter parameter (6 r (in + out) / 2).
+  layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336
+  dense = 32 * layer + 4096 * 128256  # the lm_head kernel; the embedding is a lookup
+  adapters = 64 * 32 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+  ratio = (2 * dense + 3 * adapters) / (3 * dense)
+  assert advisor.compute_ratio(LLAMA_8B, adapters) == pytest.approx(ratio, rel=1e-12)
+  assert f"~{ratio:.2f}x" in compute.message and f"{ratio:.2f}" == "0.69"
 
 
 def test_lr_band_batch_thresholds_alpha_and_rslora(monkeypatch):

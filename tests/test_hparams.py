@@ -1,4 +1,4 @@
-"""The LR rule and LoRA parameter counts, against the numbers in FINDINGS.md."""
+"""The LR rule and LoRA parameter counts against docs/FINDINGS.md (findings 1, 2 and 8)."""
 
 import pytest
 
@@ -18,14 +18,19 @@ QWEN3_8B = ModelConfig("qwen3", vocab_size=151936, hidden_size=4096, intermediat
 @pytest.mark.parametrize("cfg, expected", [(LLAMA_8B, 2.9e-4), (LLAMA_1B, 4.9e-4),
                                            (QWEN3_8B, 4.7e-4)])
 def test_lora_lr_matches_the_published_fit(cfg, expected):
+  power = 0.781 if cfg.model_type == "llama" else 0.0775
+  assert hparams.full_ft_lr(cfg) == pytest.approx(5e-5 * (2000 / cfg.hidden_size) ** power)
   assert hparams.lora_lr(cfg) == pytest.approx(expected, rel=0.05)
   assert hparams.lora_lr(cfg) == pytest.approx(10 * hparams.full_ft_lr(cfg))
   assert hparams.lora_lr(cfg, steps=50) == pytest.approx(15 * hparams.full_ft_lr(cfg))
 
 
-def test_no_fit_for_other_families_is_said():
-  cfg = LLAMA_1B.replace(model_type="mistral")
-  assert hparams.full_ft_lr(cfg) > 0  # mistral uses the llama family fit
+def test_no_fit_for_other_families_is_said(monkeypatch):
+  mistral = LLAMA_1B.replace(model_type="mistral")
+  assert hparams.full_ft_lr(mistral) == hparams.full_ft_lr(LLAMA_1B)  # the llama family fit
+  monkeypatch.delitem(hparams.POWER, "llama")
+  with pytest.raises(ValueError, match="no learning-rate fit exists for the 'mistral'"):
+    hparams.full_ft_lr(mistral)
   with pytest.raises(ValueError, match="must be > 0"):
     hparams.lora_lr_from_full_ft(0.0)
   assert hparams.lora_lr_from_full_ft(2e-5) == pytest.approx(2e-4)
@@ -39,6 +44,13 @@ def test_no_fit_for_other_families_is_said():
 def test_llama_8b_lora_params_from_config_alone(rank, targets, billions):
   count = hparams.lora_params(LLAMA_8B, rank, targets)
   assert count / 1e9 == pytest.approx(billions, rel=0.02)
+  # r x (in + out) per adapted kernel: q and o 4096 -> 4096, k and v 4096 -> 1024, gate and
+  # up 4096 -> 14336, down 14336 -> 4096, lm_head 4096 -> 128256; 32 layers.
+  attn, mlp = 2 * (4096 + 4096) + 2 * (4096 + 1024), 3 * (4096 + 14336)
+  names = [targets] if isinstance(targets, str) else targets
+  per_layer = {"all": attn + mlp, "attn": attn, "mlp": mlp}[names[0]]
+  head = 4096 + 128256 if "lm_head" in names else 0
+  assert count == rank * (32 * per_layer + head)
 
 
 def test_moe_rank_per_expert():
