@@ -36,7 +36,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import jlora
 from jlora import advisor, config, data, optim, setup, train

@@ -8,6 +8,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+PyTree = Any
+
 
 def _key_name(k) -> str | None:
   if isinstance(k, jax.tree_util.DictKey):

@@ -12,7 +12,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from jlora import lora
