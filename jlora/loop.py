@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import jax
 
-from jlora import checkpoint, optim, rundir, sharding, train
+from jlora import atomic, checkpoint, optim, rundir, sharding, train
 
 
 class NonFiniteLoss(RuntimeError):
@@ -155,7 +155,7 @@ def _start(s, objective: Objective, ckpts, state, run_dir: str, resume: bool, lo
   log("evaluating before training")
   begin = time.perf_counter()
   before = objective.evaluate(state["trainable"])
-  rundir.write_json(start_file, before)
+  atomic.write_json(start_file, before)
   metrics.write({"step": 0, **before})
   log("before training: " + (", ".join(f"{k} {v:.4g}" for k, v in before.items()) or
                              "no held-out data") + f" ({time.perf_counter() - begin:.1f} s)")
@@ -192,16 +192,14 @@ def run(s, objective: Objective, run_dir: str, *, resume: bool = False,
     with deferred_signals() as received:
       state, last, after = _steps(s, objective, ckpts, metrics_out, state, first, received,
                                   progress, run_dir)
-  except Interrupted:
-    ckpts.close()
-    raise
+    ckpts.wait()
+    latest = ckpts.latest_step()
+    stored = None if latest is None else ckpts.stored_bytes(latest)
   finally:
     if metrics_out is not None:
       metrics_out.close()
-    ckpts.wait()
     objective.batches.close()
-  stored = ckpts.stored_bytes(ckpts.latest_step()) if ckpts.latest_step() else None
-  ckpts.close()
+    ckpts.close()  # waits for saves in flight, whatever stopped the loop
   if not after:
     after = objective.evaluate(state["trainable"])
   return Result(state, first, before, after, last, stored)
@@ -254,8 +252,7 @@ def _steps(s, objective, ckpts, metrics_out, state, first, received, progress, r
       bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s'] or 0:.0f}")
       bar.update(n - bar.n)
       if stop:
-        ckpts.wait()
-        raise Interrupted(received[0], n, run_dir)
+        raise Interrupted(received[0], n, run_dir)  # run() waits for the save to commit
   finally:
     bar.close()
   return state, last, after

@@ -30,12 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from jlora import atomic, checkpoint, config as config_lib, lora
+from jlora import checkpoint, config as config_lib, lora
 
 # Config keys that must not change across --resume (they define the state on disk).
 _FROZEN_ON_RESUME = ("model", "lora", "train.method", "train.seed", "data", "mesh")
 LOCK_FILE = ".lock"
-write_json = atomic.write_json
 
 
 def _get(tree: dict, key: str):
@@ -66,6 +65,8 @@ def check(cfg: config_lib.RunConfig, resume: bool) -> str:
   config; neither may start while another process holds the directory."""
   run_dir = os.path.abspath(cfg.run_dir)
   saved = os.path.join(run_dir, "config.json")
+  if os.path.isdir(run_dir) and (holder := Lock.holder(run_dir)):
+    raise ValueError(f"{run_dir} is in use by {holder}")
   if resume:
     if not os.path.isfile(saved):
       raise ValueError(f"{run_dir}: nothing to resume (no config.json)")
@@ -78,17 +79,10 @@ def check(cfg: config_lib.RunConfig, resume: bool) -> str:
       raise ValueError(f"cannot resume {run_dir}: changed since it started: "
                        f"{'; '.join(changed)}")
   elif os.path.isdir(run_dir) and os.listdir(run_dir):
-    holder = Lock.holder(run_dir)
-    if holder:
-      raise ValueError(f"{run_dir} is in use by {holder}")
     raise ValueError(f"{run_dir} already holds a run: add --resume to continue it, or "
                      "set run_dir to a new directory")
   elif os.path.exists(run_dir) and not os.path.isdir(run_dir):
     raise ValueError(f"{run_dir}: cannot write the run directory (not a directory)")
-  if os.path.isdir(run_dir):
-    holder = Lock.holder(run_dir)
-    if holder:
-      raise ValueError(f"{run_dir} is in use by {holder}")
   return run_dir
 
 

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import advisor, checkpoint, config as config_lib, data, evaluate, loop, models
-from jlora import optim, rundir, setup, sharding, train
+from jlora import advisor, atomic, checkpoint, config as config_lib, data, evaluate, loop
+from jlora import models, optim, rundir, setup, sharding, train
 from jlora.data import render
 from jlora.loop import Interrupted, NonFiniteLoss  # noqa: F401  (the CLI catches them here)
 
@@ -29,14 +29,14 @@ def sft_objective(s: setup.Setup) -> loop.Objective:
   out, the same loss and (for tasks that can check answers) greedy accuracy."""
   cfg = s.cfg
   loss = train.lm_loss(s.model, s.plan, cfg.train.loss_chunk)
-  loss_fn = jax.jit(lambda tr, batch: loss(tr, s.frozen, batch))
+  loss_fn = jax.jit(loss)  # frozen passed as an argument: not baked into the program
   held_out = [sharding.global_batch(b, s.mesh) for b in evaluate.eval_batches(cfg, s.tok)]
   task, records = evaluate.task_records(cfg)
 
   def eval_loss(trainable) -> dict:
     if not held_out:
       return {}
-    sums = [loss_fn(trainable, b) for b in held_out]
+    sums = [loss_fn(trainable, s.frozen, b) for b in held_out]
     return {"eval_loss": float(sum(x for x, _ in sums) / max(sum(n for _, n in sums), 1.0))}
 
   def held_out_metrics(trainable) -> dict:
@@ -122,7 +122,7 @@ def _finish(s: setup.Setup, run_dir: str, result: loop.Result) -> dict:
       "checkpoint_array_bytes": result.stored_bytes,  # the last checkpoint: no frozen base
       "checkpoint_bytes": checkpoint.size_bytes(step_dir) if os.path.isdir(step_dir) else None,
   }
-  rundir.write_json(os.path.join(run_dir, "summary.json"), summary)
+  atomic.write_json(os.path.join(run_dir, "summary.json"), summary)
   return summary
 
 

@@ -207,11 +207,7 @@ def _fused(lhs, w, low, low_w, out_dtype, kernel: _Kernel, *, w_transposed: bool
   """lhs[M, R] . w + low[M, r] . low_w -> [M, P] with f32 accumulation, where "." is a
   matmul (w [R, P], low_w [r, P]) or, with ``w_transposed``, a matmul against the
   transpose (w [P, R], low_w [P, r]), contracted in-kernel. The low-rank product seeds the
-  accumulator; the rank is zero-padded to what the target needs (exact).
-
-  Longer than most functions here on purpose: each layout's kernel body closes over its
-  tile sizes and grid, so the two bodies and their BlockSpecs stay side by side with the
-  shared padding rules rather than being threaded through helpers."""
+  accumulator; the rank is zero-padded to what the target needs (exact)."""
   m, red = lhs.shape
   p = w.shape[0] if w_transposed else w.shape[1]
   r = low.shape[1]
@@ -223,45 +219,53 @@ def _fused(lhs, w, low, low_w, out_dtype, kernel: _Kernel, *, w_transposed: bool
   dims = (((1,), (1,)), ((), ())) if w_transposed else (((1,), (0,)), ((), ()))
   dot = lambda u, v: jax.lax.dot_general(u, v, dims, preferred_element_type=jnp.float32)
   out = jax.ShapeDtypeStruct((m, p), out_dtype)
-  args = (lhs, w, low, low_w)
+  layout = _fused_tpu if kernel.target == "tpu" else _fused_gpu
+  return layout((lhs, w, low, low_w), out, dot, r, kernel, w_transposed, name)
 
-  if kernel.target == "tpu":
-    from jax.experimental.pallas import tpu as pltpu
-    # Mosaic: blocks are multiples of (8, 128) or whole dims; the reduction is the last,
-    # "arbitrary" grid axis and the accumulator stays in VMEM across it.
-    bm = m if m <= 256 else 256  # an edge block past M is masked on write
-    bp, br = _divisor_tile(p, (512, 256, 128)), _divisor_tile(red, (512, 256, 128))
-    steps = red // br
-    w_block = (bp, br) if w_transposed else (br, bp)
-    w_index = (lambda i, j, k: (j, k)) if w_transposed else (lambda i, j, k: (k, j))
-    lw_block = (bp, r) if w_transposed else (r, bp)
-    lw_index = (lambda i, j, k: (j, 0)) if w_transposed else (lambda i, j, k: (0, j))
 
-    def body(lhs_ref, w_ref, low_ref, low_w_ref, out_ref, acc_ref):
-      k = pl.program_id(2)
+def _fused_tpu(args, out, dot, r, kernel: _Kernel, w_transposed: bool, name: str):
+  """The Mosaic layout of ``_fused`` (``args`` = lhs, w, low, low_w, rank padded to r)."""
+  from jax.experimental.pallas import tpu as pltpu
+  (m, red), p = args[0].shape, out.shape[1]
+  # Mosaic: blocks are multiples of (8, 128) or whole dims; the reduction is the last,
+  # "arbitrary" grid axis and the accumulator stays in VMEM across it.
+  bm = m if m <= 256 else 256  # an edge block past M is masked on write
+  bp, br = _divisor_tile(p, (512, 256, 128)), _divisor_tile(red, (512, 256, 128))
+  steps = red // br
+  w_block = (bp, br) if w_transposed else (br, bp)
+  w_index = (lambda i, j, k: (j, k)) if w_transposed else (lambda i, j, k: (k, j))
+  lw_block = (bp, r) if w_transposed else (r, bp)
+  lw_index = (lambda i, j, k: (j, 0)) if w_transposed else (lambda i, j, k: (0, j))
 
-      @pl.when(k == 0)
-      def _():
-        acc_ref[...] = dot(low_ref[...], low_w_ref[...])
+  def body(lhs_ref, w_ref, low_ref, low_w_ref, out_ref, acc_ref):
+    k = pl.program_id(2)
 
-      acc_ref[...] += dot(lhs_ref[...], w_ref[...].astype(lhs_ref.dtype))
+    @pl.when(k == 0)
+    def _():
+      acc_ref[...] = dot(low_ref[...], low_w_ref[...])
 
-      @pl.when(k == steps - 1)
-      def _():
-        out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+    acc_ref[...] += dot(lhs_ref[...], w_ref[...].astype(lhs_ref.dtype))
 
-    return pl.pallas_call(
-        body, out_shape=out, grid=(pl.cdiv(m, bm), p // bp, steps),
-        in_specs=[pl.BlockSpec((bm, br), lambda i, j, k: (i, k)), pl.BlockSpec(w_block, w_index),
-                  pl.BlockSpec((bm, r), lambda i, j, k: (i, 0)),
-                  pl.BlockSpec(lw_block, lw_index)],
-        out_specs=pl.BlockSpec((bm, bp), lambda i, j, k: (i, j)),
-        scratch_shapes=[pltpu.VMEM((bm, bp), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=kernel.interpret, name=name)(*args)
+    @pl.when(k == steps - 1)
+    def _():
+      out_ref[...] = acc_ref[...].astype(out_ref.dtype)
 
-  # Triton: power-of-two tiles >= 16; each program loops over the reduction itself.
+  return pl.pallas_call(
+      body, out_shape=out, grid=(pl.cdiv(m, bm), p // bp, steps),
+      in_specs=[pl.BlockSpec((bm, br), lambda i, j, k: (i, k)), pl.BlockSpec(w_block, w_index),
+                pl.BlockSpec((bm, r), lambda i, j, k: (i, 0)),
+                pl.BlockSpec(lw_block, lw_index)],
+      out_specs=pl.BlockSpec((bm, bp), lambda i, j, k: (i, j)),
+      scratch_shapes=[pltpu.VMEM((bm, bp), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=kernel.interpret, name=name)(*args)
+
+
+def _fused_gpu(args, out, dot, r, kernel: _Kernel, w_transposed: bool, name: str):
+  """The Triton layout of ``_fused``: power-of-two tiles >= 16; each program loops over
+  the reduction itself (Triton programs cannot carry state across grid steps)."""
+  (m, red), p = args[0].shape, out.shape[1]
   bm = min(128, _pow2_at_least(m, 16))  # rows past M are masked on load and store
   bp, br = _divisor_tile(p, (128, 64, 32, 16)), _divisor_tile(red, (64, 32, 16))
   for dim, tile in ((p, bp), (red, br)):

@@ -20,8 +20,9 @@ from jlora.models.config import ModelConfig
 from jlora.models.generate import generate
 from jlora.models.transformer import Transformer, init_cache, layouts
 
-__all__ = ["ModelConfig", "Transformer", "abstract_arrays", "abstract_params", "generate", "init_cache",
-           "layouts", "load", "load_tokenizer", "lora_spec", "param_shapes", "smollm2_gguf"]
+__all__ = ["ModelConfig", "Transformer", "abstract_arrays", "abstract_params", "generate",
+           "init_cache", "layouts", "load", "load_tokenizer", "lora_spec", "param_shapes",
+           "smollm2_gguf"]
 
 
 def abstract_params(model: Transformer):
