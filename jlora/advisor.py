@@ -178,10 +178,50 @@ def advise(cfg: ModelConfig, *, rank: int, targets="all", alpha: float = 32.0,
   return out
 
 
+def rl_capacity(steps: int, episodes_per_step: int, bits_per_episode: float,
+                trainable_params: int, method: str = "lora") -> Finding:
+  """FINDINGS 6: a policy-gradient episode carries ~1 bit (its advantage is a function of
+  one scalar reward: at most log2 of the number of distinct rewards), so an RL run's
+  information is episodes x bits, far below what even rank 1 can hold."""
+  bits = steps * episodes_per_step * bits_per_episode
+  capacity = BITS_PER_PARAM * trainable_params
+  what = "LoRA" if method == "lora" else "trained"
+  line = (f"RL: {steps} steps x {episodes_per_step} episodes x <= {bits_per_episode:g} bit = "
+          f"{bits:,.0f} bits vs {BITS_PER_PARAM:g} bits x {trainable_params:,} {what} params "
+          f"({bits / capacity:.2g}x capacity)")
+  if bits <= capacity:
+    return Finding("rl", "ok", line + (": any rank has room (rank 1 matches FullFT)"
+                                       if method == "lora" else ""), 6)
+  return Finding("rl", "warn", line + ": more than the adapters can hold; raise the rank", 6)
+
+
+def _rl_findings(run_cfg, model_cfg: ModelConfig, plan: lora.Plan | None) -> list[Finding]:
+  l, t, rl = run_cfg.lora, run_cfg.train, run_cfg.rl
+  if t.method == "lora":
+    plan = plan or plan_for(model_cfg, l.rank, l.targets, alpha=l.alpha, rslora=l.rslora,
+                            full=tuple(l.full))
+    coverage, params = _coverage(model_cfg, plan, {"alpha": l.alpha, "rslora": l.rslora})
+    out = [coverage]
+  else:
+    from jlora import models
+    params = sum(math.prod(s) for s in
+                 models.param_shapes(models.Transformer(model_cfg)).values())
+    out = []
+  out.append(_learning_rate(model_cfg, t.lr, t.steps, t.method))
+  # distinct rewards: right/wrong, times with/without the format bonus
+  bits = math.log2(4) if rl.format_reward and rl.reward == "answer" else 1.0
+  out.append(rl_capacity(t.steps, rl.rows, bits, params, t.method))
+  if t.method == "lora":
+    out.append(_alpha(plan.spec.alpha, plan.spec.rslora, t.lr))
+  return out
+
+
 def advise_run(run_cfg, model_cfg: ModelConfig, stats=None, plan: lora.Plan | None = None
                ) -> list[Finding]:
   """``advise`` for a jlora RunConfig (``stats``: ``jlora.data.Stats`` when available;
   ``plan``: the run's resolved plan, so the advisor checks what will be trained)."""
+  if getattr(run_cfg, "rl", None) is not None:
+    return _rl_findings(run_cfg, model_cfg, plan)
   l, t, d = run_cfg.lora, run_cfg.train, run_cfg.data
   per_row = None
   if stats is not None and d.pack and stats.examples:

@@ -34,15 +34,19 @@ def _parser() -> argparse.ArgumentParser:
   demo.add_argument("--steps", type=_positive_int, default=300)
   demo.add_argument("--lr", type=float, default=3e-3)
   demo.add_argument("--seed", type=int, default=0)
-  run = sub.add_parser("train", help="train from a TOML recipe (see configs/)")
-  run.add_argument("config", help="recipe file, e.g. configs/quickstart.toml")
-  run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set train.steps=50 (repeatable)")
-  run.add_argument("--resume", action="store_true",
-                   help="continue the run in run_dir from its last checkpoint")
-  run.add_argument("--no-progress", action="store_true", help="no progress bar")
-  run.add_argument("--force", action="store_true",
-                   help="train even when the advisor reports an error")
+  for name, help_, example in (
+      ("train", "train from a TOML recipe (see configs/)", "configs/quickstart.toml"),
+      ("rl", "policy-gradient RL on rewards from a TOML recipe with an [rl] section "
+       "(rank 1 by default)", "configs/rl_arithmetic.toml")):
+    run = sub.add_parser(name, help=help_)
+    run.add_argument("config", help=f"recipe file, e.g. {example}")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a setting, e.g. --set train.steps=50 (repeatable)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in run_dir from its last checkpoint")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--force", action="store_true",
+                     help="train even when the advisor reports an error")
   adv = sub.add_parser("advise", help="check a recipe against the findings (no training)")
   adv.add_argument("config")
   adv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -145,7 +149,7 @@ def _data(args) -> None:
 
 def _summary_line(summary: dict, run_dir: str) -> str:
   parts = [f"{summary['steps']} steps"]
-  for name in ("eval_loss", "accuracy"):
+  for name in ("eval_loss", "accuracy", "eval_reward"):
     a, b = summary.get(f"{name}_before"), summary.get(f"{name}_after")
     if a is not None and b is not None:
       parts.append(f"held-out {name.replace('eval_', '')} {a:.4g} -> {b:.4g}")
@@ -153,16 +157,20 @@ def _summary_line(summary: dict, run_dir: str) -> str:
 
 
 def _train(args) -> int:
-  from jlora import config, trainer
-  cfg = config.load(args.config, args.set)
+  from jlora import config, rl, trainer
+  if args.command == "rl":
+    cfg = rl.load_config(args.config, args.set)
+    run = rl.run
+  else:
+    cfg, run = config.load(args.config, args.set), trainer.run
   try:
-    summary = trainer.run(cfg, resume=args.resume, progress=not args.no_progress,
-                          force=args.force)
+    summary = run(cfg, resume=args.resume, progress=not args.no_progress, force=args.force)
   except trainer.NonFiniteLoss as e:
     print(f"jlora: {e}", file=sys.stderr)
     return 1
   except trainer.Interrupted as e:
-    again = ["jlora", "train", args.config] + [f"--set={x}" for x in args.set] + ["--resume"]
+    again = ["jlora", args.command, args.config] + [f"--set={x}" for x in args.set] + \
+        ["--resume"]
     print(f"jlora: {e}; resume with: {shlex.join(again)}", file=sys.stderr)
     return e.exit_code
   print(_summary_line(summary, cfg.run_dir))
@@ -177,7 +185,7 @@ def _run(args) -> int:
     _data(args)
   elif args.command in ("export", "import-peft", "merge"):
     _interop(args)
-  elif args.command == "train":
+  elif args.command in ("train", "rl"):
     return _train(args)
   elif args.command == "advise":
     from jlora import advisor, config, trainer

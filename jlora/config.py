@@ -104,6 +104,49 @@ class EvalSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class RLSection:
+  """``jlora rl``: policy-gradient RL on rewards (jlora.rl). Each step samples
+  ``prompts_per_step`` prompts from ``data.source`` x ``group_size`` completions from the
+  current policy (base + adapters), scores them, and takes one optimizer step on
+  ``prompts_per_step * group_size`` rows (``data.batch_size`` is not used)."""
+  group_size: int = 8  # completions per prompt; advantages are centred within a group
+  prompts_per_step: int = 16
+  max_new_tokens: int = 24
+  temperature: float = 1.0
+  top_p: float = 1.0
+  loss: str = "importance_sampling"  # or "ppo" (clipped ratio)
+  clip: float = 0.2  # ppo: the ratio is clipped to [1 - clip, 1 + clip]
+  kl_coef: float = 0.0  # KL penalty to the reference policy (the base, adapters off)
+  track_kl: bool = True  # report the KL to the reference each step (one more forward)
+  normalize_std: bool = False  # divide advantages by the group's reward std (GRPO)
+  drop_constant_groups: bool = False  # groups whose rewards are all equal: no tokens
+  reward: str = "answer"  # "answer" (the record's answer, parsed leniently) or module:function
+  format_reward: float = 0.0  # added when the answer is stated explicitly
+  bucket: int = 16  # prompts are left-padded to a multiple of this many tokens
+
+  def __post_init__(self):
+    for name in ("group_size", "prompts_per_step", "max_new_tokens", "bucket"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
+    if self.loss not in ("importance_sampling", "ppo"):
+      raise ValueError(f"rl.loss {self.loss!r} is not 'importance_sampling' or 'ppo'")
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):
+      raise ValueError(f"rl.temperature must be >= 0, got {self.temperature}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"rl.top_p must be in (0, 1], got {self.top_p}")
+    if not 0 < self.clip < 1:
+      raise ValueError(f"rl.clip must be in (0, 1), got {self.clip}")
+    if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
+      raise ValueError(f"rl.kl_coef must be >= 0, got {self.kl_coef}")
+    if not math.isfinite(self.format_reward):
+      raise ValueError(f"rl.format_reward must be finite, got {self.format_reward}")
+
+  @property
+  def rows(self) -> int:
+    return self.group_size * self.prompts_per_step
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
   run_dir: str
   data: DataConfig
@@ -112,6 +155,7 @@ class RunConfig:
   train: TrainSection = TrainSection()
   eval: EvalSection = EvalSection()
   mesh: MeshConfig = MeshConfig()  # data / fsdp / tensor sizes (jlora.sharding)
+  rl: RLSection | None = None  # set for ``jlora rl`` runs (RL_DEFAULTS)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -177,8 +221,9 @@ def _all_keys(cls, prefix: str = "") -> list[str]:
   for f in dataclasses.fields(cls):
     hint = typing.get_type_hints(cls)[f.name]
     out.append(prefix + f.name)
-    if dataclasses.is_dataclass(hint):
-      out.extend(_all_keys(hint, f"{prefix}{f.name}."))
+    nested = [h for h in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(h)]
+    if nested:
+      out.extend(_all_keys(nested[0], f"{prefix}{f.name}."))
   return out
 
 
@@ -227,12 +272,30 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
   return values
 
 
-def from_dict(values: dict, overrides: list[str] = ()) -> RunConfig:
-  return _build(RunConfig, apply_overrides(values, list(overrides)))
+# What ``jlora rl`` changes in the defaults (FINDINGS 6: an episode carries ~1 bit, so
+# rank 1 has capacity to spare); a recipe's own values win.
+RL_DEFAULTS = {"lora": {"rank": 1}, "rl": {}}
 
 
-def load(path: str, overrides: list[str] = ()) -> RunConfig:
-  """A RunConfig from a TOML recipe (or a run directory's config.json) plus overrides."""
+def _with_defaults(values: dict, defaults: dict) -> dict:
+  out = dict(values)
+  for key, value in defaults.items():
+    if isinstance(value, dict) and isinstance(out.get(key, {}), dict):
+      out[key] = _with_defaults(out.get(key) or {}, value)
+    else:
+      out.setdefault(key, value)
+  return out
+
+
+def from_dict(values: dict, overrides: list[str] = (), defaults: dict | None = None
+              ) -> RunConfig:
+  values = apply_overrides(values, list(overrides))
+  return _build(RunConfig, _with_defaults(values, defaults) if defaults else values)
+
+
+def load(path: str, overrides: list[str] = (), defaults: dict | None = None) -> RunConfig:
+  """A RunConfig from a TOML recipe (or a run directory's config.json) plus overrides;
+  ``defaults`` (e.g. ``RL_DEFAULTS``) fill in what neither sets."""
   try:
     with open(path, "rb") as f:
       raw = f.read()
@@ -245,7 +308,7 @@ def load(path: str, overrides: list[str] = ()) -> RunConfig:
   except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'TOML'} "
                      f"({e})") from None
-  return from_dict(values, overrides)
+  return from_dict(values, overrides, defaults)
 
 
 def model_path(cfg: RunConfig) -> str:

@@ -58,6 +58,7 @@ class Batches(Protocol):
   current policy); its position round-trips through JSON for checkpoints."""
 
   def next(self, state: Any) -> Any: ...
+  def metrics(self) -> dict: ...  # host-side metrics of the last batch (e.g. rewards)
   def get_state(self) -> dict: ...
   def set_state(self, state: dict) -> None: ...
   def close(self) -> None: ...
@@ -73,6 +74,9 @@ class DataBatches:
   def next(self, state) -> dict:
     del state  # supervised data does not depend on the model
     return sharding.global_batch(next(self._it), self._mesh)
+
+  def metrics(self) -> dict:
+    return {}
 
   def get_state(self) -> dict:
     return self._it.get_state()
@@ -176,6 +180,24 @@ def _row(n: int, m: dict, lr: float, seen_tokens: int, elapsed: float) -> dict:
           "elapsed_s": elapsed, **extra}
 
 
+class _Timer:
+  """Wall seconds per step, and those spent getting batches (data loading; sampling for
+  RL), averaged over the steps since the last logged row."""
+
+  def __init__(self):
+    self.mark, self.steps, self.data = time.perf_counter(), 0, 0.0
+
+  def batch(self, seconds: float) -> None:
+    self.steps, self.data = self.steps + 1, self.data + seconds
+
+  def take(self) -> dict:
+    now = time.perf_counter()
+    out = {"step_s": (now - self.mark) / max(self.steps, 1),
+           "data_s": self.data / max(self.steps, 1)}
+    self.mark, self.steps, self.data = now, 0, 0.0
+    return out
+
+
 def run(s, objective: Objective, run_dir: str, *, resume: bool = False,
         log: Callable[[str], None] = print, progress: bool = True) -> Result:
   """Train ``s`` (a ``jlora.setup.Setup``) with ``objective`` from step 0 or the latest
@@ -213,9 +235,12 @@ def _steps(s, objective, ckpts, metrics_out, state, first, received, progress, r
                            s.frozen, s.mesh)
   bar = _progress(t.steps, first, progress)
   begin, seen_tokens, last, after, good = time.perf_counter(), 0, None, {}, first
+  timer = _Timer()
   try:
     for step in range(first, t.steps):
+      fetch = time.perf_counter()
       batch = objective.batches.next(state)
+      timer.batch(time.perf_counter() - fetch)
       if step == first:
         step_fn = train.compile_step(step_fn, state, s.frozen, batch)
       state, metrics = step_fn(state, s.frozen, batch)
@@ -238,6 +263,7 @@ def _steps(s, objective, ckpts, metrics_out, state, first, received, progress, r
       good = n
       row = _row(n, m, optim.lr_at(s.lr_schedule, step), seen_tokens,
                  time.perf_counter() - begin)
+      row.update(timer.take(), **objective.batches.metrics())
       if final:
         after = objective.evaluate(state["trainable"])
         row.update(after)

@@ -162,7 +162,7 @@ class Metrics:
   """
 
   FIELDS = ("step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s", "eval_loss",
-            "accuracy", "elapsed_s")
+            "accuracy", "elapsed_s", "step_s", "data_s")
 
   def __init__(self, run_dir: str, keep_through: int | None, fields=FIELDS):
     self.jsonl = os.path.join(run_dir, "metrics.jsonl")

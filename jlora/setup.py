@@ -24,7 +24,7 @@ class Preflight:
   """What the cheap checks learned: the model's config and the data's statistics."""
   model_path: str
   model_cfg: Any
-  stats: data.Stats
+  stats: Any  # data.Stats (SFT) or a line describing RL's prompts
 
 
 @dataclasses.dataclass
@@ -54,12 +54,13 @@ def preflight(cfg: config_lib.RunConfig, stats_limit: int = 2000) -> Preflight:
   mesh_shape = cfg.mesh.shape(jax.device_count())
   shards = mesh_shape[0] * mesh_shape[1]
   d, t = cfg.data, cfg.train
-  if d.batch_size % shards:
-    raise ValueError(f"data.batch_size={d.batch_size} is not divisible by the mesh's "
-                     f"data x fsdp = {shards} shards (set mesh.data, or the batch size)")
-  if d.batch_size % t.grad_accum:
-    raise ValueError(f"data.batch_size={d.batch_size} is not divisible by "
-                     f"train.grad_accum={t.grad_accum}")
+  rows, what = ((cfg.rl.rows, f"rl.prompts_per_step x rl.group_size = {cfg.rl.rows}")
+                if cfg.rl else (d.batch_size, f"data.batch_size={d.batch_size}"))
+  if rows % shards:
+    raise ValueError(f"{what} is not divisible by the mesh's data x fsdp = {shards} shards "
+                     "(set mesh.data, or the batch size)")
+  if rows % t.grad_accum:
+    raise ValueError(f"{what} is not divisible by train.grad_accum={t.grad_accum}")
   path = config_lib.model_path(cfg)
   model_cfg = models.read_config(path)
   if d.seq_len > model_cfg.max_position_embeddings:
@@ -69,6 +70,8 @@ def preflight(cfg: config_lib.RunConfig, stats_limit: int = 2000) -> Preflight:
   if cfg.lora.init is not None and cfg.train.method == "lora":
     peft.read_config(cfg.lora.init)
   tok = data.Tokenizer.from_model(path)
+  if cfg.rl is not None:
+    return Preflight(path, model_cfg, _rl_preflight(cfg))
   stats = data.stats(d, tok, limit=stats_limit)
   if stats.trainable_tokens == 0:
     raise ValueError(
@@ -79,6 +82,27 @@ def preflight(cfg: config_lib.RunConfig, stats_limit: int = 2000) -> Preflight:
   if eval_cfg is not None and cfg.eval.batches:
     data.open_source(eval_cfg)  # a missing or unreadable eval.source fails here
   return Preflight(path, model_cfg, stats)
+
+
+def _rl_preflight(cfg: config_lib.RunConfig) -> str:
+  """RL's data checks: the prompts' source opens and has prompts (and answers, for the
+  built-in reward); the reward function imports. Returns a line describing the data."""
+  from jlora import evaluate
+  from jlora.rl import rewards
+  rewards.load(cfg.rl.reward)
+  source = data.open_source(cfg.data)
+  first = source[0]
+  field = cfg.data.fields.prompt
+  if field not in first:
+    raise ValueError(f"data.source {cfg.data.source!r}: records have no {field!r} field "
+                     f"(RL needs prompts; fields: {', '.join(sorted(first))})")
+  if cfg.rl.reward == "answer" and "answer" not in first:
+    raise ValueError(f"data.source {cfg.data.source!r}: records have no 'answer' for "
+                     "rl.reward = 'answer' (give one, or a module:function reward)")
+  eval_cfg = evaluate.eval_data_config(cfg)
+  if eval_cfg is not None and cfg.eval.examples:
+    data.open_source(eval_cfg)
+  return f"{len(source)} prompts from {cfg.data.source}"
 
 
 def _learning_rate(cfg: config_lib.RunConfig, model_cfg) -> float:

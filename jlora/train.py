@@ -25,40 +25,45 @@ from jlora import sharding as sharding_lib
 LossFn = Callable[..., tuple]  # (trainable, frozen, batch) -> (sum, count[, aux sums])
 
 
-def token_loss_sum(model, params, batch, chunk: int | None = None
-                   ) -> tuple[jax.Array, jax.Array]:
-  """(sum of masked token cross-entropies in f32, number of masked-in tokens).
+def token_logprobs(model, params, batch, chunk: int | None = None) -> jax.Array:
+  """[B, T] f32 log-probabilities of ``batch["targets"]`` under the model (every
+  objective's per-token quantity: SFT's cross-entropy is their negation, RL weighs them by
+  advantages).
 
   With ``chunk`` (and a model with ``hidden``/``logits`` methods, as jlora's are) the
-  unembedding and cross-entropy run over ``chunk`` tokens at a time under
+  unembedding and log-softmax run over ``chunk`` tokens at a time under
   ``jax.checkpoint``: the ``[B, T, vocab]`` f32 logits are never held, forward or
   backward, only one ``[chunk, vocab]`` block at a time (for SmolLM2's 49k vocabulary at
   8 x 128 tokens that is 200 MB of logits, plus as much again for their gradient).
   """
-  mask = batch["mask"].astype(jnp.float32)
   args = (batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+  targets = batch["targets"]
   if chunk is None or not hasattr(model, "logits"):
     logits, _ = model.apply({"params": params}, *args)
-    xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    return jnp.sum(xent * mask), jnp.sum(mask)
+    return -optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   h, _ = model.apply({"params": params}, *args, method="hidden")
-  n = h.shape[0] * h.shape[1]
+  B, T = targets.shape
+  n = B * T
   chunk = min(chunk, n)
   pad = -n % chunk
-  flat = lambda x: jnp.pad(x.reshape(n, *x.shape[2:]), [(0, pad)] + [(0, 0)] * (x.ndim - 2))
-  h_c, t_c, m_c = (flat(x).reshape(-1, chunk, *x.shape[2:])
-                   for x in (h, batch["targets"], mask))
+  h_c = jnp.pad(h.reshape(n, -1), ((0, pad), (0, 0))).reshape(-1, chunk, h.shape[-1])
+  t_c = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)
 
   @jax.checkpoint
-  def chunk_loss(params, h, t, m):
+  def chunk_logprobs(params, h, t):
     logits = model.apply({"params": params}, h, method="logits")
-    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, t) * m)
+    return -optax.softmax_cross_entropy_with_integer_labels(logits, t)
 
-  def body(total, xs):
-    return total + chunk_loss(params, *xs), None
+  _, logp = jax.lax.scan(lambda c, xs: (c, chunk_logprobs(params, *xs)), None, (h_c, t_c))
+  return logp.reshape(-1)[:n].reshape(B, T)
 
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h_c, t_c, m_c))
-  return total, jnp.sum(mask)
+
+def token_loss_sum(model, params, batch, chunk: int | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """(sum of masked token cross-entropies in f32, number of masked-in tokens); chunked as
+  ``token_logprobs``."""
+  mask = batch["mask"].astype(jnp.float32)
+  return -jnp.sum(token_logprobs(model, params, batch, chunk) * mask), jnp.sum(mask)
 
 
 def lm_loss(model, spec, loss_chunk: int | None = None) -> LossFn:
@@ -70,6 +75,14 @@ def lm_loss(model, spec, loss_chunk: int | None = None) -> LossFn:
   return loss
 
 
+_AUX_START = {"_min": jnp.inf, "_max": -jnp.inf}  # aux reduced by min / max, not summed
+
+
+def _combine_aux(a: dict, b: dict) -> dict:
+  return {k: jnp.minimum(a[k], b[k]) if k.endswith("_min") else
+          jnp.maximum(a[k], b[k]) if k.endswith("_max") else a[k] + b[k] for k in a}
+
+
 def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int = 1
               ) -> Callable:
   """The one training step: ``step(state, frozen, batch) -> (state, metrics)``, pure and
@@ -78,7 +91,9 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int
   Args:
     loss_fn: ``loss_fn(trainable, frozen, batch) -> (total, count)`` or ``(total, count,
       aux)``: a *sum* of per-token (or per-example) losses, the number of terms it sums,
-      and optionally a dict of scalar sums to report. The step divides once, after
+      and optionally a dict of scalars to report: sums over the same terms, reported as
+      means (divided by the count), except names ending in ``_min`` / ``_max``, reduced
+      across micro-batches by min / max and reported as they are. The step divides once, after
       accumulation: k micro-batches give exactly the gradient of the whole batch, however
       unevenly their masks fall. ``lm_loss`` is the supervised one.
     tx: the optimizer (``optim.optimizer``).
@@ -86,7 +101,7 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int
   Returns:
     The step. Metrics: ``loss`` (total / count), ``tokens`` (count), ``grad_norm``,
     ``finite`` (the updated parameters are all finite: a checkpoint of them is usable),
-    and the objective's aux sums under their own names.
+    and the objective's aux metrics under their own names.
   """
   if grad_accum < 1:
     raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
@@ -113,10 +128,13 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int
       shapes = jax.eval_shape(loss_and_grads, trainable, frozen,
                               jax.tree_util.tree_map(lambda x: x[0], micro))
       zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+      zeros = (*zeros[:2], {k: jnp.full(v.shape, _AUX_START.get(k[-4:], 0.0), v.dtype)
+                            for k, v in zeros[2].items()}, zeros[3])
 
       def body(carry, mb):
-        return jax.tree_util.tree_map(jnp.add, carry, loss_and_grads(trainable, frozen, mb)), \
-            None
+        total, count, aux, grads = loss_and_grads(trainable, frozen, mb)
+        return (carry[0] + total, carry[1] + count, _combine_aux(carry[2], aux),
+                jax.tree_util.tree_map(jnp.add, carry[3], grads)), None
 
       (total, count, aux, grads), _ = jax.lax.scan(body, zeros, micro)
     count = jnp.maximum(count, 1.0)
@@ -126,6 +144,7 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int
     finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x))
                                   for x in jax.tree_util.tree_leaves(new_trainable)] or [True]))
     new_state = {"step": state["step"] + 1, "trainable": new_trainable, "opt_state": opt_state}
+    aux = {k: v if k[-4:] in _AUX_START else v / count for k, v in aux.items()}
     return new_state, {**aux, "loss": total / count, "tokens": count,
                        "grad_norm": optax.tree.norm(grads), "finite": finite}
 
@@ -149,7 +168,7 @@ def jit_step(step: Callable, state: Any, frozen: Any, mesh=None) -> Callable:
   mesh = sharding_lib.single_device_mesh() if mesh is None else mesh
   state_sh = sharding_lib.shardings_of(state)
   return jax.jit(step, in_shardings=(state_sh, sharding_lib.shardings_of(frozen),
-                                     sharding_lib.batch_sharding(mesh)),
+                                     sharding_lib.batch_sharding(mesh, 1)),
                  out_shardings=(state_sh, None), donate_argnums=(0,))
 
 

@@ -77,10 +77,14 @@ def _finished(cfg: config_lib.RunConfig, log) -> dict | None:
 
 
 def run(cfg: config_lib.RunConfig, *, resume: bool = False, progress: bool = True,
-        log: Callable[[str], None] = print, force: bool = False) -> dict:
-  """Train per ``cfg``; returns the summary (also written to RUN_DIR/summary.json). The
-  advisor's report is printed first; an "error" finding stops the run unless ``force``.
-  Raises ValueError for a user mistake, before anything is written."""
+        log: Callable[[str], None] = print, force: bool = False,
+        objective: Callable[[setup.Setup], loop.Objective] = sft_objective) -> dict:
+  """Train per ``cfg`` with ``objective`` (SFT; ``jlora.rl.run`` passes RL's); returns the
+  summary (also written to RUN_DIR/summary.json). The advisor's report is printed first; an
+  "error" finding stops the run unless ``force``. Raises ValueError for a user mistake,
+  before anything is written."""
+  if cfg.rl is not None and objective is sft_objective:
+    raise ValueError("the config has an [rl] section: run it with jlora rl")
   if resume and (done := _finished(cfg, log)) is not None:
     return done
   pre = setup.preflight(cfg)
@@ -93,10 +97,10 @@ def run(cfg: config_lib.RunConfig, *, resume: bool = False, progress: bool = Tru
     raise ValueError("the advisor found an error (ERROR line above): fix the config, or "
                      "pass --force to train anyway")
   log(f"model {cfg.model.path}: {setup.describe(s)}")
-  objective = sft_objective(s)
+  made = objective(s)
   run_dir, lock = rundir.create(cfg, resume)
   try:
-    result = loop.run(s, objective, run_dir, resume=resume, log=log, progress=progress)
+    result = loop.run(s, made, run_dir, resume=resume, log=log, progress=progress)
     return _finish(s, run_dir, result)
   finally:
     lock.release()
@@ -122,6 +126,9 @@ def _finish(s: setup.Setup, run_dir: str, result: loop.Result) -> dict:
       "checkpoint_array_bytes": result.stored_bytes,  # the last checkpoint: no frozen base
       "checkpoint_bytes": checkpoint.size_bytes(step_dir) if os.path.isdir(step_dir) else None,
   }
+  for key in sorted(set(before) | set(after)):  # an objective's own held-out metrics
+    summary.setdefault(f"{key}_before", before.get(key))
+    summary.setdefault(f"{key}_after", after.get(key))
   atomic.write_json(os.path.join(run_dir, "summary.json"), summary)
   return summary
 

@@ -34,7 +34,7 @@ def write_toml(path, values):
   def fmt(v):
     return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
   lines = [f"run_dir = {fmt(values['run_dir'])}"]
-  for section in ("model", "lora", "train", "data", "eval"):
+  for section in [k for k, v in values.items() if isinstance(v, dict)]:
     lines.append(f"[{section}]")
     lines += [f"{k} = {fmt(v)}" for k, v in values[section].items()]
   path.write_text("\n".join(lines) + "\n")

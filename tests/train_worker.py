@@ -47,7 +47,8 @@ def main():
   elif mode != "none":
     raise SystemExit(f"unknown mode {mode}")
   from jlora import cli
-  sys.exit(cli.main(["train", config, "--no-progress", *rest]))
+  command = os.environ.get("JLORA_WORKER_COMMAND", "train")  # or "rl"
+  sys.exit(cli.main([command, config, "--no-progress", *rest]))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ record and a run is reproducible. ``task:NAME`` in a data config opens one.
   problem), so test accuracy measures the skill, not recall.
 - ``reverse``: "Reverse the letters of kqzt." -> "tzqk" (a string transform, held out the
   same way).
+- ``word_problems``: "A hall has 4 rows of 7 chairs. 5 chairs are taken. How many chairs
+  are free?" -> "23": two- or three-step GSM8K-style problems from templates, integer
+  answers (held out the same way); RL's second built-in task.
 - ``facts``: "What is the code of Bazomi?" -> "57": made-up keys with uniformly random
   values. Nothing generalises; the answers carry exactly ``log2(values)`` bits each, which
   makes this the capacity task (FINDINGS 5): ``info_bits`` is exact, and the "test" split
@@ -61,6 +64,35 @@ def _reverse(rng):
   return f"Reverse the letters of {word}.", word[::-1]
 
 
+_NAMES = ("Mia", "Tom", "Ava", "Leo", "Zoe", "Sam", "Ivy", "Max", "Eva", "Ben")
+
+
+def _word_problem(rng):
+  """A two- or three-step word problem with an integer answer (GSM8K-style)."""
+  name = _NAMES[int(rng.integers(len(_NAMES)))]
+  a, b, c, d = (int(v) for v in rng.integers(2, 10, 4))
+  kind = int(rng.integers(5))
+  if kind == 0:
+    start = int(rng.integers(5, 40))
+    return (f"{name} has {start} apples. {name} buys {a} bags with {b} apples in each bag, "
+            f"then gives away {c} apples. How many apples does {name} have now?",
+            str(start + a * b - c))
+  if kind == 1:
+    paid = a * b + int(rng.integers(1, 30))
+    return (f"Pencils cost {b} dollars each. {name} buys {a} pencils and pays with {paid} "
+            f"dollars. How much change does {name} get?", str(paid - a * b))
+  if kind == 2:
+    extra = int(rng.integers(1, 50))
+    return (f"A train travels {a * 10} km every hour for {b} hours, then {extra} km more. "
+            f"How many km does it travel in total?", str(a * 10 * b + extra))
+  if kind == 3:
+    taken = int(rng.integers(1, a * b))
+    return (f"A hall has {a} rows of {b} chairs. {taken} chairs are taken. How many chairs "
+            f"are free?", str(a * b - taken))
+  return (f"{name} reads {a} pages a day for {b} days and {c} pages on each of the next "
+          f"{d} days. How many pages does {name} read in all?", str(a * b + c * d))
+
+
 _FACT_VALUES = 100
 
 
@@ -76,6 +108,7 @@ def _fact_key(index: int) -> str:
 TASKS = {
     "arithmetic": Task("arithmetic", _arithmetic, math.log2(199), exact_info=False),
     "reverse": Task("reverse", _reverse, 6 * math.log2(26), exact_info=False),
+    "word_problems": Task("word_problems", _word_problem, math.log2(500), exact_info=False),
     "facts": Task("facts", None, math.log2(_FACT_VALUES), exact_info=True, held_out=False),
 }
 

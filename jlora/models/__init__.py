@@ -17,10 +17,11 @@ from flax import linen as nn
 from jlora import lora
 from jlora.models import gguf_loader, hf
 from jlora.models.config import ModelConfig
-from jlora.models.generate import generate
+from jlora.models.generate import Samples, bucket, generate, sample
 from jlora.models.transformer import Transformer, init_cache, layouts
 
-__all__ = ["ModelConfig", "Transformer", "abstract_arrays", "abstract_params", "generate",
+__all__ = ["ModelConfig", "Samples", "Transformer", "abstract_arrays", "abstract_params",
+           "bucket", "generate", "sample",
            "init_cache", "layouts", "load", "load_tokenizer", "lora_spec", "param_shapes",
            "smollm2_gguf"]
 
