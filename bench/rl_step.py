@@ -68,7 +68,6 @@ def jlora_generate(model_dir: str, prompts: list[str], batch: int, new_tokens: i
                    group: int) -> dict:
   """Sampled tokens/s of ``models.sample`` at ``batch`` rows x exactly ``new_tokens``."""
   import jax
-  import numpy as np
   from jlora import data, models
   from jlora.data import render
   from jlora.rl.rollouts import left_pad

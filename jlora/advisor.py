@@ -195,6 +195,24 @@ def rl_capacity(steps: int, episodes_per_step: int, bits_per_episode: float,
   return Finding("rl", "warn", line + ": more than the adapters can hold; raise the rank", 6)
 
 
+def _rl_learning_rate(cfg, lr, steps, method) -> Finding:
+  """The LR rule's values are fit on SFT; measured with `jlora rl` (SmolLM2, rank 1) the
+  rule's LR collapsed the policy and a tenth of it (``hparams.RL_LR_FACTOR``, RL's
+  default) trained stably."""
+  finding = _learning_rate(cfg, lr, steps, method)
+  if finding.severity == "error" or "no published fit" in finding.message:
+    return finding
+  rule = hparams.full_ft_lr(cfg) if method == "full" else hparams.lora_lr(cfg, steps)
+  factor = hparams.RL_LR_FACTOR
+  if lr is None:
+    return Finding("lr", "ok", f"lr {factor * rule:.3g}: {factor:g}x the SFT rule's "
+                   f"{rule:.3g} (RL's default: the rule's LR collapsed RL runs here)", 2)
+  ratio = lr / rule
+  return Finding("lr", "warn" if ratio > 0.5 else "ok",
+                 f"lr {lr:.3g} is {ratio:.2g}x the SFT rule's {rule:.3g}; for RL jlora "
+                 f"measured the rule's LR collapsing and {factor:g}x of it stable", 2)
+
+
 def _rl_findings(run_cfg, model_cfg: ModelConfig, plan: lora.Plan | None) -> list[Finding]:
   l, t, rl = run_cfg.lora, run_cfg.train, run_cfg.rl
   if t.method == "lora":
@@ -207,7 +225,7 @@ def _rl_findings(run_cfg, model_cfg: ModelConfig, plan: lora.Plan | None) -> lis
     params = sum(math.prod(s) for s in
                  models.param_shapes(models.Transformer(model_cfg)).values())
     out = []
-  out.append(_learning_rate(model_cfg, t.lr, t.steps, t.method))
+  out.append(_rl_learning_rate(model_cfg, t.lr, t.steps, t.method))
   # distinct rewards: right/wrong, times with/without the format bonus
   bits = math.log2(4) if rl.format_reward and rl.reward == "answer" else 1.0
   out.append(rl_capacity(t.steps, rl.rows, bits, params, t.method))

@@ -289,7 +289,11 @@ def _with_defaults(values: dict, defaults: dict) -> dict:
 
 def from_dict(values: dict, overrides: list[str] = (), defaults: dict | None = None
               ) -> RunConfig:
+  """A RunConfig from nested values plus overrides; a config with an ``rl`` section gets
+  ``RL_DEFAULTS`` whoever reads it (``jlora rl``, ``advise``, a resume)."""
   values = apply_overrides(values, list(overrides))
+  if "rl" in values:
+    defaults = _with_defaults(defaults or {}, RL_DEFAULTS)
   return _build(RunConfig, _with_defaults(values, defaults) if defaults else values)
 
 

@@ -275,7 +275,8 @@ def _steps(s, objective, ckpts, metrics_out, state, first, received, progress, r
                    eval_loss=row.get("eval_loss"))
       metrics_out.write(row)
       last = row
-      bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s'] or 0:.0f}")
+      bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s'] or 0:.0f}",
+                      **({"reward": f"{row['reward_mean']:.3f}"} if "reward_mean" in row else {}))
       bar.update(n - bar.n)
       if stop:
         raise Interrupted(received[0], n, run_dir)  # run() waits for the save to commit

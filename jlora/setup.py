@@ -109,9 +109,9 @@ def _learning_rate(cfg: config_lib.RunConfig, model_cfg) -> float:
   if cfg.train.lr is not None:
     return cfg.train.lr
   try:
-    if cfg.train.method == "full":
-      return hparams.full_ft_lr(model_cfg)
-    return hparams.lora_lr(model_cfg, cfg.train.steps)
+    rule = (hparams.full_ft_lr(model_cfg) if cfg.train.method == "full" else
+            hparams.lora_lr(model_cfg, cfg.train.steps))
+    return rule * (hparams.RL_LR_FACTOR if cfg.rl is not None else 1.0)
   except ValueError as e:
     raise ValueError(f"{e} (or set train.lr)") from None
 

@@ -103,7 +103,7 @@ def test_policy_gradient_equals_an_independent_computation(off_policy):
   adv = np.random.default_rng(1).normal(size=len(prompts)).astype(np.float32)
   batch = rollouts.training_batch(ep, adv, np.ones(len(prompts), bool))
   params = optim.model_params(trainable, frozen, plan)
-  learner = train.token_logprobs(model, params, batch, chunk=16)
+  learner = train.token_logprobs(model, params, batch, chunk=16, last=N)
   shift = np.random.default_rng(2).normal(0, 0.1, learner.shape) if off_policy else 0.0
   batch["sampler_logprobs"] = np.asarray(learner + shift, np.float32) * batch["mask"]
   loss_fn = losses.policy_loss(model, plan, chunk=16)
@@ -113,7 +113,7 @@ def test_policy_gradient_equals_an_independent_computation(off_policy):
     assert float(aux["ratio_min"]) == float(aux["ratio_max"]) == 1.0
     assert float(aux["ratio_mean"]) == float(count)
   # The sampler's log-probs, per row, in the independent layout.
-  fixed = [np.asarray(batch["sampler_logprobs"][i, -N:][:n])
+  fixed = [np.asarray(batch["sampler_logprobs"][i, :n])
            for i, n in enumerate(ep.lengths)]
 
   def independent(tr):  # -sum_t A * p / p_sampler, mean over the batch's tokens
@@ -172,8 +172,10 @@ def test_sampling_at_temperature_zero_equals_greedy_generate():
                          np.asarray(out.tokens), np.asarray(out.logprobs),
                          np.asarray(out.lengths), [""] * 12)
   batch = rollouts.training_batch(ep, np.zeros(12, np.float32), np.ones(12, bool))
-  learner = np.asarray(train.token_logprobs(model, params, batch)) * batch["mask"]
-  np.testing.assert_allclose(learner[:, -N:], np.asarray(out.logprobs), atol=2e-5)
+  learner = np.asarray(train.token_logprobs(model, params, batch, last=N)) * batch["mask"]
+  np.testing.assert_allclose(learner, np.asarray(out.logprobs), atol=2e-5)
+  full = np.asarray(train.token_logprobs(model, params, batch, chunk=5))  # every position
+  np.testing.assert_allclose(full[:, -N:] * batch["mask"], learner, atol=1e-5)
 
 
 def test_top_p_keeps_the_nucleus():
@@ -331,3 +333,59 @@ def test_rl_resume_after_sigkill_is_bit_exact(model_dir, tmp_path):
   ref_rows = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == list(range(7))
   assert [r.get("reward_mean") for r in rows] == [r.get("reward_mean") for r in ref_rows]
+
+
+def test_answer_parsing_and_format():
+  from jlora.rl import rewards
+  cases = {"37 + 48 = 85": "85", "The answer is 1,024.": "1024", "#### -7": "-7",
+           "so \\boxed{12} and then 5": "12", "3 apples, 4 pears: 7.0": "7",
+           "Answer: 42, not 41": "42", "no digits": None, "85": "85"}
+  for text, want in cases.items():
+    assert rewards.final_answer(text) == want, text
+  assert rewards.correct("It is 85.", "85") and not rewards.correct("It is 58.", "85")
+  assert rewards.formatted(" 85. ") and rewards.formatted("the answer is 85")
+  assert not rewards.formatted("85 is what 37 + 48 gives")
+  assert rewards.score(rewards.answer_reward, "answer", "", "85", {"answer": "85"}, 0,
+                       format_reward=0.1) == pytest.approx(1.1)
+  with pytest.raises(ValueError, match="expected 'answer' or 'module:function'"):
+    rewards.load("answers")
+  with pytest.raises(ValueError, match="has no function 'nope'"):
+    rewards.load("tests.rl_rewards:nope")
+
+
+def test_word_problems_have_the_integer_answers_their_text_implies():
+  import re
+  from jlora.data import tasks
+  train = tasks.source("word_problems", "train", size=300)
+  test = tasks.source("word_problems", "test", size=60)
+  assert not {train[i]["prompt"] for i in range(300)} & {test[i]["prompt"] for i in range(60)}
+  for i in range(60):
+    r = test[i]
+    n = [int(x) for x in re.findall(r"\d+", r["prompt"])]
+    p = r["prompt"]
+    want = (n[0] + n[1] * n[2] - n[3] if "apples" in p else n[2] - n[0] * n[1] if "change" in p
+            else n[0] * n[1] + n[2] if "km" in p else n[0] * n[1] - n[2] if "chairs" in p
+            else n[0] * n[1] + n[2] * n[3])
+    assert r["answer"] == str(want) and want >= 0, p
+
+
+def test_rl_config_defaults_and_errors():
+  from jlora import config
+  base = {"run_dir": "r", "data": {"source": "task:arithmetic"}}
+  cfg = config.from_dict({**base, "rl": {}})
+  assert cfg.lora.rank == 1 and cfg.rl.loss == "importance_sampling" and cfg.rl.clip == 0.2
+  assert config.from_dict({**base, "rl": {}, "lora": {"rank": 8}}).lora.rank == 8
+  assert config.from_dict(base).rl is None and config.from_dict(base).lora.rank == 16
+  with pytest.raises(ValueError, match=r"unknown config key 'rl.grup_size' \(did you mean "
+                                       r"'rl.group_size'\?\)"):
+    config.from_dict({**base, "rl": {"grup_size": 4}})
+  with pytest.raises(ValueError, match="rl.loss 'grpo' is not"):
+    config.from_dict({**base, "rl": {"loss": "grpo"}})
+  with pytest.raises(ValueError, match=r"rl.clip must be in \(0, 1\)"):
+    config.from_dict({**base, "rl": {"clip": 1.5}})
+  shipped = config.load(os.path.join(ROOT, "configs", "rl_arithmetic.toml"))
+  assert shipped.lora.rank == 1 and shipped.lora.alpha == 32 and shipped.train.lr is None
+  assert shipped.train.schedule == "constant" and shipped.rl.kl_coef == 0.0
+  from jlora import trainer
+  with pytest.raises(ValueError, match="has an \\[rl\\] section: run it with jlora rl"):
+    trainer.run(config.from_dict({**base, "rl": {}}))

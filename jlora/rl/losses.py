@@ -1,11 +1,12 @@
 """Policy-gradient objectives over sampled completions, as ``train.make_step`` losses.
 
 A batch holds ``prompts x group`` rows, each a left-padded prompt followed by its sampled
-completion (``rollouts.Rollouts`` builds it): ``inputs``/``targets``/``positions``/
-``segment_ids`` as for SFT, ``mask`` on the completion's tokens (through EOS),
-``sampler_logprobs`` (the sampling policy's log-prob of each token, recorded when it was
-sampled, held fixed), ``advantages`` [B] and, when tracked, ``ref_logprobs`` (the
-reference policy: the base with adapters off).
+completion (``rollouts.training_batch`` builds it): ``inputs``/``targets``/``positions``/
+``segment_ids`` [B, T] as for SFT; over the completion, the last N targets: ``mask`` [B, N]
+on its tokens (through EOS), ``sampler_logprobs`` [B, N] (the sampling policy's log-prob of
+each token, recorded when it was sampled, held fixed) and, when tracked, ``ref_logprobs``
+(the reference policy: the base with adapters off); ``advantages`` [B]. Only those N
+positions are unembedded (``train.token_logprobs(last=N)``).
 
 Token normalisation: the loss is the sum over every completion token in the batch divided
 by the number of those tokens (one mean over the batch's tokens, as DAPO and Dr. GRPO
@@ -73,9 +74,9 @@ def policy_loss(model, plan, *, kind: str = "importance_sampling", clip: float =
     raise ValueError(f"unknown RL loss {kind!r}; use one of {', '.join(LOSSES)}")
 
   def loss(trainable, frozen, batch):
-    logp = train.token_logprobs(model, optim.model_params(trainable, frozen, plan), batch,
-                                chunk)
     mask = batch["mask"].astype(jnp.float32)
+    logp = train.token_logprobs(model, optim.model_params(trainable, frozen, plan), batch,
+                                chunk, last=mask.shape[1])
     on = mask > 0
     ratio = jnp.exp(logp - batch["sampler_logprobs"])
     terms, clipped = per_token(ratio, batch["advantages"][:, None], kind, clip)
@@ -97,10 +98,11 @@ def policy_loss(model, plan, *, kind: str = "importance_sampling", clip: float =
 
 
 def reference_logprobs(model, chunk: int | None = None, mesh=None):
-  """A jitted ``(params, batch) -> [B, T]`` log-probs of the targets: the reference
-  policy's, given the reference's parameters (no gradient); rows split over the mesh's
-  data axes like the batch they join."""
+  """A jitted ``(params, batch) -> [B, N]`` log-probs of the completion's targets (the
+  batch's ``mask`` width): the reference policy's, given the reference's parameters (no
+  gradient); rows split over the mesh's data axes like the batch they join."""
   from jlora import sharding
   mesh = sharding.single_device_mesh() if mesh is None else mesh
-  return jax.jit(lambda params, batch: train.token_logprobs(model, params, batch, chunk),
-                 out_shardings=sharding.batch_sharding(mesh))
+  return jax.jit(lambda params, batch: train.token_logprobs(
+      model, params, batch, chunk, last=batch["mask"].shape[1]),
+      out_shardings=sharding.batch_sharding(mesh))

@@ -44,22 +44,21 @@ def left_pad(prompts: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndar
 
 
 def training_batch(ep: Episodes, advantages: np.ndarray, keep: np.ndarray) -> dict:
-  """The ``losses.policy_loss`` batch: prompt + completion rows shifted by one, the mask
-  on completion tokens through EOS (and rows in ``keep``)."""
-  B, P = ep.prompts.shape
+  """The ``losses.policy_loss`` batch: prompt + completion rows shifted by one
+  (``inputs``/``targets``/``positions``/``segment_ids`` [B, P + N - 1]); the per-token
+  fields cover the completion only, the last N targets (target P - 1 + k is the
+  completion's token k): ``mask`` [B, N] on its tokens through EOS (rows in ``keep``),
+  ``sampler_logprobs`` [B, N]; ``advantages`` [B]."""
   N = ep.tokens.shape[1]
   seq = np.concatenate([ep.prompts, ep.tokens], axis=1)
   real = np.concatenate([ep.prompt_mask, np.ones_like(ep.tokens)], axis=1)
   completion = np.arange(N)[None, :] < ep.lengths[:, None]
   positions = np.maximum(np.cumsum(real, axis=1) - 1, 0)
-  # target j is seq[j + 1]: the completion's token k is target P - 1 + k
-  mask = np.zeros((B, P + N - 1), np.float32)
-  mask[:, P - 1:] = completion & keep[:, None]
-  sampler = np.zeros((B, P + N - 1), np.float32)
-  sampler[:, P - 1:] = np.where(completion, ep.logprobs, 0.0)
   return {"inputs": seq[:, :-1], "targets": seq[:, 1:], "positions": positions[:, :-1],
-          "segment_ids": real[:, :-1].astype(np.int32), "mask": mask,
-          "sampler_logprobs": sampler, "advantages": advantages.astype(np.float32)}
+          "segment_ids": real[:, :-1].astype(np.int32),
+          "mask": (completion & keep[:, None]).astype(np.float32),
+          "sampler_logprobs": np.where(completion, ep.logprobs, 0.0).astype(np.float32),
+          "advantages": advantages.astype(np.float32)}
 
 
 class Rollouts:
