@@ -92,6 +92,28 @@ def _combine_aux(a: dict, b: dict) -> dict:
           jnp.maximum(a[k], b[k]) if k.endswith("_max") else a[k] + b[k] for k in a}
 
 
+def _accumulate(loss_and_grads, trainable, frozen, batch, k: int):
+  """(total, count, aux, grads) summed over k micro-batches (row i -> micro-batch i % k:
+  every micro-batch keeps rows on every data shard); aux combined by ``_combine_aux``."""
+  rows = jax.tree_util.tree_leaves(batch)[0].shape[0]
+  if rows % k:
+    raise ValueError(f"batch of {rows} rows is not divisible by grad_accum={k}")
+  micro = jax.tree_util.tree_map(
+      lambda x: x.reshape(rows // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+  shapes = jax.eval_shape(loss_and_grads, trainable, frozen,
+                          jax.tree_util.tree_map(lambda x: x[0], micro))
+  zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+  zeros = (*zeros[:2], {n: jnp.full(v.shape, _AUX_START.get(n[-4:], 0.0), v.dtype)
+                        for n, v in zeros[2].items()}, zeros[3])
+
+  def body(carry, mb):
+    total, count, aux, grads = loss_and_grads(trainable, frozen, mb)
+    return (carry[0] + total, carry[1] + count, _combine_aux(carry[2], aux),
+            jax.tree_util.tree_map(jnp.add, carry[3], grads)), None
+
+  return jax.lax.scan(body, zeros, micro)[0]
+
+
 def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int = 1
               ) -> Callable:
   """The one training step: ``step(state, frozen, batch) -> (state, metrics)``, pure and
@@ -127,25 +149,8 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int
     if grad_accum == 1:
       total, count, aux, grads = loss_and_grads(trainable, frozen, batch)
     else:
-      rows = jax.tree_util.tree_leaves(batch)[0].shape[0]
-      if rows % grad_accum:
-        raise ValueError(f"batch of {rows} rows is not divisible by grad_accum={grad_accum}")
-      # Row i goes to micro-batch i % k: every micro-batch keeps rows on every data shard.
-      micro = jax.tree_util.tree_map(
-          lambda x: x.reshape(rows // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
-          batch)
-      shapes = jax.eval_shape(loss_and_grads, trainable, frozen,
-                              jax.tree_util.tree_map(lambda x: x[0], micro))
-      zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-      zeros = (*zeros[:2], {k: jnp.full(v.shape, _AUX_START.get(k[-4:], 0.0), v.dtype)
-                            for k, v in zeros[2].items()}, zeros[3])
-
-      def body(carry, mb):
-        total, count, aux, grads = loss_and_grads(trainable, frozen, mb)
-        return (carry[0] + total, carry[1] + count, _combine_aux(carry[2], aux),
-                jax.tree_util.tree_map(jnp.add, carry[3], grads)), None
-
-      (total, count, aux, grads), _ = jax.lax.scan(body, zeros, micro)
+      total, count, aux, grads = _accumulate(loss_and_grads, trainable, frozen, batch,
+                                             grad_accum)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], trainable)
