@@ -30,6 +30,7 @@ import jlora
 from bench.common import block, machine, median_ms
 from jlora import config, lora, models, optim, train
 from jlora.models import ModelConfig, Transformer
+from jlora.study import compute
 
 TINY = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=1024,
             num_layers=4, num_heads=4, num_kv_heads=4, head_dim=64, tie_embeddings=True,
@@ -39,18 +40,11 @@ SMOL = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_
             rope_theta=100000.0)
 RANK, ALPHA, LR = 16, 32.0, 1e-4
 LOSS_CHUNK = config.TrainSection().loss_chunk  # what `jlora train` runs by default
-FULL_SPEC = lora.LoraSpec(rank=1, targets=None, full=(".*",))  # `train.method = "full"`
+FULL_SPEC = compute.FULL_SPEC  # `train.method = "full"`
 
 
-def _batch(cfg, batch, seq, seed=0):
-  rng = np.random.default_rng(seed)
-  return jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq + 1)), jnp.int32)
-
-
-def _lm_batch(tokens) -> dict:
-  """Next-token batch as the data pipeline makes it: every token counts."""
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-          "mask": jnp.ones((tokens.shape[0], tokens.shape[1] - 1), jnp.float32)}
+# The tokens, batches and XLA FLOP count are the compute study's (jlora study compute).
+_batch, _lm_batch = compute.random_tokens, compute.lm_batch
 
 
 def _trainer_step(model, plan, trainable, frozen, batch, loss_chunk):
@@ -144,24 +138,8 @@ def gpu_main(repeats: int, peak_tflops: float, loss_chunk: int | None, shapes=GP
 
 
 def xla_flops(cfg: ModelConfig, batch: int, seq: int) -> tuple[float, float]:
-  """XLA's FLOP count of the LoRA and full gradient computations, on the plain (unchunked)
-  loss: the chunked loss is a scan, which XLA's cost analysis counts once, as it would a
-  layer scan (hence the unrolled twin of the model here); the chunked loss's recomputed
-  logits (remat) are not model FLOPs anyway."""
-  model = Transformer(cfg.replace(unroll_layers=True))
-  batch_ = _lm_batch(_batch(cfg, batch, seq))
-  params = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                                   batch_["inputs"]))["params"]
-  count = lambda f, *a: jax.jit(f).lower(*a).compile().cost_analysis()["flops"]
-
-  def grad_flops(spec):
-    plan = lora.plan(params, spec)
-    adapters = jax.eval_shape(lambda: jlora.init_adapters(params, plan, jax.random.PRNGKey(1)))
-    trainable, frozen = optim.trainable(params, adapters, plan)
-    loss = train.lm_loss(model, plan)
-    return count(jax.grad(lambda tr, fr: loss(tr, fr, batch_)[0]), trainable, frozen)
-
-  return grad_flops(models.lora_spec(cfg, RANK, alpha=ALPHA)), grad_flops(FULL_SPEC)
+  """XLA's FLOP count of the LoRA and full gradient computations (``compute.xla_flops``)."""
+  return compute.xla_flops(cfg, batch, seq, rank=RANK, alpha=ALPHA)
 
 
 def peft_steps(cfg_kw: dict, batch: int, seq: int, which=("lora", "full")):

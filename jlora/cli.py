@@ -74,6 +74,18 @@ def _parser() -> argparse.ArgumentParser:
   merge.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   merge.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
   _data_parser(sub.add_parser("data", help="build, fetch and inspect datasets"))
+  study = sub.add_parser("study", help="reproduce a finding of LoRA Without Regret on a model, "
+                         "with plots and a verdict (DIR/report.md)")
+  study.add_argument("name", help="layers, lr, rank, batch, capacity, compute or rl")
+  study.add_argument("--model", default=None,
+                     help="HF model dir or .gguf (default: a tiny random model at smoke, "
+                          "SmolLM2-135M-Instruct otherwise)")
+  study.add_argument("--budget", default="small",
+                     help="smoke (seconds), small (a 2-core CPU, ~1 h) or full (GPU/TPU)")
+  study.add_argument("--out", default=None, help="study directory (default studies/NAME-BUDGET);"
+                     " rerunning continues it")
+  study.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a setting of every arm, e.g. --set data.seq_len=128")
   return parser
 
 
@@ -177,6 +189,18 @@ def _train(args) -> int:
   return 0
 
 
+def _study(args) -> int:
+  from jlora import study, trainer
+  try:
+    study.run(args.name, budget=args.budget, out=args.out, model=args.model,
+              overrides=args.set, argv=["jlora"] + sys.argv[1:])
+  except trainer.Interrupted as e:
+    print(f"jlora: {e}; the study continues where it stopped when run again with the same "
+          "command", file=sys.stderr)
+    return e.exit_code
+  return 0
+
+
 def _run(args) -> int:
   if args.command == "demo":
     from jlora import demo
@@ -187,6 +211,8 @@ def _run(args) -> int:
     _interop(args)
   elif args.command in ("train", "rl"):
     return _train(args)
+  elif args.command == "study":
+    return _study(args)
   elif args.command == "advise":
     from jlora import advisor, config, trainer
     findings, stats = trainer.advise(config.load(args.config, args.set))

@@ -101,6 +101,7 @@ class EvalSection:
   batches: int = 4  # held-out batches for the loss
   examples: int = 64  # generated answers checked, for sources that can check them (tasks)
   max_new_tokens: int = 12
+  size: int | None = None  # records of a task: held-out source (default: data.size / 10)
 
 
 @dataclasses.dataclass(frozen=True)

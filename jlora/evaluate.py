@@ -28,7 +28,8 @@ def eval_data_config(cfg: config_lib.RunConfig) -> data.DataConfig | None:
     source = s
   return dataclasses.replace(cfg.data, source=source, split=cfg.eval.split, shuffle=False,
                              epochs=1, prefetch=0,
-                             size=cfg.data.size and max(cfg.data.size // 10, 1))
+                             size=cfg.eval.size or (cfg.data.size and
+                                                    max(cfg.data.size // 10, 1)))
 
 
 def eval_batches(cfg: config_lib.RunConfig, tok) -> list[dict]:

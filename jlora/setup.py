@@ -138,10 +138,20 @@ def _adapter_shardings(model, plan: lora.Plan, mesh):
                                     mesh)
 
 
-def build(cfg: config_lib.RunConfig, pre: Preflight | None = None,
-          log: Callable[[str], None] = print) -> Setup:
-  """Load the model and build everything the first step needs (writes nothing)."""
-  pre = pre or preflight(cfg)
+@dataclasses.dataclass
+class Base:
+  """A loaded model: what ``build`` reads from disk, shared by every arm of a study."""
+  model: Any
+  params: Any
+  model_cfg: Any
+  tok: data.Tokenizer
+  mesh: Any
+  shared: bool = False  # arms share it: the trainable copy must not alias (donation)
+
+
+def load_base(cfg: config_lib.RunConfig, pre: Preflight, log: Callable[[str], None] = print,
+              shared: bool = False) -> Base:
+  """The model's weights and tokenizer on the config's mesh (writes nothing)."""
   mesh = sharding.make_mesh(cfg.mesh)
   start = time.perf_counter()
   log(f"loading {os.path.basename(pre.model_path)} ({pre.model_cfg.num_layers} layers, "
@@ -151,6 +161,17 @@ def build(cfg: config_lib.RunConfig, pre: Preflight | None = None,
                                          lora_impl=cfg.model.lora_impl)
   tok = data.Tokenizer.from_model(pre.model_path)
   models.gguf_loader.release()  # weights and tokenizer are read: the parsed metadata can go
+  log(f"loaded in {time.perf_counter() - start:.1f} s")
+  return Base(model, params, model_cfg, tok, mesh, shared)
+
+
+def build(cfg: config_lib.RunConfig, pre: Preflight | None = None,
+          log: Callable[[str], None] = print, base: Base | None = None) -> Setup:
+  """Load the model (or take ``base``, loaded once for several runs) and build everything
+  the first step needs (writes nothing)."""
+  pre = pre or preflight(cfg)
+  base = base or load_base(cfg, pre, log)
+  model, params, model_cfg, mesh = base.model, base.params, base.model_cfg, base.mesh
   if cfg.lora.init is not None and cfg.train.method == "lora":
     adapters, spec, new_params = peft.load_peft(cfg.lora.init, params, model_cfg)
     plan = lora.plan(params, spec)
@@ -162,13 +183,15 @@ def build(cfg: config_lib.RunConfig, pre: Preflight | None = None,
     adapters = jax.jit(lambda p: lora.init_adapters(p, plan, key),
                        out_shardings=_adapter_shardings(model, plan, mesh))(params)
   trainable, frozen = optim.trainable(params, adapters, plan)
+  if base.shared:  # the step donates the trainable state: never the shared base's arrays
+    trainable = jax.tree_util.tree_map(jax.numpy.copy, trainable)
   lr = _learning_rate(cfg, model_cfg)
   t = cfg.train
   lr_schedule = optim.schedule(lr, t.steps, t.schedule, t.warmup_steps)
   tx = optim.optimizer(lr_schedule, b_lr_ratio=t.b_lr_ratio, weight_decay=t.weight_decay,
                        max_grad_norm=t.grad_clip or None)  # 0: no clipping
-  log(f"loaded in {time.perf_counter() - start:.1f} s")
-  return Setup(cfg, model, model_cfg, tok, plan, mesh, frozen, trainable, lr, lr_schedule, tx)
+  return Setup(cfg, model, model_cfg, base.tok, plan, mesh, frozen, trainable, lr,
+               lr_schedule, tx)
 
 
 def describe(s: Setup) -> str:

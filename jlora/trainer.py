@@ -78,11 +78,13 @@ def _finished(cfg: config_lib.RunConfig, log) -> dict | None:
 
 def run(cfg: config_lib.RunConfig, *, resume: bool = False, progress: bool = True,
         log: Callable[[str], None] = print, force: bool = False,
-        objective: Callable[[setup.Setup], loop.Objective] = sft_objective) -> dict:
+        objective: Callable[[setup.Setup], loop.Objective] = sft_objective,
+        base: setup.Base | None = None) -> dict:
   """Train per ``cfg`` with ``objective`` (SFT; ``jlora.rl.run`` passes RL's); returns the
   summary (also written to RUN_DIR/summary.json). The advisor's report is printed first; an
-  "error" finding stops the run unless ``force``. Raises ValueError for a user mistake,
-  before anything is written."""
+  "error" finding stops the run unless ``force``. ``base``: a model already loaded (the
+  arms of a study share one). Raises ValueError for a user mistake, before anything is
+  written."""
   if cfg.rl is not None and objective is sft_objective:
     raise ValueError("the config has an [rl] section: run it with jlora rl")
   if resume and (done := _finished(cfg, log)) is not None:
@@ -90,7 +92,7 @@ def run(cfg: config_lib.RunConfig, *, resume: bool = False, progress: bool = Tru
   pre = setup.preflight(cfg)
   log(f"data: {pre.stats}")
   rundir.check(cfg, resume)
-  s = setup.build(cfg, pre, log)
+  s = setup.build(cfg, pre, log, base)
   findings = advisor.advise_run(cfg, s.model_cfg, pre.stats, s.plan)
   log(advisor.report(findings))
   if advisor.has_error(findings) and not force:

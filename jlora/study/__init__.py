@@ -1,0 +1,170 @@
+"""``jlora study NAME``: reproduce a finding of "LoRA Without Regret" on a real model, with
+plots and a verdict.
+
+A study is a short declaration (``Study``): the finding's claim, the post's figure, a
+``prepare`` that turns the budget into a base run config and a grid of arms (run-config
+overrides), and an ``analyse`` that reduces the arms' results to a table, plots and a
+verdict by a rule stated in the report. The arms run through the shared run loop
+(``jlora.study.runner``) over one loaded base model and see the same batches in the same
+order and the same held-out set; a study that is killed continues where it stopped.
+
+    jlora study rank --budget small --out studies/rank
+
+Budgets: ``smoke`` (a tiny random model, seconds: CI), ``small`` (SmolLM2-135M-Instruct on
+a 2-core CPU, within about an hour), ``full`` (the post's scale, for GPUs and TPUs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Sequence
+
+from jlora import config as config_lib, rundir
+from jlora.study import report, runner, verdicts
+
+BUDGETS = ("smoke", "small", "full")
+
+
+@dataclasses.dataclass
+class Context:
+  """What a study is given: its budget, output directory, the user's model and ``--set``
+  overrides (applied to every arm's config, under the arm's own overrides)."""
+  name: str
+  budget: str
+  out: str
+  model: str | None = None
+  overrides: Sequence[str] = ()
+  log: Callable[[str], None] = print
+
+  def pick(self, smoke, small, full):
+    return {"smoke": smoke, "small": small, "full": full}[self.budget]
+
+  def plan(self, values: dict, arms: list[runner.Arm], runner_fn=None, **info) -> "Plan":
+    """A validated plan: ``--set`` applied to ``values``; every arm's config resolves
+    (unknown keys, bad values: one line) and the first passes the run's preflight."""
+    from jlora import setup
+    values = config_lib.apply_overrides(values, list(self.overrides))
+    configs = [runner.arm_config(values, arm, self.out)[0] for arm in arms]
+    if configs:
+      setup.preflight(configs[0])
+    return Plan(values, arms, runner_fn, info)
+
+  def train(self, plan: "Plan") -> list[runner.ArmResult]:
+    return runner.run_arms(self.name, plan.arms, plan.values, self.out, log=self.log,
+                           runner=plan.runner,
+                           keep_checkpoints=plan.info.get("keep_checkpoints", False))
+
+
+@dataclasses.dataclass
+class Plan:
+  values: dict  # the base run config (nested dict) every arm starts from
+  arms: list[runner.Arm]
+  runner: Callable[..., dict] | None = None  # trainer.run (default) or rl.run
+  info: dict = dataclasses.field(default_factory=dict)  # what analyse needs besides results
+
+
+@dataclasses.dataclass
+class Outcome:
+  verdict: verdicts.Verdict
+  measured: list[str]  # sentences: what was measured, with the key numbers
+  table: list[dict]
+  plots: list[str | None]
+  headline: str  # jlora's measurement in one line (the README's table)
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  name: str
+  title: str
+  claim: str
+  figure: str  # the post's figure or statement this mirrors
+  rule: str  # the verdict rule, as the report states it
+  prepare: Callable[[Context], Plan | None]  # validates; None: no training arms
+  analyse: Callable[[Context, Plan | None, list[runner.ArmResult]], Outcome]
+
+
+STUDIES: dict[str, Study] = {}
+
+
+def register(study: Study) -> Study:
+  STUDIES[study.name] = study
+  return study
+
+
+def _load_all() -> None:
+  from jlora.study import capacity, compute, rl_study, sft  # noqa: F401 (they register)
+
+
+def names() -> list[str]:
+  _load_all()
+  return list(STUDIES)
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+  """``--set`` keys and values must make a valid run config (checked before any file)."""
+  values = config_lib.apply_overrides({"run_dir": ".", "data": {"source": "task:arithmetic"}},
+                                      list(overrides))
+  config_lib.from_dict(values)
+
+
+def run(name: str, *, budget: str = "small", out: str | None = None, model: str | None = None,
+        overrides: Sequence[str] = (), log: Callable[[str], None] = print,
+        argv: Sequence[str] | None = None) -> dict:
+  """Run study ``name`` (resuming what ``out`` holds); returns {"verdict", "report", ...}.
+  Raises ValueError, before writing anything, for an unknown study or budget, a bad
+  ``--set``, a model that does not exist, or an output directory in use."""
+  _load_all()
+  if name not in STUDIES:
+    raise ValueError(f"unknown study {name!r}; known: {', '.join(STUDIES)}")
+  if budget not in BUDGETS:
+    raise ValueError(f"unknown budget {budget!r}; one of {', '.join(BUDGETS)}")
+  if model is not None and model != config_lib.SMOLLM2 and not os.path.exists(model):
+    raise ValueError(f"--model {model}: no such file or directory")
+  check_overrides(overrides)
+  out = os.path.abspath(out or os.path.join("studies", f"{name}-{budget}"))
+  if os.path.isdir(out) and (holder := rundir.Lock.holder(out)):
+    raise ValueError(f"{out} is in use by {holder}")
+  if os.path.isfile(os.path.join(out, "study.json")):
+    import json
+    with open(os.path.join(out, "study.json")) as f:
+      saved = json.load(f)
+    if (saved.get("study"), saved.get("budget")) != (name, budget):
+      raise ValueError(f"{out} holds study {saved.get('study')} at budget "
+                       f"{saved.get('budget')}: choose another --out")
+  study = STUDIES[name]
+  ctx = Context(name, budget, out, model, tuple(overrides), log)
+  os.makedirs(out, exist_ok=True)
+  lock = rundir.Lock(out)
+  try:
+    plan = study.prepare(ctx)  # model assets, data and every arm's config: validated
+    record = report.record_start(out, name, budget, report.command(argv))
+    start = time.perf_counter()
+    try:
+      results = ctx.train(plan) if plan is not None else []
+      outcome = study.analyse(ctx, plan, results)
+    except BaseException:  # killed by a signal, an error: the time spent is still recorded
+      report.record_end(out, record, time.perf_counter() - start)
+      raise
+    record = report.record_end(out, record, time.perf_counter() - start,
+                               verdict=outcome.verdict.outcome, headline=outcome.headline)
+    path = report.write(out, title=study.title, claim=study.claim, figure=study.figure,
+                        rule=study.rule, verdict=outcome.verdict, measured=outcome.measured,
+                        table=outcome.table, plots=outcome.plots, record=record,
+                        notes=outcome.notes)
+  finally:
+    lock.release()
+  log(outcome.verdict.line().replace("**", ""))
+  log(f"report: {path}")
+  return {"verdict": outcome.verdict.outcome, "reason": outcome.verdict.reason,
+          "report": path, "headline": outcome.headline, "wall_s": record["wall_s"]}
+
+
+def describe(values: dict) -> dict[str, Any]:
+  """The parts of a base config a report states."""
+  d, e = values.get("data", {}), values.get("eval", {})
+  return {"model": values["model"]["path"], "data": d.get("source"),
+          "held_out": e.get("source") or f"{d.get('source')} ({e.get('split', 'test')})",
+          "seq_len": d.get("seq_len"), "batch_size": d.get("batch_size")}

@@ -1,0 +1,143 @@
+"""``capacity`` (FINDINGS 5): where LoRA falls behind full fine-tuning on pure memorisation,
+and whether the advisor's 2-bits-per-parameter threshold rank predicts it.
+
+The protocol bench/capacity.py measured (bench/RESULTS.md, "Capacity"), now a study: the
+data is ``task:facts``, made-up keys with uniform random answers among 100, so each
+answer carries exactly log2(100) bits and nothing generalises. The model is a tiny random
+Llama with a word-level tokenizer in which every key and answer is one token. Stage 1
+teaches the base the format on *another* table (full fine-tuning, data seed 1) and merges
+it into a model (``export.merge_run``); stage 2 trains FullFT and LoRA (all layers,
+alpha 32) at several ranks on the experiment's table (seed 0), the same batches for all,
+best of the LRs given. Metric: the final loss on the whole table (``eval.size``; the
+full batches of it), in bits per answer.
+
+The separation rank is the smallest rank within 0.5 bits per answer of FullFT; the
+threshold is the rank whose parameters x 2 bits hold the table. ``full`` is the bench's
+measurement (2000 facts, 31,250 steps = 1000 exposures per fact: ~1 h per arm on 2 cores).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from jlora.study import Context, Outcome, Plan, Study, assets, register, report, runner
+from jlora.study import verdicts
+
+BITS = math.log2(100)
+MARGIN = 0.5  # bits per answer
+
+
+def _words(facts: int) -> list[str]:
+  from jlora.data import tasks
+  words = ["What", "is", "the", "code", "of", "?"] + [str(v) for v in range(100)]
+  for seed in (0, 1):
+    table = tasks.source("facts", seed=seed, size=facts)
+    words += [table[i]["prompt"].split()[-1].rstrip("?") for i in range(facts)]
+  return words
+
+
+def _budget(ctx: Context) -> dict:
+  return ctx.pick(
+      dict(facts=200, hidden=32, format_steps=60, steps=60, batch=32, ranks=(1, 4),
+           lr_full=(3e-3,), lr_lora=(3e-3,)),
+      dict(facts=1000, hidden=64, format_steps=1500, steps=3000, batch=64, ranks=(1, 2, 4, 8),
+           lr_full=(3e-3,), lr_lora=(3e-3,)),
+      dict(facts=2000, hidden=64, format_steps=1500, steps=31250, batch=64,
+           ranks=(1, 2, 4, 8, 16), lr_full=(1e-3, 3e-3), lr_lora=(1e-3, 3e-3)))
+
+
+def _values(ctx: Context, model: str, seed: int, steps: int) -> dict:
+  b = _budget(ctx)
+  return {
+      "model": {"path": model, "remat": False},
+      "lora": {"alpha": 32.0},
+      "train": {"steps": steps, "grad_clip": 0.0, "schedule": "constant",
+                "log_every": max(steps // 60, 1), "checkpoint_every": steps, "keep": 1},
+      "data": {"source": "task:facts", "size": b["facts"], "seed": seed, "seq_len": 16,
+               "pack": False, "batch_size": b["batch"], "chat": False, "prefetch": 0},
+      "eval": {"source": "task:facts", "split": "train", "size": b["facts"], "batches": 1000,
+               "examples": 0},  # the whole table (full batches of it)
+  }
+
+
+def capacity_prepare(ctx: Context) -> Plan:
+  b = _budget(ctx)
+  model = ctx.model or assets.tiny_model(os.path.join(ctx.out, "model"), hidden=b["hidden"],
+                                         words=_words(b["facts"]))
+  arm = runner.Arm("format", "format", None, {"train": {"method": "full", "lr": 3e-3}})
+  return ctx.plan(_values(ctx, model, 1, b["format_steps"]), [arm], keep_checkpoints=True)
+
+
+def capacity_analyse(ctx: Context, plan: Plan, results) -> Outcome:
+  from jlora import advisor, data, export, models
+  b = _budget(ctx)
+  fmt = os.path.join(ctx.out, "format_model")
+  if not os.path.isdir(fmt):
+    run_dir = runner.arm_config(plan.values, plan.arms[0], ctx.out)[0].run_dir
+    export.merge_run(run_dir, fmt)
+  arms = [runner.Arm(f"full-lr{lr:g}", "FullFT", 0, {"train": {"method": "full", "lr": lr}})
+          for lr in b["lr_full"]]
+  arms += [runner.Arm(f"lora-r{r}-lr{lr:g}", f"LoRA r={r}", r,
+                      {"lora": {"rank": r}, "train": {"method": "lora", "lr": lr}})
+           for r in b["ranks"] for lr in b["lr_lora"]]
+  stage2 = ctx.plan(_values(ctx, fmt, 0, b["steps"]), arms)
+  measured_arms = ctx.train(stage2)
+  runner.write_results("capacity", list(results) + measured_arms, ctx.out)
+  tok = data.Tokenizer.from_model(fmt)
+  per_answer = len(tok.tok.encode("42", add_special_tokens=False).ids) + 1  # value + <eos>
+  to_bits = lambda nats: None if nats is None else nats * per_answer / math.log(2)  # noqa
+  best: dict[int, tuple[float, float]] = {}
+  for r in measured_arms:
+    bits = to_bits(r.final())
+    if bits is not None and (r.arm.x not in best or bits < best[r.arm.x][0]):
+      best[int(r.arm.x)] = (bits, r.summary.get("lr"))
+  before = to_bits(measured_arms[0].summary.get("eval_loss_before"))
+  model_cfg = models.read_config(fmt)
+  info = b["facts"] * BITS
+  params = {r: advisor.plan_for(model_cfg, r, "all", alpha=32.0).adapter_params
+            for r in b["ranks"]}
+  full_bits = best.get(0, (None,))[0]
+  per_rank = params[b["ranks"][0]] / b["ranks"][0]
+  threshold = info / (advisor.BITS_PER_PARAM * per_rank)
+  close = sorted(r for r, (bits, _) in best.items()
+                 if r and full_bits is not None and bits - full_bits <= MARGIN)
+  verdict = (verdicts.capacity(close[0] if close else None, threshold) if full_bits is not None
+             else verdicts.Verdict(verdicts.INCONCLUSIVE, "full fine-tuning did not finish"))
+  table = [{"method": "FullFT" if r == 0 else "LoRA", "rank": r or None,
+            "params": params.get(r), "capacity bits (2/param)": 2 * params[r] if r else None,
+            "best lr": lr, "final bits/answer": bits,
+            "gap to full": None if full_bits is None else bits - full_bits,
+            "stored bits/param": (BITS - bits) * b["facts"] / params[r] if r else None}
+           for r, (bits, lr) in sorted(best.items())]
+  plt = report.pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ranks = [r for r in sorted(best) if r]
+  ax.plot(ranks, [best[r][0] for r in ranks], "o-", label="LoRA")
+  if full_bits is not None:
+    ax.axhline(full_bits, color="k", ls="--", label="FullFT")
+  ax.axvline(threshold, color="g", ls=":", label="2 bits/param threshold")
+  report.style(ax, "rank", "final loss on the table (bits/answer)",
+               f"{b['facts']} random facts, {b['steps']} steps", logx=2)
+  plots = [report.save(fig, ctx.out, "capacity.png"),
+           report.curves(measured_arms, ctx.out, "training loss per arm")]
+  exposures = b["steps"] * b["batch"] / b["facts"]
+  measured = [f"{b['facts']} facts = {info:,.0f} bits; {b['steps']} steps x {b['batch']} "
+              f"rows = {exposures:g} exposures per fact; before: "
+              f"{'-' if before is None else f'{before:.2f}'} bits/answer. Threshold rank "
+              f"{threshold:.1f}; separation rank {close[0] if close else None}."]
+  notes = ["FINDINGS 5 counts 2 bits per parameter; bench/RESULTS.md measured ~1 bit per "
+           "LoRA parameter stored even after 1000 exposures per fact (the full budget)."]
+  headline = (f"separation rank {close[0] if close else None} vs threshold {threshold:.1f}")
+  return Outcome(verdict, measured, table, plots, headline, notes)
+
+
+register(Study(
+    "capacity", "Finding 5: LoRA matches FullFT while its parameters can hold the data",
+    "Networks store ~2 bits per parameter; LoRA matches FullFT while its parameters x 2 "
+    "bits exceed the dataset's information, and falls behind beyond it.",
+    "The post's capacity argument (random-label memorisation; ~2 bits per parameter).",
+    "The separation rank (smallest rank within 0.5 bits/answer of FullFT) and the "
+    "2-bits-per-parameter threshold rank agree within 2x: reproduced; disagree: not "
+    "reproduced; no rank within the margin: inconclusive.",
+    capacity_prepare, capacity_analyse))
