@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 from jlora import config as config_lib, hparams, models
 from jlora.study import Context, Outcome, Plan, Study, assets, register, report, runner
@@ -130,8 +131,8 @@ def layers_analyse(ctx: Context, plan: Plan, results) -> Outcome:
   names = [s for s in ("attn", "mlp", "all") if loss.get(s) is not None]
   ax.bar(names, [loss[s] for s in names], color=["#c44", "#48c", "#4a4"][:len(names)])
   for i, s in enumerate(names):
-    ax.text(i, loss[s], f"r={ranks[s]}\n{params[s] / 1e6:.2f}M", ha="center", va="bottom",
-            fontsize=8)
+    count = f"{params[s] / 1e6:.2f}M" if params[s] >= 1e5 else f"{params[s]:,}"
+    ax.text(i, loss[s], f"r={ranks[s]}\n{count} params", ha="center", va="bottom", fontsize=8)
   if names:
     low = min(loss[s] for s in names)
     ax.set_ylim(low - 0.05 * abs(low), max(loss[s] for s in names) + 0.04 * abs(low))
@@ -273,8 +274,19 @@ def rank_analyse(ctx: Context, plan: Plan, results) -> Outcome:
               f"{steps} steps; loss over the last quarter: " +
               ", ".join(f"r={k} {v:.4f}" for k, v in pts) + "."]
   table = runner.summary_table(results, lambda r: {"rank": int(r.arm.x)})
-  headline = verdict.reason.split(":")[0] if ":" in verdict.reason else verdict.reason
-  return Outcome(verdict, measured, table, plots, headline)
+  notes = []
+  order = [v for _, v in pts]
+  if any(b > a for a, b in zip(order, order[1:])):
+    worst = max(pts, key=lambda p: p[1])[0]
+    notes.append(f"The losses are not monotone in rank (r={worst} ends worst): one seed and "
+                 "one LR, so late single-batch spikes (visible in the curves) move a rank's "
+                 "number by more than the ranks differ; more steps or seeds would separate "
+                 "them.")
+  spread = re.search(r"spread \(steps [^)]*\) ([\d.]+%)", verdict.reason)
+  drop = re.search(r"(rank \d+ minus rank \d+: [+-][\d.]+)", verdict.reason)
+  headline = (f"early spread {spread.group(1)}; {drop.group(1)} nats" if spread and drop
+              else verdict.reason)
+  return Outcome(verdict, measured, table, plots, headline, notes)
 
 
 register(Study(
@@ -297,15 +309,21 @@ def batch_prepare(ctx: Context) -> Plan:
   sizes = ctx.pick((2, 8), (1, 4, 16), (32, 128, 512))
   rows = ctx.pick(16, 64, 16384)  # rows of data.seq_len tokens every arm sees
   values, cfg = _base(ctx, 1)
+  # One packing for every batch size (first-fit over a fixed number of bins), so every arm
+  # trains on the same rows in the same order; and the same held-out rows for all.
+  values["data"]["packing_bins"] = max(sizes)
+  held = values["eval"]["batches"] * values["data"]["batch_size"]
+  held_out_rows = -(-held // max(sizes)) * max(sizes)  # a multiple of every batch size
   rank = ctx.pick(4, 16, 128)
   arms = []
   for b in sizes:
     steps = rows // b
     lora_lr = hparams.lora_lr(cfg, steps)
     train = {"steps": steps, "checkpoint_every": steps}
-    arms.append(_arm(f"full-b{b}", "FullFT", b, data={"batch_size": b},
+    same = {"data": {"batch_size": b}, "eval": {"batches": max(held_out_rows // b, 1)}}
+    arms.append(_arm(f"full-b{b}", "FullFT", b, **same,
                      train={**train, "method": "full", "lr": hparams.full_ft_lr(cfg)}))
-    arms.append(_arm(f"lora-b{b}", f"LoRA r={rank}", b, data={"batch_size": b},
+    arms.append(_arm(f"lora-b{b}", f"LoRA r={rank}", b, **same,
                      lora={"rank": rank}, train={**train, "method": "lora", "lr": lora_lr}))
   return ctx.plan(values, arms, rows=rows, rank=rank)
 
