@@ -74,8 +74,12 @@ def _parser() -> argparse.ArgumentParser:
   merge.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   merge.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
   _data_parser(sub.add_parser("data", help="build, fetch and inspect datasets"))
-  study = sub.add_parser("study", help="reproduce a finding of LoRA Without Regret on a model, "
-                         "with plots and a verdict (DIR/report.md)")
+  _study_parser(sub.add_parser("study", help="reproduce a finding of LoRA Without Regret on "
+                               "a model, with plots and a verdict (DIR/report.md)"))
+  return parser
+
+
+def _study_parser(study: argparse.ArgumentParser) -> None:
   study.add_argument("name", help="layers, lr, rank, batch, capacity, compute or rl")
   study.add_argument("--model", default=None,
                      help="HF model dir or .gguf (default: a tiny random model at smoke, "
@@ -86,7 +90,6 @@ def _parser() -> argparse.ArgumentParser:
                      " rerunning continues it")
   study.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting of every arm, e.g. --set data.seq_len=128")
-  return parser
 
 
 def _interop(args) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from jlora import config as config_lib, rundir
 from jlora.study import report, runner, verdicts
@@ -98,11 +98,6 @@ def _load_all() -> None:
   from jlora.study import capacity, compute, rl_study, sft  # noqa: F401 (they register)
 
 
-def names() -> list[str]:
-  _load_all()
-  return list(STUDIES)
-
-
 def check_overrides(overrides: Sequence[str]) -> None:
   """``--set`` keys and values must make a valid run config (checked before any file)."""
   values = config_lib.apply_overrides({"run_dir": ".", "data": {"source": "task:arithmetic"}},
@@ -160,11 +155,3 @@ def run(name: str, *, budget: str = "small", out: str | None = None, model: str 
   log(f"report: {path}")
   return {"verdict": outcome.verdict.outcome, "reason": outcome.verdict.reason,
           "report": path, "headline": outcome.headline, "wall_s": record["wall_s"]}
-
-
-def describe(values: dict) -> dict[str, Any]:
-  """The parts of a base config a report states."""
-  d, e = values.get("data", {}), values.get("eval", {})
-  return {"model": values["model"]["path"], "data": d.get("source"),
-          "held_out": e.get("source") or f"{d.get('source')} ({e.get('split', 'test')})",
-          "seq_len": d.get("seq_len"), "batch_size": d.get("batch_size")}

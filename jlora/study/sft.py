@@ -27,6 +27,9 @@ from jlora.study import Context, Outcome, Plan, Study, assets, register, report,
 from jlora.study import verdicts
 
 
+METRIC = "Loss: the last quarter of training (each batch scored before it is trained on)."
+
+
 def model_path(ctx: Context) -> str:
   if ctx.model:
     return ctx.model
@@ -155,10 +158,9 @@ register(Study(
     "clearly worse, even with as many parameters.",
     "Llama-3.1-8B: attention-only r=256 (0.25B params) loses to MLP-only r=128 (0.24B); "
     "MLP-only ~= all layers (the post's layer-comparison figure).",
-    verdicts.layers.__doc__.split("\n\n")[0].replace("\n  ", " ").strip() + " Loss: the last "
-    "quarter of training (held-out: each batch scored before it is trained on), best of the "
-    "LRs tried per condition; tolerance 0.01 nats; attention-only gets the smallest power-of-two rank with at "
-    "least MLP-only's parameters.",
+    verdicts.layers.__doc__.split("\n\n")[0].replace("\n  ", " ").strip() + f" {METRIC} "
+    "Best of the LRs tried per condition; tolerance 0.01 nats; attention-only gets the "
+    "smallest power-of-two rank with at least MLP-only's parameters.",
     layers_prepare, layers_analyse))
 
 
@@ -231,10 +233,9 @@ register(Study(
     "and moves less than 2x across ranks.",
     "LR sweeps over 14 Llama and Qwen models; fit M_LoRA = 9.8 x M_FullFT (the post's LR-vs-"
     "loss curves per rank).",
-    "Loss: the last quarter of training (each batch scored before it is trained on). "
-    "Each method's optimum is the minimum of a parabola in log10(LR) through its best grid "
-    "point and both neighbours (a grid of factor 3 around the LR rule). Reproduced when, for "
-    "every LoRA rank, LoRA's optimum / FullFT's is within [5, 20] and every optimum is "
+    f"{METRIC} Each method's optimum is the minimum of a parabola in log10(LR) through its "
+    "best grid point and both neighbours (a grid of factor 3 around the LR rule). Reproduced "
+    "when, for every LoRA rank, LoRA's optimum / FullFT's is within [5, 20] and every optimum is "
     "bracketed; inconclusive when one lies at the grid's edge; otherwise not reproduced.",
     lr_prepare, lr_analyse))
 
@@ -295,10 +296,10 @@ register(Study(
     "training; low ranks fall off later, at a step count that grows with rank.",
     "The post's learning curves per rank at the best LR (ranks 1-512 on Tulu3 / "
     "OpenThoughts3): early curves overlap.",
-    "Coincide early: over steps 2..steps/4 the spread of training loss across ranks, "
-    "(max - min) / mean, stays within 2%. Fall off: the lowest rank's loss over the last "
-    "quarter of training is above the highest rank's by more than 0.01 nats. Reproduced: both; not reproduced: "
-    "no early coincidence, or the highest rank ends worse by more than 0.01; inconclusive: "
+    f"{METRIC} Coincide early: over steps 2..steps/4 the spread of training loss across "
+    "ranks, (max - min) / mean, stays within 2%. Fall off: the lowest rank's loss is above "
+    "the highest rank's by more than 0.01 nats. Reproduced: both; not reproduced: no early "
+    "coincidence, or the highest rank ends worse by more than 0.01; inconclusive: "
     "they coincide but no rank falls off within the budget.",
     rank_prepare, rank_analyse))
 
@@ -365,7 +366,6 @@ register(Study(
     "LoRA's gap to FullFT grows with batch size (about equal at 32, worse at 512), "
     "independently of rank; both do best at small batches.",
     "OpenThoughts3 10k-example subset, batch 32 to 512 (the post's batch-size figure).",
-    verdicts.batch.__doc__.replace("\n  ", " ").strip() + " Loss: the last quarter of "
-    "training (each batch scored before it is trained on); tolerance 0.01 nats; every arm "
-    "trains on the same number of tokens, each method at its LR rule.",
+    verdicts.batch.__doc__.replace("\n  ", " ").strip() + f" {METRIC} Tolerance 0.01 nats; "
+    "every arm trains on the same number of tokens, each method at its LR rule.",
     batch_prepare, batch_analyse))

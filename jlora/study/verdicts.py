@@ -106,8 +106,9 @@ def layers(attn: float | None, mlp: float | None, all_: float | None,
 
 def rank(curves: dict[int, Sequence[tuple[int, float]]], final: dict[int, float | None],
          early_steps: int, rel_tol: float, tol: float) -> Verdict:
-  """Training-loss curves per rank (the same batches for every rank) and final losses. "Coincide early": over the steps 2..early_steps (step 1 is before any update:
-  equal by construction) the spread across ranks, (max - min) / mean, stays within
+  """Training-loss curves per rank (the same batches for every rank) and final losses.
+  "Coincide early": over the steps 2..early_steps (step 1 is before any update: equal by
+  construction) the spread across ranks, (max - min) / mean, stays within
   ``rel_tol``. "Fall off later": the lowest rank's final loss is above the highest
   rank's by more than ``tol``. Reproduced: both; not reproduced: the curves do not
   coincide early, or the highest rank ends worse than the lowest by more than ``tol``;
