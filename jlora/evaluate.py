@@ -44,10 +44,10 @@ def eval_batches(cfg: config_lib.RunConfig, tok) -> list[dict]:
   return out
 
 
-def accuracy(model, params, tok, dcfg: data.DataConfig, records: list[dict], task,
-             max_new_tokens: int) -> float:
-  """Fraction of ``records`` whose greedy answer (prompts left-padded, one batch) the task
-  accepts. ``params``: what the model sees (``optim.model_params``: adapters included)."""
+def answers(model, params, tok, dcfg: data.DataConfig, records: list[dict],
+            max_new_tokens: int) -> list[str]:
+  """The greedy completion of each record's prompt (prompts left-padded, one batch), up to
+  EOS. ``params``: what the model sees (``optim.model_params``: adapters included)."""
   prompts = [render.prompt_ids(r, tok, dcfg.fields, dcfg.chat, dcfg.system) for r in records]
   width = max(len(p) for p in prompts)
   tokens = np.zeros((len(prompts), width), np.int32)
@@ -56,9 +56,14 @@ def accuracy(model, params, tok, dcfg: data.DataConfig, records: list[dict], tas
     tokens[i, width - len(p):], mask[i, width - len(p):] = p, 1
   out = np.asarray(models.generate(model, params, tokens, max_new_tokens=max_new_tokens,
                                    prompt_mask_BP=mask))
-  correct = sum(task.check(tok.decode(until_eos(row, tok.eos_id)), record["answer"])
-                for row, record in zip(out, records))
-  return correct / len(records)
+  return [tok.decode(until_eos(row, tok.eos_id)) for row in out]
+
+
+def accuracy(model, params, tok, dcfg: data.DataConfig, records: list[dict], task,
+             max_new_tokens: int) -> float:
+  """Fraction of ``records`` whose greedy answer (``answers``) the task accepts."""
+  said = answers(model, params, tok, dcfg, records, max_new_tokens)
+  return sum(task.check(text, r["answer"]) for text, r in zip(said, records)) / len(records)
 
 
 def task_records(cfg: config_lib.RunConfig) -> tuple[Any, list[dict]]:

@@ -8,9 +8,10 @@ import os
 from jlora import lora as lora_lib, merged, optim, peft, rundir
 
 
-def export_run(run_dir: str, out: str, step: int | None = None) -> str:
-  """``jlora export RUN_DIR --format peft --out DIR``."""
-  run = rundir.load_trained(run_dir, step)
+def export_run(run_dir: str, out: str, step: int | None = None, base=None) -> str:
+  """``jlora export RUN_DIR --format peft --out DIR`` (``base``: the model already
+  loaded, as in ``rundir.load_trained``)."""
+  run = rundir.load_trained(run_dir, step, base)
   s, trainable = run.setup, run.trainable
   if s.cfg.train.method == "full":
     raise ValueError(f"{run_dir} is a full fine-tuning run: it has no adapters to export "
@@ -21,9 +22,9 @@ def export_run(run_dir: str, out: str, step: int | None = None) -> str:
 
 
 def merge_run(run_dir: str, out: str, step: int | None = None,
-              max_shard_size: str | int = "5GB") -> str:
-  """``jlora merge RUN_DIR --out DIR``."""
-  run = rundir.load_trained(run_dir, step)
+              max_shard_size: str | int = "5GB", base=None) -> str:
+  """``jlora merge RUN_DIR --out DIR`` (``base`` as in ``export_run``)."""
+  run = rundir.load_trained(run_dir, step, base)
   s, trainable = run.setup, run.trainable
   params = optim.combine(trainable["full"], s.frozen)
   return merged.save_merged(out, params, trainable["lora"],

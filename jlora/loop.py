@@ -141,7 +141,7 @@ def _progress(total: int, initial: int, enabled: bool):
               dynamic_ncols=True)
 
 
-def _start(s, objective: Objective, ckpts, state, run_dir: str, resume: bool, log):
+def _start(s, objective: Objective, ckpts, state, run_dir: str, resume: bool, log, on_row):
   """(state, first step, held-out metrics before training, Metrics) for a fresh or
   resumed run."""
   start_file = os.path.join(run_dir, "start.json")
@@ -152,10 +152,10 @@ def _start(s, objective: Objective, ckpts, state, run_dir: str, resume: bool, lo
     with open(start_file) as f:
       before = json.load(f)
     log(f"resumed {run_dir} at step {first}")
-    return state, first, before, rundir.Metrics(run_dir, first, _fields(objective))
+    return state, first, before, rundir.Metrics(run_dir, first, _fields(objective), on_row)
   if resume:
     log(f"{run_dir} has no checkpoint yet: starting from step 0")
-  metrics = rundir.Metrics(run_dir, -1, _fields(objective))  # drops a failed start's rows
+  metrics = rundir.Metrics(run_dir, -1, _fields(objective), on_row)  # drops a failed start's rows
   log("evaluating before training")
   begin = time.perf_counter()
   before = objective.evaluate(state["trainable"])
@@ -199,10 +199,11 @@ class _Timer:
 
 
 def run(s, objective: Objective, run_dir: str, *, resume: bool = False,
-        log: Callable[[str], None] = print, progress: bool = True) -> Result:
+        log: Callable[[str], None] = print, progress: bool = True,
+        on_row: Callable[[dict], None] | None = None) -> Result:
   """Train ``s`` (a ``jlora.setup.Setup``) with ``objective`` from step 0 or the latest
-  checkpoint to ``train.steps``. Raises ``NonFiniteLoss`` or ``Interrupted`` (after
-  saving)."""
+  checkpoint to ``train.steps``. ``on_row`` sees each metrics row as it is written (a
+  notebook's live plot). Raises ``NonFiniteLoss`` or ``Interrupted`` (after saving)."""
   t = s.cfg.train
   ckpts = checkpoint.Checkpoints(os.path.join(run_dir, "checkpoints"), keep=t.keep)
   state = train.init_state(s.trainable, s.tx, s.mesh)
@@ -210,7 +211,7 @@ def run(s, objective: Objective, run_dir: str, *, resume: bool = False,
   metrics_out = None
   try:
     state, first, before, metrics_out = _start(s, objective, ckpts, state, run_dir, resume,
-                                               log)
+                                               log, on_row)
     with deferred_signals() as received:
       state, last, after = _steps(s, objective, ckpts, metrics_out, state, first, received,
                                   progress, run_dir)

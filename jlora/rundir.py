@@ -159,12 +159,14 @@ class Metrics:
     keep_through: rows with ``step <= keep_through`` already in the files are kept, later
       ones dropped (a killed run's rows past its last checkpoint); None keeps everything.
     fields: the CSV columns (JSONL and TensorBoard take whatever a row has).
+    on_row: called with each row after it is written.
   """
 
   FIELDS = ("step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s", "eval_loss",
             "accuracy", "elapsed_s", "step_s", "data_s")
 
-  def __init__(self, run_dir: str, keep_through: int | None, fields=FIELDS):
+  def __init__(self, run_dir: str, keep_through: int | None, fields=FIELDS, on_row=None):
+    self.on_row = on_row
     self.jsonl = os.path.join(run_dir, "metrics.jsonl")
     self.csv = os.path.join(run_dir, "metrics.csv")
     if keep_through is not None:
@@ -208,6 +210,8 @@ class Metrics:
       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
         self._tb.add_scalar(k, v, row["step"])
     self._tb.flush()
+    if self.on_row is not None:
+      self.on_row(dict(row))
 
   def close(self) -> None:
     self._jsonl_file.close()
@@ -237,9 +241,10 @@ class Trained:
     return config_lib.model_path(self.setup.cfg)
 
 
-def load_trained(run_dir: str, step: int | None = None) -> Trained:
+def load_trained(run_dir: str, step: int | None = None, base=None) -> Trained:
   """A finished or checkpointed run (``step``: default the latest), for generation and
-  export. A step that is not on disk is a one-line error listing the ones that are."""
+  export. A step that is not on disk is a one-line error listing the ones that are.
+  ``base``: the run's model already loaded (``setup.load_base``), not read again."""
   path = os.path.join(run_dir, "config.json")
   if not os.path.isfile(path):
     raise ValueError(f"{run_dir}: not a run directory (no config.json)")
@@ -251,7 +256,7 @@ def load_trained(run_dir: str, step: int | None = None) -> Trained:
                      f"{', '.join(map(str, steps))}")
   from jlora import setup, train
   cfg = config_lib.load(path)
-  s = setup.build(cfg, log=lambda _: None)
+  s = setup.build(cfg, log=lambda _: None, base=base)
   ckpts = checkpoint.Checkpoints(os.path.join(run_dir, "checkpoints"), keep=cfg.train.keep)
   state = train.init_state(s.trainable, s.tx, s.mesh)
   state, _, meta = ckpts.restore(checkpoint.abstract(state), step)

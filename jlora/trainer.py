@@ -79,12 +79,14 @@ def _finished(cfg: config_lib.RunConfig, log) -> dict | None:
 def run(cfg: config_lib.RunConfig, *, resume: bool = False, progress: bool = True,
         log: Callable[[str], None] = print, force: bool = False,
         objective: Callable[[setup.Setup], loop.Objective] = sft_objective,
-        base: setup.Base | None = None) -> dict:
+        base: setup.Base | None = None,
+        on_row: Callable[[dict], None] | None = None) -> dict:
   """Train per ``cfg`` with ``objective`` (SFT; ``jlora.rl.run`` passes RL's); returns the
   summary (also written to RUN_DIR/summary.json). The advisor's report is printed first; an
   "error" finding stops the run unless ``force``. ``base``: a model already loaded (the
-  arms of a study share one). Raises ValueError for a user mistake, before anything is
-  written."""
+  arms of a study share one). ``on_row``: called with each metrics row as it is written
+  (row 0: held-out metrics before training). Raises ValueError for a user mistake, before
+  anything is written."""
   if cfg.rl is not None and objective is sft_objective:
     raise ValueError("the config has an [rl] section: run it with jlora rl")
   if resume and (done := _finished(cfg, log)) is not None:
@@ -102,7 +104,8 @@ def run(cfg: config_lib.RunConfig, *, resume: bool = False, progress: bool = Tru
   made = objective(s)
   run_dir, lock = rundir.create(cfg, resume)
   try:
-    result = loop.run(s, made, run_dir, resume=resume, log=log, progress=progress)
+    result = loop.run(s, made, run_dir, resume=resume, log=log, progress=progress,
+                      on_row=on_row)
     return _finish(s, run_dir, result)
   finally:
     lock.release()

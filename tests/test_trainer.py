@@ -66,10 +66,12 @@ def test_config_errors_are_one_clear_line():
 
 def test_train_then_generate_and_trainable_only_checkpoints(model_dir, tmp_path):
   cfg = config.from_dict(recipe(model_dir, tmp_path / "run"))
-  summary = trainer.run(cfg, progress=False, log=lambda _: None)
+  seen = []
+  summary = trainer.run(cfg, progress=False, log=lambda _: None, on_row=seen.append)
   run = tmp_path / "run"
   rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == list(range(0, 9))  # step 0: before training
+  assert [json.loads(json.dumps(r)) for r in seen] == rows  # on_row: each row as written
   assert rows[0]["eval_loss"] == summary["eval_loss_before"]
   assert rows[0]["accuracy"] == summary["accuracy_before"]
   assert rows[-1]["eval_loss"] == summary["eval_loss_after"]

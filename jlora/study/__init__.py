@@ -119,6 +119,9 @@ def run(name: str, *, budget: str = "small", out: str | None = None, model: str 
   if model is not None and model != config_lib.SMOLLM2 and not os.path.exists(model):
     raise ValueError(f"--model {model}: no such file or directory")
   check_overrides(overrides)
+  if argv is None:  # called from Python (a notebook): the command line that does the same
+    argv = ["jlora", "study", name, "--budget", budget] + (["--out", out] if out else []) + \
+        (["--model", model] if model else []) + [a for o in overrides for a in ("--set", o)]
   out = os.path.abspath(out or os.path.join("studies", f"{name}-{budget}"))
   if os.path.isdir(out) and (holder := rundir.Lock.holder(out)):
     raise ValueError(f"{out} is in use by {holder}")
