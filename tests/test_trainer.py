@@ -137,6 +137,8 @@ def test_resume_after_sigkill_sigterm_and_ctrl_c_is_bit_exact(model_dir, tmp_pat
       name = mode.upper()
       assert f"jlora: {name}: saved step 7 in {run}; resume with: jlora train {toml} " \
              "--resume" in stopped.stderr.splitlines()
+    if mode == "sigint":  # stops like SIGTERM (one handler): its resume is SIGTERM's
+      continue
     resumed = subprocess.run([sys.executable, "-m", "jlora.cli", "train", toml, "--resume",
                               "--no-progress"], cwd=ROOT, capture_output=True, text=True,
                              env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
