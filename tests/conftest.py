@@ -27,8 +27,3 @@ def pytest_terminal_summary(terminalreporter):
       terminalreporter.write_line(f"{seconds:7.1f} s  {nodeid}")
     terminalreporter.write_line(f"{sum(s for _, s in rows):7.1f} s  all notebooks")
 
-
-def pytest_collection_modifyitems(items):
-  """Slow tests first (stable): with two xdist workers the long ones start at once and the
-  short ones fill the end, instead of one worker finishing a long test alone."""
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
