@@ -9,7 +9,6 @@ import json
 import os
 import platform
 import shlex
-import sys
 from typing import Any, Sequence
 
 from jlora import atomic
@@ -95,8 +94,8 @@ def versions() -> dict:
   return out
 
 
-def command(argv: Sequence[str] | None = None) -> str:
-  argv = list(sys.argv if argv is None else argv)
+def command(argv: Sequence[str]) -> str:
+  argv = list(argv)
   argv[0] = "jlora" if argv and os.path.basename(argv[0]) in ("jlora", "__main__.py") \
       else argv[0]
   return shlex.join(argv)
