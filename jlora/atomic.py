@@ -1,5 +1,5 @@
 """Files written so that a crash never leaves half of one: a single file goes to
-``PATH.tmp`` and is renamed over ``PATH`` (``write_json``); a directory is built in a
+``PATH.tmp`` and is renamed over ``PATH`` (``write_text``, ``write_json``); a directory is built in a
 temporary directory beside its destination and renamed into place only when complete
 (``staging``). Used by the run directory, PEFT export and merged checkpoints."""
 
@@ -13,11 +13,17 @@ import tempfile
 from typing import Iterator
 
 
+def write_text(path: str, text: str) -> None:
+  """``text`` at ``path``, atomically: a reader (or a resumed run) sees the old file or
+  the whole new one, never an empty or half-written one."""
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
 def write_json(path: str, value) -> None:
   """``value`` as indented JSON at ``path``, atomically."""
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=2)
-  os.replace(path + ".tmp", path)
+  write_text(path, json.dumps(value, indent=2))
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from jlora import checkpoint, config as config_lib, lora
+from jlora import atomic, checkpoint, config as config_lib, lora
 
 # Config keys that must not change across --resume (they define the state on disk).
 _FROZEN_ON_RESUME = ("model", "lora", "train.method", "train.seed", "data", "mesh")
@@ -59,6 +59,13 @@ def checkpoint_steps(run_dir: str) -> list[int]:
   return sorted(int(d) for d in os.listdir(path) if d.isdigit())
 
 
+def _holds_run(run_dir: str) -> bool:
+  """Whether ``run_dir`` has anything in it but what a start killed before config.json
+  leaves (the lock file, a ``.tmp`` file)."""
+  return os.path.isdir(run_dir) and any(
+      f != LOCK_FILE and not f.endswith(".tmp") for f in os.listdir(run_dir))
+
+
 def check(cfg: config_lib.RunConfig, resume: bool) -> str:
   """What can be said about the run directory before any work (nothing is written):
   a fresh run needs an empty or missing directory; ``--resume`` needs a run of the same
@@ -70,15 +77,18 @@ def check(cfg: config_lib.RunConfig, resume: bool) -> str:
   if resume:
     if not os.path.isfile(saved):
       raise ValueError(f"{run_dir}: nothing to resume (no config.json)")
-    with open(saved) as f:
-      before = json.load(f)
+    try:
+      with open(saved) as f:
+        before = json.load(f)
+    except ValueError as e:
+      raise ValueError(f"{saved}: not a readable run config ({e})") from None
     now = cfg.to_dict()
     changed = [c for key in _FROZEN_ON_RESUME
                for c in _changes(_get(before, key), _get(now, key), key)]
     if changed:
       raise ValueError(f"cannot resume {run_dir}: changed since it started: "
                        f"{'; '.join(changed)}")
-  elif os.path.isdir(run_dir) and os.listdir(run_dir):
+  elif _holds_run(run_dir):
     raise ValueError(f"{run_dir} already holds a run: add --resume to continue it, or "
                      "set run_dir to a new directory")
   elif os.path.exists(run_dir) and not os.path.isdir(run_dir):
@@ -141,10 +151,11 @@ def create(cfg: config_lib.RunConfig, resume: bool) -> tuple[str, Lock]:
     raise ValueError(f"{run_dir}: cannot write the run directory ({e.strerror})") from None
   try:
     if not resume:
-      if set(os.listdir(run_dir)) - {LOCK_FILE}:  # another process got here first
+      if _holds_run(run_dir):  # another process got here first
         raise ValueError(f"{run_dir} already holds a run: add --resume to continue it")
-      with open(os.path.join(run_dir, "config.json"), "w") as f:
-        f.write(cfg.to_json())
+      # atomic: a process killed here must not leave an empty config.json that a
+      # resume (or a study's next invocation) would then fail to read
+      atomic.write_text(os.path.join(run_dir, "config.json"), cfg.to_json())
   except BaseException:
     lock.release()
     raise
@@ -197,9 +208,7 @@ class Metrics:
         continue  # a line cut short by the kill
       if value <= step and line.endswith("\n"):
         keep.append(line)
-    with open(path + ".tmp", "w") as f:
-      f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    atomic.write_text(path, "".join(keep))
 
   def write(self, row: dict) -> None:
     self._jsonl_file.write(json.dumps(row) + "\n")

@@ -139,3 +139,22 @@ def test_one_trainer_per_run_dir(model_dir, tmp_path):
   assert "has no checkpoint yet: starting from step 0" in again.stdout
   steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
   assert steps == [0, 1, 2]
+
+
+def test_a_start_killed_before_its_config_was_written_does_not_block_the_next(
+    model_dir, tmp_path, capsys):
+  from jlora import rundir
+  run = tmp_path / "run"
+  cfg = config.from_dict(recipe(model_dir, run))
+  run.mkdir()
+  (run / rundir.LOCK_FILE).write_text("")
+  (run / "config.json.tmp").write_text('{"mod')  # killed mid-write: never renamed
+  _, lock = rundir.create(cfg, resume=False)
+  lock.release()
+  assert json.loads((run / "config.json").read_text()) == cfg.to_dict()
+  # An empty config.json (what a non-atomic write leaves when killed) is named on resume.
+  (run / "config.json").write_text("")
+  assert cli.main(["train", write_toml(tmp_path / "r.toml", recipe(model_dir, run)),
+                   "--resume"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and f"{run}/config.json: not a readable run config" in err, err

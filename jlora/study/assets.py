@@ -98,7 +98,5 @@ def text_split(corpus: str, out: str, held_out: float = 0.05) -> tuple[str, str]
       split[test if bucket < held_out else train].append(text)
   os.makedirs(out, exist_ok=True)
   for path, texts in split.items():
-    with open(path + ".tmp", "w") as f:
-      f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
-    os.replace(path + ".tmp", path)
+    atomic.write_text(path, "".join(json.dumps({"text": t}) + "\n" for t in texts))
   return train, test

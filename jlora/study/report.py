@@ -161,7 +161,5 @@ def write(out: str, *, title: str, claim: str, figure: str, rule: str,
             "Versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()) + ".",
             "Per-arm rows: `results.jsonl` / `results.csv`; the record: `study.json`.", ""]
   path = os.path.join(out, "report.md")
-  with open(path + ".tmp", "w") as f:
-    f.write("\n".join(lines))
-  os.replace(path + ".tmp", path)
+  atomic.write_text(path, "\n".join(lines))
   return path

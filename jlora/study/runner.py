@@ -190,10 +190,8 @@ def write_table(path_stem: str, table: Sequence[dict]) -> None:
   writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
   writer.writeheader()
   writer.writerows(table)
-  for suffix, content in ((".jsonl", text), (".csv", buf.getvalue())):
-    with open(path_stem + suffix + ".tmp", "w") as f:
-      f.write(content)
-    os.replace(path_stem + suffix + ".tmp", path_stem + suffix)
+  atomic.write_text(path_stem + ".jsonl", text)
+  atomic.write_text(path_stem + ".csv", buf.getvalue())
 
 
 def write_results(study: str, results: Sequence[ArmResult], out: str) -> None:
