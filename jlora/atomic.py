@@ -1,7 +1,8 @@
 """Files written so that a crash never leaves half of one: a single file goes to
-``PATH.tmp`` and is renamed over ``PATH`` (``write_text``, ``write_json``); a directory is built in a
-temporary directory beside its destination and renamed into place only when complete
-(``staging``). Used by the run directory, PEFT export and merged checkpoints."""
+``PATH.tmp`` and is renamed over ``PATH`` (``write_text``, ``write_json``); a directory
+is built in a temporary directory beside its destination and renamed into place only when
+complete (``staging``). Used by the run directory, studies, PEFT export and merged
+checkpoints."""
 
 from __future__ import annotations
 
