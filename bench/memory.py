@@ -1,6 +1,9 @@
 """Peak memory and step time of LoRA vs full fine-tuning on SmolLM2-135M (issue: trainer).
 
     python -m bench.memory [--steps 3]
+    python -m bench.memory --only jlora-lora jlora-lora-bf16 jlora-lora-int8 jlora-lora-nf4 \
+        jlora-lora-nf4all     # QLoRA: the frozen base stored f32 / bf16 / int8 / nf4
+    python -m bench.memory --model llama1b --steps 0 --only ...   # XLA's plan, no steps
 
 Environment knobs for experiments (results in RESULTS.md): JLORA_BENCH_CHUNK=N (loss
 chunk, default 256), JLORA_BENCH_JIT_CALL=1 (compile inside the first call instead of
@@ -33,7 +36,13 @@ import numpy as np
 BATCH, SEQ, RANK = 8, 128, 16
 CHUNK = int(os.environ.get("JLORA_BENCH_CHUNK", 256))
 CONFIGS = ("jax-runtime", "jlora-lora", "jlora-full", "jlora-lora-bf16", "jlora-lora-plain",
-           "peft-lora", "peft-full")
+           "jlora-lora-int8", "jlora-lora-nf4", "jlora-lora-nf4all", "peft-lora", "peft-full")
+# Llama-3.2-1B's shapes (its config.json), for the QLoRA rows at a scale where the base
+# dominates: 16 layers, d=2048, FFN 8192, 32/8 heads, vocab 128256, tied embeddings.
+LLAMA_1B = dict(model_type="llama", vocab_size=128256, hidden_size=2048,
+                intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
+                head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0, tie_embeddings=True,
+                max_position_embeddings=131072)
 
 
 def _rss_mb() -> float:
@@ -86,22 +95,34 @@ def _measure(run, steps: int) -> dict:
           "first_step_peak_mb": first_step_peak, "train_peak_mb": _phase_peak_mb()}
 
 
-def _jlora(kind: str, steps: int) -> dict:
+def _model_config(name: str):
+  from jlora import models
+  from jlora.models import gguf_loader
+  if name == "llama1b":
+    return models.ModelConfig(**LLAMA_1B)
+  cfg = gguf_loader.read_config(models.smollm2_gguf())
+  gguf_loader.release()  # as the trainer does once the model is read
+  return cfg
+
+
+def _jlora(kind: str, steps: int, model_name: str = "smollm2") -> dict:
   import jax
   import jax.numpy as jnp
   import jlora
-  from jlora import models, optim, sharding, train
-  from jlora.models import gguf_loader
+  from jlora import models, optim, quant, sharding, train
   plain = kind.endswith("plain")
-  cfg = gguf_loader.read_config(models.smollm2_gguf()).replace(remat=not plain)
-  gguf_loader.release()  # as the trainer does once the model is read
+  cfg = _model_config(model_name).replace(remat=not plain)
   model = models.Transformer(cfg)
   # Random weights leaf by leaf on the host (a jitted init would briefly hold the random
-  # bits of every parameter too, and that peak is initialisation's, not training's).
+  # bits of every parameter too, and that peak is initialisation's, not training's), each
+  # stored as the loader stores it (models.store: cast, or quantised for QLoRA).
   rng = np.random.default_rng(0)
   base_dtype = jnp.bfloat16 if kind.endswith("bf16") else jnp.float32  # the frozen base's
+  fmt = kind.rsplit("-", 1)[-1] if kind.endswith(("int8", "nf4", "nf4all")) else "none"
+  fmt, embeddings = ("nf4", "nf4") if fmt == "nf4all" else (fmt, None)  # nf4all: table nf4
   params = jlora.lora.unflatten({
-      p: jnp.asarray(0.02 * rng.standard_normal(shape, np.float32), base_dtype)
+      p: jax.tree.map(jnp.asarray, models.store(
+          p, 0.02 * rng.standard_normal(shape, np.float32), base_dtype, fmt, embeddings))
       for p, shape in models.param_shapes(model).items()})
   if kind == "jlora-full":  # as `jlora train` with train.method = "full"
     plan, adapters = jlora.lora.plan(params, jlora.LoraSpec(rank=1, targets=None,
@@ -110,6 +131,7 @@ def _jlora(kind: str, steps: int) -> dict:
     plan = jlora.lora.plan(params, models.lora_spec(cfg, RANK))
     adapters = jax.jit(lambda p: jlora.init_adapters(p, plan, jax.random.PRNGKey(1)))(params)
   trainable, frozen = optim.trainable(params, adapters, plan)
+  frozen_bytes = quant.stored_bytes(frozen)
   del params, adapters
   tx = optim.optimizer(1e-4)
   mesh = sharding.make_mesh()
@@ -123,13 +145,19 @@ def _jlora(kind: str, steps: int) -> dict:
            "mask": np.ones((BATCH, SEQ), np.int32)}
   if not os.environ.get("JLORA_BENCH_JIT_CALL"):  # as the trainer does (train.compile_step)
     step = train.compile_step(step, state, frozen, batch)
+  if steps == 0:  # --steps 0: what XLA plans for the step, without running it
+    m = step.memory_analysis()
+    return {"ms_per_step": 0.0, "rss_before_steps_mb": _rss_mb(), "first_step_peak_mb": 0.0,
+            "train_peak_mb": 0.0, "frozen_mb": frozen_bytes / 2**20,
+            "xla_arguments_mb": m.argument_size_in_bytes / 2**20,
+            "xla_temp_mb": m.temp_size_in_bytes / 2**20}
   holder = {"state": state}
 
   def run():
     holder["state"], metrics = step(holder["state"], frozen, batch)
     jax.block_until_ready(metrics)
 
-  return _measure(run, steps)
+  return {**_measure(run, steps), "frozen_mb": frozen_bytes / 2**20}
 
 
 def _peft(kind: str, steps: int) -> dict:
@@ -154,9 +182,11 @@ def _runtime(kind: str, steps: int) -> dict:
           "train_peak_mb": _rss_mb()}
 
 
-def child(kind: str, steps: int) -> None:
-  run = _runtime if kind == "jax-runtime" else _peft if kind.startswith("peft") else _jlora
-  out = run(kind, steps)
+def child(kind: str, steps: int, model_name: str) -> None:
+  if kind.startswith("jlora"):
+    out = _jlora(kind, steps, model_name)
+  else:
+    out = (_runtime if kind == "jax-runtime" else _peft)(kind, steps)
   out.update(kind=kind, peak_rss_mb=_rss_mb())
   print(json.dumps(out))
 
@@ -166,15 +196,17 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--child", choices=CONFIGS)
   parser.add_argument("--only", nargs="*", choices=CONFIGS, default=list(CONFIGS))
+  parser.add_argument("--model", choices=("smollm2", "llama1b"), default="smollm2")
   args = parser.parse_args(argv)
   if args.child:
-    return child(args.child, args.steps)
+    return child(args.child, args.steps, args.model)
   from bench.common import machine
-  print(f"# machine: {machine()}; SmolLM2-135M shapes, batch {BATCH} x {SEQ}, r={RANK}")
+  print(f"# machine: {machine()}; {args.model} shapes, batch {BATCH} x {SEQ}, r={RANK}")
   results = {}
   for kind in args.only:
     done = subprocess.run([sys.executable, "-m", "bench.memory", "--child", kind,
-                           "--steps", str(args.steps)], capture_output=True, text=True,
+                           "--steps", str(args.steps), "--model", args.model],
+                          capture_output=True, text=True,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     if done.returncode:
       print(f"{kind}: failed\n{done.stderr[-3000:]}")
@@ -183,7 +215,10 @@ def main(argv=None):
     r = results[kind]
     print(f"{kind:18s} peak RSS: process {r['peak_rss_mb']:6.0f} MB, first step "
           f"{r['first_step_peak_mb']:6.0f} MB, steady steps {r['train_peak_mb']:6.0f} MB; "
-          f"{r['ms_per_step']:7.0f} ms/step")
+          f"{r['ms_per_step']:7.0f} ms/step" +
+          (f"; frozen base {r['frozen_mb']:6.0f} MB" if "frozen_mb" in r else "") +
+          (f"; XLA plan: arguments {r['xla_arguments_mb']:6.0f} MB, temporaries "
+           f"{r['xla_temp_mb']:6.0f} MB" if "xla_temp_mb" in r else ""))
   for a, b in (("jlora-lora", "jlora-full"), ("peft-lora", "peft-full")):
     if a in results and b in results:
       ra, rb = results[a], results[b]
@@ -191,9 +226,36 @@ def main(argv=None):
             f"first step {ra['first_step_peak_mb'] / rb['first_step_peak_mb']:.3f}, "
             f"steady steps {ra['train_peak_mb'] / rb['train_peak_mb']:.3f}"
             + (" (target <= 0.45)" if a == "jlora-lora" else ""))
+  _quant_ratios(results)
   if "jlora-lora" in results and "peft-lora" in results:
     print(f"ms/step jlora LoRA / PEFT LoRA: "
           f"{results['jlora-lora']['ms_per_step'] / results['peft-lora']['ms_per_step']:.2f}")
+
+
+def _xla_mb(r: dict) -> float:
+  return r["xla_arguments_mb"] + r["xla_temp_mb"]
+
+
+def _quant_ratios(results: dict) -> None:
+  """QLoRA's targets: nf4 frozen bytes <= 0.3x and peak RSS <= 0.7x the bf16 base's; step
+  time against the f32 base (the dequantisation's cost)."""
+  bf16, f32 = results.get("jlora-lora-bf16"), results.get("jlora-lora")
+  for fmt in ("int8", "nf4", "nf4all"):
+    r = results.get(f"jlora-lora-{fmt}")
+    if r is None:
+      continue
+    nf4 = fmt.startswith("nf4")
+    if bf16 and "xla_temp_mb" in r:  # --steps 0: XLA's plan only
+      print(f"{fmt} / bf16 base: frozen bytes {r['frozen_mb'] / bf16['frozen_mb']:.3f}, "
+            f"XLA arguments + temporaries {_xla_mb(r) / _xla_mb(bf16):.3f}")
+    elif bf16:
+      print(f"{fmt} / bf16 base: frozen bytes {r['frozen_mb'] / bf16['frozen_mb']:.3f}"
+            + (" (target <= 0.3)" if nf4 else "") +
+            f", process peak RSS {r['peak_rss_mb'] / bf16['peak_rss_mb']:.3f}"
+            + (" (target <= 0.7)" if nf4 else "") +
+            f", steady-step peak {r['train_peak_mb'] / bf16['train_peak_mb']:.3f}")
+    if f32 and f32["ms_per_step"]:
+      print(f"{fmt} / f32 base: ms/step {r['ms_per_step'] / f32['ms_per_step']:.2f}")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
   imp = sub.add_parser("import-peft", help="check a PEFT LoRA adapter against a base model "
                        "(and convert it for lora.init)")
   imp.add_argument("adapter_dir")
-  imp.add_argument("--model", required=True, help="the base: HF model dir or .gguf file")
+  imp.add_argument("--model", required=True,
+                   help="the base: HF model dir, .gguf file, Hub id or smollm2")
   merge = sub.add_parser("merge", help="base + a run's adapters merged into an HF model dir")
   merge.add_argument("run_dir")
   merge.add_argument("--out", required=True, help="new directory for the merged model")
@@ -122,7 +123,8 @@ def _data_parser(parser: argparse.ArgumentParser) -> None:
                      help="document separator for plain text (escapes allowed)")
   stats = sub.add_parser("stats", help="examples, tokens, trained tokens, information estimate")
   stats.add_argument("source", help="a path, tfds:NAME or task:NAME")
-  stats.add_argument("--model", required=True, help="model dir or .gguf whose tokenizer to use")
+  stats.add_argument("--model", required=True,
+                     help="model dir, .gguf, Hub id or smollm2 whose tokenizer to use")
   stats.add_argument("--format", default="auto")
   stats.add_argument("--seq-len", type=_positive_int, default=512)
   stats.add_argument("--overflow", default="truncate")

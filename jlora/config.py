@@ -32,14 +32,24 @@ SMOLLM2 = "smollm2"  # model.path shorthand: SmolLM2-135M-Instruct from the llm-
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-  path: str = SMOLLM2  # HF model dir, a .gguf file, or "smollm2"
+  path: str = SMOLLM2  # HF model dir, a .gguf file, a Hub id (org/name[@rev]) or "smollm2"
   dtype: str = "float32"  # of the frozen base; adapters and optimizer state stay f32
   remat: bool = True  # recompute each layer's activations in the backward pass
   # LoRA matmul: auto (the fused Pallas kernel where bench/kernel.py measured it faster,
   # else XLA), xla, pallas (TPU/GPU), interpret (the Pallas kernels on CPU: tests only)
   lora_impl: str = "auto"
+  # QLoRA: the frozen base's kernels and embedding stored as int8 (per output channel) or
+  # nf4 (blocks of 64), dequantised on the fly in the step (jlora.quant)
+  quantize: str = "none"
+  # the embedding table's and LM head's format: auto = int8 under nf4, else as quantize
+  quantize_embeddings: str = "auto"
 
   def __post_init__(self):
+    from jlora import quant
+    if self.quantize not in quant.FORMATS:
+      raise ValueError(f"model.quantize {self.quantize!r} is not one of "
+                       f"{', '.join(quant.FORMATS)}")
+    quant.embedding_format(self.quantize, self.quantize_embeddings)
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"model.dtype {self.dtype!r} is not float32, bfloat16 or float16")
     from jlora.kernels import IMPLS
@@ -317,7 +327,7 @@ def load(path: str, overrides: list[str] = (), defaults: dict | None = None) -> 
 
 
 def model_path(cfg: RunConfig) -> str:
-  if cfg.model.path == SMOLLM2:
-    from jlora import models
-    return models.smollm2_gguf()
-  return cfg.model.path
+  """``model.path`` as a local file or directory (``models.resolve``: the smollm2 alias,
+  Hub ids)."""
+  from jlora import models
+  return models.resolve(cfg.model.path)

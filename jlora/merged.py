@@ -10,12 +10,13 @@ import os
 import re
 import shutil
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jlora import atomic, lora as lora_lib
+from jlora import atomic, lora as lora_lib, quant
 from jlora.models import hf
 from jlora.models.config import ModelConfig
 
@@ -109,9 +110,12 @@ def _write_model_files(tmp: str, base_path: str, cfg: ModelConfig, tok, dtype) -
 def save_merged(out: str, params, adapters, spec: lora_lib.LoraSpec | None, cfg: ModelConfig,
                 base_path: str, tok, *, dtype=None, max_shard_size: str | int = "5GB") -> str:
   """Base + adapters merged (``W + s A B`` in f32) and written as an HF model directory
-  in ``dtype`` (default: the base checkpoint's)."""
+  in ``dtype`` (default: the base checkpoint's). A quantised base (QLoRA) is dequantised
+  first: the adapters were trained against the dequantised weights, so that is the model
+  they merge into."""
   max_bytes = _parse_size(max_shard_size)
   dtype = base_dtype(base_path) if dtype is None else dtype
+  params = quant.dequantize_tree(params, jnp.float32)
   merged = lora_lib.merge(params, adapters, spec) if spec is not None and adapters else params
   tensors = hf_tensors(merged, cfg, dtype)
   with atomic.staging(out) as tmp:

@@ -21,7 +21,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 
-from jlora import kernels
+from jlora import kernels, quant
 from jlora.kernels.reference import lora_down, lora_term, lora_up
 
 __all__ = ["einsum_layout", "lora_dense", "lora_dense_multi", "lora_einsum",
@@ -71,7 +71,8 @@ def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0,
   widths = [w.shape[-1] for w, _, _ in projections]
   cuts = list(itertools.accumulate(widths))[:-1]
   adapted = [(i, a, b) for i, (_, a, b) in enumerate(projections) if a is not None]
-  if adapted and kernels.selects_pallas(impl):
+  quantized = any(quant.is_quantized(w) for w, _, _ in projections)
+  if adapted and kernels.selects_pallas(impl) and not quantized:  # the kernel takes dense W
     w_dtype = projections[0][0].dtype  # the kernel up-casts W tile by tile: no f32 copy
     y_MN = kernels.lora_matmul(x_MK, _concat([w for w, _, _ in projections], w_dtype),
                                _concat([a for _, a, _ in adapted], x.dtype),
@@ -91,7 +92,7 @@ def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0,
 
 def _concat(arrays, dtype) -> jax.Array:
   """Column-wise concatenation in ``dtype`` (no copy for a single array of that dtype)."""
-  arrays = [x.astype(dtype) for x in arrays]
+  arrays = [quant.dense(x, dtype) for x in arrays]
   return jnp.concatenate(arrays, axis=1) if len(arrays) > 1 else arrays[0]
 
 
@@ -166,7 +167,7 @@ def lora_ragged_dot(x_MK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array,
   def dot(lhs, rhs):
     return jax.lax.ragged_dot(lhs, rhs, group_sizes_E, preferred_element_type=jnp.float32)
 
-  y = dot(x_MK, w_EKN.astype(x_MK.dtype))
+  y = dot(x_MK, quant.dense(w_EKN, x_MK.dtype))
   if a_EKR is not None:
     y = y + dot(dot(x_MK, a_EKR.astype(x_MK.dtype)) * scale, b_ERN.astype(jnp.float32))
   return y.astype(x_MK.dtype)

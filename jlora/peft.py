@@ -23,7 +23,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jlora import atomic, lora as lora_lib
+from jlora import atomic, hub, lora as lora_lib
 from jlora.models import hf
 from jlora.models.config import ModelConfig
 
@@ -107,7 +107,9 @@ def save_peft(out: str, adapters, spec: lora_lib.LoraSpec, cfg: ModelConfig, *,
 
 
 def read_config(path: str) -> dict:
-  """A PEFT adapter directory's adapter_config.json, refused if it is not plain LoRA."""
+  """A PEFT adapter directory's (or Hub id's) adapter_config.json, refused if it is not
+  plain LoRA."""
+  path = hub.resolve(path, adapter=True)
   config, file = hf.read_json(path, CONFIG_FILE, "a PEFT adapter directory")
   if config.get("peft_type") != "LORA":
     raise ValueError(f"{file}: peft_type {config.get('peft_type')!r} is not supported "
@@ -222,6 +224,7 @@ def load_peft(path: str, params, cfg: ModelConfig):
   for the forward pass.
   """
   from jlora import models
+  path = hub.resolve(path, adapter=True)
   config = read_config(path)
   file, stored = _read_tensors(path)
   modules, names = {}, {}  # HF module -> (entry, index); (jlora path, index) -> HF name

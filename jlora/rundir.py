@@ -51,6 +51,20 @@ def _changes(before: Any, now: Any, prefix: str) -> list[str]:
   return [] if before == now else [f"{prefix}: {json.dumps(before)} -> {json.dumps(now)}"]
 
 
+def _same_model(before: Any, now: Any) -> bool:
+  """Whether two ``model.path`` values name the same files: the smollm2 alias or a Hub id
+  and the path it resolves to are the same model (a run resumes under either name)."""
+  if before == now:
+    return True
+  if not (isinstance(before, str) and isinstance(now, str)):
+    return False
+  from jlora import models
+  try:
+    return os.path.realpath(models.resolve(before)) == os.path.realpath(models.resolve(now))
+  except ValueError:  # one of them no longer resolves: a change
+    return False
+
+
 def checkpoint_steps(run_dir: str) -> list[int]:
   """Committed checkpoint steps on disk (orbax's temporary directories are not steps)."""
   path = os.path.join(run_dir, "checkpoints")
@@ -83,6 +97,8 @@ def check(cfg: config_lib.RunConfig, resume: bool) -> str:
     except ValueError as e:
       raise ValueError(f"{saved}: not a readable run config ({e})") from None
     now = cfg.to_dict()
+    if _same_model(_get(before, "model.path"), _get(now, "model.path")):
+      now["model"]["path"] = before["model"]["path"]
     changed = [c for key in _FROZEN_ON_RESUME
                for c in _changes(_get(before, key), _get(now, key), key)]
     if changed:

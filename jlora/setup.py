@@ -16,7 +16,8 @@ from typing import Any, Callable
 import jax
 import optax
 
-from jlora import config as config_lib, data, hparams, lora, models, optim, peft, sharding
+from jlora import (config as config_lib, data, hparams, kernels, lora, models, optim, peft,
+                   quant, sharding)
 
 
 @dataclasses.dataclass
@@ -49,8 +50,11 @@ class Setup:
 
 def preflight(cfg: config_lib.RunConfig, stats_limit: int = 2000) -> Preflight:
   """The checks that need no weights; raises ValueError naming what is wrong."""
-  from jlora import evaluate, kernels
+  from jlora import evaluate
   kernels.selects_pallas(cfg.model.lora_impl)  # e.g. "pallas" on a CPU host
+  if cfg.model.quantize != "none" and cfg.train.method != "lora":
+    raise ValueError(f"model.quantize={cfg.model.quantize!r} freezes a quantised base: "
+                     "it needs train.method = 'lora'")
   mesh_shape = cfg.mesh.shape(jax.device_count())
   shards = mesh_shape[0] * mesh_shape[1]
   d, t = cfg.data, cfg.train
@@ -158,10 +162,18 @@ def load_base(cfg: config_lib.RunConfig, pre: Preflight, log: Callable[[str], No
       f"d={pre.model_cfg.hidden_size}) on {mesh.size} {jax.devices()[0].platform} device(s)")
   model, params, model_cfg = models.load(pre.model_path, dtype=cfg.model.dtype,
                                          remat=cfg.model.remat, mesh=mesh,
-                                         lora_impl=cfg.model.lora_impl)
+                                         lora_impl=cfg.model.lora_impl,
+                                         quantize=cfg.model.quantize,
+                                         quantize_embeddings=cfg.model.quantize_embeddings)
   tok = data.Tokenizer.from_model(pre.model_path)
   models.gguf_loader.release()  # weights and tokenizer are read: the parsed metadata can go
   log(f"loaded in {time.perf_counter() - start:.1f} s")
+  if cfg.model.quantize != "none":
+    emb = quant.embedding_format(cfg.model.quantize, cfg.model.quantize_embeddings)
+    log(f"base stored as {cfg.model.quantize} (embeddings {emb}, norms {cfg.model.dtype}): "
+        f"{quant.stored_bytes(params) / 2**20:,.1f} MiB" +
+        ("; model.lora_impl selects the Pallas kernel, which takes a dense W: quantised "
+         "projections run on XLA" if kernels.selects_pallas(cfg.model.lora_impl) else ""))
   return Base(model, params, model_cfg, tok, mesh, shared)
 
 
@@ -183,6 +195,10 @@ def build(cfg: config_lib.RunConfig, pre: Preflight | None = None,
     adapters = jax.jit(lambda p: lora.init_adapters(p, plan, key),
                        out_shardings=_adapter_shardings(model, plan, mesh))(params)
   trainable, frozen = optim.trainable(params, adapters, plan)
+  if quantized := [p for p, x in lora.flatten(trainable["full"]).items()
+                   if quant.is_quantized(x)]:
+    raise ValueError(f"lora.full trains '{quantized[0]}' in full, but model.quantize="
+                     f"{cfg.model.quantize!r} stores it quantised")
   if base.shared:  # the step donates the trainable state: never the shared base's arrays
     trainable = jax.tree_util.tree_map(jax.numpy.copy, trainable)
   lr = _learning_rate(cfg, model_cfg)

@@ -204,6 +204,17 @@ def place(tree: Any, shardings: dict[str, NamedSharding]) -> dict:
       for p, x in flat.items()})
 
 
+def place_leaf(x: Any, spec: P | None, mesh: Mesh) -> Any:
+  """One host parameter on ``mesh``, sharded by its kernel's ``spec`` (fitted to its
+  shape). A quantised kernel's codes and scales are each sharded like the kernel (an axis
+  they cannot split evenly, e.g. int8's one scale row, is replicated)."""
+  spec = spec or P()
+  return jax.tree.map(
+      lambda a: jax.make_array_from_callback(a.shape, NamedSharding(mesh, _fit(spec, a.shape,
+                                                                              mesh)),
+                                             lambda idx, a=a: np.asarray(a)[idx]), x)
+
+
 ENV = {"coordinator": "JLORA_COORDINATOR", "num_processes": "JLORA_NUM_PROCESSES",
        "process_id": "JLORA_PROCESS_ID"}
 

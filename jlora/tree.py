@@ -34,9 +34,12 @@ def _is_array(x) -> bool:
 
 
 def flatten(tree: PyTree) -> dict[str, Any]:
-  """{path: leaf} for every leaf; non-array leaves are an error naming the path."""
+  """{path: leaf} for every leaf (a quantised kernel, ``jlora.quant.QTensor``, is one
+  leaf); non-array leaves are an error naming the path."""
+  from jlora import quant
   flat = {}
-  for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=quant.is_quantized)[0]
+  for keypath, leaf in leaves:
     path = path_str(keypath)
     if not _is_array(leaf):
       raise ValueError(f"parameter '{path}' is a {type(leaf).__name__}, not an array")

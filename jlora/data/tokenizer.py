@@ -24,6 +24,7 @@ class Tokenizer:
   def from_model(cls, path: str) -> "Tokenizer":
     """From a .gguf file or an HF model directory (tokenizer.json + tokenizer_config.json)."""
     from jlora import models
+    path = models.resolve(path)
     if not os.path.exists(path):
       raise ValueError(f"{path}: no such model file or directory")
     tok = models.load_tokenizer(path)

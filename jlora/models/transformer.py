@@ -21,11 +21,24 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jlora import ops
+from jlora import ops, quant
 from jlora.lora import LORA_A, LORA_B
 from jlora.models.config import ModelConfig
 
 _init = nn.initializers.normal(0.02)
+
+
+def _kernel(module: nn.Module, name: str, axes: tuple[str, ...], shape: tuple[int, ...]):
+  """The module's kernel: a ``quant.QTensor`` where the base is stored quantised (handed
+  over as is: the consumer dequantises it), else the param (initialised when absent)."""
+  if module.has_variable("params", name):
+    value = module.get_variable("params", name)
+    if quant.is_quantized(value):
+      if value.shape != shape:
+        raise ValueError(f"{module.path}/{name}: quantised kernel of shape {value.shape}, "
+                         f"the config implies {shape}")
+      return value
+  return module.param(name, nn.with_logical_partitioning(_init, axes), shape, jnp.float32)
 
 
 def _lora_factors(module: nn.Module):
@@ -46,8 +59,7 @@ class Linear(nn.Module):
   @nn.compact
   def factors(self, in_features: int):
     """(kernel, lora_a or None, lora_b or None, bias or None) of this projection."""
-    kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes),
-                        (in_features, self.features), jnp.float32)
+    kernel = _kernel(self, "kernel", self.axes, (in_features, self.features))
     bias = None
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
@@ -162,8 +174,8 @@ class ExpertLinear(nn.Module):
 
   @nn.compact
   def __call__(self, x_MK, group_sizes_E):
-    kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.axes),
-                        (self.num_experts, x_MK.shape[-1], self.features), jnp.float32)
+    kernel = _kernel(self, "kernel", self.axes,
+                     (self.num_experts, x_MK.shape[-1], self.features))
     a, b = _lora_factors(self)
     return ops.lora_ragged_dot(x_MK.astype(self.dtype), kernel, group_sizes_E, a, b)
 
@@ -199,6 +211,24 @@ class Moe(nn.Module):
     return y.reshape(B, T, D)
 
 
+class Embed(nn.Module):
+  """Token embedding ``[vocab, embed]`` (``nn.Embed``'s parameter tree) that also takes a
+  quantised table: a lookup dequantises only the rows it gathers."""
+  num_embeddings: int
+  features: int
+
+  def setup(self):
+    shape = (self.num_embeddings, self.features)
+    self.embedding = _kernel(self, "embedding", ("vocab", "embed"), shape)
+
+  def __call__(self, tokens, dtype):
+    return quant.take_rows(self.embedding, tokens, dtype)
+
+  def table(self, dtype):
+    """The whole table in ``dtype`` (the tied unembedding)."""
+    return quant.dense(self.embedding, dtype)
+
+
 class Block(nn.Module):
   cfg: ModelConfig
   dtype: Any = jnp.float32
@@ -222,8 +252,7 @@ class Transformer(nn.Module):
 
   def setup(self):
     c = self.cfg
-    self.embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.with_logical_partitioning(
-        _init, ("vocab", "embed")), name="embed")
+    self.embed = Embed(c.vocab_size, c.hidden_size, name="embed")
     block = nn.remat(Block, prevent_cse=False) if c.remat else Block
     self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                           in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers,
@@ -240,7 +269,7 @@ class Transformer(nn.Module):
       start = 0 if cache is None else cache["end"]
       positions_BT = jnp.broadcast_to(start + jnp.arange(T), (B, T))
     mask = _mask(tokens_BT, segment_ids_BT, cache)
-    x = self.embed(tokens_BT).astype(self.dtype)
+    x = self.embed(tokens_BT, self.dtype)
     layer_cache = None if cache is None else {"k": cache["k"], "v": cache["v"],
                                               "end": jnp.broadcast_to(cache["end"],
                                                                       (self.cfg.num_layers,))}
@@ -254,7 +283,7 @@ class Transformer(nn.Module):
     if self.cfg.tie_embeddings:
       # h @ E^T as one dot_general contracting both operands' last axis: written as
       # ``h @ E.T`` (nn.Embed.attend) XLA:CPU materialises the [d, vocab] transpose.
-      table = self.embed.embedding.astype(jnp.float32)
+      table = self.embed.table(jnp.float32)
       return jax.lax.dot_general(h_BTD.astype(jnp.float32), table,
                                  (((h_BTD.ndim - 1,), (1,)), ((), ())))
     return self.lm_head(h_BTD).astype(jnp.float32)

@@ -21,7 +21,7 @@ import os
 import time
 from typing import Callable, Sequence
 
-from jlora import config as config_lib, rundir
+from jlora import config as config_lib, models, rundir
 from jlora.study import report, runner, verdicts
 
 BUDGETS = ("smoke", "small", "full")
@@ -116,7 +116,7 @@ def run(name: str, *, budget: str = "small", out: str | None = None, model: str 
     raise ValueError(f"unknown study {name!r}; known: {', '.join(STUDIES)}")
   if budget not in BUDGETS:
     raise ValueError(f"unknown budget {budget!r}; one of {', '.join(BUDGETS)}")
-  if model is not None and model != config_lib.SMOLLM2 and not os.path.exists(model):
+  if model is not None and not os.path.exists(models.resolve(model)):  # alias, Hub id
     raise ValueError(f"--model {model}: no such file or directory")
   check_overrides(overrides)
   if argv is None:  # called from Python (a notebook): the command line that does the same

