@@ -49,12 +49,21 @@ def params_by_group(plan: lora.Plan) -> dict[str, int]:
   return out
 
 
+def _experts_note(plan: lora.Plan) -> str:
+  """"; each expert r=2 (r // 2)" for a plan with MoE experts (lora.expert_rank), else ""."""
+  ranks = {t.rank for t in plan.targets.values() if "e" in t.layout}
+  if not ranks:
+    return ""
+  return (f"; each expert r={max(ranks)} (r // {plan.spec.active_experts}: "
+          "lora.expert_rank)")
+
+
 def _coverage(cfg, plan: lora.Plan, kw) -> tuple[Finding, int]:
   groups = params_by_group(plan)
   total = sum(groups.values())
   if groups["mlp"] and groups["attn"]:
-    return Finding("coverage", "ok", f"attention and MLP adapted ({total:,} LoRA params)", 1), \
-        total
+    return Finding("coverage", "ok", f"attention and MLP adapted ({total:,} LoRA params)"
+                   f"{_experts_note(plan)}", 1), total
   rank = plan.spec.rank
   all_layers = plan_for(cfg, rank, "all", **kw).adapter_params
   same_size = max(1, round(rank * total / max(all_layers, 1)))

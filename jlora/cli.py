@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
   exp.add_argument("--format", choices=["peft"], default="peft")
   exp.add_argument("--out", required=True, help="new directory for the adapter")
   exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  exp.add_argument("--moe-layout", choices=["per-expert", "fused"], default="per-expert",
+                   help="MoE experts: 2-D factors per expert (serving engines) or PEFT's "
+                        "target_parameters on the fused expert tensors")
   imp = sub.add_parser("import-peft", help="check a PEFT LoRA adapter against a base model "
                        "(and convert it for lora.init)")
   imp.add_argument("adapter_dir")
@@ -74,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
   merge.add_argument("--out", required=True, help="new directory for the merged model")
   merge.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   merge.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
+  merge.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                     help="of the merged weights (default: the base checkpoint's; float32 "
+                          "for a quantised GGUF)")
   _data_parser(sub.add_parser("data", help="build, fetch and inspect datasets"))
   _study_parser(sub.add_parser("study", help="reproduce a finding of LoRA Without Regret on "
                                "a model, with plots and a verdict (DIR/report.md)"))
@@ -96,10 +102,11 @@ def _study_parser(study: argparse.ArgumentParser) -> None:
 def _interop(args) -> None:
   from jlora import export
   if args.command == "export":
-    out = export.export_run(args.run_dir, args.out, args.step)
+    out = export.export_run(args.run_dir, args.out, args.step, moe_layout=args.moe_layout)
     print(f"PEFT adapter -> {out} (load with peft.PeftModel.from_pretrained)")
   elif args.command == "merge":
-    out = export.merge_run(args.run_dir, args.out, args.step, args.max_shard_size)
+    out = export.merge_run(args.run_dir, args.out, args.step, args.max_shard_size,
+                           dtype=args.dtype)
     print(f"merged model -> {out} (load with transformers.AutoModelForCausalLM)")
   else:
     from jlora import lora, models, peft

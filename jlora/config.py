@@ -64,9 +64,17 @@ class LoraSection:
   targets: Union[str, list[str]] = "all"  # preset (all/mlp/attn), regex, or list of regexes
   rslora: bool = False
   full: list[str] = dataclasses.field(default_factory=list)  # params trained in full
+  # MoE experts' rank: rank // experts per token ("active"), // all experts ("all", PEFT's
+  # docs), or rank itself ("same")
+  expert_rank: str = "active"
   # A PEFT LoRA adapter directory to start from; its ranks, alphas, targets and
   # modules_to_save replace rank/alpha/targets/full (jlora import-peft checks one).
   init: str | None = None
+
+  def __post_init__(self):
+    if self.expert_rank not in ("active", "all", "same"):
+      raise ValueError(f"lora.expert_rank {self.expert_rank!r} is not one of active, all, "
+                       "same")
 
 
 @dataclasses.dataclass(frozen=True)

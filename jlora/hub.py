@@ -57,6 +57,24 @@ def resolve(path: str, adapter: bool = False) -> str:
     raise ValueError(f"{what} {path!r}: Hugging Face Hub error: {first}") from None
 
 
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the smollm2 alias's GGUF was made from
+_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/([0-9a-f]{40})(/|$)")
+
+
+def base_name(path: str) -> tuple[str, str | None]:
+  """(name, revision) a PEFT adapter should record as its base so that it loads wherever
+  that base is reachable: the Hub id for the smollm2 alias, a Hub id as given, a Hub
+  cache snapshot's own id and commit; else the absolute local path (revision None)."""
+  if path == "smollm2":
+    return SMOLLM2_ID, None
+  if is_hub_id(path):
+    repo, _, revision = path.partition("@")
+    return repo, revision or None
+  if match := _SNAPSHOT.search(os.path.realpath(path)):
+    return f"{match.group(1)}/{match.group(2)}", match.group(3)
+  return os.path.abspath(path), None
+
+
 def _cache() -> str:
   from huggingface_hub import constants
   return constants.HF_HUB_CACHE

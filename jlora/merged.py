@@ -72,13 +72,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "chat_template.jinja", "tokenizer.model")
 
 
+NAMES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
 def base_dtype(path: str):
-  """The dtype the base checkpoint stores its weights in (a quantised GGUF: bfloat16)."""
+  """The dtype the base checkpoint stores its weights in: what ``jlora merge`` writes by
+  default. A quantised GGUF has no such dtype: float32, the merge that reproduces the
+  trained run (bfloat16 rounds every merged weight; README, bench/hub_interop.py)."""
   if path.endswith(".gguf"):
     from jlora.models import gguf_loader
     kinds = {t.tensor_type.name for t in gguf_loader.open_reader(path).tensors
              if t.name.endswith("attn_q.weight")}
-    return DTYPES.get(next(iter(kinds), ""), ml_dtypes.bfloat16)
+    return DTYPES.get(next(iter(kinds), ""), np.float32)
   files = hf.tensor_files(path)
   name = next((n for n in files if n.endswith("q_proj.weight")), next(iter(files)))
   with safe_open(files[name], framework="numpy") as handle:

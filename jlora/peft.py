@@ -23,16 +23,16 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jlora import atomic, hub, lora as lora_lib
+from jlora import atomic, hub, lora as lora_lib, peft_moe
 from jlora.models import hf
 from jlora.models.config import ModelConfig
 
-PREFIX = "base_model.model."
+PREFIX = peft_moe.PREFIX  # every PEFT key starts with it
 ADAPTER_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
+MOE_LAYOUTS = ("per-expert", "fused")
 # PEFT options whose adapters do not compute W + s B A on nn.Linear weights.
 UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "use_qalora": "QALoRA",
                "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern",
-               "target_parameters": "3-D expert parameters (target_parameters)",
                "trainable_token_indices": "trainable tokens", "megatron_config": "Megatron",
                "alora_invocation_tokens": "aLoRA"}
 
@@ -41,8 +41,8 @@ def _short(module: str) -> str:
   return module.rsplit(".", 1)[-1]
 
 
-def peft_tensors(adapters, spec: lora_lib.LoraSpec, cfg: ModelConfig, full: dict | None = None
-                 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def peft_tensors(adapters, spec: lora_lib.LoraSpec, cfg: ModelConfig, full: dict | None = None,
+                 moe_layout: str = "per-expert") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """(safetensors dict, adapter_config fields) of jlora adapters in PEFT's format.
 
   Args:
@@ -50,13 +50,17 @@ def peft_tensors(adapters, spec: lora_lib.LoraSpec, cfg: ModelConfig, full: dict
     spec: the LoraSpec they were made with.
     cfg: the base model's config (names and stacking).
     full: ``{jlora path: array}`` of fully trained parameters (``modules_to_save``).
+    moe_layout: "per-expert" (2-D factors per expert module, what serving engines load)
+      or "fused" (PEFT's ``target_parameters`` on transformers' fused expert tensors).
   """
+  if moe_layout not in MOE_LAYOUTS:
+    raise ValueError(f"--moe-layout {moe_layout!r} is not one of {', '.join(MOE_LAYOUTS)}")
   from jlora import models
   targets = lora_lib.resolve(models.abstract_arrays(models.Transformer(cfg)), spec)
   by_path: dict[str, list] = {}
   for entry, index, name in hf.tensor_names(cfg):
     by_path.setdefault(entry.path, []).append((entry, index, name))
-  tensors, ranks, alphas, short_names = {}, {}, {}, set()
+  tensors, ranks, alphas, short_names, scales = {}, {}, {}, set(), {}
   for path, f in lora_lib.adapter_leaves(adapters).items():
     t = targets.get(path)
     if t is None or path not in by_path or not by_path[path][0][0].transpose:
@@ -64,6 +68,7 @@ def peft_tensors(adapters, spec: lora_lib.LoraSpec, cfg: ModelConfig, full: dict
     a, b = np.asarray(f["a"], np.float32), np.asarray(f["b"], np.float32)
     for _, index, name in by_path[path]:
       module = hf.module_name(name)
+      scales[module] = t.scale
       tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a[index].T)
       tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b[index].T)
     # One pattern per jlora path, matching its module in every layer (and expert).
@@ -73,6 +78,15 @@ def peft_tensors(adapters, spec: lora_lib.LoraSpec, cfg: ModelConfig, full: dict
     short_names.add(_short(hf.module_name(by_path[path][0][2])))
   if not tensors:
     raise ValueError("no adapters to export (a full fine-tuning run: use `jlora merge`)")
+  config = {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank,
+      "lora_alpha": spec.alpha, "target_modules": sorted(short_names),
+      "rank_pattern": {k: v for k, v in ranks.items() if v != spec.rank},
+      "alpha_pattern": {k: v for k, v in alphas.items() if v != spec.alpha},
+      "use_rslora": spec.rslora, "bias": "none", "lora_dropout": 0.0,
+      "fan_in_fan_out": False, "inference_mode": True}
+  if moe_layout == "fused" and cfg.num_experts:
+    tensors, config = peft_moe.fuse(tensors, config, scales, cfg)
   modules_to_save = []
   for path, value in (full or {}).items():
     if path not in by_path:
@@ -83,22 +97,19 @@ def peft_tensors(adapters, spec: lora_lib.LoraSpec, cfg: ModelConfig, full: dict
                                                     else value[index])
       if hf.module_name(name) not in modules_to_save:
         modules_to_save.append(hf.module_name(name))
-  config = {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank,
-      "lora_alpha": spec.alpha, "target_modules": sorted(short_names),
-      "rank_pattern": {k: v for k, v in ranks.items() if v != spec.rank},
-      "alpha_pattern": {k: v for k, v in alphas.items() if v != spec.alpha},
-      "use_rslora": spec.rslora, "bias": "none", "lora_dropout": 0.0,
-      "fan_in_fan_out": False, "modules_to_save": modules_to_save or None,
-      "inference_mode": True}
-  return tensors, config
+  return tensors, {**config, "modules_to_save": modules_to_save or None}
 
 
 def save_peft(out: str, adapters, spec: lora_lib.LoraSpec, cfg: ModelConfig, *,
-              full: dict | None = None, base_model: str | None = None) -> str:
-  """Write a PEFT adapter directory at ``out`` (must not exist, or be empty)."""
-  tensors, config = peft_tensors(adapters, spec, cfg, full)
+              full: dict | None = None, base_model: str | None = None,
+              revision: str | None = None, moe_layout: str = "per-expert") -> str:
+  """Write a PEFT adapter directory at ``out`` (must not exist, or be empty);
+  ``base_model``/``revision``: what PEFT records as the base (``hub.base_name``);
+  ``moe_layout`` as in ``peft_tensors``."""
+  tensors, config = peft_tensors(adapters, spec, cfg, full, moe_layout)
   config["base_model_name_or_path"] = base_model
+  if revision:
+    config["revision"] = revision
   with atomic.staging(out) as tmp:
     save_file(tensors, os.path.join(tmp, ADAPTER_FILE), metadata={"format": "pt"})
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
@@ -227,6 +238,7 @@ def load_peft(path: str, params, cfg: ModelConfig):
   path = hub.resolve(path, adapter=True)
   config = read_config(path)
   file, stored = _read_tensors(path)
+  stored = peft_moe.unfuse(file, stored, config, cfg)
   modules, names = {}, {}  # HF module -> (entry, index); (jlora path, index) -> HF name
   for entry, index, name in hf.tensor_names(cfg):
     modules[hf.module_name(name)] = entry, index

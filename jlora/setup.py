@@ -126,7 +126,7 @@ def config_spec(cfg: config_lib.RunConfig, model_cfg) -> lora.LoraSpec:
   if cfg.train.method == "full":
     return lora.LoraSpec(rank=1, targets=None, full=(".*",))
   l = cfg.lora
-  return models.lora_spec(model_cfg, l.rank, alpha=l.alpha, rslora=l.rslora,
+  return models.lora_spec(model_cfg, l.rank, l.expert_rank, alpha=l.alpha, rslora=l.rslora,
                           targets=l.targets, full=tuple(l.full))
 
 
@@ -216,5 +216,9 @@ def describe(s: Setup) -> str:
   what = (f"LoRA r={s.spec.rank} alpha={s.spec.alpha:g}, {len(s.plan.targets)} kernels, "
           f"{s.plan.adapter_params:,} adapter params" if t.method == "lora"
           else "full fine-tuning")
+  experts = [x for x in s.plan.targets.values() if "e" in x.layout]
+  if t.method == "lora" and experts:
+    what += (f" (experts r={experts[0].rank} each: r // {s.spec.active_experts}, "
+             f"lora.expert_rank = {s.cfg.lora.expert_rank!r})")
   return f"{what}; lr {s.lr:.3g} ({t.schedule})"
 

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jlora import cli, config, lora, merged, models, optim, rundir, setup, trainer
+from jlora import (advisor, cli, config, lora, merged, models, optim, rundir, setup,
+                   trainer)
 from jlora import peft as jpeft
 from tests.helpers import randomize_b, tiny_model_dir
 
@@ -179,3 +180,70 @@ def test_bad_adapters_fail_clearly_and_write_nothing(tmp_path, monkeypatch):
   with pytest.raises(OSError):
     jpeft.save_peft(str(tmp_path / "y"), adapters, spec, cfg)
   assert not [p for p in os.listdir(tmp_path) if "y" in p]
+
+
+def test_merge_dtype_defaults_to_the_base_checkpoints(tmp_path):
+  assert merged.base_dtype(tiny_model_dir(str(tmp_path))) == np.float32  # an f32 HF dir
+  # SmolLM2's GGUF is Q4_1: no 16-bit form to match, so the merge is written in float32.
+  assert merged.base_dtype(models.smollm2_gguf()) == np.float32
+  with pytest.raises(SystemExit) as e:  # argparse: exit 2 naming the choices
+    cli.main(["merge", str(tmp_path), "--out", str(tmp_path / "m"), "--dtype", "int8"])
+  assert e.value.code == 2
+
+
+def test_peft_moe_adapter_on_fused_expert_tensors_gives_peft_logits(tmp_path):
+  """PEFT's own target_parameters LoRA on transformers' fused Qwen3-MoE experts
+  (gate_up_proj [E, 2I, H], down_proj [E, H, I]), with attention targets beside it."""
+  model_dir = tiny_model_dir(str(tmp_path / "base"), "qwen3_moe")
+  torch.manual_seed(0)
+  model = peft.get_peft_model(hf_model(model_dir), peft.LoraConfig(
+      r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+      init_lora_weights=False))  # random B too: a zero B would hide a wrong layout
+  model.save_pretrained(str(tmp_path / "adapter"))
+  want = torch_logits(model)
+  _, params, cfg = models.load(model_dir)
+  adapters, spec, params = jpeft.load_peft(str(tmp_path / "adapter"), params, cfg)
+  assert adapters["layers"]["moe"]["up_proj"]["kernel"]["a"].shape[:2] == (cfg.num_layers, 4)
+  np.testing.assert_allclose(jlora_logits(model_dir, params, adapters, spec), want,
+                             atol=1e-4, rtol=0)
+  assert np.abs(jlora_logits(model_dir) - want).max() > 1e-2  # the adapter matters
+
+
+@pytest.mark.parametrize("targets", ["all", "mlp"])
+def test_fused_moe_export_loads_in_peft_with_jloras_logits(tmp_path, targets):
+  """jlora's per-expert adapters (rank 4 // 2 active experts = 2 per expert, attention
+  rank 4 with "all") written in PEFT's fused target_parameters layout."""
+  model_dir = tiny_model_dir(str(tmp_path / "base"), "qwen3_moe")
+  _, params, cfg = models.load(model_dir)
+  spec = models.lora_spec(cfg, 4, targets=targets)
+  adapters = randomize_b(lora.init_adapters(params, spec, jax.random.PRNGKey(0)),
+                         jax.random.PRNGKey(1))
+  want = jlora_logits(model_dir, params, adapters, spec)
+  out = jpeft.save_peft(str(tmp_path / "fused"), adapters, spec, cfg, moe_layout="fused")
+  saved = jpeft.read_config(out)
+  assert saved["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+  model = peft.PeftModel.from_pretrained(hf_model(model_dir), out).eval()
+  np.testing.assert_allclose(torch_logits(model), want, atol=1e-4, rtol=0)
+  back, spec2, _ = jpeft.load_peft(out, params, cfg)  # and jlora reads it back
+  np.testing.assert_allclose(jlora_logits(model_dir, params, back, spec2), want, atol=1e-4)
+
+
+def test_the_expert_rank_rule_is_a_config_choice(tmp_path, capsys):
+  model_dir = tiny_model_dir(str(tmp_path / "base"), "qwen3_moe")  # 4 experts, 2 per token
+  for rule, per_expert in (("active", 2), ("all", 1), ("same", 4)):
+    values = {"run_dir": str(tmp_path / rule), "model": {"path": model_dir},
+              "lora": {"rank": 4, "expert_rank": rule},
+              "data": {"source": "task:arithmetic", "batch_size": 8}}
+    plan = setup.abstract_plan(config.from_dict(values), models.read_config(model_dir))
+    ranks = {p: t.rank for p, t in plan.targets.items()}
+    assert ranks["layers/moe/up_proj/kernel"] == per_expert
+    assert ranks["layers/attn/q_proj/kernel"] == 4
+    findings = advisor.advise_run(config.from_dict(values), models.read_config(model_dir),
+                                  plan=plan)
+    assert any(f"each expert r={per_expert} (r // " in f.message for f in findings)
+  s = setup.build(config.from_dict(values), log=lambda _: None)  # the line a run prints
+  assert "(experts r=4 each: r // 1, lora.expert_rank = 'same')" in setup.describe(s)
+  values["lora"]["expert_rank"] = "half"
+  with pytest.raises(ValueError, match="lora.expert_rank 'half' is not one of active, all"):
+    config.from_dict(values)

@@ -2,14 +2,17 @@
 (``models--org--name/snapshots/REV``, ``refs/main``), read through huggingface_hub's real
 code path with offline mode on. Nothing downloads."""
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from jlora import cli, hub, lora, models, peft
+from jlora import cli, hub, lora, models, optim, peft, rundir
 from jlora.data import Tokenizer
 from tests.helpers import randomize_b, tiny_model_dir
 from tests.test_trainer import recipe, write_toml
@@ -101,3 +104,37 @@ def test_a_run_resumes_under_the_id_or_the_path_it_resolves_to(cache, local, tmp
   values["model"]["path"] = local[1]  # another directory: refused, naming both
   with pytest.raises(ValueError, match='model.path: "jlora-test/tiny" -> "'):
     rundir.check(config.from_dict(values), resume=True)
+
+
+def test_a_peft_export_records_a_base_that_loads_elsewhere(cache, local, tmp_path):
+  snapshot = hub.resolve("jlora-test/tiny")
+  assert hub.base_name("smollm2") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
+  assert hub.base_name("jlora-test/tiny") == ("jlora-test/tiny", None)
+  assert hub.base_name(f"jlora-test/tiny@{REV}") == ("jlora-test/tiny", REV)
+  assert hub.base_name(snapshot) == ("jlora-test/tiny", REV)  # a cache path: its id
+  assert hub.base_name(local[0]) == (os.path.abspath(local[0]), None)
+  # A run on the Hub id exports an adapter whose config names the id, not a local path.
+  from jlora import config, export, trainer
+  values = recipe("jlora-test/tiny", tmp_path / "run", steps=2)
+  trainer.run(config.from_dict(values), progress=False, log=lambda _: None)
+  out = export.export_run(str(tmp_path / "run"), str(tmp_path / "peft"))
+  saved = peft.read_config(out)
+  assert saved["base_model_name_or_path"] == "jlora-test/tiny" and "revision" not in saved
+  # PEFT's own loader, in a fresh process offline, finds that base in the Hub cache by id
+  # and gives the trained run's logits.
+  tokens = [[3, 17, 42, 99, 5, 61]]
+  script = ("import json, sys, torch\n"
+            "from peft import AutoPeftModelForCausalLM\n"
+            "m = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)\n"
+            "with torch.no_grad():\n"
+            f"  print(json.dumps(m.eval()(torch.tensor({tokens})).logits.tolist()))\n")
+  done = subprocess.run([sys.executable, "-c", script, out], capture_output=True, text=True,
+                        timeout=600, env={**os.environ, "HF_HUB_CACHE": str(cache),
+                                          "HF_HUB_OFFLINE": "1"})
+  assert done.returncode == 0, done.stderr[-2000:]
+  trained = rundir.load_trained(str(tmp_path / "run"))
+  s = trained.setup
+  want = s.model.apply({"params": optim.model_params(trained.trainable, s.frozen, s.plan)},
+                       np.asarray(tokens))[0]
+  np.testing.assert_allclose(np.asarray(json.loads(done.stdout.strip().splitlines()[-1])),
+                             want, atol=1e-4)

@@ -2,6 +2,7 @@
 numpy quantiser, gradients through quantised layers against their dequantised twins, a
 sharded quantised load, resume with nf4, merge, and bad configs."""
 
+import json
 import os
 
 import jax
@@ -170,6 +171,17 @@ def test_nf4_resume_is_bit_exact_and_merge_writes_the_dequantised_base(tiny, tmp
                        tokens)[0]
   np.testing.assert_allclose(merged_model.apply({"params": merged}, tokens)[0], want,
                              atol=1e-4)
+  # --dtype: the same merge in bfloat16 (weights and config.json say so), within bf16's
+  # rounding of the float32 merge.
+  assert cli.main(["merge", str(run), "--out", str(tmp_path / "bf16"), "--dtype",
+                   "bfloat16"]) == 0
+  half = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+  full = load_file(str(tmp_path / "merged" / "model.safetensors"))
+  assert half.keys() == full.keys() and {str(x.dtype) for x in half.values()} == {"bfloat16"}
+  for k in full:
+    np.testing.assert_allclose(half[k].astype(np.float32), full[k], rtol=2**-8, atol=1e-6)
+  saved = json.load(open(tmp_path / "bf16" / "config.json"))
+  assert saved.get("torch_dtype", saved.get("dtype")) == "bfloat16"
 
 
 @pytest.mark.parametrize("override,message", [

@@ -166,9 +166,20 @@ def smollm2_gguf() -> str:
   return path
 
 
-def lora_spec(cfg: ModelConfig, rank: int, **kwargs) -> lora.LoraSpec:
+EXPERT_RANKS = ("active", "all", "same")
+
+
+def lora_spec(cfg: ModelConfig, rank: int, expert_rank: str = "active",
+              **kwargs) -> lora.LoraSpec:
   """A LoraSpec for this model family: stacked-layer/expert layouts and the MoE rank rule
-  (rank per expert = rank // experts_per_token) filled in."""
-  kwargs.setdefault("active_experts", cfg.experts_per_token or 1)
+  filled in. ``expert_rank``: each expert's rank is ``rank // experts_per_token``
+  ("active", the default: "LoRA Without Regret"'s rule, so a token's routed experts
+  together hold ``rank``), ``rank // num_experts`` ("all", as PEFT's documentation
+  divides), or ``rank`` itself ("same")."""
+  if expert_rank not in EXPERT_RANKS:
+    raise ValueError(f"lora.expert_rank {expert_rank!r} is not one of "
+                     f"{', '.join(EXPERT_RANKS)}")
+  divisor = {"active": cfg.experts_per_token, "all": cfg.num_experts, "same": 1}[expert_rank]
+  kwargs.setdefault("active_experts", divisor or 1)
   spec = lora.LoraSpec(rank=rank, **kwargs)
   return spec.with_layouts(layouts(cfg))

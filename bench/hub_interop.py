@@ -1,0 +1,111 @@
+"""The quickstart's exports, loaded the way a user elsewhere would (issue: Hub ids).
+
+    python -m bench.hub_interop [--steps 15] [--prompts 8]
+
+Trains configs/quickstart.toml (``train.steps`` overridden), then, offline:
+1. puts SmolLM2-135M-Instruct in a Hugging Face cache built on disk under its Hub id
+   (``HuggingFaceTB/SmolLM2-135M-Instruct``; the GGUF's weights as an f32 HF directory,
+   which is what the run trained against), with ``HF_HUB_OFFLINE=1``;
+2. ``jlora export`` -> ``peft.AutoPeftModelForCausalLM.from_pretrained(adapter)``, which
+   finds the base by the id the export recorded;
+3. ``jlora merge`` (default dtype: float32 for this GGUF base) and ``--dtype bfloat16`` ->
+   ``transformers.AutoModelForCausalLM``;
+and compares each one's greedy answers to the held-out prompts (token for token, the
+prompts as jlora renders them) with the trained run's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+TORCH = r"""
+import json, sys, torch, transformers, peft
+kind, path, max_new = sys.argv[1], sys.argv[2], int(sys.argv[3])
+prompts = json.loads(sys.stdin.read())
+if kind == "peft":
+  model = peft.AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+else:
+  model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+model.eval()
+out = []
+for p in prompts:
+  with torch.no_grad():
+    ids = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+  out.append(ids[0, len(p):].tolist())
+print(json.dumps({"answers": out, "base": getattr(getattr(model, "peft_config", {}).get(
+    "default", None), "base_model_name_or_path", None)}))
+"""
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--steps", type=int, default=15)
+  parser.add_argument("--prompts", type=int, default=8)
+  args = parser.parse_args(argv)
+  from bench.common import machine
+  from jlora import config, evaluate, export, hub, merged, models, optim, quant, rundir
+  from jlora import trainer
+  from jlora.data import render
+  work = tempfile.mkdtemp(prefix="hub-interop-")
+  run = os.path.join(work, "run")
+  cfg = config.load("configs/quickstart.toml",
+                    [f"run_dir='{run}'", f"train.steps={args.steps}",
+                     f"eval.examples={args.prompts}"])
+  print(f"# machine: {machine()}; quickstart with train.steps={args.steps}")
+  trainer.run(cfg, progress=False, log=lambda _: None)
+  trained = rundir.load_trained(run)
+  s = trained.setup
+  # 1. The base under its Hub id in a cache built here (refs/main -> a snapshot).
+  cache = os.path.join(work, "hub")
+  repo = os.path.join(cache, "models--" + hub.SMOLLM2_ID.replace("/", "--"))
+  rev = "0" * 40
+  merged.save_merged(os.path.join(repo, "snapshots", rev), quant.dequantize_tree(s.frozen),
+                     None, None, s.model_cfg, models.smollm2_gguf(), s.tok,
+                     dtype=np.float32)
+  os.makedirs(os.path.join(repo, "refs"))
+  with open(os.path.join(repo, "refs", "main"), "w") as f:
+    f.write(rev)
+  adapter = export.export_run(run, os.path.join(work, "adapter"))
+  f32 = export.merge_run(run, os.path.join(work, "merged"))
+  bf16 = export.merge_run(run, os.path.join(work, "merged-bf16"), dtype="bfloat16")
+  # The trained run's own greedy answers, on the prompts as jlora renders them.
+  _, records = evaluate.task_records(cfg)
+  dcfg = evaluate.eval_data_config(cfg)
+  prompts = [list(map(int, render.prompt_ids(r, s.tok, dcfg.fields, dcfg.chat, dcfg.system)))
+             for r in records]
+  params = optim.model_params(trained.trainable, s.frozen, s.plan)
+  max_new = cfg.eval.max_new_tokens
+  want = []
+  for p in prompts:
+    out = np.asarray(models.generate(s.model, params, np.asarray([p], np.int32),
+                                     max_new_tokens=max_new))
+    want.append(out[0].tolist())
+  env = {**os.environ, "HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}
+  rows = {}
+  for kind, path in (("peft", adapter), ("merged f32", f32), ("merged bf16", bf16)):
+    done = subprocess.run([sys.executable, "-c", TORCH, kind.split()[0], path, str(max_new)],
+                          input=json.dumps(prompts), capture_output=True, text=True, env=env)
+    if done.returncode:
+      print(f"{kind}: failed\n{done.stderr[-3000:]}")
+      continue
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    same = sum(g == w for g, w in zip(got["answers"], want))
+    rows[kind] = same
+    print(f"{kind:12s}: {same}/{len(want)} greedy answers token-identical to the trained run"
+          + (f" (base found by id: {got['base']})" if got["base"] else ""))
+    for g, w, r in zip(got["answers"], want, records):
+      if g != w:
+        print(f"  {r.get('prompt', '')!r}: jlora {s.tok.decode(w)!r}, {kind} {s.tok.decode(g)!r}")
+  print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+  main()
