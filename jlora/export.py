@@ -10,8 +10,6 @@ def export_run(run_dir: str, out: str, step: int | None = None, base=None,
                moe_layout: str = "per-expert") -> str:
   """``jlora export RUN_DIR --format peft --out DIR [--moe-layout fused]`` (``base``: the
   model already loaded, as in ``rundir.load_trained``; ``moe_layout``: ``peft.MOE_LAYOUTS``)."""
-  if moe_layout not in peft.MOE_LAYOUTS:
-    raise ValueError(f"--moe-layout {moe_layout!r} is not one of {', '.join(peft.MOE_LAYOUTS)}")
   run = rundir.load_trained(run_dir, step, base)
   s, trainable = run.setup, run.trainable
   if s.cfg.train.method == "full":

@@ -130,8 +130,7 @@ def fuse(tensors: dict, config: dict, scales: dict[str, float], cfg: ModelConfig
 def _gate_up(parts: dict, e: int, I: int) -> tuple[np.ndarray, np.ndarray]:
   """Expert e's gate_up factors: A = [A_gate; A_up], B = [[B_gate, 0], [0, B_up]] (a part
   not adapted contributes rank 0)."""
-  gate = parts.get("gate", [None] * (e + 1))[e]
-  up = parts.get("up", [None] * (e + 1))[e]
+  gate, up = (parts[k][e] if k in parts else None for k in ("gate", "up"))
   ref = gate if gate is not None else up
   empty = (np.zeros((0, ref[0].shape[1]), np.float32), np.zeros((I, 0), np.float32))
   (ag, bg), (au, bu) = gate if gate is not None else empty, up if up is not None else empty

@@ -199,9 +199,12 @@ def place(tree: Any, shardings: dict[str, NamedSharding]) -> dict:
   process holds the same full values (e.g. loaded from the same checkpoint) and keeps only
   the shards of its own devices."""
   flat = lora_lib.flatten(tree)
-  return lora_lib.unflatten({
-      p: jax.make_array_from_callback(x.shape, shardings[p], lambda idx, x=x: np.asarray(x)[idx])
-      for p, x in flat.items()})
+  return lora_lib.unflatten({p: _from_host(x, shardings[p]) for p, x in flat.items()})
+
+
+def _from_host(x, sharding: NamedSharding) -> jax.Array:
+  """A host array on ``sharding``: each device gets only its own shard."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: np.asarray(x)[idx])
 
 
 def place_leaf(x: Any, spec: P | None, mesh: Mesh) -> Any:
@@ -209,10 +212,8 @@ def place_leaf(x: Any, spec: P | None, mesh: Mesh) -> Any:
   shape). A quantised kernel's codes and scales are each sharded like the kernel (an axis
   they cannot split evenly, e.g. int8's one scale row, is replicated)."""
   spec = spec or P()
-  return jax.tree.map(
-      lambda a: jax.make_array_from_callback(a.shape, NamedSharding(mesh, _fit(spec, a.shape,
-                                                                              mesh)),
-                                             lambda idx, a=a: np.asarray(a)[idx]), x)
+  return jax.tree.map(lambda a: _from_host(a, NamedSharding(mesh, _fit(spec, a.shape, mesh))),
+                      x)
 
 
 ENV = {"coordinator": "JLORA_COORDINATOR", "num_processes": "JLORA_NUM_PROCESSES",
