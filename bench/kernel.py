@@ -2,6 +2,7 @@
 
     python -m bench.kernel [--repeats 20] [--record]      # on a GPU or TPU
     python -m bench.kernel --smoke                        # CPU: tiny shapes, interpreted
+    python -m bench.kernel --ms 2048,8192 --ranks 16,64 --json k.json   # bench/gpu_suite.sh
 
 For M in {16, 2048, 8192}, K = N = 4096, r in {16, 64, 256}, bf16, it times (median over
 repeats, after warm-up, each jitted and blocked on):
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 
 import jax
@@ -116,15 +118,22 @@ def main(argv=None):
   parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
   parser.add_argument("--smoke", action="store_true",
                       help="tiny shapes with the kernels interpreted (checks the script on CPU)")
+  parser.add_argument("--ms", default="16,2048,8192", help="row counts M, comma-separated")
+  parser.add_argument("--ranks", default="16,64,256", help="ranks r, comma-separated")
+  parser.add_argument("--json", help="also write the rows (times in ms) to this file")
   args = parser.parse_args(argv)
+  ints = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
   if args.smoke:
     rows = run((16, 77), 256, 256, (16, 24), jnp.float32, "interpret", 3)
   else:
     if jax.default_backend() not in ("gpu", "tpu"):
       raise SystemExit("bench/kernel.py times real kernels: run it on a GPU or TPU "
                        "(or --smoke to check the script on CPU)")
-    rows = run((16, 2048, 8192), 4096, 4096, (16, 64, 256), jnp.bfloat16, "pallas",
+    rows = run(ints(args.ms), 4096, 4096, ints(args.ranks), jnp.bfloat16, "pallas",
                args.repeats)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"machine": machine(), "rows": rows}, f, indent=1)
   head = (f"{machine()}; K = N = {4096 if not args.smoke else 256}, "
           f"{'bf16' if not args.smoke else 'f32 (smoke)'}, times in us (median of "
           f"{args.repeats if not args.smoke else 3})")

@@ -19,6 +19,7 @@ layer shape (d=576, FFN 1536, 9 heads / 3 KV heads, 4 layers, batch 8 x 128).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import jax
@@ -119,22 +120,51 @@ GPU_SHAPES = {  # (config, batch, seq): real model sizes for an accelerator. rem
 SMOKE_SHAPES = {"tiny": (dict(TINY, num_layers=2, remat=True), 2, 32)}
 
 
-def gpu_main(repeats: int, peak_tflops: float, loss_chunk: int | None, shapes=GPU_SHAPES):
+def gpu_main(repeats: int, peak_tflops: float, loss_chunk: int | None, shapes=GPU_SHAPES,
+             who: str = "jlora", profile: str | None = None, json_path: str | None = None):
+  """The accelerator rows: ``who`` = "jlora" (its LoRA and full steps; ``profile``: a
+  ``jax.profiler`` trace of the slowest LoRA step) or "peft" (PEFT/torch on the same shapes,
+  run in a process of its own so that JAX's memory pool is not competing with torch's)."""
   print(f"# train_step (accelerator) on {machine()}, bf16 compute, LoRA r={RANK} all layers, "
-        f"loss_chunk={loss_chunk}")
-  print(f"{'model':<14} {'what':<10} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
+        f"loss_chunk={loss_chunk}, {who}")
+  print(f"{'model':<14} {'what':<12} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
+  rows, slowest = [], None
   for name, (kw, batch, seq) in shapes.items():
     cfg = ModelConfig(**kw)
-    run_lora, run_full, _, _ = jlora_steps(cfg, batch, seq, jnp.bfloat16, count_flops=False,
-                                           loss_chunk=loss_chunk)
+    if who == "peft":
+      import torch
+      device = "cuda" if torch.cuda.is_available() else "cpu"
+      steps = peft_steps(kw, batch, seq, device=device)
+      if steps is None:
+        raise SystemExit("PEFT rows need torch, transformers and peft")
+      runs = (("PEFT LoRA", steps[0]), ("PEFT full FT", steps[1]))
+    else:
+      run_lora, run_full, _, _ = jlora_steps(cfg, batch, seq, jnp.bfloat16, count_flops=False,
+                                             loss_chunk=loss_chunk)
+      runs = (("LoRA", run_lora), ("full FT", run_full))
     times = {}
-    for what, run in (("LoRA", run_lora), ("full FT", run_full)):
+    for what, run in runs:
       ms = median_ms(run, repeats)
-      tflops = model_flops(cfg, batch * seq, seq, what == "LoRA") / ms / 1e9
+      tflops = model_flops(cfg, batch * seq, seq, "LoRA" in what) / ms / 1e9
       times[what] = ms
-      print(f"{name:<14} {what:<10} {ms:9.1f} {batch * seq / ms * 1e3:10.0f} {tflops:8.1f} "
+      rows.append({"model": name, "what": what, "ms": ms, "tokens_per_s": batch * seq / ms * 1e3,
+                   "tflops": tflops, "mfu": tflops / peak_tflops, "batch": batch, "seq": seq})
+      print(f"{name:<14} {what:<12} {ms:9.1f} {batch * seq / ms * 1e3:10.0f} {tflops:8.1f} "
             f"{tflops / peak_tflops:6.1%}")
-    print(f"{name:<14} LoRA/full time {times['LoRA'] / times['full FT']:.3f}")
+      if what == "LoRA" and (slowest is None or ms > slowest[0]):
+        slowest = (ms, name, run)
+    lora_ms, full_ms = (times[k] for k in times)
+    print(f"{name:<14} LoRA/full time {lora_ms / full_ms:.3f}")
+    del runs
+  if profile and slowest:
+    # a trace of 3 steps (TensorBoard's profile plugin or Perfetto read it)
+    with jax.profiler.trace(profile, create_perfetto_trace=True):
+      for _ in range(3):
+        slowest[2]()
+    print(f"profile of {slowest[1]} LoRA ({slowest[0]:.1f} ms/step) in {profile}")
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump({"machine": machine(), "loss_chunk": loss_chunk, "rows": rows}, f, indent=1)
 
 
 def xla_flops(cfg: ModelConfig, batch: int, seq: int) -> tuple[float, float]:
@@ -142,9 +172,13 @@ def xla_flops(cfg: ModelConfig, batch: int, seq: int) -> tuple[float, float]:
   return compute.xla_flops(cfg, batch, seq, rank=RANK, alpha=ALPHA)
 
 
-def peft_steps(cfg_kw: dict, batch: int, seq: int, which=("lora", "full")):
+def peft_steps(cfg_kw: dict, batch: int, seq: int, which=("lora", "full"), device: str = "cpu"):
   """PEFT/torch LoRA and full steps on the same model and batch (None if not installed);
-  ``which`` picks the ones to build (each holds its own model)."""
+  ``which`` picks the ones to build (each holds its own model).
+
+  On "cuda", the accelerator setup a PEFT user runs, matched to jlora's ``--gpu`` rows: SDPA
+  attention, bf16 autocast; the LoRA base stored in bf16 (PEFT keeps its adapters in f32),
+  full fine-tuning with f32 master weights; each step ends with a device sync."""
   try:
     import torch
     import transformers as tf
@@ -160,11 +194,14 @@ def peft_steps(cfg_kw: dict, batch: int, seq: int, which=("lora", "full")):
                           tie_word_embeddings=cfg_kw["tie_embeddings"],
                           attn_implementation="sdpa")
   tokens = torch.tensor(np.asarray(_batch(models.ModelConfig(**cfg_kw), batch, seq)),
-                        dtype=torch.long)
+                        dtype=torch.long, device=device)
+  cuda = device.startswith("cuda")
 
   def make(lora: bool):
     torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(hf_cfg)
+    model = tf.LlamaForCausalLM(hf_cfg).to(device)
+    if lora and cuda:
+      model = model.to(torch.bfloat16)
     if lora:
       model = get_peft_model(model, LoraConfig(
           r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
@@ -174,9 +211,12 @@ def peft_steps(cfg_kw: dict, batch: int, seq: int, which=("lora", "full")):
 
     def step():
       opt.zero_grad(set_to_none=True)
-      loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
+      with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=cuda):
+        loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
       loss.backward()
       opt.step()
+      if cuda:
+        torch.cuda.synchronize()
     return step
 
   return tuple(make(kind == "lora") for kind in which)
@@ -203,13 +243,17 @@ def main(argv=None):
                       help="toy shapes and one repeat: checks the bench runs, times nothing")
   parser.add_argument("--gpu", action="store_true", help="real model shapes, bf16")
   parser.add_argument("--peak-tflops", type=float, default=989.0,
-                      help="dense bf16 peak for MFU (H100 SXM: 989)")
+                      help="dense bf16 peak for MFU (H100 SXM and H200: 989)")
+  parser.add_argument("--who", choices=("jlora", "peft"), default="jlora",
+                      help="--gpu: jlora's steps, or PEFT/torch's on the same shapes")
+  parser.add_argument("--profile", help="--gpu: write a trace of the slowest LoRA step here")
+  parser.add_argument("--json", help="--gpu: also write the rows to this file")
   args = parser.parse_args(argv)
   chunk = args.loss_chunk or None
   repeats = 1 if args.smoke else args.repeats
   if args.gpu:
-    return gpu_main(repeats, args.peak_tflops, chunk,
-                    SMOKE_SHAPES if args.smoke else GPU_SHAPES)
+    return gpu_main(repeats, args.peak_tflops, chunk, SMOKE_SHAPES if args.smoke else GPU_SHAPES,
+                    args.who, args.profile, args.json)
   shapes = CPU_SMOKE_SHAPES if args.smoke else CPU_SHAPES
   print(f"# train_step on {machine()}; jlora: the trainer's step, loss_chunk={chunk}")
   rows = []

@@ -21,7 +21,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 
-from jlora import kernels, quant
+from jlora import kernels, quant, sharding
 from jlora.kernels.reference import lora_down, lora_term, lora_up
 
 __all__ = ["einsum_layout", "lora_dense", "lora_dense_multi", "lora_einsum",
@@ -74,9 +74,10 @@ def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0,
   quantized = any(quant.is_quantized(w) for w, _, _ in projections)
   if adapted and kernels.selects_pallas(impl) and not quantized:  # the kernel takes dense W
     w_dtype = projections[0][0].dtype  # the kernel up-casts W tile by tile: no f32 copy
-    y_MN = kernels.lora_matmul(x_MK, _concat([w for w, _, _ in projections], w_dtype),
-                               _concat([a for _, a, _ in adapted], x.dtype),
-                               _block_diagonal(adapted, widths), scale, impl=impl)
+    fused = lambda x, w, a, b: kernels.lora_matmul(x, w, a, b, scale, impl=impl)
+    y_MN = sharding.over_batch_shards(fused, 4, x_MK.shape[0])(
+        x_MK, _concat([w for w, _, _ in projections], w_dtype),
+        _concat([a for _, a, _ in adapted], x.dtype), _block_diagonal(adapted, widths))
     return [y.reshape(*lead, n) for y, n in zip(jnp.split(y_MN, cuts, axis=1), widths)]
   y_MN = jnp.dot(x_MK, _concat([w for w, _, _ in projections], x.dtype),
                  preferred_element_type=jnp.float32)

@@ -29,7 +29,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import qwix
 from flax import struct
 
 FORMATS = ("none", "int8", "nf4")
@@ -65,6 +64,7 @@ class QTensor:
 
   def dequantize(self, dtype=None) -> jax.Array:
     """The kernel in ``dtype`` (default: the model's)."""
+    import qwix  # where used: unquantised runs need no qwix (e.g. a GPU image without it)
     dtype = dtype or self.dtype
     if self.format == "int8":
       q = qwix.QArray(self.codes, self.scale, qtype=jnp.int8)
@@ -133,6 +133,7 @@ def quantize(x: np.ndarray, fmt: str, axis: int, dtype) -> QTensor:
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _quantize_jit(x: jax.Array, fmt: str, axis: int):
+  import qwix
   channels = [a for a in range(x.ndim) if a != x.ndim + axis]
   if fmt == "int8":
     q = qwix.quantize(x, jnp.int8, channelwise_axes=channels, scale_dtype=jnp.float32)

@@ -165,6 +165,36 @@ def place_like(tree: Any, like: Any) -> Any:
       for p, x in lora_lib.flatten(tree).items()})
 
 
+def traced_in(fn, mesh) -> Any:
+  """``fn`` traced with ``mesh`` as the context mesh (``jax.sharding.use_abstract_mesh``), so
+  code inside it that XLA cannot partition by itself finds the mesh (``over_batch_shards``)."""
+  abstract = mesh.abstract_mesh
+
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(abstract):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
+def over_batch_shards(fn, n_args: int, rows: int) -> Any:
+  """``fn(rows_arg, *whole_args)`` run per batch shard of the context mesh (``shard_map``):
+  its first argument and its result split on their leading axis of ``rows`` over data x
+  fsdp, the other arguments gathered whole on every device (as FSDP gathers a layer's
+  weights; a tensor-parallel axis is gathered too). For computations XLA cannot partition
+  itself: Mosaic (TPU) and Triton (GPU) kernels. ``fn`` unchanged outside a mesh context
+  (``traced_in``) or on one device; rows that do not split evenly run whole everywhere."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn
+  axes = tuple(a for a in BATCH if a in mesh.axis_names and mesh.shape[a] > 1)
+  shards = math.prod(mesh.shape[a] for a in axes)
+  row_spec = P(axes) if axes and rows % shards == 0 else P()
+  # check_vma=False: Pallas calls carry no varying-axes annotations; the cotangents of the
+  # whole (unmapped) arguments are summed over the shards by shard_map's transpose.
+  return jax.shard_map(fn, mesh=mesh, in_specs=(row_spec,) + (P(),) * (n_args - 1),
+                       out_specs=row_spec, check_vma=False)
+
+
 def single_device_mesh() -> Mesh:
   """A 1x1x1 mesh over the first device (scripts, notebooks, benchmarks)."""
   return make_mesh(MeshConfig(), jax.devices()[:1])

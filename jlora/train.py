@@ -181,7 +181,8 @@ def jit_step(step: Callable, state: Any, frozen: Any, mesh=None) -> Callable:
   split over data x fsdp, and the state donated."""
   mesh = sharding_lib.single_device_mesh() if mesh is None else mesh
   state_sh = sharding_lib.shardings_of(state)
-  return jax.jit(step, in_shardings=(state_sh, sharding_lib.shardings_of(frozen),
+  return jax.jit(sharding_lib.traced_in(step, mesh),
+                 in_shardings=(state_sh, sharding_lib.shardings_of(frozen),
                                      sharding_lib.batch_sharding(mesh, 1)),
                  out_shardings=(state_sh, None), donate_argnums=(0,))
 

@@ -29,7 +29,8 @@ def sft_objective(s: setup.Setup) -> loop.Objective:
   out, the same loss and (for tasks that can check answers) greedy accuracy."""
   cfg = s.cfg
   loss = train.lm_loss(s.model, s.plan, cfg.train.loss_chunk)
-  loss_fn = jax.jit(loss)  # frozen passed as an argument: not baked into the program
+  # frozen passed as an argument: not baked into the program
+  loss_fn = jax.jit(sharding.traced_in(loss, s.mesh))
   held_out = [sharding.global_batch(b, s.mesh) for b in evaluate.eval_batches(cfg, s.tok)]
   task, records = evaluate.task_records(cfg)
 
@@ -42,7 +43,7 @@ def sft_objective(s: setup.Setup) -> loop.Objective:
   def held_out_metrics(trainable) -> dict:
     out = eval_loss(trainable)
     if records:
-      out["accuracy"] = evaluate.accuracy(
+      out["accuracy"] = sharding.traced_in(evaluate.accuracy, s.mesh)(
           s.model, optim.model_params(trainable, s.frozen, s.plan), s.tok, cfg.data,
           records, task, cfg.eval.max_new_tokens)
     return out
@@ -149,7 +150,8 @@ def generate(run_dir: str, prompt: str, *, max_new_tokens: int = 64, temperature
   run = rundir.load_trained(run_dir, step)
   s = run.setup
   ids = render.prompt_ids({"prompt": prompt}, s.tok, chat=chat, system=s.cfg.data.system)
-  out = models.generate(s.model, optim.model_params(run.trainable, s.frozen, s.plan),
-                        jnp.asarray(ids)[None], max_new_tokens=max_new_tokens,
-                        temperature=temperature, rng=jax.random.PRNGKey(seed))
+  params = optim.model_params(run.trainable, s.frozen, s.plan)
+  out = sharding.traced_in(models.generate, s.mesh)(
+      s.model, params, jnp.asarray(ids)[None], max_new_tokens=max_new_tokens,
+      temperature=temperature, rng=jax.random.PRNGKey(seed))
   return s.tok.decode(evaluate.until_eos(np.asarray(out[0]), s.tok.eos_id))

@@ -33,17 +33,17 @@ def _batch(seed, rows=8, length=12):
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
 
 
-def _init(mesh):
+def _init(mesh, cfg=CFG):
   """(model, plan, trainable, frozen) on ``mesh``: the base placed by its logical axes, the
   adapters created sharded, lm_head trained in full."""
-  model = Transformer(CFG)
+  model = Transformer(cfg)
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))
   shapes = {p: tuple(x.shape) for p, x in jlora.lora.flatten(nn.unbox(boxed)["params"]).items()}
   specs = shd.logical_specs(boxed["params"])
   param_sh = shd.param_shardings(specs, shapes, mesh)
   params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32)))["params"]
   params = shd.place(params, param_sh)
-  plan = jlora.lora.plan(params, models.lora_spec(CFG, rank=4, full=("lm_head",)))
+  plan = jlora.lora.plan(params, models.lora_spec(cfg, rank=4, full=("lm_head",)))
   ad_sh = shd.adapter_shardings(plan, specs, mesh)
   adapters = jax.jit(lambda key: jlora.init_adapters(params, plan, key),
                      out_shardings=ad_sh)(jax.random.PRNGKey(1))
@@ -51,8 +51,8 @@ def _init(mesh):
   return model, plan, trainable, frozen
 
 
-def _setup(mesh, grad_accum=1):
-  model, plan, trainable, frozen = _init(mesh)
+def _setup(mesh, grad_accum=1, cfg=CFG):
+  model, plan, trainable, frozen = _init(mesh, cfg)
   tx = optim.optimizer(1e-2)
   state = train.init_state(trainable, tx, mesh)
   step = train.jit_step(train.make_step(train.lm_loss(model, plan), tx, grad_accum), state,
@@ -60,10 +60,10 @@ def _setup(mesh, grad_accum=1):
   return step, state, frozen
 
 
-def _run(mesh, steps=10, grad_accum=1, batch=None):
+def _run(mesh, steps=10, grad_accum=1, batch=None, cfg=CFG):
   """Train on one batch (memorise it): ({"loss", "grad_norm", "tokens"}: one entry per
   step), the final state, the jitted step."""
-  step, state, frozen = _setup(mesh, grad_accum)
+  step, state, frozen = _setup(mesh, grad_accum, cfg)
   batch = _batch(0) if batch is None else batch
   metrics = []
   for _ in range(steps):
@@ -101,6 +101,21 @@ def test_sharded_losses_equal_one_device(single_device, shape):
   assert mu_a.sharding.is_equivalent_to(a.sharding, a.ndim)  # optimizer state follows A
   head = state["trainable"]["full"]["lm_head"]["kernel"]
   assert head.sharding.spec == P(fsdp, tensor)
+
+
+def test_pallas_kernel_sharded_trains_like_xla_on_one_device(single_device):
+  """model.lora_impl="interpret" (the Pallas kernels, interpreted on CPU) on data 2 x fsdp 2
+  x tensor 2: each batch shard runs the kernel on its rows (shard_map, as on a TPU pod or
+  GPUs, where XLA cannot partition a Mosaic/Triton call) and the steps equal one device's
+  XLA steps (autodiff, no kernel)."""
+  mesh = shd.make_mesh(shd.MeshConfig(2, 2, 2))
+  metrics, state, step = _run(mesh, steps=3, cfg=CFG.replace(lora_impl="interpret"))
+  np.testing.assert_allclose(metrics["loss"], single_device[0]["loss"][:3], rtol=1e-5)
+  np.testing.assert_allclose(metrics["grad_norm"], single_device[0]["grad_norm"][:3],
+                             rtol=1e-4)
+  text = step.lower(state, *_setup(mesh, cfg=CFG.replace(lora_impl="interpret"))[2:],
+                    shd.global_batch(_batch(0), mesh)).as_text()
+  assert "shard_map" in text or "manual_computation" in text
 
 
 def test_no_recompilation_after_first_step(single_device):

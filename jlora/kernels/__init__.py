@@ -1,6 +1,7 @@
 """Pallas kernels: the fused LoRA matmul (custom VJP), its XLA reference, backend dispatch."""
 
 from jlora.kernels.matmul import (FASTER_ON, IMPLS, KERNEL_IMPLS, TARGETS, lora_matmul,
-                                  selects_pallas)
+                                  lowering_for, platform, selects_pallas)
 
-__all__ = ["FASTER_ON", "IMPLS", "KERNEL_IMPLS", "TARGETS", "lora_matmul", "selects_pallas"]
+__all__ = ["FASTER_ON", "IMPLS", "KERNEL_IMPLS", "TARGETS", "lora_matmul", "lowering_for",
+           "platform", "selects_pallas"]

@@ -36,8 +36,10 @@ Two sets of implementation names, because two different things run without Palla
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import threading
 from typing import Any
 
 import jax
@@ -52,6 +54,31 @@ TARGETS = ("tpu", "gpu")
 # Backends where bench/kernel.py showed the fused kernel faster than the XLA reference
 # (fwd+bwd, bf16, the shapes in that benchmark). Empty until a run on that hardware says so.
 FASTER_ON: frozenset[str] = frozenset()
+_PLATFORMS = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "cpu": "cpu"}
+_target_platform = threading.local()
+
+
+def platform() -> str:
+  """The platform jlora traces for: this process's backend, or the one ``lowering_for`` set."""
+  return getattr(_target_platform, "name", None) or jax.default_backend()
+
+
+@contextlib.contextmanager
+def lowering_for(name: str):
+  """Trace for platform ``name`` ("tpu", "gpu"/"cuda", "cpu") whatever this host runs on.
+
+  For ``jax.export.export(..., platforms=[name])`` ahead of time, e.g. a TPU program built
+  and checked on a CPU host: the Pallas kernel layout ("pallas", "auto") and the attention
+  implementation follow ``name`` instead of ``jax.default_backend()``.
+  """
+  if name not in _PLATFORMS:
+    raise ValueError(f"lowering_for({name!r}): expected one of {', '.join(_PLATFORMS)}")
+  before = getattr(_target_platform, "name", None)
+  _target_platform.name = _PLATFORMS[name]
+  try:
+    yield
+  finally:
+    _target_platform.name = before
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +93,14 @@ def _choose(impl: str, target: str | None, interpret_params) -> _Kernel:
     raise ValueError(f"lora_matmul impl={impl!r}: expected one of {', '.join(KERNEL_IMPLS)}")
   if target is not None and target not in TARGETS:
     raise ValueError(f"lora_matmul target={target!r}: expected one of {', '.join(TARGETS)}")
-  backend = jax.default_backend()
+  backend = platform()
   if impl == "auto":
     impl = "pallas" if backend in FASTER_ON else "reference"
   if impl == "reference":
     return _Kernel(None)
   if impl == "interpret":
     return _Kernel(target or "tpu", interpret_params or True)
-  native = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu"}.get(backend)
+  native = {"tpu": "tpu", "gpu": "gpu"}.get(_PLATFORMS.get(backend, backend))
   if native is None:
     raise ValueError(f"lora_matmul impl='pallas' needs a TPU or GPU (backend is {backend!r}); "
                      "use impl='interpret' to run the kernels on CPU, or 'reference' "

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jlora import ops, quant
+from jlora import kernels, ops, quant
 from jlora.lora import LORA_A, LORA_B
 from jlora.models.config import ModelConfig
 
@@ -110,7 +110,7 @@ def rope(x_BTNH, cos_sin):
 def _fused_attention(dtype) -> str | None:
   """"cudnn" on GPU for 16-bit compute (JAX's automatic choice stays on XLA there, which
   writes [B, heads, T, T] scores to memory); None (XLA) elsewhere."""
-  if jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
+  if kernels.platform() == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
     return "cudnn"
   return None
 

@@ -103,6 +103,6 @@ def reference_logprobs(model, chunk: int | None = None, mesh=None):
   gradient); rows split over the mesh's data axes like the batch they join."""
   from jlora import sharding
   mesh = sharding.single_device_mesh() if mesh is None else mesh
-  return jax.jit(lambda params, batch: train.token_logprobs(
-      model, params, batch, chunk, last=batch["mask"].shape[1]),
+  return jax.jit(sharding.traced_in(lambda params, batch: train.token_logprobs(
+      model, params, batch, chunk, last=batch["mask"].shape[1]), mesh),
       out_shardings=sharding.batch_sharding(mesh))

@@ -147,11 +147,10 @@ class Rollouts:
                        f"exceed the model's {limit} positions")
     prompts, mask = left_pad(ids, width)
     placed = sharding.global_batch({"t": prompts, "m": mask}, s.mesh)
-    out = models.sample(s.model, optim.model_params(trainable, s.frozen, s.plan),
-                        placed["t"], placed["m"], key, group=shared,
-                        max_new_tokens=rl.max_new_tokens,
-                        temperature=temperature, top_p=rl.top_p, eos_id=s.tok.eos_id,
-                        pad=s.tok.eos_id or 0)
+    out = sharding.traced_in(models.sample, s.mesh)(
+        s.model, optim.model_params(trainable, s.frozen, s.plan), placed["t"], placed["m"],
+        key, group=shared, max_new_tokens=rl.max_new_tokens, temperature=temperature,
+        top_p=rl.top_p, eos_id=s.tok.eos_id, pad=s.tok.eos_id or 0)
     out = jax.device_get(out)
     texts = [s.tok.decode(evaluate.until_eos(row[:n], s.tok.eos_id))
              for row, n in zip(out.tokens, out.lengths)]
