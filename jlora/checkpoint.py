@@ -19,11 +19,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from jlora import atomic
+
 
 class Checkpoints:
 
   def __init__(self, directory: str, keep: int = 3, *, asynchronous: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = atomic.absolute(directory)
     preserve = policies.AnyPreservationPolicy([
         policies.LatestN(keep),
         policies.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
@@ -82,7 +84,10 @@ def abstract(tree: Any) -> Any:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def size_bytes(directory: str) -> int:
+def size_bytes(directory: str) -> int | None:
+  """Bytes of the files under a local ``directory`` (None on a cloud store: not listed)."""
+  if atomic.is_url(directory):
+    return None
   total = 0
   for root, _, files in os.walk(directory):
     total += sum(os.path.getsize(os.path.join(root, f)) for f in files)

@@ -11,6 +11,7 @@ import shlex
 import signal
 import sys
 import threading
+import traceback
 
 
 class _Terminated(Exception):
@@ -47,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--force", action="store_true",
                      help="train even when the advisor reports an error")
+    run.add_argument("--distributed", choices=("env", "auto", "off"), default="env",
+                     help="several processes, one run: 'env' joins when JLORA_COORDINATOR, "
+                          "JLORA_NUM_PROCESSES and JLORA_PROCESS_ID are set (default); "
+                          "'auto' lets JAX detect the cluster (TPU pod slice, SLURM); 'off'")
+    run.add_argument("--cpu-devices", type=_positive_int, default=None, metavar="N",
+                     help="N fake CPU devices, to try sharding without accelerators "
+                          "(default: $JLORA_CPU_DEVICES)")
   adv = sub.add_parser("advise", help="check a recipe against the findings (no training)")
   adv.add_argument("config")
   adv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -181,12 +189,14 @@ def _summary_line(summary: dict, run_dir: str) -> str:
 
 
 def _train(args) -> int:
-  from jlora import config, rl, trainer
+  from jlora import config, multihost, rl, trainer
+  multihost.cpu_devices(args.cpu_devices)  # before anything touches a device
   if args.command == "rl":
     cfg = rl.load_config(args.config, args.set)
     run = rl.run
   else:
     cfg, run = config.load(args.config, args.set), trainer.run
+  multihost.join(args.distributed)  # a config that does not parse never gets this far
   try:
     summary = run(cfg, resume=args.resume, progress=not args.no_progress, force=args.force)
   except trainer.NonFiniteLoss as e:
@@ -253,15 +263,34 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("JLORA_DEBUG"):
       raise
     print(f"jlora: error: {e}", file=sys.stderr)
-    return 2
+    return _stopping(2, f"error: {e}")
   except (KeyboardInterrupt, _Terminated) as e:
     name = "SIGINT" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
     print(f"jlora: {name}: stopped (outside training steps: nothing new was saved)",
           file=sys.stderr)
-    return 130 if isinstance(e, KeyboardInterrupt) else 0
+    return _stopping(130 if isinstance(e, KeyboardInterrupt) else 0, name)
+  except Exception as e:  # an internal error keeps its traceback
+    from jlora import multihost
+    if not multihost.joined():
+      raise
+    traceback.print_exc()
+    return _stopping(1, f"{type(e).__name__}: {str(e)[:200]}")
   finally:
     if in_main:
       signal.signal(signal.SIGTERM, previous)
+
+
+def _stopping(code: int, why: str) -> int:
+  """The exit of a run stopped by this process alone. With several processes the others
+  are told (they end with one line naming this one) and this one leaves at once: JAX's
+  orderly shutdown would wait for processes that are not coming."""
+  from jlora import multihost
+  if not multihost.joined():
+    return code
+  multihost.fail(why)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 if __name__ == "__main__":

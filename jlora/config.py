@@ -319,9 +319,9 @@ def from_dict(values: dict, overrides: list[str] = (), defaults: dict | None = N
 def load(path: str, overrides: list[str] = (), defaults: dict | None = None) -> RunConfig:
   """A RunConfig from a TOML recipe (or a run directory's config.json) plus overrides;
   ``defaults`` (e.g. ``RL_DEFAULTS``) fill in what neither sets."""
+  from jlora import atomic
   try:
-    with open(path, "rb") as f:
-      raw = f.read()
+    raw = atomic.path(path).read_bytes()  # a run directory may be on a cloud store
   except FileNotFoundError:
     raise ValueError(f"{path}: no such config file") from None
   except IsADirectoryError:

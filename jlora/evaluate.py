@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from jlora import config as config_lib, data, models
+from jlora import config as config_lib, data, models, multihost
 from jlora.data import render
 
 
@@ -41,7 +41,8 @@ def eval_batches(cfg: config_lib.RunConfig, tok) -> list[dict]:
     out.append(batch)
     if len(out) == cfg.eval.batches:
       break
-  return out
+  # each process reads its own rows: all keep the batches every process has
+  return out[:min(multihost.gather_json(len(out)))]
 
 
 def answers(model, params, tok, dcfg: data.DataConfig, records: list[dict],
@@ -54,8 +55,9 @@ def answers(model, params, tok, dcfg: data.DataConfig, records: list[dict],
   mask = np.zeros((len(prompts), width), np.int32)
   for i, p in enumerate(prompts):
     tokens[i, width - len(p):], mask[i, width - len(p):] = p, 1
-  out = np.asarray(models.generate(model, params, tokens, max_new_tokens=max_new_tokens,
-                                   prompt_mask_BP=mask))
+  out = models.generate(model, params, tokens, max_new_tokens=max_new_tokens,
+                        prompt_mask_BP=mask)
+  out = np.asarray(multihost.to_host(out))  # whole on every process
   return [tok.decode(until_eos(row, tok.eos_id)) for row in out]
 
 

@@ -13,6 +13,7 @@ Everything else is here, once:
 - SIGTERM (what a scheduler or a TPU VM sends before preempting) and SIGINT (Ctrl-C) are
   deferred while it runs: the step in flight finishes, a checkpoint is written at it, and
   ``Interrupted`` says which step was saved (the CLI exits 0 for SIGTERM, 130 for SIGINT);
+  with several processes, all stop at the first logged step where any has a signal;
 - a non-finite loss, gradient or parameter stops the run before it is checkpointed
   (``NonFiniteLoss``), so the last checkpoint is always a usable one.
 """
@@ -21,9 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
 import signal
 import threading
 import time
@@ -31,7 +30,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import jax
 
-from jlora import atomic, checkpoint, optim, rundir, sharding, train
+from jlora import atomic, checkpoint, multihost, optim, rundir, sharding, train
 
 
 class NonFiniteLoss(RuntimeError):
@@ -144,13 +143,12 @@ def _progress(total: int, initial: int, enabled: bool):
 def _start(s, objective: Objective, ckpts, state, run_dir: str, resume: bool, log, on_row):
   """(state, first step, held-out metrics before training, Metrics) for a fresh or
   resumed run."""
-  start_file = os.path.join(run_dir, "start.json")
+  start_file = atomic.join(run_dir, "start.json")
   if resume and ckpts.latest_step() is not None:
     state, data_state, meta = ckpts.restore(checkpoint.abstract(state))
-    objective.batches.set_state(data_state)
+    objective.batches.set_state(_own_data_state(data_state))
     first = int(meta["step"])
-    with open(start_file) as f:
-      before = json.load(f)
+    before = atomic.read_json(start_file)
     log(f"resumed {run_dir} at step {first}")
     return state, first, before, rundir.Metrics(run_dir, first, _fields(objective), on_row)
   if resume:
@@ -159,11 +157,33 @@ def _start(s, objective: Objective, ckpts, state, run_dir: str, resume: bool, lo
   log("evaluating before training")
   begin = time.perf_counter()
   before = objective.evaluate(state["trainable"])
-  atomic.write_json(start_file, before)
+  if multihost.primary():
+    atomic.write_json(start_file, before)
   metrics.write({"step": 0, **before})
   log("before training: " + (", ".join(f"{k} {v:.4g}" for k, v in before.items()) or
                              "no held-out data") + f" ({time.perf_counter() - begin:.1f} s)")
   return state, 0, before, metrics
+
+
+def _data_state(batches: Batches) -> dict:
+  """The batch source's position for a checkpoint: every process's, when there are
+  several (each reads its own rows; orbax writes JSON from process 0 only)."""
+  state = batches.get_state()
+  if multihost.processes() == 1:
+    return state
+  return {"processes": multihost.gather_json(state)}
+
+
+def _own_data_state(saved: dict) -> dict:
+  if "processes" not in saved:
+    if multihost.processes() > 1:
+      raise ValueError("the checkpoint was written by a single process: resume it with one")
+    return saved
+  states = saved["processes"]
+  if len(states) != multihost.processes():
+    raise ValueError(f"the checkpoint was written by {len(states)} processes, this run has "
+                     f"{multihost.processes()}: resume it with {len(states)}")
+  return states[jax.process_index()]
 
 
 def _fields(objective: Objective) -> tuple[str, ...]:
@@ -205,7 +225,7 @@ def run(s, objective: Objective, run_dir: str, *, resume: bool = False,
   checkpoint to ``train.steps``. ``on_row`` sees each metrics row as it is written (a
   notebook's live plot). Raises ``NonFiniteLoss`` or ``Interrupted`` (after saving)."""
   t = s.cfg.train
-  ckpts = checkpoint.Checkpoints(os.path.join(run_dir, "checkpoints"), keep=t.keep)
+  ckpts = checkpoint.Checkpoints(atomic.join(run_dir, "checkpoints"), keep=t.keep)
   state = train.init_state(s.trainable, s.tx, s.mesh)
   s.trainable = None  # the state owns (and donates) them now
   metrics_out = None
@@ -251,10 +271,15 @@ def _steps(s, objective, ckpts, metrics_out, state, first, received, progress, r
         begin = time.perf_counter()
       else:
         seen_tokens += batch["inputs"].size if "inputs" in batch else 0
-      final, stop = n == t.steps, bool(received) and n < t.steps
-      if n % t.log_every and n % t.checkpoint_every and not final and not stop:
+      final = n == t.steps
+      logged = final or not (n % t.log_every and n % t.checkpoint_every)
+      if multihost.processes() == 1:
+        stop = bool(received) and not final
+      else:  # all processes stop at the same step: the next logged one after a signal
+        stop = logged and multihost.any_process(bool(received)) and not final
+      if not logged and not stop:
         continue  # no host sync: the next step is dispatched right away
-      m = jax.device_get(metrics)
+      m = multihost.to_host(metrics)
       if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m["finite"]):
         kept = ckpts.latest_step()
         raise NonFiniteLoss(
@@ -271,7 +296,7 @@ def _steps(s, objective, ckpts, metrics_out, state, first, received, progress, r
       elif ev.every and n % ev.every == 0:
         row.update(objective.eval_loss(state["trainable"]))
       if n % t.checkpoint_every == 0 or final or stop:
-        ckpts.save(n, state, objective.batches.get_state(),
+        ckpts.save(n, state, _data_state(objective.batches),
                    {"step": n, "seed": t.seed, "loss": row["loss"]},
                    eval_loss=row.get("eval_loss"))
       metrics_out.write(row)
@@ -280,7 +305,9 @@ def _steps(s, objective, ckpts, metrics_out, state, first, received, progress, r
                       **({"reward": f"{row['reward_mean']:.3f}"} if "reward_mean" in row else {}))
       bar.update(n - bar.n)
       if stop:
-        raise Interrupted(received[0], n, run_dir)  # run() waits for the save to commit
+        # run() waits for the save to commit; a process without a signal of its own stops
+        # as for SIGTERM (another process's)
+        raise Interrupted(received[0] if received else signal.SIGTERM, n, run_dir)
   finally:
     bar.close()
   return state, last, after

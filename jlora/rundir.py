@@ -3,7 +3,7 @@ back (generation, export). Files are written atomically (``jlora.atomic``), so a
 never leaves half of one.
 
     RUN_DIR/config.json      the resolved config (what --resume and jlora generate read)
-    RUN_DIR/.lock            held (flock) by the one process training in this directory
+    RUN_DIR/.lock            held by the one run training in this directory
     RUN_DIR/start.json       held-out loss / accuracy before training
     RUN_DIR/metrics.jsonl    one line per logged step, step 0 = before training (and
                              metrics.csv, tb/ for TensorBoard)
@@ -16,6 +16,11 @@ refuses a changed model, LoRA spec, method or data (naming the keys), and metric
 after the last checkpoint (by a run that was killed) are dropped when it resumes, so the
 files always describe the one trajectory the checkpoints continue. ``check`` runs before
 any weights are loaded, ``create`` only after everything else has been validated.
+
+RUN_DIR may be a local path or a cloud-storage URL (``gs://...``: pod hosts share no
+disk); every file goes through ``jlora.atomic``'s path layer. In a multi-process run,
+process 0 writes these files and holds the lock; every process takes part in orbax's
+checkpoints and reads config.json and start.json.
 """
 
 from __future__ import annotations
@@ -23,14 +28,18 @@ from __future__ import annotations
 import csv
 import dataclasses
 import fcntl
+import io
 import json
 import os
+import socket
 import sys
+import threading
+import time
 from typing import Any
 
 import numpy as np
 
-from jlora import atomic, checkpoint, config as config_lib, lora
+from jlora import atomic, checkpoint, config as config_lib, lora, multihost
 
 # Config keys that must not change across --resume (they define the state on disk).
 _FROZEN_ON_RESUME = ("model", "lora", "train.method", "train.seed", "data", "mesh")
@@ -67,33 +76,29 @@ def _same_model(before: Any, now: Any) -> bool:
 
 def checkpoint_steps(run_dir: str) -> list[int]:
   """Committed checkpoint steps on disk (orbax's temporary directories are not steps)."""
-  path = os.path.join(run_dir, "checkpoints")
-  if not os.path.isdir(path):
-    return []
-  return sorted(int(d) for d in os.listdir(path) if d.isdigit())
+  return sorted(int(d) for d in atomic.listdir(atomic.join(run_dir, "checkpoints"))
+                if d.isdigit())
 
 
 def _holds_run(run_dir: str) -> bool:
   """Whether ``run_dir`` has anything in it but what a start killed before config.json
   leaves (the lock file, a ``.tmp`` file)."""
-  return os.path.isdir(run_dir) and any(
-      f != LOCK_FILE and not f.endswith(".tmp") for f in os.listdir(run_dir))
+  return any(f != LOCK_FILE and not f.endswith(".tmp") for f in atomic.listdir(run_dir))
 
 
 def check(cfg: config_lib.RunConfig, resume: bool) -> str:
   """What can be said about the run directory before any work (nothing is written):
   a fresh run needs an empty or missing directory; ``--resume`` needs a run of the same
   config; neither may start while another process holds the directory."""
-  run_dir = os.path.abspath(cfg.run_dir)
-  saved = os.path.join(run_dir, "config.json")
-  if os.path.isdir(run_dir) and (holder := Lock.holder(run_dir)):
+  run_dir = atomic.absolute(cfg.run_dir)
+  saved = atomic.join(run_dir, "config.json")
+  if atomic.is_dir(run_dir) and (holder := Lock.holder(run_dir)):
     raise ValueError(f"{run_dir} is in use by {holder}")
   if resume:
-    if not os.path.isfile(saved):
+    if not atomic.is_file(saved):
       raise ValueError(f"{run_dir}: nothing to resume (no config.json)")
     try:
-      with open(saved) as f:
-        before = json.load(f)
+      before = atomic.read_json(saved)
     except ValueError as e:
       raise ValueError(f"{saved}: not a readable run config ({e})") from None
     now = cfg.to_dict()
@@ -107,19 +112,32 @@ def check(cfg: config_lib.RunConfig, resume: bool) -> str:
   elif _holds_run(run_dir):
     raise ValueError(f"{run_dir} already holds a run: add --resume to continue it, or "
                      "set run_dir to a new directory")
-  elif os.path.exists(run_dir) and not os.path.isdir(run_dir):
+  elif atomic.exists(run_dir) and not atomic.is_dir(run_dir):
     raise ValueError(f"{run_dir}: cannot write the run directory (not a directory)")
   return run_dir
 
 
 class Lock:
-  """One trainer per run directory: an exclusive ``flock`` on RUN_DIR/.lock, held for the
-  whole run. The OS drops it when the process dies (however it dies), so a lock left by a
-  dead process never blocks; the pid and command inside only name the holder."""
+  """One trainer per run directory, held for the whole run by process 0.
+
+  On a local or network file system: an exclusive ``flock`` on RUN_DIR/.lock; the OS drops
+  it when the process dies (however it dies), so a lock left by a dead process never
+  blocks; the pid and command inside only name the holder. On a cloud store (no locks):
+  an advisory .lock naming the holder, rewritten every ``REFRESH_S`` by a thread and
+  removed at the end; a start is refused while it is younger than ``STALE_S``. Two starts
+  within the same few seconds can both pass there: the store offers no exclusive create.
+  """
+
+  REFRESH_S, STALE_S = 60, 300
 
   def __init__(self, run_dir: str):
-    path = os.path.join(run_dir, LOCK_FILE)
-    self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    self._path, self._fd, self._stop = atomic.join(run_dir, LOCK_FILE), None, None
+    if atomic.is_url(run_dir):
+      self._write_remote()
+      self._stop = threading.Event()
+      threading.Thread(target=self._refresh, daemon=True, name="jlora-lock").start()
+      return
+    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -127,14 +145,28 @@ class Lock:
       raise ValueError(f"{run_dir} is in use by {Lock.holder(run_dir) or 'another process'}"
                        ) from None
     os.ftruncate(self._fd, 0)
-    os.write(self._fd, json.dumps({"pid": os.getpid(), "argv": sys.argv}).encode())
+    os.write(self._fd, json.dumps(_holder_info()).encode())
+
+  def _write_remote(self) -> None:
+    atomic.write_json(self._path, {**_holder_info(), "time": time.time()})
+
+  def _refresh(self) -> None:
+    while not self._stop.wait(self.REFRESH_S):
+      self._write_remote()
 
   @staticmethod
   def holder(run_dir: str) -> str | None:
-    """"process 1234 (jlora train x.toml)" if a live process holds the lock, else None."""
-    path = os.path.join(run_dir, LOCK_FILE)
-    if not os.path.isfile(path):
+    """"process 1234 on HOST (jlora train x.toml)" if a live run holds the lock, else
+    None."""
+    path = atomic.join(run_dir, LOCK_FILE)
+    if not atomic.is_file(path):
       return None
+    if atomic.is_url(run_dir):
+      try:
+        info = atomic.read_json(path)
+      except ValueError:
+        return None
+      return _describe(info) if time.time() - info.get("time", 0) < Lock.STALE_S else None
     fd = os.open(path, os.O_RDONLY)
     try:
       fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -144,9 +176,7 @@ class Lock:
         info = json.loads(os.pread(fd, 65536, 0) or b"{}")
       except ValueError:
         info = {}
-      argv = " ".join([os.path.basename(info.get("argv", ["?"])[0])] +
-                      info.get("argv", [])[1:])
-      return f"process {info.get('pid', '?')} ({argv})"
+      return _describe(info)
     finally:
       os.close(fd)
 
@@ -154,14 +184,40 @@ class Lock:
     if self._fd is not None:
       os.close(self._fd)  # closing drops the flock
       self._fd = None
+    if self._stop is not None:
+      self._stop.set()
+      self._stop = None
+      atomic.path(self._path).unlink(missing_ok=True)
 
 
-def create(cfg: config_lib.RunConfig, resume: bool) -> tuple[str, Lock]:
+def _holder_info() -> dict:
+  return {"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv}
+
+
+def _describe(info: dict) -> str:
+  argv = " ".join([os.path.basename(info.get("argv", ["?"])[0])] + info.get("argv", [])[1:])
+  host = f" on {info['host']}" if info.get("host") else ""
+  return f"process {info.get('pid', '?')}{host} ({argv})"
+
+
+class _NoLock:
+  """What processes other than 0 hold."""
+
+  def release(self) -> None:
+    pass
+
+
+def create(cfg: config_lib.RunConfig, resume: bool) -> tuple[str, Lock | _NoLock]:
   """Take the run directory (``check`` again, then lock it; a fresh run writes
-  config.json). Call only once everything else is validated."""
+  config.json). Call only once everything else is validated. Every process calls it:
+  all check before process 0 writes, and all return once it has."""
   run_dir = check(cfg, resume)
+  multihost.barrier("run_dir_checked")
+  if not multihost.primary():
+    multihost.barrier("run_dir_created")
+    return run_dir, _NoLock()
   try:
-    os.makedirs(run_dir, exist_ok=True)
+    atomic.makedirs(run_dir)
     lock = Lock(run_dir)
   except OSError as e:
     raise ValueError(f"{run_dir}: cannot write the run directory ({e.strerror})") from None
@@ -171,10 +227,11 @@ def create(cfg: config_lib.RunConfig, resume: bool) -> tuple[str, Lock]:
         raise ValueError(f"{run_dir} already holds a run: add --resume to continue it")
       # atomic: a process killed here must not leave an empty config.json that a
       # resume (or a study's next invocation) would then fail to read
-      atomic.write_text(os.path.join(run_dir, "config.json"), cfg.to_json())
+      atomic.write_text(atomic.join(run_dir, "config.json"), cfg.to_json())
   except BaseException:
     lock.release()
     raise
+  multihost.barrier("run_dir_created")
   return run_dir, lock
 
 
@@ -194,25 +251,35 @@ class Metrics:
 
   def __init__(self, run_dir: str, keep_through: int | None, fields=FIELDS, on_row=None):
     self.on_row = on_row
-    self.jsonl = os.path.join(run_dir, "metrics.jsonl")
-    self.csv = os.path.join(run_dir, "metrics.csv")
+    self.primary = multihost.primary()  # the other processes of a run write nothing
+    self.jsonl = atomic.join(run_dir, "metrics.jsonl")
+    self.csv = atomic.join(run_dir, "metrics.csv")
+    if not self.primary:
+      return
     if keep_through is not None:
       for path in (self.jsonl, self.csv):
-        if os.path.isfile(path):
+        if atomic.is_file(path):
           self._truncate(path, keep_through)
-    new_csv = not os.path.isfile(self.csv)
-    self._csv_file = open(self.csv, "a", newline="")
-    self._csv = csv.DictWriter(self._csv_file, fields, extrasaction="ignore")
+    self._fields = fields
+    new_csv = not atomic.is_file(self.csv)
+    self._csv_out, self._jsonl_out = atomic.Appender(self.csv), atomic.Appender(self.jsonl)
     if new_csv:
-      self._csv.writeheader()
-    self._jsonl_file = open(self.jsonl, "a")
+      self._csv_out.write(self._csv_text(None))
     from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+    self._tb = SummaryWriter(atomic.join(run_dir, "tb"))
+
+  def _csv_text(self, row: dict | None) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, self._fields, extrasaction="ignore")
+    if row is None:
+      writer.writeheader()
+    else:
+      writer.writerow(row)
+    return out.getvalue()
 
   @staticmethod
   def _truncate(path: str, step: int) -> None:
-    with open(path) as f:
-      lines = f.readlines()
+    lines = atomic.read_text(path).splitlines(keepends=True)
     keep = []
     for i, line in enumerate(lines):
       if path.endswith(".csv") and i == 0:
@@ -227,29 +294,30 @@ class Metrics:
     atomic.write_text(path, "".join(keep))
 
   def write(self, row: dict) -> None:
-    self._jsonl_file.write(json.dumps(row) + "\n")
-    self._jsonl_file.flush()
-    self._csv.writerow(row)
-    self._csv_file.flush()
-    for k, v in row.items():
-      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-        self._tb.add_scalar(k, v, row["step"])
-    self._tb.flush()
+    if self.primary:
+      self._jsonl_out.write(json.dumps(row) + "\n")
+      self._csv_out.write(self._csv_text(row))
+      for k, v in row.items():
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(k, v, row["step"])
+      self._tb.flush()
     if self.on_row is not None:
       self.on_row(dict(row))
 
   def close(self) -> None:
-    self._jsonl_file.close()
-    self._csv_file.close()
-    self._tb.close()
+    if self.primary:
+      self._jsonl_out.close()
+      self._csv_out.close()
+      self._tb.close()
 
 
 def save_adapters(path: str, adapters: Any, spec: lora.LoraSpec) -> None:
-  from safetensors.numpy import save_file
-  flat = {p: np.asarray(x) for p, x in lora.flatten(adapters).items()}
-  save_file(flat, path + ".tmp", metadata={"format": "jlora", "rank": str(spec.rank),
-                                          "alpha": str(spec.alpha)})
-  os.replace(path + ".tmp", path)
+  """The adapters as safetensors (a collective: every process calls it; process 0 writes)."""
+  from safetensors.numpy import save
+  flat = {p: np.asarray(x) for p, x in lora.flatten(multihost.to_host(adapters)).items()}
+  if multihost.primary():
+    atomic.write_bytes(path, save(flat, metadata={"format": "jlora", "rank": str(spec.rank),
+                                                  "alpha": str(spec.alpha)}))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -270,8 +338,8 @@ def load_trained(run_dir: str, step: int | None = None, base=None) -> Trained:
   """A finished or checkpointed run (``step``: default the latest), for generation and
   export. A step that is not on disk is a one-line error listing the ones that are.
   ``base``: the run's model already loaded (``setup.load_base``), not read again."""
-  path = os.path.join(run_dir, "config.json")
-  if not os.path.isfile(path):
+  path = atomic.join(run_dir, "config.json")
+  if not atomic.is_file(path):
     raise ValueError(f"{run_dir}: not a run directory (no config.json)")
   steps = checkpoint_steps(run_dir)
   if not steps:
@@ -282,7 +350,7 @@ def load_trained(run_dir: str, step: int | None = None, base=None) -> Trained:
   from jlora import setup, train
   cfg = config_lib.load(path)
   s = setup.build(cfg, log=lambda _: None, base=base)
-  ckpts = checkpoint.Checkpoints(os.path.join(run_dir, "checkpoints"), keep=cfg.train.keep)
+  ckpts = checkpoint.Checkpoints(atomic.join(run_dir, "checkpoints"), keep=cfg.train.keep)
   state = train.init_state(s.trainable, s.tx, s.mesh)
   state, _, meta = ckpts.restore(checkpoint.abstract(state), step)
   ckpts.close()

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import socket
-import time
 from typing import Any
 
 import jax
@@ -244,63 +241,3 @@ def place_leaf(x: Any, spec: P | None, mesh: Mesh) -> Any:
   spec = spec or P()
   return jax.tree.map(lambda a: _from_host(a, NamedSharding(mesh, _fit(spec, a.shape, mesh))),
                       x)
-
-
-ENV = {"coordinator": "JLORA_COORDINATOR", "num_processes": "JLORA_NUM_PROCESSES",
-       "process_id": "JLORA_PROCESS_ID"}
-
-
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, timeout_s: int = 300) -> None:
-  """Join JAX's multi-controller runtime (call first, before anything touches a device).
-
-  With no arguments and none of JLORA_COORDINATOR / JLORA_NUM_PROCESSES / JLORA_PROCESS_ID
-  set, ``jax.distributed.initialize()`` detects the cluster itself (TPU pods, SLURM, ...).
-  On CPU, collectives between processes use gloo.
-
-  Args:
-    coordinator: "host:port" of process 0.
-    num_processes: total number of processes.
-    process_id: this process's index.
-    timeout_s: how long to wait for all processes before giving up.
-  """
-  coordinator = coordinator or os.environ.get(ENV["coordinator"])
-  num_processes = num_processes or _env_int(ENV["num_processes"])
-  process_id = process_id if process_id is not None else _env_int(ENV["process_id"])
-  # Only the CPU backend reads this: harmless where the devices are GPUs or TPUs.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if coordinator and process_id:  # JAX aborts the process (no exception) if it never answers
-    _wait_for(coordinator, timeout_s, process_id, num_processes)
-  try:
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id, initialization_timeout=timeout_s)
-  except Exception as e:  # jax raises XlaRuntimeError / RuntimeError variants here
-    raise ValueError(f"could not join the distributed runtime at coordinator "
-                     f"{coordinator!r} as process {process_id} of {num_processes} within "
-                     f"{timeout_s} s: {str(e).splitlines()[0][:200]}") from None
-
-
-def _wait_for(coordinator: str, timeout_s: float, process_id, num_processes) -> None:
-  host, _, port = coordinator.rpartition(":")
-  deadline = time.monotonic() + timeout_s
-  while True:
-    try:
-      with socket.create_connection((host, int(port)), timeout=1.0):
-        return
-    except OSError:
-      if time.monotonic() > deadline:
-        raise ValueError(f"could not join the distributed runtime at coordinator "
-                         f"{coordinator!r} as process {process_id} of {num_processes}: "
-                         f"nothing answered within {timeout_s} s") from None
-      time.sleep(0.25)
-
-
-def _env_int(name: str) -> int | None:
-  value = os.environ.get(name)
-  if value is None:
-    return None
-  try:
-    return int(value)
-  except ValueError:
-    raise ValueError(f"{name}={value!r} is not an integer") from None
-

@@ -10,8 +10,6 @@ final adapters are written last.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Callable
 
 import jax
@@ -19,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import advisor, atomic, checkpoint, config as config_lib, data, evaluate, loop
-from jlora import models, optim, rundir, setup, sharding, train
+from jlora import models, multihost, optim, rundir, setup, sharding, train
 from jlora.data import render
 from jlora.loop import Interrupted, NonFiniteLoss  # noqa: F401  (the CLI catches them here)
 
@@ -66,15 +64,14 @@ def advise(cfg: config_lib.RunConfig, pre: setup.Preflight | None = None):
 def _finished(cfg: config_lib.RunConfig, log) -> dict | None:
   """The summary of a run that already reached train.steps (a --resume with nothing to
   do: nothing is touched), else None."""
-  run_dir = os.path.abspath(cfg.run_dir)
+  run_dir = atomic.absolute(cfg.run_dir)
   steps = rundir.checkpoint_steps(run_dir)
-  summary = os.path.join(run_dir, "summary.json")
-  if not steps or steps[-1] < cfg.train.steps or not os.path.isfile(summary):
+  summary = atomic.join(run_dir, "summary.json")
+  if not steps or steps[-1] < cfg.train.steps or not atomic.is_file(summary):
     return None
   log(f"{run_dir} already finished at step {steps[-1]} (train.steps = {cfg.train.steps}): "
       "nothing to do; raise train.steps to train further")
-  with open(summary) as f:
-    return json.load(f)
+  return atomic.read_json(summary)
 
 
 def run(cfg: config_lib.RunConfig, *, resume: bool = False, progress: bool = True,
@@ -116,10 +113,10 @@ def _finish(s: setup.Setup, run_dir: str, result: loop.Result) -> dict:
   """adapters.safetensors and summary.json of a completed run."""
   t, trainable = s.cfg.train, result.state["trainable"]
   if t.method == "lora":
-    rundir.save_adapters(os.path.join(run_dir, "adapters.safetensors"), trainable["lora"],
+    rundir.save_adapters(atomic.join(run_dir, "adapters.safetensors"), trainable["lora"],
                          s.spec)
   last, before, after = result.last, result.before, result.after
-  step_dir = os.path.join(run_dir, "checkpoints", str(t.steps))
+  step_dir = atomic.join(run_dir, "checkpoints", str(t.steps))
   summary = {
       "steps": t.steps, "method": t.method, "lr": s.lr,
       "final_train_loss": last and last["loss"],
@@ -130,12 +127,13 @@ def _finish(s: setup.Setup, run_dir: str, result: loop.Result) -> dict:
       "trainable_bytes": _tree_bytes(trainable),
       "optimizer_bytes": _tree_bytes(result.state["opt_state"]),
       "checkpoint_array_bytes": result.stored_bytes,  # the last checkpoint: no frozen base
-      "checkpoint_bytes": checkpoint.size_bytes(step_dir) if os.path.isdir(step_dir) else None,
+      "checkpoint_bytes": checkpoint.size_bytes(step_dir) if atomic.is_dir(step_dir) else None,
   }
   for key in sorted(set(before) | set(after)):  # an objective's own held-out metrics
     summary.setdefault(f"{key}_before", before.get(key))
     summary.setdefault(f"{key}_after", after.get(key))
-  atomic.write_json(os.path.join(run_dir, "summary.json"), summary)
+  if multihost.primary():
+    atomic.write_json(atomic.join(run_dir, "summary.json"), summary)
   return summary
 
 

@@ -10,11 +10,11 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 2)
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from jlora import sharding as shd  # noqa: E402
+from jlora import multihost, sharding as shd  # noqa: E402
 
 
 def main(process_id: int, port: int, out: str, steps: int) -> None:
-  shd.initialize(f"127.0.0.1:{port}", 2, process_id, timeout_s=60)
+  multihost.initialize(f"127.0.0.1:{port}", 2, process_id, timeout_s=60)
   from tests.test_sharding import _batch, _setup
   import numpy as np
   mesh = shd.make_mesh(shd.MeshConfig(data=-1))  # 4 devices over 2 processes

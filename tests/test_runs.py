@@ -158,3 +158,26 @@ def test_a_start_killed_before_its_config_was_written_does_not_block_the_next(
                    "--resume"]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and f"{run}/config.json: not a readable run config" in err, err
+
+
+def test_cloud_store_branch_whole_object_writes_and_an_advisory_lock(tmp_path, monkeypatch):
+  """The object-store side of the path layer, run on local files: appends rewrite the
+  whole object, and the lock is an advisory file that names its holder, goes when
+  released, and stops counting once stale."""
+  from jlora import atomic, rundir
+  monkeypatch.setattr(atomic, "is_url", lambda p: True)
+  path = str(tmp_path / "metrics.jsonl")
+  out = atomic.Appender(path)
+  out.write('{"step": 1}\n')
+  out.write('{"step": 2}\n')
+  out.close()
+  assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+  assert atomic.Appender(path)._text.count("step") == 2  # a reopened log keeps its rows
+  lock = rundir.Lock(str(tmp_path))
+  holder = rundir.Lock.holder(str(tmp_path))
+  assert holder and f"process {os.getpid()}" in holder
+  lock.release()
+  assert rundir.Lock.holder(str(tmp_path)) is None and not (tmp_path / ".lock").exists()
+  (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "time": 0}))  # a crashed run's
+  assert rundir.Lock.holder(str(tmp_path)) is None
+  assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

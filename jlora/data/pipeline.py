@@ -1,6 +1,7 @@
 """The grain input pipeline: source -> encode (ids + loss mask, shifted into inputs/targets)
--> this process's shard -> seeded shuffle, reshuffled every epoch -> first-fit packing into
-fixed-length rows with segment ids and positions -> batches -> thread prefetch.
+-> seeded shuffle, reshuffled every epoch -> one row stream per row of the global batch
+(this process's rows only) -> first-fit packing into fixed-length rows with segment ids
+and positions -> batches -> thread prefetch.
 
 Batches are numpy dicts ``{"inputs", "targets", "mask"}`` of ``[local_batch, seq_len]``
 int32, plus ``"segment_ids"``/``"positions"`` when packed (0 marks padding): exactly what
@@ -26,6 +27,7 @@ from jlora.data import render, sources
 from jlora.data.tokenizer import Tokenizer
 
 OVERFLOW = ("truncate", "drop")
+PACKING_BINS = 4  # first-fit bins per row stream (data.packing_bins), whatever the topology
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +51,8 @@ class DataConfig:
   separator: str = "\n\n"
   data_dir: str | None = None
   size: int | None = None  # records of a task: source
-  packing_bins: int | None = None  # first-fit bins; default: the local batch size
+  packing_bins: int | None = None  # first-fit bins of each row stream; default PACKING_BINS
+  row_streams: int | None = None  # streams the batch's rows come from; default batch_size
   prefetch: int = 2  # batches prefetched by a background thread; 0 turns it off
 
   def __post_init__(self):
@@ -66,6 +69,10 @@ class DataConfig:
       raise ValueError(f"data.epochs must be >= 1 or None, got {self.epochs}")
     if self.prefetch < 0:
       raise ValueError(f"data.prefetch must be >= 0, got {self.prefetch}")
+    if self.row_streams is not None and (self.row_streams < 1 or
+                                         self.batch_size % self.row_streams):
+      raise ValueError(f"data.row_streams={self.row_streams} must divide "
+                       f"data.batch_size={self.batch_size}")
 
 
 class _Encode:
@@ -135,8 +142,19 @@ def _rename_packed(row: dict) -> dict:
 def dataset(cfg: DataConfig, tok: Tokenizer, *, process_index: int | None = None,
             process_count: int | None = None, drop_remainder: bool = True,
             source=None) -> grain.IterDataset:
-  """This process's batches (``batch_size / process_count`` rows each). Processes read
-  disjoint, strided shards of the records that together cover the dataset."""
+  """This process's rows of each global batch (``batch_size / process_count`` of them).
+
+  The global batch does not depend on how many processes assemble it. There are G =
+  ``row_streams`` streams (default: one per row, G = B = ``batch_size``); stream j takes
+  examples j, j + G, j + 2G, ... of the one seeded, shuffled example order, packs them on
+  its own (first-fit over ``packing_bins`` bins) and gives B/G consecutive rows of every
+  batch. Process p of P reads, encodes and packs only the streams of its rows [p B/P,
+  (p+1) B/P) (the rows its devices get, ``sharding.global_batch``): with G = B, 1/P of the
+  data. The iterator state is keyed by stream.
+
+  ``drop_remainder=False`` (finite epochs): a stream that runs out yields padding rows
+  (mask 0) until every stream has; by default the batches end with the first.
+  """
   index, count = _shard(process_index, process_count)
   if cfg.batch_size % count:
     raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by the "
@@ -144,24 +162,87 @@ def dataset(cfg: DataConfig, tok: Tokenizer, *, process_index: int | None = None
   local_batch = cfg.batch_size // count
   ds = examples(cfg, tok, source)
   _check_some_fit(ds, cfg)
-  ds = ds.filter(lambda x: x is not None)[index::count]
-  if len(ds) == 0:
-    raise ValueError(f"{cfg.source}: process {index} of {count} has no records")
+  ds = ds.filter(lambda x: x is not None)
   if cfg.shuffle:
     ds = ds.seed(cfg.seed).shuffle()
   ds = ds.repeat(cfg.epochs)  # shuffled anew each epoch
-  it = ds.to_iter_dataset()
-  if cfg.pack:
-    lengths = {k: cfg.seq_len for k in ("inputs", "targets", "mask")}
-    it = grain_exp.FirstFitPackIterDataset(
-        it, length_struct=lengths, num_packing_bins=cfg.packing_bins or local_batch,
-        seed=cfg.seed, shuffle_bins=cfg.shuffle).map(_rename_packed)
-  else:
-    it = it.map(lambda x: _pad(x, cfg.seq_len))
-  it = it.batch(local_batch, drop_remainder=drop_remainder)
+  n_streams = cfg.row_streams or cfg.batch_size
+  per = cfg.batch_size // n_streams  # consecutive rows of a batch from one stream
+  first = index * local_batch  # this process's rows: [first, first + local_batch)
+  mine = range(first // per, (first + local_batch - 1) // per + 1)
+  streams = {j: _stream(ds[j::n_streams], cfg) for j in mine}
+  it = _Rows(streams, per, first - mine[0] * per, local_batch, drop_remainder)
   if cfg.prefetch:
     it = grain_exp.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch)
   return it
+
+
+def _stream(ds: grain.MapDataset, cfg: DataConfig) -> grain.IterDataset:
+  """One row stream: its examples packed (or padded) into rows of ``seq_len``."""
+  if len(ds) == 0:
+    raise ValueError(f"{cfg.source}: fewer examples than data.batch_size={cfg.batch_size} "
+                     "rows to fill")
+  # read in the consuming thread: the batch-level prefetch thread does the work
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  if not cfg.pack:
+    return it.map(lambda x: _pad(x, cfg.seq_len))
+  lengths = {k: cfg.seq_len for k in ("inputs", "targets", "mask")}
+  return grain_exp.FirstFitPackIterDataset(
+      it, length_struct=lengths, num_packing_bins=cfg.packing_bins or PACKING_BINS,
+      seed=cfg.seed, shuffle_bins=cfg.shuffle).map(_rename_packed)
+
+
+class _Rows(grain.IterDataset):
+  """Row streams -> batches: each batch takes ``per`` rows from every stream (in stream
+  order) and keeps ``count`` of them from ``offset`` (a stream shared with another
+  process gives it the rest)."""
+
+  def __init__(self, streams: dict[int, grain.IterDataset], per: int, offset: int,
+               count: int, drop_remainder: bool):
+    super().__init__(list(streams.values()))
+    self._args = (list(streams), per, offset, count, drop_remainder)
+
+  def __iter__(self) -> "_RowsIterator":
+    return _RowsIterator([iter(p) for p in self.parents], *self._args)
+
+
+class _RowsIterator(grain.DatasetIterator):
+
+  def __init__(self, parents, ids: list[int], per: int, offset: int, count: int,
+               drop_remainder: bool):
+    super().__init__(parents)
+    self._ids, self._per, self._offset, self._count = ids, per, offset, count
+    self._drop = drop_remainder
+    self._done = [False] * len(parents)
+
+  def _row(self, i: int):
+    if self._done[i]:
+      return None
+    try:
+      return next(self._parents[i])
+    except StopIteration:
+      if self._drop:
+        raise
+      self._done[i] = True
+      return None
+
+  def __next__(self) -> dict:
+    rows = [self._row(i) for i in range(len(self._parents)) for _ in range(self._per)]
+    if all(self._done):
+      raise StopIteration
+    rows = rows[self._offset:self._offset + self._count]
+    like = next(r for r in rows if r is not None)  # padding rows (mask 0) for spent streams
+    return {k: np.stack([r[k] if r is not None else np.zeros_like(like[k]) for r in rows])
+            for k in like}
+
+  def get_state(self) -> dict:
+    return {"rows": {str(j): p.get_state() for j, p in zip(self._ids, self._parents)},
+            "done": [str(j) for j, d in zip(self._ids, self._done) if d]}
+
+  def set_state(self, state: dict) -> None:
+    for j, parent in zip(self._ids, self._parents):
+      parent.set_state(state["rows"][str(j)])
+    self._done = [str(j) in state.get("done", ()) for j in self._ids]
 
 
 def _check_some_fit(ds: grain.MapDataset, cfg: DataConfig, probe: int = 256) -> None:

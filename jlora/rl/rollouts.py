@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from jlora import evaluate, models, optim, sharding
+from jlora import evaluate, models, multihost, optim, sharding
 from jlora.data import render
 from jlora.rl import losses, rewards
 
@@ -60,6 +60,12 @@ def training_batch(ep: Episodes, advantages: np.ndarray, keep: np.ndarray) -> di
           "advantages": advantages.astype(np.float32)}
 
 
+def _place_whole(batch: dict, mesh) -> dict:
+  """A batch every process holds whole, as global arrays: each places its own rows."""
+  rows = multihost.local_rows(len(next(iter(batch.values()))))
+  return sharding.global_batch({k: v[rows] for k, v in batch.items()}, mesh)
+
+
 class Rollouts:
   """``loop.Batches`` for RL (see the module docstring). ``s``: a ``setup.Setup``."""
 
@@ -100,7 +106,7 @@ class Rollouts:
     adv = losses.advantages(scores, self.rl.group_size, self.rl.normalize_std)
     constant = losses.constant_groups(scores, self.rl.group_size)
     keep = ~constant if self.rl.drop_constant_groups else np.ones_like(constant)
-    batch = sharding.global_batch(training_batch(ep, adv, keep), self.s.mesh)
+    batch = _place_whole(training_batch(ep, adv, keep), self.s.mesh)
     if self.reference is not None:
       batch["ref_logprobs"] = self._ref_logprobs(self.reference(state["trainable"]), batch)
     tokens = int(ep.lengths.sum())
@@ -146,12 +152,12 @@ class Rollouts:
       raise ValueError(f"prompts of {width} tokens + rl.max_new_tokens={rl.max_new_tokens} "
                        f"exceed the model's {limit} positions")
     prompts, mask = left_pad(ids, width)
-    placed = sharding.global_batch({"t": prompts, "m": mask}, s.mesh)
+    placed = _place_whole({"t": prompts, "m": mask}, s.mesh)
     out = sharding.traced_in(models.sample, s.mesh)(
         s.model, optim.model_params(trainable, s.frozen, s.plan), placed["t"], placed["m"],
         key, group=shared, max_new_tokens=rl.max_new_tokens, temperature=temperature,
         top_p=rl.top_p, eos_id=s.tok.eos_id, pad=s.tok.eos_id or 0)
-    out = jax.device_get(out)
+    out = multihost.to_host(out)  # every process sees (and scores) every episode
     texts = [s.tok.decode(evaluate.until_eos(row[:n], s.tok.eos_id))
              for row, n in zip(out.tokens, out.lengths)]
     prompts, mask = (np.repeat(x, shared, axis=0) for x in (prompts, mask))

@@ -94,19 +94,17 @@ def arm_config(values: dict, arm: Arm, out: str) -> tuple[config_lib.RunConfig, 
 
 
 def _read_rows(run_dir: str) -> list[dict]:
-  path = os.path.join(run_dir, "metrics.jsonl")
-  if not os.path.isfile(path):
+  path = atomic.join(run_dir, "metrics.jsonl")
+  if not atomic.is_file(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in atomic.read_text(path).splitlines() if line.strip()]
 
 
 def _load(arm: Arm, digest: str, run_dir: str) -> ArmResult | None:
-  path = os.path.join(run_dir, "arm.json")
-  if not os.path.isfile(path):
+  path = atomic.join(run_dir, "arm.json")
+  if not atomic.is_file(path):
     return None
-  with open(path) as f:
-    saved = json.load(f)
+  saved = atomic.read_json(path)
   return ArmResult(arm, digest, saved["status"], saved["summary"], _read_rows(run_dir),
                    saved["wall_s"], saved.get("message", ""))
 
@@ -146,7 +144,7 @@ def run_arms(study: str, arms: Sequence[Arm], values: dict, out: str, *,
 
 
 def _run_arm(arm, cfg, digest, base, runner, out, log, count) -> ArmResult:
-  resume = os.path.isfile(os.path.join(cfg.run_dir, "config.json"))
+  resume = atomic.is_file(atomic.join(cfg.run_dir, "config.json"))
   log(f"[{count}] {arm.name}: {'resuming' if resume else 'training'} "
       f"({json.dumps(arm.overrides, sort_keys=True)})")
   start = time.perf_counter()

@@ -308,9 +308,11 @@ def batch_prepare(ctx: Context) -> Plan:
   sizes = ctx.pick((2, 8), (1, 4, 16), (32, 128, 512))
   rows = ctx.pick(16, 64, 16384)  # rows of data.seq_len tokens every arm sees
   values, cfg = _base(ctx, 1)
-  # One packing for every batch size (first-fit over a fixed number of bins), so every arm
-  # trains on the same rows in the same order; and the same held-out rows for all.
+  # One packing for every batch size (one row stream, first-fit over a fixed number of
+  # bins), so every arm trains on the same rows in the same order; and the same held-out
+  # rows for all.
   values["data"]["packing_bins"] = max(sizes)
+  values["data"]["row_streams"] = 1
   held = values["eval"]["batches"] * values["data"]["batch_size"]
   held_out_rows = -(-held // max(sizes)) * max(sizes)  # a multiple of every batch size
   rank = ctx.pick(4, 16, 128)
