@@ -234,7 +234,7 @@ def run(s, objective: Objective, run_dir: str, *, resume: bool = False,
                                                log, on_row)
     with deferred_signals() as received:
       state, last, after = _steps(s, objective, ckpts, metrics_out, state, first, received,
-                                  progress, run_dir)
+                                  progress, run_dir, log)
     ckpts.wait()
     latest = ckpts.latest_step()
     stored = None if latest is None else ckpts.stored_bytes(latest)
@@ -248,7 +248,7 @@ def run(s, objective: Objective, run_dir: str, *, resume: bool = False,
   return Result(state, first, before, after, last, stored)
 
 
-def _steps(s, objective, ckpts, metrics_out, state, first, received, progress, run_dir):
+def _steps(s, objective, ckpts, metrics_out, state, first, received, progress, run_dir, log):
   """The step loop proper: (state, last logged row, held-out metrics after the final
   step or {})."""
   t, ev = s.cfg.train, s.cfg.eval
@@ -263,7 +263,9 @@ def _steps(s, objective, ckpts, metrics_out, state, first, received, progress, r
       batch = objective.batches.next(state)
       timer.batch(time.perf_counter() - fetch)
       if step == first:
+        compiling = time.perf_counter()
         step_fn = train.compile_step(step_fn, state, s.frozen, batch)
+        log(f"compiled the train step in {time.perf_counter() - compiling:.1f} s")
       state, metrics = step_fn(state, s.frozen, batch)
       n = step + 1
       if step == first:  # throughput counts from here: the first step includes compilation
@@ -291,6 +293,7 @@ def _steps(s, objective, ckpts, metrics_out, state, first, received, progress, r
                  time.perf_counter() - begin)
       row.update(timer.take(), **objective.batches.metrics())
       if final:
+        log("evaluating after training")
         after = objective.evaluate(state["trainable"])
         row.update(after)
       elif ev.every and n % ev.every == 0:

@@ -128,7 +128,7 @@ def test_one_trainer_per_run_dir(model_dir, tmp_path):
       second = _jlora("train", toml, "--no-progress", *extra)
       assert second.returncode == 2, second.stderr
       assert second.stderr.count("\n") == 1
-      assert f"is in use by process {first.pid} (" in second.stderr, second.stderr
+      assert f"is in use by process {first.pid} on " in second.stderr, second.stderr
     assert first.poll() is None  # the first one is unharmed
   finally:
     first.send_signal(signal.SIGKILL)

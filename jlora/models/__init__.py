@@ -95,8 +95,10 @@ def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None,
   out = {}
   for p, x in hf.assembled(tensors, cfg, shapes, source):
     x = store(p, x, dtype, quantize, embeddings)
-    out[p] = (jax.tree.map(jnp.asarray, x) if mesh is None
+    # device_put, not jnp.asarray (which takes a second host copy); uncommitted without a mesh
+    out[p] = (jax.tree.map(jax.device_put, x) if mesh is None
               else sharding.place_leaf(x, specs.get(p), mesh))
+    del x  # the host copy goes before the next parameter is read
   return model, lora.unflatten(out), cfg
 
 
@@ -110,7 +112,7 @@ def store(path: str, x, dtype, quantize: str = "none", embeddings: str | None = 
     fmt = quant.embedding_format(quantize) if embeddings is None else embeddings
   if fmt != "none" and axis is not None and quant.fits(x.shape, fmt, axis):
     return quant.quantize(x, fmt, axis, dtype)
-  return np.asarray(x).astype(jnp.dtype(dtype))
+  return np.asarray(x).astype(jnp.dtype(dtype), copy=False)  # no copy when already dtype
 
 
 def quant_axis(path: str) -> int | None:

@@ -146,6 +146,16 @@ def assemble(tensors, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]],
   return dict(assembled(tensors, cfg, shapes, source))
 
 
+def _aligned_empty(shape: tuple[int, ...], align: int = 64) -> np.ndarray:
+  """An f32 array whose data starts on an ``align``-byte boundary: XLA's CPU client then
+  adopts the buffer as the device array instead of copying it (a second host copy of the
+  largest parameter group, otherwise, while it is placed)."""
+  n = int(np.prod(shape)) * 4
+  raw = np.empty(n + align, np.uint8)
+  start = -raw.ctypes.data % align
+  return raw[start:start + n].view(np.float32).reshape(shape)
+
+
 def assembled(tensors, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str):
   """(jlora path, f32 numpy array) one parameter at a time, so a caller can cast or
   quantise each before the next is read (the whole model is never held in f32).
@@ -158,7 +168,7 @@ def assembled(tensors, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], sou
   for entry in entries(cfg):
     if entry.path not in shapes:
       continue
-    array = np.empty(shapes[entry.path], np.float32)
+    array = _aligned_empty(shapes[entry.path])
     for index, name in entry.names(cfg):
       if name not in tensors:
         raise ValueError(f"{source}: tensor '{name}' is missing from the checkpoint")
@@ -170,4 +180,6 @@ def assembled(tensors, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], sou
         raise ValueError(f"{file}: tensor '{name}' has shape {x.shape}, the config "
                          f"implies {want}")
       array[index] = x.T if entry.transpose else x
+      del x
     yield entry.path, array
+    del array  # before the next one is allocated: one parameter on the host at a time
