@@ -273,8 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     from jlora import multihost
     if not multihost.joined():
       raise
-    traceback.print_exc()
-    return _stopping(1, f"{type(e).__name__}: {str(e)[:200]}")
+    first = (str(e).splitlines() or [""])[0][:200]
+    if multihost.peer_lost(e):  # the watchdog names the process that is gone, and exits
+      multihost.await_watchdog()
+      print(f"jlora: {multihost.name()}: a collective failed ({first})", file=sys.stderr)
+    else:
+      traceback.print_exc()
+    return _stopping(1, f"{type(e).__name__}: {first}")
   finally:
     if in_main:
       signal.signal(signal.SIGTERM, previous)

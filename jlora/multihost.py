@@ -217,6 +217,18 @@ def barrier(label: str, timeout_s: int = 600) -> None:
 
 # ----------------------------------------------------------------------------- failing fast
 
+def peer_lost(e: BaseException) -> bool:
+  """Whether ``e`` is a collective failing because another process went away."""
+  text = str(e)
+  return type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and any(
+      s in text for s in ("Gloo", "Connection reset", "Connection closed", "NCCL"))
+
+
+def await_watchdog() -> None:
+  """Give the watchdog the time to notice a silent process (it ends this one, naming it)."""
+  time.sleep(_stale_s() + 3 * POLL_S)
+
+
 def _client():
   from jax._src import distributed  # the runtime's client: no public handle in jax 0.10
   return distributed.global_state.client
