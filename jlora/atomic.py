@@ -9,11 +9,17 @@ object only once it is completely written, so there it is written in place
 object on stores that cannot append. A directory is built in a temporary directory beside
 its destination and renamed into place only when complete (``staging``; local only). Used
 by the run directory, studies, PEFT export and merged checkpoints.
+
+A write that fails for a reason outside jlora (a full disk, a quota, a read-only or
+vanished file system) is a ``StorageError``: a ``ValueError``, so the CLI prints one line
+naming the path and the reason instead of a traceback (``storage_reason`` recognises
+them, whether Python, orbax or TensorStore raised them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -23,6 +29,46 @@ from typing import Iterator
 from etils import epath
 
 URL_SCHEMES = ("gs://", "s3://", "az://")
+
+_REASONS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied", errno.EIO: "input/output error"}
+
+
+class StorageError(ValueError):
+  """A write failed for a reason outside jlora (see the module docstring)."""
+
+
+def storage_reason(e: BaseException) -> str | None:
+  """"no space left on device (PATH)" and the like when ``e`` (or what caused it) is a
+  storage failure; None for anything else (a bug keeps its traceback). TensorStore, which
+  orbax writes arrays with, reports a full disk as ``RESOURCE_EXHAUSTED`` in a
+  ValueError's text rather than as an OSError."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _REASONS:
+      where = f" ({e.filename})" if e.filename else ""
+      return _REASONS[e.errno] + where
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" in text or "No space left on device" in text:
+      return "no space left on device"
+    e = e.__cause__ or e.__context__
+  return None
+
+
+@contextlib.contextmanager
+def writing(what: str) -> Iterator[None]:
+  """A storage failure inside the block becomes ``StorageError("{what}: {reason}")``."""
+  try:
+    yield
+  except StorageError:
+    raise
+  except Exception as e:  # noqa: BLE001 (only storage failures are converted)
+    reason = storage_reason(e)
+    if reason is None:
+      raise
+    raise StorageError(f"{what}: {reason}") from None
 
 
 def is_url(path: str) -> bool:
@@ -84,9 +130,16 @@ def write_bytes(p: str, data: bytes) -> None:
   if is_url(p):  # an object appears only once completely written
     epath.Path(p).write_bytes(data)
     return
-  with open(p + ".tmp", "wb") as f:
-    f.write(data)
-  os.replace(p + ".tmp", p)
+  try:
+    with open(p + ".tmp", "wb") as f:
+      f.write(data)
+    os.replace(p + ".tmp", p)
+  except BaseException as e:  # a full disk: no half-written .tmp left behind
+    with contextlib.suppress(OSError):
+      os.remove(p + ".tmp")
+    if isinstance(e, OSError) and e.filename is None:  # name the file the write was for
+      raise OSError(e.errno, e.strerror, p) from e
+    raise
 
 
 def write_json(p: str, value) -> None:
@@ -121,7 +174,8 @@ class Appender:
 @contextlib.contextmanager
 def staging(out: str) -> Iterator[str]:
   """A temporary directory beside ``out``, renamed to ``out`` only if the block succeeds.
-  ``out`` must not exist, or be an empty directory (checked before anything is written)."""
+  ``out`` must not exist, or be an empty directory (checked before anything is written).
+  A storage failure (a full disk) removes the partial output and is a ``StorageError``."""
   out = os.path.abspath(out)
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise ValueError(f"output {out} already exists and is not an empty directory")
@@ -132,9 +186,10 @@ def staging(out: str) -> Iterator[str]:
   except OSError as e:
     raise ValueError(f"cannot write to {parent}: {e.strerror}") from None
   try:
-    yield tmp
-    if os.path.isdir(out):
-      os.rmdir(out)  # empty (checked above)
-    os.replace(tmp, out)
+    with writing(f"cannot write {out} (nothing was written)"):
+      yield tmp
+      if os.path.isdir(out):
+        os.rmdir(out)  # empty (checked above)
+      os.replace(tmp, out)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -203,12 +203,19 @@ def _train(args) -> int:
     print(f"jlora: {e}", file=sys.stderr)
     return 1
   except trainer.Interrupted as e:
-    again = ["jlora", args.command, args.config] + [f"--set={x}" for x in args.set] + \
-        ["--resume"]
-    print(f"jlora: {e}; resume with: {shlex.join(again)}", file=sys.stderr)
+    print(f"jlora: {e}; resume with: {_resume_command(args)}", file=sys.stderr)
     return e.exit_code
+  except trainer.StorageFailed as e:
+    again = f"; resume with: {_resume_command(args)}" if e.step is not None else ""
+    print(f"jlora: error: {e}{again}", file=sys.stderr)
+    return _stopping(2, f"error: {e}")
   print(_summary_line(summary, cfg.run_dir))
   return 0
+
+
+def _resume_command(args) -> str:
+  return shlex.join(["jlora", args.command, args.config] + [f"--set={x}" for x in args.set]
+                    + ["--resume"])
 
 
 def _study(args) -> int:

@@ -50,6 +50,10 @@ class ModelSection:
       raise ValueError(f"model.quantize {self.quantize!r} is not one of "
                        f"{', '.join(quant.FORMATS)}")
     quant.embedding_format(self.quantize, self.quantize_embeddings)
+    if self.quantize == "none" and self.quantize_embeddings not in ("auto", "none"):
+      raise ValueError(f"model.quantize_embeddings {self.quantize_embeddings!r} needs a "
+                       "quantised base (model.quantize = int8 or nf4); with model.quantize "
+                       "= 'none' nothing is quantised")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"model.dtype {self.dtype!r} is not float32, bfloat16 or float16")
     from jlora.kernels import IMPLS
@@ -144,9 +148,13 @@ class RLSection:
   bucket: int = 16  # prompts are left-padded to a multiple of this many tokens
 
   def __post_init__(self):
-    for name in ("group_size", "prompts_per_step", "max_new_tokens", "bucket"):
+    for name in ("prompts_per_step", "max_new_tokens", "bucket"):
       if getattr(self, name) < 1:
         raise ValueError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
+    if self.group_size < 2:
+      raise ValueError(f"rl.group_size must be >= 2, got {self.group_size}: advantages "
+                       "are rewards minus their group's mean, so a group of one has none "
+                       "and the run cannot learn")
     if self.loss not in ("importance_sampling", "ppo"):
       raise ValueError(f"rl.loss {self.loss!r} is not 'importance_sampling' or 'ppo'")
     if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -326,8 +334,9 @@ def load(path: str, overrides: list[str] = (), defaults: dict | None = None) -> 
     raise ValueError(f"{path}: no such config file") from None
   except IsADirectoryError:
     raise ValueError(f"{path}: is a directory, not a config file") from None
-  try:
-    values = json.loads(raw) if path.endswith(".json") else tomllib.loads(raw.decode())
+  try:  # utf-8-sig: a byte-order mark (some editors write one) is not part of the text
+    text = raw.decode("utf-8-sig")
+    values = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
   except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'TOML'} "
                      f"({e})") from None

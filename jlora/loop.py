@@ -15,7 +15,10 @@ Everything else is here, once:
   ``Interrupted`` says which step was saved (the CLI exits 0 for SIGTERM, 130 for SIGINT);
   with several processes, all stop at the first logged step where any has a signal;
 - a non-finite loss, gradient or parameter stops the run before it is checkpointed
-  (``NonFiniteLoss``), so the last checkpoint is always a usable one.
+  (``NonFiniteLoss``), so the last checkpoint is always a usable one;
+- a write that fails (a full disk: a checkpoint, metrics) stops the run at the next step
+  (checkpoints are polled every step, without blocking) with ``StorageFailed``, one line
+  naming the cause and the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -35,6 +38,40 @@ from jlora import atomic, checkpoint, multihost, optim, rundir, sharding, train
 
 class NonFiniteLoss(RuntimeError):
   pass
+
+
+class StorageFailed(atomic.StorageError):
+  """The run could not write to its directory (a full disk). ``step``: the last good
+  checkpoint, which ``--resume`` continues (None: no step was saved, so a plain rerun of
+  the same command starts over: ``rundir.check`` lets it)."""
+
+  def __init__(self, message: str, step: int | None):
+    self.step = step
+    super().__init__(message)
+
+
+@contextlib.contextmanager
+def storage_failures(run_dir: str) -> Iterator[None]:
+  """A storage failure inside the block becomes ``StorageFailed`` with the last good
+  checkpoint found on disk."""
+  try:
+    yield
+  except StorageFailed:
+    raise
+  except Exception as e:  # noqa: BLE001 (only storage failures are converted)
+    if isinstance(e, checkpoint.SaveFailed):
+      what = str(e)
+    elif (reason := atomic.storage_reason(e)) is not None:
+      what = f"cannot write to {run_dir}: {reason}"
+    else:
+      raise
+    steps = rundir.checkpoint_steps(run_dir)
+    last = steps[-1] if steps else None
+    raise StorageFailed(
+        f"{what}; training stopped, " +
+        ("no step was saved (free space, then run the same command again)" if last is None
+         else f"the last good checkpoint is step {last} (free space, then resume)"),
+        last) from None
 
 
 class Interrupted(Exception):
@@ -153,7 +190,9 @@ def _start(s, objective: Objective, ckpts, state, run_dir: str, resume: bool, lo
     return state, first, before, rundir.Metrics(run_dir, first, _fields(objective), on_row)
   if resume:
     log(f"{run_dir} has no checkpoint yet: starting from step 0")
-  metrics = rundir.Metrics(run_dir, -1, _fields(objective), on_row)  # drops a failed start's rows
+    if multihost.primary():
+      rundir.clear_start(run_dir)  # what the start that saved nothing logged
+  metrics = rundir.Metrics(run_dir, None, _fields(objective), on_row)
   log("evaluating before training")
   begin = time.perf_counter()
   before = objective.evaluate(state["trainable"])
@@ -223,7 +262,13 @@ def run(s, objective: Objective, run_dir: str, *, resume: bool = False,
         on_row: Callable[[dict], None] | None = None) -> Result:
   """Train ``s`` (a ``jlora.setup.Setup``) with ``objective`` from step 0 or the latest
   checkpoint to ``train.steps``. ``on_row`` sees each metrics row as it is written (a
-  notebook's live plot). Raises ``NonFiniteLoss`` or ``Interrupted`` (after saving)."""
+  notebook's live plot). Raises ``NonFiniteLoss``, ``Interrupted`` (after saving) or
+  ``StorageFailed``."""
+  with storage_failures(run_dir):
+    return _run(s, objective, run_dir, resume, log, progress, on_row)
+
+
+def _run(s, objective, run_dir, resume, log, progress, on_row) -> Result:
   t = s.cfg.train
   ckpts = checkpoint.Checkpoints(atomic.join(run_dir, "checkpoints"), keep=t.keep)
   state = train.init_state(s.trainable, s.tx, s.mesh)
@@ -238,11 +283,12 @@ def run(s, objective: Objective, run_dir: str, *, resume: bool = False,
     ckpts.wait()
     latest = ckpts.latest_step()
     stored = None if latest is None else ckpts.stored_bytes(latest)
-  finally:
-    if metrics_out is not None:
-      metrics_out.close()
-    objective.batches.close()
-    ckpts.close()  # waits for saves in flight, whatever stopped the loop
+  finally:  # each closes even if another fails (a full disk fails the metrics' flush)
+    with contextlib.ExitStack() as closing:
+      closing.callback(ckpts.close)  # waits for saves in flight, whatever stopped the loop
+      closing.callback(objective.batches.close)
+      if metrics_out is not None:
+        closing.callback(metrics_out.close)
   if not after:
     after = objective.evaluate(state["trainable"])
   return Result(state, first, before, after, last, stored)
@@ -259,6 +305,7 @@ def _steps(s, objective, ckpts, metrics_out, state, first, received, progress, r
   timer = _Timer()
   try:
     for step in range(first, t.steps):
+      ckpts.poll()  # a checkpoint that failed in the background stops the run here
       fetch = time.perf_counter()
       batch = objective.batches.next(state)
       timer.batch(time.perf_counter() - fetch)

@@ -11,8 +11,10 @@ never leaves half of one.
     RUN_DIR/adapters.safetensors  the final LoRA factors (flat "path/a", "path/b")
     RUN_DIR/summary.json     loss and accuracy before/after, throughput, sizes
 
-Nothing existing is overwritten: a fresh run refuses a non-empty directory, ``--resume``
-refuses a changed model, LoRA spec, method or data (naming the keys), and metrics logged
+Nothing existing is overwritten: a fresh run refuses a directory holding a run (one with a
+checkpoint, or files jlora does not write; what a start that saved no step leaves is taken
+over), ``--resume`` refuses a changed model, LoRA spec, method, data or objective section
+(naming the keys), and metrics logged
 after the last checkpoint (by a run that was killed) are dropped when it resumes, so the
 files always describe the one trajectory the checkpoints continue. ``check`` runs before
 any weights are loaded, ``create`` only after everything else has been validated.
@@ -42,7 +44,8 @@ import numpy as np
 from jlora import atomic, checkpoint, config as config_lib, lora, multihost
 
 # Config keys that must not change across --resume (they define the state on disk).
-_FROZEN_ON_RESUME = ("model", "lora", "train.method", "train.seed", "data", "mesh")
+# An objective's own section (``rl``) defines the trajectory as much as the data does.
+_FROZEN_ON_RESUME = ("model", "lora", "train.method", "train.seed", "data", "mesh", "rl")
 LOCK_FILE = ".lock"
 
 
@@ -80,10 +83,35 @@ def checkpoint_steps(run_dir: str) -> list[int]:
                 if d.isdigit())
 
 
+# What a start writes before its first checkpoint. A directory holding only these (and no
+# checkpoint step) is a start that saved nothing: killed, failed (a reward raising in the
+# first evaluation, a full disk) or stopped before step 1 was saved. A plain rerun takes
+# it over: nothing in it can be resumed.
+_START_FILES = ("config.json", "start.json", "metrics.jsonl", "metrics.csv", "tb",
+                "checkpoints", LOCK_FILE)
+
+
 def _holds_run(run_dir: str) -> bool:
-  """Whether ``run_dir`` has anything in it but what a start killed before config.json
-  leaves (the lock file, a ``.tmp`` file)."""
-  return any(f != LOCK_FILE and not f.endswith(".tmp") for f in atomic.listdir(run_dir))
+  """Whether ``run_dir`` holds anything but what a start that saved no step leaves
+  (``_START_FILES``, ``.tmp`` files of atomic writes)."""
+  names = atomic.listdir(run_dir)
+  if any(f not in _START_FILES and not f.endswith(".tmp") for f in names):
+    return True
+  return bool(checkpoint_steps(run_dir))
+
+
+def clear_start(run_dir: str) -> None:
+  """Remove the metrics, TensorBoard events and start.json of a start that saved no step,
+  which would otherwise mix with the new run's (config.json is rewritten by ``create``;
+  orbax removes its own unfinished checkpoint directories)."""
+  for name in ("start.json", "metrics.jsonl", "metrics.csv", "tb"):
+    p = atomic.path(atomic.join(run_dir, name))
+    if not p.exists():
+      continue
+    if p.is_dir():
+      p.rmtree()
+    else:
+      p.unlink()
 
 
 def check(cfg: config_lib.RunConfig, resume: bool) -> str:
@@ -225,9 +253,11 @@ def create(cfg: config_lib.RunConfig, resume: bool) -> tuple[str, Lock | _NoLock
     if not resume:
       if _holds_run(run_dir):  # another process got here first
         raise ValueError(f"{run_dir} already holds a run: add --resume to continue it")
-      # atomic: a process killed here must not leave an empty config.json that a
-      # resume (or a study's next invocation) would then fail to read
-      atomic.write_text(atomic.join(run_dir, "config.json"), cfg.to_json())
+      with atomic.writing(f"cannot write the run directory {run_dir}"):
+        clear_start(run_dir)
+        # atomic: a process killed here must not leave an empty config.json that a
+        # resume (or a study's next invocation) would then fail to read
+        atomic.write_text(atomic.join(run_dir, "config.json"), cfg.to_json())
   except BaseException:
     lock.release()
     raise
@@ -349,7 +379,7 @@ def load_trained(run_dir: str, step: int | None = None, base=None) -> Trained:
                      f"{', '.join(map(str, steps))}")
   from jlora import setup, train
   cfg = config_lib.load(path)
-  s = setup.build(cfg, log=lambda _: None, base=base)
+  s = setup.build(cfg, setup.reading(cfg), log=lambda _: None, base=base)
   ckpts = checkpoint.Checkpoints(atomic.join(run_dir, "checkpoints"), keep=cfg.train.keep)
   state = train.init_state(s.trainable, s.tx, s.mesh)
   state, _, meta = ckpts.restore(checkpoint.abstract(state), step)

@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import optax
 
 from jlora import (config as config_lib, data, hparams, kernels, lora, models, optim, peft,
@@ -75,7 +76,7 @@ def preflight(cfg: config_lib.RunConfig, stats_limit: int = 2000) -> Preflight:
     peft.read_config(cfg.lora.init)
   tok = data.Tokenizer.from_model(path)
   if cfg.rl is not None:
-    return Preflight(path, model_cfg, _rl_preflight(cfg))
+    return Preflight(path, model_cfg, _rl_preflight(cfg, tok, model_cfg, stats_limit))
   stats = data.stats(d, tok, limit=stats_limit)
   if stats.trainable_tokens == 0:
     raise ValueError(
@@ -88,10 +89,22 @@ def preflight(cfg: config_lib.RunConfig, stats_limit: int = 2000) -> Preflight:
   return Preflight(path, model_cfg, stats)
 
 
-def _rl_preflight(cfg: config_lib.RunConfig) -> str:
+def reading(cfg: config_lib.RunConfig) -> Preflight:
+  """The preflight of a trained run read back (generate, export, merge): the model's
+  config only. Neither the training data nor the objective's plug-ins (an RL reward's
+  module) are needed to read adapters."""
+  path = config_lib.model_path(cfg)
+  return Preflight(path, models.read_config(path), None)
+
+
+def _rl_preflight(cfg: config_lib.RunConfig, tok: data.Tokenizer, model_cfg,
+                  limit: int) -> str:
   """RL's data checks: the prompts' source opens and has prompts (and answers, for the
-  built-in reward); the reward function imports. Returns a line describing the data."""
+  built-in reward); the reward function imports; prompts (up to ``limit`` of them, evenly
+  spaced) plus ``rl.max_new_tokens`` fit the model's positions. Returns a line describing
+  the data."""
   from jlora import evaluate
+  from jlora.data import render
   from jlora.rl import rewards
   rewards.load(cfg.rl.reward)
   source = data.open_source(cfg.data)
@@ -103,9 +116,19 @@ def _rl_preflight(cfg: config_lib.RunConfig) -> str:
   if cfg.rl.reward == "answer" and "answer" not in first:
     raise ValueError(f"data.source {cfg.data.source!r}: records have no 'answer' for "
                      "rl.reward = 'answer' (give one, or a module:function reward)")
+  d, rl = cfg.data, cfg.rl
+  spaced = np.unique(np.linspace(0, len(source) - 1, limit, dtype=int))
+  records = [source[int(i)] for i in spaced]
   eval_cfg = evaluate.eval_data_config(cfg)
   if eval_cfg is not None and cfg.eval.examples:
-    data.open_source(eval_cfg)
+    held_out = data.open_source(eval_cfg)
+    records += [held_out[i] for i in range(min(cfg.eval.examples, len(held_out)))]
+  longest = max(len(render.prompt_ids(r, tok, d.fields, d.chat, d.system)) for r in records)
+  width = models.bucket(longest, rl.bucket)
+  if width + rl.max_new_tokens > model_cfg.max_position_embeddings:
+    raise ValueError(f"prompts of up to {width} tokens (padded to rl.bucket) + "
+                     f"rl.max_new_tokens={rl.max_new_tokens} exceed the model's "
+                     f"{model_cfg.max_position_embeddings} positions")
   return f"{len(source)} prompts from {cfg.data.source}"
 
 

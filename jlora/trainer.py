@@ -19,7 +19,7 @@ import numpy as np
 from jlora import advisor, atomic, checkpoint, config as config_lib, data, evaluate, loop
 from jlora import models, multihost, optim, rundir, setup, sharding, train
 from jlora.data import render
-from jlora.loop import Interrupted, NonFiniteLoss  # noqa: F401  (the CLI catches them here)
+from jlora.loop import Interrupted, NonFiniteLoss, StorageFailed  # noqa: F401  (the CLI catches them here)
 
 
 def sft_objective(s: setup.Setup) -> loop.Objective:
@@ -104,7 +104,8 @@ def run(cfg: config_lib.RunConfig, *, resume: bool = False, progress: bool = Tru
   try:
     result = loop.run(s, made, run_dir, resume=resume, log=log, progress=progress,
                       on_row=on_row)
-    return _finish(s, run_dir, result)
+    with loop.storage_failures(run_dir):
+      return _finish(s, run_dir, result)
   finally:
     lock.release()
 

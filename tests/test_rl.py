@@ -251,10 +251,13 @@ def _jlora_rl(toml, *args, env=None):
                         env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
 
 
-def test_jlora_rl_end_to_end_metrics_and_export(model_dir, tmp_path):
+def test_jlora_rl_end_to_end_metrics_and_export(model_dir, tmp_path, monkeypatch):
   from jlora import config, rl
-  cfg = config.from_dict(rl_recipe(model_dir, tmp_path / "run", loss="ppo", kl_coef=0.05),
-                         defaults=config.RL_DEFAULTS)
+  plugin = tmp_path / "my_reward.py"  # a user's reward module, gone after training
+  plugin.write_text("from tests.rl_rewards import digits\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  cfg = config.from_dict(rl_recipe(model_dir, tmp_path / "run", reward="my_reward:digits",
+                                   loss="ppo", kl_coef=0.05), defaults=config.RL_DEFAULTS)
   assert cfg.lora.rank == 1 and cfg.lora.alpha == 32 and cfg.train.schedule == "constant"
   lines = []
   summary = rl.run(cfg, progress=False, log=lines.append)
@@ -273,11 +276,20 @@ def test_jlora_rl_end_to_end_metrics_and_export(model_dir, tmp_path):
   assert len({r["reward_mean"] for r in rows[1:]}) > 1
   assert summary["accuracy_before"] == rows[0]["accuracy"]
   assert summary["eval_reward_after"] == rows[-1]["eval_reward"]
-  out = tmp_path / "peft"
-  from jlora import export
-  export.export_run(str(tmp_path / "run"), str(out))
+  # Reading the run back never calls the reward, so it needs no reward module.
+  plugin.unlink()
+  sys.modules.pop("my_reward")
+  out, run = tmp_path / "peft", str(tmp_path / "run")
+  from jlora import cli
+  assert cli.main(["export", run, "--out", str(out)]) == 0
   adapter_cfg = json.loads((out / "adapter_config.json").read_text())
   assert adapter_cfg["r"] == 1 and adapter_cfg["lora_alpha"] == 32
+  assert cli.main(["generate", run, "--prompt", "What is 1 plus 1?",
+                   "--max-new-tokens", "2"]) == 0
+  assert cli.main(["merge", run, "--out", str(tmp_path / "merged")]) == 0
+  from jlora import setup
+  with pytest.raises(ValueError, match="cannot import 'my_reward'"):  # training still needs it
+    setup.preflight(cfg)
 
 
 def test_a_failing_reward_is_one_line_and_keeps_the_checkpoints(model_dir, tmp_path):
@@ -383,9 +395,48 @@ def test_rl_config_defaults_and_errors():
     config.from_dict({**base, "rl": {"loss": "grpo"}})
   with pytest.raises(ValueError, match=r"rl.clip must be in \(0, 1\)"):
     config.from_dict({**base, "rl": {"clip": 1.5}})
+  with pytest.raises(ValueError, match="rl.group_size must be >= 2, got 1: advantages are "
+                                       "rewards minus their group's mean"):
+    config.from_dict({**base, "rl": {"group_size": 1}})
   shipped = config.load(os.path.join(ROOT, "configs", "rl_arithmetic.toml"))
   assert shipped.lora.rank == 1 and shipped.lora.alpha == 32 and shipped.train.lr is None
   assert shipped.train.schedule == "constant" and shipped.rl.kl_coef == 0.0
   from jlora import trainer
   with pytest.raises(ValueError, match="has an \\[rl\\] section: run it with jlora rl"):
     trainer.run(config.from_dict({**base, "rl": {}}))
+
+
+def test_rl_mistakes_are_caught_before_the_run_dir_exists_and_resume_keeps_rl(model_dir,
+                                                                             tmp_path):
+  from jlora import config, rl, rundir
+  values = rl_recipe(model_dir, tmp_path / "run", max_new_tokens=100000)
+  with pytest.raises(ValueError, match=r"prompts of up to \d+ tokens \(padded to rl.bucket\) "
+                                       r"\+ rl.max_new_tokens=100000 exceed the model's 256 "
+                                       "positions"):
+    rl.run(config.from_dict(values), progress=False, log=lambda _: None)
+  assert not (tmp_path / "run").exists()
+  # The objective's section is part of the trajectory: --resume refuses a changed one.
+  cfg = config.from_dict(rl_recipe(model_dir, tmp_path / "run", group_size=2))
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "config.json").write_text(cfg.to_json())
+  changed = config.from_dict(rl_recipe(model_dir, tmp_path / "run", group_size=4))
+  with pytest.raises(ValueError, match=r"changed since it started: rl.group_size: 2 -> 4$"):
+    rundir.check(changed, resume=True)
+  rundir.check(cfg, resume=True)
+
+
+def test_a_reward_failing_before_training_leaves_nothing_that_blocks_a_rerun(
+    model_dir, tmp_path, monkeypatch, capsys):
+  from jlora import cli
+  calls = tmp_path / "calls"
+  calls.write_text("0")  # the first call (the evaluation before training) raises
+  monkeypatch.setenv("JLORA_TEST_REWARD_CALLS", str(calls))
+  toml = _write(tmp_path / "r.toml", rl_recipe(model_dir, tmp_path / "run",
+                                              reward="tests.rl_rewards:flaky"))
+  assert cli.main(["rl", toml, "--no-progress", "--set", "train.steps=2"]) == 2
+  assert "reward tests.rl_rewards:flaky raised KeyError" in capsys.readouterr().err
+  assert (tmp_path / "run" / "config.json").exists()
+  calls.write_text("1000")
+  assert cli.main(["rl", toml, "--no-progress", "--set", "train.steps=2"]) == 0
+  rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [0, 1, 2]

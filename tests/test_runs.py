@@ -133,12 +133,12 @@ def test_one_trainer_per_run_dir(model_dir, tmp_path):
   finally:
     first.send_signal(signal.SIGKILL)
     first.wait()
-  # The dead process's lock does not block: --resume runs (no checkpoint yet: from 0).
-  again = _jlora("train", toml, "--no-progress", "--resume", "--set", "train.steps=2")
+  # The dead process's lock does not block, nor does what it left (it saved no step): a
+  # plain rerun starts over (--resume too: the test below).
+  assert (run / "config.json").exists() and not list((run / "checkpoints").glob("[0-9]*"))
+  again = _jlora("train", toml, "--no-progress", "--set", "train.steps=2")
   assert again.returncode == 0, again.stderr[-2000:]
-  assert "has no checkpoint yet: starting from step 0" in again.stdout
-  steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-  assert steps == [0, 1, 2]
+  assert _steps_logged(run) == [0, 1, 2]
 
 
 def test_a_start_killed_before_its_config_was_written_does_not_block_the_next(
@@ -181,3 +181,114 @@ def test_cloud_store_branch_whole_object_writes_and_an_advisory_lock(tmp_path, m
   (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "time": 0}))  # a crashed run's
   assert rundir.Lock.holder(str(tmp_path)) is None
   assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+# --- storage failures: a full disk ------------------------------------------------------------
+
+def _steps_logged(run):
+  return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_adapters(run, reference):
+  from safetensors.numpy import load_file
+  got, want = load_file(run / "adapters.safetensors"), load_file(
+      os.path.join(reference, "adapters.safetensors"))
+  assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
+
+
+def test_a_checkpoint_without_room_stops_the_run_there_and_resume_is_exact(
+    trained, model_dir, tmp_path, capsys, monkeypatch):
+  """The free space orbax would need is checked before it writes (the disk's answer is
+  replaced here; the tmpfs test below fills a real one): the run stops at that step with
+  one line naming the last good checkpoint, and continues exactly once there is room."""
+  from jlora import checkpoint, rundir
+  real, calls = checkpoint.shutil.disk_usage, []
+
+  def usage(path):  # room for checkpoint 2, none from checkpoint 4 on
+    calls.append(path)
+    return real(path) if len(calls) == 1 else real(path)._replace(free=4096)
+
+  monkeypatch.setattr(checkpoint.shutil, "disk_usage", usage)
+  run = tmp_path / "run"
+  toml = write_toml(tmp_path / "r.toml", recipe(model_dir, run))
+  assert cli.main(["train", toml, "--no-progress"]) == 2
+  err = capsys.readouterr().err
+  assert err == (f"jlora: error: checkpoint step 4 could not be saved in {run}/checkpoints: "
+                 "no space left on device (0.0 MiB free, the checkpoint needs ~0.5 MiB); "
+                 "training stopped, the last good checkpoint is step 2 (free space, then "
+                 f"resume); resume with: jlora train {toml} --resume\n"), err
+  assert rundir.checkpoint_steps(str(run)) == [2] and os.listdir(run / "checkpoints") == ["2"]
+  assert _steps_logged(run) == [0, 1, 2, 3]  # step 4 was not logged: it was not saved
+  monkeypatch.undo()
+  assert cli.main(["train", toml, "--resume", "--no-progress"]) == 0
+  assert _steps_logged(run) == list(range(9))
+  _same_adapters(run, trained[0])  # as the run that never stopped
+
+
+def test_a_start_that_saved_no_step_does_not_block_a_plain_rerun(trained, model_dir, tmp_path,
+                                                                   capsys, monkeypatch):
+  from jlora import checkpoint
+  real = checkpoint.shutil.disk_usage
+  for name, again in (("resumed", ["--resume"]), ("rerun", [])):
+    run = tmp_path / name
+    toml = write_toml(tmp_path / f"{name}.toml", recipe(model_dir, run))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real(p)._replace(free=0))
+    assert cli.main(["train", toml, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("training stopped, no step was saved (free space, then run the same "
+                        "command again)\n") and err.count("\n") == 1, err
+    assert {"config.json", "metrics.jsonl", "tb", ".lock"} <= set(os.listdir(run))
+    monkeypatch.undo()
+    assert cli.main(["train", toml, "--no-progress", *again]) == 0  # a plain rerun works
+    if again:
+      assert "has no checkpoint yet: starting from step 0" in capsys.readouterr().out
+    assert _steps_logged(run) == list(range(9))  # the failed start's rows are gone
+    assert len(os.listdir(run / "tb")) == 1  # and its TensorBoard events
+    _same_adapters(run, trained[0])
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_partial(small_disk, trained, model_dir,
+                                                             tmp_path):
+  """On a real full disk (a 4 MiB tmpfs): training refused the checkpoint that does not
+  fit, a write that fails after the check (the disk filled meanwhile) stops the run all the
+  same, and export / merge leave no partial output; each is one line on stderr, exit 2."""
+  run = small_disk.path / "run"
+  toml = write_toml(tmp_path / "r.toml", recipe(model_dir, run))
+  small_disk.fill(free_kib=700)  # checkpoint 2 (~250 KiB on tmpfs) fits, 4 does not
+  out = _jlora("train", toml, "--no-progress")
+  assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+  assert out.stderr.startswith(f"jlora: error: checkpoint step 4 could not be saved in {run}/"
+                               "checkpoints: no space left on device (") and \
+      "the last good checkpoint is step 2" in out.stderr, out.stderr
+  assert os.listdir(run / "checkpoints") == ["2"]
+  small_disk.empty()
+  assert _jlora("train", toml, "--no-progress", "--resume").returncode == 0
+  assert _steps_logged(run) == list(range(9))  # (exactness: the test above, in-process)
+
+  # The disk fills while orbax writes (the space check passed): orbax's writer threads give
+  # up, the loop finds out at its next poll, and their tracebacks are not shown.
+  again = small_disk.path / "again"
+  toml = write_toml(tmp_path / "again.toml", recipe(model_dir, again))
+  small_disk.fill(free_kib=420)  # checkpoint 2 fits, 4 fails while it is written
+  script = ("import collections, sys; from jlora import checkpoint, cli; "
+            "U = collections.namedtuple('U', 'total used free'); "
+            "checkpoint.shutil.disk_usage = lambda p: U(1 << 40, 0, 1 << 40); "
+            f"sys.exit(cli.main(['train', {toml!r}, '--no-progress']))")
+  out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+  assert out.stderr.startswith(f"jlora: error: checkpoint step 4 could not be saved in "
+                               f"{again}/checkpoints: no space left on device; training "
+                               "stopped, the last good checkpoint is step 2"), out.stderr
+  from jlora import rundir
+  assert rundir.checkpoint_steps(str(again)) == [2]
+
+  small_disk.fill(free_kib=8)
+  before = small_disk.files()
+  for command in (["export", trained[0], "--out", str(small_disk.path / "peft")],
+                  ["merge", trained[0], "--out", str(small_disk.path / "merged")]):
+    out = _jlora(*command)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert f"cannot write {command[-1]} (nothing was written): no space left on device" in \
+        out.stderr, out.stderr
+    assert small_disk.files() == before  # no partial directory, no temporary one

@@ -5,6 +5,7 @@ the CLI's one-line errors."""
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -268,11 +269,37 @@ def test_a_killed_study_continues_with_the_same_results(tmp_path):
 
 def test_study_errors_are_one_line_and_write_nothing(tmp_path, capsys):
   out = tmp_path / "s"
+  notes = tmp_path / "notes.txt"
+  notes.write_text("my notes")
   for args, says in ((["nope"], "unknown study 'nope'"),
                      (["rank", "--budget", "huge"], "unknown budget 'huge'"),
                      (["rank", "--set", "lora.rnak=2"], "lora.rnak"),
-                     (["rank", "--model", str(tmp_path / "missing")], "no such file")):
+                     (["rank", "--model", str(tmp_path / "missing")], "no such file"),
+                     (["rank", "--model", str(notes)], "notes.txt")):
     assert cli.main(["study", *args, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert says in err and len(err.splitlines()) == 1, err
-    assert not out.exists()
+    assert not out.exists()  # not even a lock file
+  # --out must be new, empty or a study's own directory; the user's files stay as they were.
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "thesis.tex").write_text("mine")
+  for where, says in ((notes, f"--out {notes}: exists and is not a directory"),
+                      (mine, f"--out {mine}: a directory that holds no study (no study.json): "
+                             "choose a new or empty directory")):
+    assert cli.main(["study", "rank", "--budget", "smoke", "--out", str(where)]) == 2
+    assert capsys.readouterr().err == f"jlora: error: {says}\n"
+  assert notes.read_text() == "my notes" and os.listdir(mine) == ["thesis.tex"]
+
+
+def test_a_full_disk_while_a_study_writes_its_plot_is_one_line(small_disk, capsys):
+  out = small_disk.path / "compute"
+  small_disk.fill(free_kib=28)  # the study's record and results fit, its plot does not
+  assert cli.main(["study", "compute", "--budget", "smoke", "--out", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert err == f"jlora: error: study {out}: no space left on device ({out}/compute.png)\n"
+  assert sorted(os.listdir(out)) == [".lock", "results.csv", "results.jsonl", "study.json"]
+  small_disk.empty()  # then the same command finishes the study
+  assert cli.main(["study", "compute", "--budget", "smoke", "--out", str(out)]) == 0
+  assert (out / "report.md").exists() and (out / "compute.png").stat().st_size > 1000
+  assert len(json.loads((out / "study.json").read_text())["invocations"]) == 2

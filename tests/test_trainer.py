@@ -56,12 +56,28 @@ def test_config_errors_are_one_clear_line():
     config.from_dict(base, ["model.lora_impl=fused"])
   with pytest.raises(ValueError, match="missing 'run_dir'"):
     config.from_dict({"data": {"source": "x"}})
+  with pytest.raises(ValueError, match="model.quantize_embeddings 'nf4' needs a quantised "
+                                       "base"):
+    config.from_dict(base, ["model.quantize_embeddings=nf4"])
+  assert config.from_dict(base, ["model.quantize=nf4", "model.quantize_embeddings=nf4"]
+                          ).model.quantize_embeddings == "nf4"
   cfg = config.from_dict(base, ["train.steps=5", "lora.targets=['mlp']", "train.lr=1e-4"])
   assert (cfg.train.steps, cfg.lora.targets, cfg.train.lr) == (5, ["mlp"], 1e-4)
   for name in ("quickstart", "quickstart_full", "llama3_8b", "qwen3_8b"):
     loaded = config.load(os.path.join(ROOT, "configs", f"{name}.toml"))
     assert loaded.lora.alpha == 32 and loaded.lora.targets == "all"
     assert loaded.data.batch_size <= 256 and loaded.train.schedule == "constant"
+
+
+def test_a_recipe_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
+  text = 'run_dir = "r"\n[data]\nsource = "task:arithmetic"\n[train]\nsteps = 7\n'
+  (tmp_path / "bom.toml").write_bytes(b"\xef\xbb\xbf" + text.encode())
+  (tmp_path / "plain.toml").write_text(text)
+  bom, plain = (config.load(str(tmp_path / f"{n}.toml")) for n in ("bom", "plain"))
+  assert bom == plain and bom.train.steps == 7
+  (tmp_path / "bad.toml").write_bytes(b"\xef\xbb\xbf" + b"steps = = 3")
+  with pytest.raises(ValueError, match="bad.toml: not valid TOML .*at line 1, column 9"):
+    config.load(str(tmp_path / "bad.toml"))
 
 
 def test_train_then_generate_and_trainable_only_checkpoints(model_dir, tmp_path):

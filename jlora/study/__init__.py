@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from typing import Callable, Sequence
 
-from jlora import config as config_lib, models, rundir
+from jlora import atomic, config as config_lib, models, rundir
 from jlora.study import report, runner, verdicts
 
 BUDGETS = ("smoke", "small", "full")
+STUDY_FILE = "study.json"  # what makes a directory a study's: name, budget, invocations
 
 
 @dataclasses.dataclass
@@ -105,6 +107,52 @@ def check_overrides(overrides: Sequence[str]) -> None:
   config_lib.from_dict(values)
 
 
+def _check_out(out: str, name: str, budget: str) -> None:
+  """``--out`` must be new, empty, or this study's directory (continued), and not in use."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out {out}: exists and is not a directory")
+  if not os.path.isdir(out):
+    return
+  if holder := rundir.Lock.holder(out):
+    raise ValueError(f"{out} is in use by {holder}")
+  path = os.path.join(out, STUDY_FILE)
+  if not os.path.isfile(path):
+    if any(f != rundir.LOCK_FILE for f in os.listdir(out)):
+      raise ValueError(f"--out {out}: a directory that holds no study (no {STUDY_FILE}): "
+                       "choose a new or empty directory")
+    return
+  try:
+    saved = atomic.read_json(path)
+  except ValueError as e:
+    raise ValueError(f"{path}: not a readable study record ({e})") from None
+  if (saved.get("study"), saved.get("budget")) != (name, budget):
+    raise ValueError(f"{out} holds study {saved.get('study')} at budget "
+                     f"{saved.get('budget')}: choose another --out")
+
+
+def _take_out(out: str, name: str, budget: str, prepare: Callable[[], "Plan | None"]):
+  """Lock ``out``, mark it as this study's (``study.json``) and run ``prepare`` (which may
+  write model assets there): ``(lock, plan)``. If ``prepare`` fails in a directory this
+  call created, the directory is removed: a mistake leaves nothing behind."""
+  created = not os.path.exists(out)
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"--out {out}: cannot create the directory ({e.strerror})") from None
+  lock = rundir.Lock(out)
+  try:
+    with atomic.writing(f"study {out}"):
+      if not os.path.isfile(os.path.join(out, STUDY_FILE)):
+        atomic.write_json(os.path.join(out, STUDY_FILE),
+                          {"study": name, "budget": budget, "invocations": []})
+      return lock, prepare()
+  except BaseException:
+    lock.release()
+    if created:
+      shutil.rmtree(out, ignore_errors=True)
+    raise
+
+
 def run(name: str, *, budget: str = "small", out: str | None = None, model: str | None = None,
         overrides: Sequence[str] = (), log: Callable[[str], None] = print,
         argv: Sequence[str] | None = None) -> dict:
@@ -123,35 +171,27 @@ def run(name: str, *, budget: str = "small", out: str | None = None, model: str 
     argv = ["jlora", "study", name, "--budget", budget] + (["--out", out] if out else []) + \
         (["--model", model] if model else []) + [a for o in overrides for a in ("--set", o)]
   out = os.path.abspath(out or os.path.join("studies", f"{name}-{budget}"))
-  if os.path.isdir(out) and (holder := rundir.Lock.holder(out)):
-    raise ValueError(f"{out} is in use by {holder}")
-  if os.path.isfile(os.path.join(out, "study.json")):
-    import json
-    with open(os.path.join(out, "study.json")) as f:
-      saved = json.load(f)
-    if (saved.get("study"), saved.get("budget")) != (name, budget):
-      raise ValueError(f"{out} holds study {saved.get('study')} at budget "
-                       f"{saved.get('budget')}: choose another --out")
+  _check_out(out, name, budget)
   study = STUDIES[name]
   ctx = Context(name, budget, out, model, tuple(overrides), log)
-  os.makedirs(out, exist_ok=True)
-  lock = rundir.Lock(out)
+  lock, plan = _take_out(out, name, budget, lambda: study.prepare(ctx))
   try:
-    plan = study.prepare(ctx)  # model assets, data and every arm's config: validated
-    record = report.record_start(out, name, budget, report.command(argv))
-    start = time.perf_counter()
-    try:
-      results = ctx.train(plan) if plan is not None else []
-      outcome = study.analyse(ctx, plan, results)
-    except BaseException:  # killed by a signal, an error: the time spent is still recorded
-      report.record_end(out, record, time.perf_counter() - start)
-      raise
-    record = report.record_end(out, record, time.perf_counter() - start,
-                               verdict=outcome.verdict.outcome, headline=outcome.headline)
-    path = report.write(out, title=study.title, claim=study.claim, figure=study.figure,
-                        rule=study.rule, verdict=outcome.verdict, measured=outcome.measured,
-                        table=outcome.table, plots=outcome.plots, record=record,
-                        notes=outcome.notes)
+    # a full disk (arms, results, plots, report) is one line; files are written whole
+    with atomic.writing(f"study {out}"):
+      record = report.record_start(out, name, budget, report.command(argv))
+      start = time.perf_counter()
+      try:
+        results = ctx.train(plan) if plan is not None else []
+        outcome = study.analyse(ctx, plan, results)
+      except BaseException:  # killed by a signal, an error: the time spent is still recorded
+        report.record_end(out, record, time.perf_counter() - start)
+        raise
+      record = report.record_end(out, record, time.perf_counter() - start,
+                                 verdict=outcome.verdict.outcome, headline=outcome.headline)
+      path = report.write(out, title=study.title, claim=study.claim, figure=study.figure,
+                          rule=study.rule, verdict=outcome.verdict, measured=outcome.measured,
+                          table=outcome.table, plots=outcome.plots, record=record,
+                          notes=outcome.notes)
   finally:
     lock.release()
   log(outcome.verdict.line().replace("**", ""))

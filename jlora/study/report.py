@@ -5,6 +5,7 @@ invocation) and ``report.md`` (claim, rule, verdict, measurements, plots, comman
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
 import platform
@@ -24,9 +25,12 @@ def pyplot():
 
 
 def save(fig, out: str, name: str) -> str:
+  """The figure as PNG ``out/name``, written whole (a full disk leaves no partial file)."""
   fig.tight_layout()
-  fig.savefig(os.path.join(out, name), dpi=110)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=110)
   pyplot().close(fig)
+  atomic.write_bytes(os.path.join(out, name), png.getvalue())
   return name
 
 
