@@ -169,12 +169,16 @@ def test_gradient_accumulation_with_uneven_masks_equals_big_batch():
   np.testing.assert_allclose(accum["grad_norm"][0], _norm(ref_grads), rtol=1e-5)
   for name in ("loss", "grad_norm"):
     np.testing.assert_allclose(accum[name], big[name], rtol=1e-5)
+  # After 3 Adam steps: f32 sums taken in another order (4 micro-batches vs one batch)
+  # differ in their last bits, which Adam's normalised update amplifies for an element
+  # whose gradient is near 0 (up to 1.3e-5 measured here); the mean-of-means bug lands
+  # > 1e-3 away (below).
   for x, y in zip(jax.tree_util.tree_leaves(state_big["trainable"]),
                   jax.tree_util.tree_leaves(state_acc["trainable"])):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=5e-5)
   # The mean of means is measurably not what was checked above: its loss and gradient norm
   # are far outside those tolerances, its gradient points elsewhere, and one Adam step
-  # from it lands at least 100x the atol away from the right one.
+  # from it lands at least 20x the atol away from the right one.
   assert abs(mom_loss - ref_loss) > 1e-3 * ref_loss
   assert abs(_norm(mom_grads) - _norm(ref_grads)) > 1e-2 * _norm(ref_grads)
   diff = jax.tree_util.tree_map(jnp.subtract, mom_grads, ref_grads)

@@ -190,7 +190,7 @@ def test_bad_input_exits_2_without_touching_runs(model_dir, tmp_path, capsys):
   assert "cannot write the run directory" in capsys.readouterr().err
   # An existing run is never overwritten, and resume refuses a changed spec.
   existing = tmp_path / "existing"
-  existing.mkdir()
+  (existing / "checkpoints" / "2").mkdir(parents=True)  # a step was saved: a run to keep
   (existing / "config.json").write_text(config.from_dict(recipe(model_dir, existing)).to_json())
   toml = write_toml(tmp_path / "e.toml", recipe(model_dir, existing))
   assert cli.main(["train", toml]) == 2
