@@ -5,8 +5,8 @@
 Pipeline: the quickstart's data (task:arithmetic rendered with SmolLM2's chat template,
 packed into 8 x 128 rows), and optionally a text corpus (``jlora data fetch fortunes``).
 tokens/s counts row slots produced (batch x seq_len per batch: what a step consumes) and
-real (non-padding) tokens. Consumption: the step `jlora train` runs (``train.make_step``
-over the chunked ``train.lm_loss``, compiled ahead) for SmolLM2-135M LoRA (r=16, all
+real (non-padding) tokens. Consumption: the step `jlora train` runs (``train_step.make_step``
+over the chunked ``lm.lm_loss``, compiled ahead) for SmolLM2-135M LoRA (r=16, all
 layers) on the same batch shape, measured in the same run.
 """
 
@@ -20,7 +20,11 @@ import numpy as np
 
 from bench.common import block, machine, median_ms
 import jlora
-from jlora import config, data, lora, models, optim, sharding, train
+from jlora import data, models
+from jlora.core import lora, optim
+from jlora.infra import mesh as mesh_lib
+from jlora.objectives import lm
+from jlora.run import config, train_step
 
 SEQ, BATCH = 128, 8
 
@@ -45,12 +49,12 @@ def step_ms(batch: dict) -> float:
   adapters = jax.jit(lambda p: jlora.init_adapters(p, plan, jax.random.PRNGKey(0)))(params)
   trainable, frozen = optim.trainable(params, adapters, plan)
   tx = optim.optimizer(1e-4)
-  mesh = sharding.make_mesh()
-  state = train.init_state(trainable, tx, mesh)
-  loss = train.lm_loss(model, plan, config.TrainSection().loss_chunk)
-  step = train.jit_step(train.make_step(loss, tx), state, frozen, mesh)
-  batch = sharding.global_batch(batch, mesh)
-  holder = {"state": state, "step": train.compile_step(step, state, frozen, batch)}
+  mesh = mesh_lib.make_mesh()
+  state = train_step.init_state(trainable, tx, mesh)
+  loss = lm.lm_loss(model, plan, config.TrainSection().loss_chunk)
+  step = train_step.jit_step(train_step.make_step(loss, tx), state, frozen, mesh)
+  batch = mesh_lib.global_batch(batch, mesh)
+  holder = {"state": state, "step": train_step.compile_step(step, state, frozen, batch)}
 
   def run():
     holder["state"], metrics = holder["step"](holder["state"], frozen, batch)

@@ -51,8 +51,12 @@ def main(argv=None):
   parser.add_argument("--prompts", type=int, default=8)
   args = parser.parse_args(argv)
   from bench.common import machine
-  from jlora import config, evaluate, export, hub, merged, models, optim, quant, rundir
-  from jlora import trainer
+  from jlora import models
+  from jlora.core import optim, quant
+  from jlora.interop import merged
+  from jlora.models import hub
+  from jlora.run import config, evaluate, trained as trained_lib
+  from jlora.objectives import sft
   from jlora.data import render
   work = tempfile.mkdtemp(prefix="hub-interop-")
   run = os.path.join(work, "run")
@@ -60,8 +64,8 @@ def main(argv=None):
                     [f"run_dir='{run}'", f"train.steps={args.steps}",
                      f"eval.examples={args.prompts}"])
   print(f"# machine: {machine()}; quickstart with train.steps={args.steps}")
-  trainer.run(cfg, progress=False, log=lambda _: None)
-  trained = rundir.load_trained(run)
+  sft.run(cfg, progress=False, log=lambda _: None)
+  trained = trained_lib.load_trained(run)
   s = trained.setup
   # 1. The base under its Hub id in a cache built here (refs/main -> a snapshot).
   cache = os.path.join(work, "hub")
@@ -73,9 +77,9 @@ def main(argv=None):
   os.makedirs(os.path.join(repo, "refs"))
   with open(os.path.join(repo, "refs", "main"), "w") as f:
     f.write(rev)
-  adapter = export.export_run(run, os.path.join(work, "adapter"))
-  f32 = export.merge_run(run, os.path.join(work, "merged"))
-  bf16 = export.merge_run(run, os.path.join(work, "merged-bf16"), dtype="bfloat16")
+  adapter = trained_lib.export_run(run, os.path.join(work, "adapter"))
+  f32 = trained_lib.merge_run(run, os.path.join(work, "merged"))
+  bf16 = trained_lib.merge_run(run, os.path.join(work, "merged-bf16"), dtype="bfloat16")
   # The trained run's own greedy answers, on the prompts as jlora renders them.
   _, records = evaluate.task_records(cfg)
   dcfg = evaluate.eval_data_config(cfg)

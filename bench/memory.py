@@ -109,7 +109,11 @@ def _jlora(kind: str, steps: int, model_name: str = "smollm2") -> dict:
   import jax
   import jax.numpy as jnp
   import jlora
-  from jlora import models, optim, quant, sharding, train
+  from jlora import models
+  from jlora.core import optim, quant
+  from jlora.infra import mesh as mesh_lib
+  from jlora.objectives import lm
+  from jlora.run import train_step
   plain = kind.endswith("plain")
   cfg = _model_config(model_name).replace(remat=not plain)
   model = models.Transformer(cfg)
@@ -120,31 +124,31 @@ def _jlora(kind: str, steps: int, model_name: str = "smollm2") -> dict:
   base_dtype = jnp.bfloat16 if kind.endswith("bf16") else jnp.float32  # the frozen base's
   fmt = kind.rsplit("-", 1)[-1] if kind.endswith(("int8", "nf4", "nf4all")) else "none"
   fmt, embeddings = ("nf4", "nf4") if fmt == "nf4all" else (fmt, None)  # nf4all: table nf4
-  params = jlora.lora.unflatten({
+  params = jlora.core.lora.unflatten({
       p: jax.tree.map(jnp.asarray, models.store(
           p, 0.02 * rng.standard_normal(shape, np.float32), base_dtype, fmt, embeddings))
       for p, shape in models.param_shapes(model).items()})
   if kind == "jlora-full":  # as `jlora train` with train.method = "full"
-    plan, adapters = jlora.lora.plan(params, jlora.LoraSpec(rank=1, targets=None,
+    plan, adapters = jlora.core.lora.plan(params, jlora.LoraSpec(rank=1, targets=None,
                                                             full=(".*",))), {}
   else:
-    plan = jlora.lora.plan(params, models.lora_spec(cfg, RANK))
+    plan = jlora.core.lora.plan(params, models.lora_spec(cfg, RANK))
     adapters = jax.jit(lambda p: jlora.init_adapters(p, plan, jax.random.PRNGKey(1)))(params)
   trainable, frozen = optim.trainable(params, adapters, plan)
   frozen_bytes = quant.stored_bytes(frozen)
   del params, adapters
   tx = optim.optimizer(1e-4)
-  mesh = sharding.make_mesh()
-  state = train.init_state(trainable, tx, mesh)
+  mesh = mesh_lib.make_mesh()
+  state = train_step.init_state(trainable, tx, mesh)
   del trainable
-  loss = train.lm_loss(model, plan, loss_chunk=None if plain else CHUNK)
-  step = train.jit_step(train.make_step(loss, tx), state, frozen, mesh)
+  loss = lm.lm_loss(model, plan, loss_chunk=None if plain else CHUNK)
+  step = train_step.jit_step(train_step.make_step(loss, tx), state, frozen, mesh)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, cfg.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
            "mask": np.ones((BATCH, SEQ), np.int32)}
-  if not os.environ.get("JLORA_BENCH_JIT_CALL"):  # as the trainer does (train.compile_step)
-    step = train.compile_step(step, state, frozen, batch)
+  if not os.environ.get("JLORA_BENCH_JIT_CALL"):  # as the trainer does (train_step.compile_step)
+    step = train_step.compile_step(step, state, frozen, batch)
   if steps == 0:  # --steps 0: what XLA plans for the step, without running it
     m = step.memory_analysis()
     return {"ms_per_step": 0.0, "rss_before_steps_mb": _rss_mb(), "first_step_peak_mb": 0.0,
@@ -175,7 +179,6 @@ def _runtime(kind: str, steps: int) -> dict:
   computation (thread pools, compiler), with no model."""
   del kind, steps
   import jax.numpy as jnp
-  from jlora import models, optim, train  # noqa: F401
   jnp.ones(8).sum().block_until_ready()
   _release_freed_heap()
   return {"ms_per_step": 0.0, "rss_before_steps_mb": _rss_mb(), "first_step_peak_mb": _rss_mb(),

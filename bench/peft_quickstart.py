@@ -41,7 +41,8 @@ def main(argv=None):
   import torch
   from peft import LoraConfig, get_peft_model
   from transformers import AutoModelForCausalLM
-  from jlora import config, data, evaluate, models
+  from jlora import data, models
+  from jlora.run import config, evaluate
   torch.set_num_threads(os.cpu_count() or 2)
   cfg = config.load(args.config)
   path = models.resolve(cfg.model.path)

@@ -98,7 +98,8 @@ def phases(samples, lines) -> list[dict]:
 def weight_mb(config: str) -> float:
   """Bytes of the model's parameters in f32 (what the quickstart trains against)."""
   import numpy as np
-  from jlora import config as config_lib, models
+  from jlora import models
+  from jlora.run import config as config_lib
   cfg = config_lib.load(os.path.join(ROOT, config))
   model = models.Transformer(models.read_config(config_lib.model_path(cfg)))
   return sum(int(np.prod(s)) * 4 for s in models.param_shapes(model).values()) / 2**20

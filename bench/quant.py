@@ -74,7 +74,8 @@ def main(argv=None):
   if args.quickstart:
     print(f"# machine: {machine()}")
     return quickstart(args.quickstart)
-  from jlora import models, quant
+  from jlora import models
+  from jlora.core import quant
   path = models.smollm2_gguf()
   tok = models.load_tokenizer(path)
   tokens = jnp.asarray([tok.encode(PARAGRAPH, add_special_tokens=False).ids], jnp.int32)

@@ -30,7 +30,8 @@ CONFIGS = {"lora": ("lora", False), "lora-kl": ("lora", True), "full": ("full", 
 
 
 def one(name: str, steps: int, model: str) -> dict:
-  from jlora import config, rl
+  from jlora.objectives import rl
+  from jlora.run import config
   method, kl = CONFIGS[name]
   run_dir = os.path.join(tempfile.mkdtemp(prefix="jlora_rl_mem_"), "run")
   cfg = config.from_dict({

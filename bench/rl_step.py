@@ -43,7 +43,8 @@ def _prompts(n: int) -> tuple[list[str], list[str]]:
 
 def jlora_step(model_dir: str, prompts: int, group: int, new_tokens: int, steps: int) -> dict:
   """``jlora rl`` for ``steps`` steps; the loop's per-step wall times after the first."""
-  from jlora import config, rl
+  from jlora.objectives import rl
+  from jlora.run import config
   run_dir = tempfile.mkdtemp(prefix="jlora_rl_bench_")
   cfg = config.from_dict({
       "run_dir": os.path.join(run_dir, "run"),
@@ -70,7 +71,7 @@ def jlora_generate(model_dir: str, prompts: list[str], batch: int, new_tokens: i
   import jax
   from jlora import data, models
   from jlora.data import render
-  from jlora.rl.rollouts import left_pad
+  from jlora.objectives.rl.rollouts import left_pad
   model, params, _ = models.load(model_dir)
   tok = data.Tokenizer.from_model(model_dir)
   ids = [render.prompt_ids({"prompt": p}, tok) for p in prompts]

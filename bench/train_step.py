@@ -3,10 +3,10 @@ and in Flax NNX with ``nnx.LoRALinear``, measured in one run.
 
     python -m bench.train_step [--repeats 10] [--skip-peers] [--loss-chunk 256] [--smoke]
 
-The jlora rows time the step ``jlora train`` runs: ``train.make_step`` over
-``train.lm_loss`` with the trainer's chunked cross-entropy (``--loss-chunk``, default 256
+The jlora rows time the step ``jlora train`` runs: ``train_step_lib.make_step`` over
+``lm.lm_loss`` with the trainer's chunked cross-entropy (``--loss-chunk``, default 256
 like ``train.loss_chunk``; 0 for the plain unchunked loss), jitted with donated state
-(``train.jit_step``) and compiled ahead of its first call (``train.compile_step``). Full
+(``train_step_lib.jit_step``) and compiled ahead of its first call (``train_step_lib.compile_step``). Full
 fine-tuning goes through the same step with ``LoraSpec(rank=1, targets=None,
 full=(".*",))``, as ``jlora train`` with ``train.method = "full"`` does.
 
@@ -29,7 +29,10 @@ from flax import linen as nn
 
 import jlora
 from bench.common import block, machine, median_ms
-from jlora import config, lora, models, optim, train
+from jlora import models
+from jlora.core import lora, optim
+from jlora.objectives import lm
+from jlora.run import config, train_step as train_step_lib
 from jlora.models import ModelConfig, Transformer
 from jlora.study import compute
 
@@ -50,12 +53,12 @@ _batch, _lm_batch = compute.random_tokens, compute.lm_batch
 
 def _trainer_step(model, plan, trainable, frozen, batch, loss_chunk):
   """A closure running one step of ``jlora train``'s kind: the jitted, donated, AOT-compiled
-  ``train.make_step`` over ``train.lm_loss``."""
+  ``train_step_lib.make_step`` over ``lm.lm_loss``."""
   tx = optim.optimizer(LR)
-  state = train.init_state(trainable, tx)
-  jitted = train.jit_step(train.make_step(train.lm_loss(model, plan, loss_chunk), tx), state,
+  state = train_step_lib.init_state(trainable, tx)
+  jitted = train_step_lib.jit_step(train_step_lib.make_step(lm.lm_loss(model, plan, loss_chunk), tx), state,
                           frozen)
-  step = train.compile_step(jitted, state, frozen, batch)
+  step = train_step_lib.compile_step(jitted, state, frozen, batch)
   holder = {"state": state}
 
   def run():

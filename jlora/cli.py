@@ -108,16 +108,18 @@ def _study_parser(study: argparse.ArgumentParser) -> None:
 
 
 def _interop(args) -> None:
-  from jlora import export
+  from jlora.run import trained
   if args.command == "export":
-    out = export.export_run(args.run_dir, args.out, args.step, moe_layout=args.moe_layout)
+    out = trained.export_run(args.run_dir, args.out, args.step, moe_layout=args.moe_layout)
     print(f"PEFT adapter -> {out} (load with peft.PeftModel.from_pretrained)")
   elif args.command == "merge":
-    out = export.merge_run(args.run_dir, args.out, args.step, args.max_shard_size,
-                           dtype=args.dtype)
+    out = trained.merge_run(args.run_dir, args.out, args.step, args.max_shard_size,
+                            dtype=args.dtype)
     print(f"merged model -> {out} (load with transformers.AutoModelForCausalLM)")
   else:
-    from jlora import lora, models, peft
+    from jlora import models
+    from jlora.core import lora
+    from jlora.interop import peft
     _, params, cfg = models.load(args.model)
     adapters, spec, _ = peft.load_peft(args.adapter_dir, params, cfg)
     print(lora.describe(params, spec))
@@ -189,23 +191,25 @@ def _summary_line(summary: dict, run_dir: str) -> str:
 
 
 def _train(args) -> int:
-  from jlora import config, multihost, rl, trainer
+  from jlora.infra import multihost
+  from jlora.objectives import rl, sft
+  from jlora.run import config, loop
   multihost.cpu_devices(args.cpu_devices)  # before anything touches a device
   if args.command == "rl":
     cfg = rl.load_config(args.config, args.set)
     run = rl.run
   else:
-    cfg, run = config.load(args.config, args.set), trainer.run
+    cfg, run = config.load(args.config, args.set), sft.run
   multihost.join(args.distributed)  # a config that does not parse never gets this far
   try:
     summary = run(cfg, resume=args.resume, progress=not args.no_progress, force=args.force)
-  except trainer.NonFiniteLoss as e:
+  except loop.NonFiniteLoss as e:
     print(f"jlora: {e}", file=sys.stderr)
     return 1
-  except trainer.Interrupted as e:
+  except loop.Interrupted as e:
     print(f"jlora: {e}; resume with: {_resume_command(args)}", file=sys.stderr)
     return e.exit_code
-  except trainer.StorageFailed as e:
+  except loop.StorageFailed as e:
     again = f"; resume with: {_resume_command(args)}" if e.step is not None else ""
     print(f"jlora: error: {e}{again}", file=sys.stderr)
     return _stopping(2, f"error: {e}")
@@ -219,11 +223,12 @@ def _resume_command(args) -> str:
 
 
 def _study(args) -> int:
-  from jlora import study, trainer
+  from jlora import study
+  from jlora.run import loop
   try:
     study.run(args.name, budget=args.budget, out=args.out, model=args.model,
               overrides=args.set, argv=["jlora"] + sys.argv[1:])
-  except trainer.Interrupted as e:
+  except loop.Interrupted as e:
     print(f"jlora: {e}; the study continues where it stopped when run again with the same "
           "command", file=sys.stderr)
     return e.exit_code
@@ -243,14 +248,17 @@ def _run(args) -> int:
   elif args.command == "study":
     return _study(args)
   elif args.command == "advise":
-    from jlora import advisor, config, trainer
-    findings, stats = trainer.advise(config.load(args.config, args.set))
+    from jlora.findings import advisor
+    from jlora.objectives import rl, sft
+    from jlora.run import config
+    cfg = config.load(args.config, args.set)
+    findings, stats = (rl if cfg.rl is not None else sft).advise(cfg)
     print(f"data: {stats}")
     print(advisor.report(findings))
     return 1 if advisor.has_error(findings) else 0
   elif args.command == "generate":
-    from jlora import trainer
-    print(trainer.generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens,
+    from jlora.run import trained
+    print(trained.generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, seed=args.seed, step=args.step,
                            chat=not args.no_chat))
   return 0
@@ -277,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     return _stopping(130 if isinstance(e, KeyboardInterrupt) else 0, name)
   except Exception as e:  # an internal error keeps its traceback
-    from jlora import multihost
+    from jlora.infra import multihost
     if not multihost.joined():
       raise
     first = (str(e).splitlines() or [""])[0][:200]
@@ -296,7 +304,7 @@ def _stopping(code: int, why: str) -> int:
   """The exit of a run stopped by this process alone. With several processes the others
   are told (they end with one line naming this one) and this one leaves at once: JAX's
   orderly shutdown would wait for processes that are not coming."""
-  from jlora import multihost
+  from jlora.infra import multihost
   if not multihost.joined():
     return code
   multihost.fail(why)

@@ -2,8 +2,8 @@
 
 A random linen MLP is the frozen base; the target is the same network with a random
 low-rank change to every kernel, which a LoRA of that rank can represent exactly. Training
-only the adapters (through ``jlora.apply``, ``jlora.optim`` and the one train step,
-``jlora.train.make_step``) recovers it. ``jlora train`` is the real-model quickstart.
+only the adapters (through ``jlora.apply``, ``jlora.core.optim`` and the one train step,
+``jlora.run.train_step.make_step``) recovers it. ``jlora train`` is the real-model quickstart.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 import jlora
-from jlora import optim, train
+from jlora.core import optim
+from jlora.run import train_step
 
 
 class _Mlp(nn.Module):
@@ -42,7 +43,7 @@ def run(rank: int = 8, steps: int = 300, lr: float = 3e-3, seed: int = 0, log=pr
   y = model.apply({"params": jlora.merge(params, change, spec)}, x)
   log(str(jlora.describe(params, spec)))
 
-  def squared_error(trainable, frozen, batch):  # (sum, count): train.make_step divides
+  def squared_error(trainable, frozen, batch):  # (sum, count): train_step.make_step divides
     pred = jlora.apply(model.apply, {"params": optim.combine(trainable["full"], frozen)},
                        trainable["lora"], spec, batch["x"])
     err = (pred - batch["y"]) ** 2
@@ -55,8 +56,8 @@ def run(rank: int = 8, steps: int = 300, lr: float = 3e-3, seed: int = 0, log=pr
 
   trainable, frozen = optim.trainable(params, adapters, spec)
   tx = optim.optimizer(lr)
-  state = train.init_state(trainable, tx)
-  step = train.jit_step(train.make_step(squared_error, tx), state, frozen)
+  state = train_step.init_state(trainable, tx)
+  step = train_step.jit_step(train_step.make_step(squared_error, tx), state, frozen)
   batch = {"x": x, "y": y}
   before = float(mse(state["trainable"], frozen, batch))
   start = time.perf_counter()

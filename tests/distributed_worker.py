@@ -10,19 +10,19 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 2)
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from jlora import multihost, sharding as shd  # noqa: E402
+from jlora.infra import mesh as mesh_lib, multihost  # noqa: E402
 
 
 def main(process_id: int, port: int, out: str, steps: int) -> None:
   multihost.initialize(f"127.0.0.1:{port}", 2, process_id, timeout_s=60)
   from tests.test_sharding import _batch, _setup
   import numpy as np
-  mesh = shd.make_mesh(shd.MeshConfig(data=-1))  # 4 devices over 2 processes
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=-1))  # 4 devices over 2 processes
   step, state, frozen = _setup(mesh)
   local = {k: v[4 * process_id: 4 * process_id + 4] for k, v in _batch(0).items()}
   losses = []
   for _ in range(steps):
-    state, metrics = step(state, frozen, shd.global_batch(local, mesh))
+    state, metrics = step(state, frozen, mesh_lib.global_batch(local, mesh))
     losses.append(float(np.asarray(metrics["loss"].addressable_data(0))))
   with open(out, "w") as f:
     json.dump({"losses": losses, "devices": jax.device_count(),

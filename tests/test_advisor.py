@@ -3,7 +3,8 @@ and train's refusal on an error finding."""
 
 import pytest
 
-from jlora import advisor, cli, hparams
+from jlora import cli
+from jlora.findings import advisor, hparams
 from tests.test_hparams import LLAMA_8B
 from tests.test_trainer import model_dir, recipe, write_toml  # noqa: F401 (fixture)
 

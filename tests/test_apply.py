@@ -9,7 +9,7 @@ from flax import linen as nn
 from flax import nnx
 
 import jlora
-from jlora import lora
+from jlora.core import lora
 from tests.helpers import max_abs_diff, randomize_b
 from tests.models import Mlp, NnxModel, ScannedStack
 

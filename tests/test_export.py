@@ -9,9 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jlora import (advisor, cli, config, lora, merged, models, optim, rundir, setup,
-                   trainer)
-from jlora import peft as jpeft
+from jlora import cli, models
+from jlora.core import lora, optim
+from jlora.findings import advisor
+from jlora.interop import merged
+from jlora.objectives import sft
+from jlora.run import build, config, trained as trained_lib
+from jlora.interop import peft as jpeft
 from tests.helpers import randomize_b, tiny_model_dir
 
 torch = pytest.importorskip("torch")
@@ -45,7 +49,7 @@ def train_tiny(model_dir, run_dir, **lora_section):
       "train": {"steps": 5, "checkpoint_every": 5, "lr": 1e-2},
       "data": {"source": "task:arithmetic", "size": 64, "seq_len": 48, "batch_size": 8},
       "eval": {"batches": 0, "examples": 0}})
-  trainer.run(cfg, progress=False, log=lambda _: None)
+  sft.run(cfg, progress=False, log=lambda _: None)
   return str(run_dir)
 
 
@@ -55,7 +59,7 @@ def train_tiny(model_dir, run_dir, **lora_section):
 def test_trained_run_round_trips_through_peft(tmp_path, kind, lora_section):
   model_dir = tiny_model_dir(str(tmp_path / "base"), kind)
   run = train_tiny(model_dir, tmp_path / "run", **lora_section)
-  run_ = rundir.load_trained(run)
+  run_ = trained_lib.load_trained(run)
   s, trained = run_.setup, run_.trainable
   assert float(jnp.abs(trained["lora"]["layers"]["mlp"]["up_proj"]["kernel"]["b"]).max()) > 0
   ours = jlora_logits(model_dir, optim.combine(trained["full"], s.frozen), trained["lora"],
@@ -109,7 +113,7 @@ def test_peft_adapter_imports_with_per_module_ranks(tmp_path):
   cfg = config.from_dict({"run_dir": str(tmp_path / "run"), "model": {"path": model_dir},
                           "lora": {"init": str(tmp_path / "adapter")},
                           "data": {"source": "task:arithmetic", "batch_size": 8}})
-  s = setup.build(cfg, log=lambda _: None)
+  s = build.build(cfg, log=lambda _: None)
   start = jlora_logits(model_dir, optim.combine(s.trainable["full"], s.frozen),
                        s.trainable["lora"], s.spec)
   np.testing.assert_allclose(start, want, atol=1e-4, rtol=0)
@@ -235,15 +239,15 @@ def test_the_expert_rank_rule_is_a_config_choice(tmp_path, capsys):
     values = {"run_dir": str(tmp_path / rule), "model": {"path": model_dir},
               "lora": {"rank": 4, "expert_rank": rule},
               "data": {"source": "task:arithmetic", "batch_size": 8}}
-    plan = setup.abstract_plan(config.from_dict(values), models.read_config(model_dir))
+    plan = build.abstract_plan(config.from_dict(values), models.read_config(model_dir))
     ranks = {p: t.rank for p, t in plan.targets.items()}
     assert ranks["layers/moe/up_proj/kernel"] == per_expert
     assert ranks["layers/attn/q_proj/kernel"] == 4
     findings = advisor.advise_run(config.from_dict(values), models.read_config(model_dir),
                                   plan=plan)
     assert any(f"each expert r={per_expert} (r // " in f.message for f in findings)
-  s = setup.build(config.from_dict(values), log=lambda _: None)  # the line a run prints
-  assert "(experts r=4 each: r // 1, lora.expert_rank = 'same')" in setup.describe(s)
+  s = build.build(config.from_dict(values), log=lambda _: None)  # the line a run prints
+  assert "(experts r=4 each: r // 1, lora.expert_rank = 'same')" in build.describe(s)
   values["lora"]["expert_rank"] = "half"
   with pytest.raises(ValueError, match="lora.expert_rank 'half' is not one of active, all"):
     config.from_dict(values)

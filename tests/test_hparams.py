@@ -2,7 +2,7 @@
 
 import pytest
 
-from jlora import hparams
+from jlora.findings import hparams
 from jlora.models import ModelConfig
 
 LLAMA_8B = ModelConfig("llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,

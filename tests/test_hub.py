@@ -12,7 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from jlora import cli, hub, lora, models, optim, peft, rundir
+from jlora import cli, models
+from jlora.core import lora, optim
+from jlora.interop import peft
+from jlora.models import hub
 from jlora.data import Tokenizer
 from tests.helpers import randomize_b, tiny_model_dir
 from tests.test_trainer import recipe, write_toml
@@ -93,7 +96,7 @@ def test_an_unresolvable_id_is_one_line_and_creates_nothing(cache, tmp_path, cap
 
 
 def test_a_run_resumes_under_the_id_or_the_path_it_resolves_to(cache, local, tmp_path, capsys):
-  from jlora import config, rundir
+  from jlora.run import config, rundir
   snapshot = hub.resolve("jlora-test/tiny")
   values = recipe("jlora-test/tiny", tmp_path / "run")
   _, lock = rundir.create(config.from_dict(values), resume=False)  # started by id
@@ -114,10 +117,11 @@ def test_a_peft_export_records_a_base_that_loads_elsewhere(cache, local, tmp_pat
   assert hub.base_name(snapshot) == ("jlora-test/tiny", REV)  # a cache path: its id
   assert hub.base_name(local[0]) == (os.path.abspath(local[0]), None)
   # A run on the Hub id exports an adapter whose config names the id, not a local path.
-  from jlora import config, export, trainer
+  from jlora.objectives import sft
+  from jlora.run import config, trained as trained_lib
   values = recipe("jlora-test/tiny", tmp_path / "run", steps=2)
-  trainer.run(config.from_dict(values), progress=False, log=lambda _: None)
-  out = export.export_run(str(tmp_path / "run"), str(tmp_path / "peft"))
+  sft.run(config.from_dict(values), progress=False, log=lambda _: None)
+  out = trained_lib.export_run(str(tmp_path / "run"), str(tmp_path / "peft"))
   saved = peft.read_config(out)
   assert saved["base_model_name_or_path"] == "jlora-test/tiny" and "revision" not in saved
   # PEFT's own loader, in a fresh process offline, finds that base in the Hub cache by id
@@ -132,7 +136,7 @@ def test_a_peft_export_records_a_base_that_loads_elsewhere(cache, local, tmp_pat
                         timeout=600, env={**os.environ, "HF_HUB_CACHE": str(cache),
                                           "HF_HUB_OFFLINE": "1"})
   assert done.returncode == 0, done.stderr[-2000:]
-  trained = rundir.load_trained(str(tmp_path / "run"))
+  trained = trained_lib.load_trained(str(tmp_path / "run"))
   s = trained.setup
   want = s.model.apply({"params": optim.model_params(trained.trainable, s.frozen, s.plan)},
                        np.asarray(tokens))[0]

@@ -13,9 +13,12 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.test_util import check_grads
 
 import jlora
-from jlora import kernels, models, ops, optim, train
-from jlora import sharding as shd
-from jlora.kernels import matmul as kmod
+from jlora import kernels, models
+from jlora.core import matmul as matmul_lib, optim
+from jlora.objectives import lm
+from jlora.run import train_step
+from jlora.infra import mesh as mesh_lib
+from jlora.kernels import pallas as kmod
 from jlora.models import ModelConfig, Transformer
 from tests.helpers import randomize_b
 
@@ -216,7 +219,7 @@ def test_lora_dense_multi_fused_equals_xla():
 
   def loss(impl, x, ads):
     projections = [(ws[0], *ads[0]), (ws[1], None, None), (ws[2], *ads[1])]
-    outs = ops.lora_dense_multi(x, projections, 0.7, impl)
+    outs = matmul_lib.lora_dense_multi(x, projections, 0.7, impl)
     return sum(jnp.sum(jnp.sin(o) * (i + 1)) for i, o in enumerate(outs))
 
   ref = jax.value_and_grad(lambda *p: loss("xla", *p), argnums=(0, 1))(x, ads)
@@ -238,9 +241,9 @@ def _three_steps(impl: str) -> list[float]:
                          jax.random.PRNGKey(2))
   trainable, frozen = optim.trainable(params, adapters, spec)
   tx = optim.optimizer(1e-2)
-  mesh = shd.make_mesh(shd.MeshConfig(), jax.devices()[:1])
-  state = train.init_state(trainable, tx, mesh)
-  step = train.jit_step(train.make_step(train.lm_loss(model, spec, loss_chunk=16), tx), state,
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(), jax.devices()[:1])
+  state = train_step.init_state(trainable, tx, mesh)
+  step = train_step.jit_step(train_step.make_step(lm.lm_loss(model, spec, loss_chunk=16), tx), state,
                         frozen, mesh)
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 13))
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],

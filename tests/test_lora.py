@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora import lora
+from jlora.core import lora
 from tests.helpers import max_abs_diff, randomize_b
 from tests.models import Mlp, ScannedStack
 
@@ -134,7 +134,7 @@ def test_counts_and_describe(rng):
 
 def test_partition_specs_follow_the_kernel():
   from jax.sharding import PartitionSpec as P
-  from jlora import sharding
+  from jlora.core import sharding
   params = {"layers": {"up": {"kernel": jnp.ones((2, 8, 12))}}}
   plan = lora.plan(params, jlora.LoraSpec(rank=4, layouts={"up": "bio"}))
   specs = sharding.adapter_specs(plan, {"layers/up/kernel": P(None, "fsdp", "tensor")})

@@ -49,7 +49,7 @@ def test_lora_forward_equals_merged_forward(checkpoints, kind):
   if cfg.is_moe:  # rank per expert = rank // experts_per_token
     assert adapters["layers"]["moe"]["up_proj"]["kernel"]["a"].shape == (2, 4, 32, 2)
   tokens = _tokens()
-  lora_params = jlora.lora.with_adapters(params, adapters, spec)
+  lora_params = jlora.core.lora.with_adapters(params, adapters, spec)
   forward = jax.jit(model.apply)
   y_lora, _ = forward({"params": lora_params}, tokens)
   y_merged, _ = forward({"params": jlora.merge(params, adapters, spec)}, tokens)
@@ -134,8 +134,8 @@ def test_sharded_index_and_bf16(checkpoints, tmp_path):
 def test_load_sharded_on_a_mesh(checkpoints):
   from jax.sharding import PartitionSpec as P
 
-  from jlora import sharding as shd
-  mesh = shd.make_mesh(shd.MeshConfig(2, 2, 2))
+  from jlora.infra import mesh as mesh_lib
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(2, 2, 2))
   model, params, _ = models.load(checkpoints["qwen3"], mesh=mesh)
   q = params["layers"]["attn"]["q_proj"]["kernel"]  # [layers, embed, heads]
   assert q.sharding.spec == P(None, "fsdp", "tensor")
@@ -184,14 +184,14 @@ def test_loading_holds_at_most_one_extra_copy_of_the_largest_tensor_group(tmp_pa
   that casts with a copy and keeps the previous group while the next is allocated holds
   17.9 MiB."""
   import tracemalloc
-  from jlora import sharding
+  from jlora.infra import mesh as mesh_lib
   path = save_tiny("llama", str(tmp_path), hidden_size=256, intermediate_size=2048,
                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
   cfg = models.read_config(path)
   shapes = models.param_shapes(models.Transformer(cfg))  # the abstract init, traced before
   largest = max(int(np.prod(s)) * 4 for s in shapes.values())
   assert largest == 4 * 256 * 2048 * 4  # an MLP kernel stacked over the 4 layers (8 MiB)
-  for mesh in (sharding.single_device_mesh(), None):
+  for mesh in (mesh_lib.single_device_mesh(), None):
     models.load(path, mesh=mesh)  # warm: jit caches, imports
     tracemalloc.start()
     try:

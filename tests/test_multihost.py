@@ -171,7 +171,7 @@ def test_sigterm_on_one_process_stops_both_at_the_same_saved_step(sft_runs, mode
 
 
 def test_join_names_what_is_missing(monkeypatch):
-  from jlora import multihost
+  from jlora.infra import multihost
   for name in multihost.ENV.values():
     monkeypatch.delenv(name, raising=False)
   assert multihost.join("env") is False and not multihost.joined()  # single process

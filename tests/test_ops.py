@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jlora import ops
+from jlora.core import matmul
 
 
 def _rand(key, *shape):
@@ -28,11 +28,11 @@ def test_lora_dense_multi_equals_separate_projections():
       outs.append(y.reshape(2, 5, -1))
     return outs
 
-  got = ops.lora_dense_multi(x, projections, 0.5)
+  got = matmul.lora_dense_multi(x, projections, 0.5)
   for g, r in zip(got, reference(x, projections, 0.5)):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
   loss = lambda f: lambda p: sum(jnp.sum(jnp.sin(y)) for y in f(x, p, 0.5))
-  g1 = jax.grad(loss(ops.lora_dense_multi))(projections)
+  g1 = jax.grad(loss(matmul.lora_dense_multi))(projections)
   g2 = jax.grad(loss(reference))(projections)
   for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
@@ -43,7 +43,7 @@ def test_lora_dense_dtypes(dtype, tol):
   k = jax.random.split(jax.random.PRNGKey(1), 4)
   x, w = _rand(k[0], 7, 16).astype(dtype), _rand(k[1], 16, 8)
   a, b = _rand(k[2], 16, 4), _rand(k[3], 4, 8)
-  y = ops.lora_dense(x, w, a, b, 2.0)
+  y = matmul.lora_dense(x, w, a, b, 2.0)
   assert y.dtype == dtype
   x32 = x.astype(jnp.float32)
   ref = x32 @ w + 2.0 * (x32 @ a) @ b
@@ -55,7 +55,7 @@ def test_lora_ragged_dot_equals_per_expert_loop():
   sizes = jnp.array([3, 0, 5], jnp.int32)
   x, w = _rand(k[0], 8, 6), _rand(k[1], 3, 6, 4)
   a, b = _rand(k[2], 3, 6, 2), _rand(k[3], 3, 2, 4)
-  y = ops.lora_ragged_dot(x, w, sizes, a, b, 0.5)
+  y = matmul.lora_ragged_dot(x, w, sizes, a, b, 0.5)
   expert = np.repeat(np.arange(3), np.asarray(sizes))
   ref = np.stack([x[i] @ w[e] + 0.5 * (x[i] @ a[e]) @ b[e] for i, e in enumerate(expert)])
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
@@ -66,7 +66,7 @@ def test_lora_term_equals_dense_delta(dtype, tol):
   """The shared term against x @ (s A B) in f64, B non-zero; f32 out for any x dtype."""
   rng = np.random.default_rng(3)
   x, a, b = rng.standard_normal((9, 16)), rng.standard_normal((16, 4)), rng.standard_normal((4, 8))
-  y = ops.lora_term(jnp.asarray(x, dtype), jnp.asarray(a, dtype), jnp.asarray(b, dtype), 0.75)
+  y = matmul.lora_term(jnp.asarray(x, dtype), jnp.asarray(a, dtype), jnp.asarray(b, dtype), 0.75)
   assert y.dtype == jnp.float32 and y.shape == (9, 8)
   cast = lambda v: np.asarray(jnp.asarray(v, dtype), np.float64)  # the inputs as rounded
   want = cast(x) @ (0.75 * cast(a) @ cast(b))
@@ -91,6 +91,6 @@ def test_lora_einsum_equals_merged_delta(equation, x_shape, a_shape, b_shape):
   b_out = "uvw"[:b.ndim - 1 - n_stacked]
   delta = 0.5 * jnp.einsum(f"{stack}{a_in}r,{stack}r{b_out}->{stack}{a_in}{b_out}", a, b)
   want = jnp.einsum(equation, x, delta)
-  got = ops.lora_einsum(equation, x, a, b, 0.5)
+  got = matmul.lora_einsum(equation, x, a, b, 0.5)
   assert np.max(np.abs(want)) > 1.0
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

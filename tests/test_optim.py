@@ -7,7 +7,8 @@ import optax
 import pytest
 
 import jlora
-from jlora import optim, train
+from jlora.core import optim
+from jlora.run import train_step
 from tests.helpers import randomize_b
 from tests.models import Mlp
 
@@ -31,10 +32,10 @@ def _setup(rank=4, full=(), hidden=32, key=jax.random.PRNGKey(0)):
 
 
 def _step(loss_fn, tx, trainable):
-  """The one train step (``train.make_step``) over this file's mean losses
+  """The one train step (``train_step.make_step``) over this file's mean losses
   ``loss_fn(trainable, frozen, *batch)``, and a fresh state for it."""
-  step = train.make_step(lambda tr, fr, batch: (loss_fn(tr, fr, *batch), jnp.float32(1.0)), tx)
-  return jax.jit(step, donate_argnums=(0,)), train.init_state(trainable, tx)
+  step = train_step.make_step(lambda tr, fr, batch: (loss_fn(tr, fr, *batch), jnp.float32(1.0)), tx)
+  return jax.jit(step, donate_argnums=(0,)), train_step.init_state(trainable, tx)
 
 
 def _bytes(tree):

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from jlora import (cli, config, export, lora, models, ops, optim, quant, rundir, sharding,
-                   trainer)
+from jlora import cli, models
+from jlora.core import lora, matmul, optim, quant
+from jlora.infra import mesh as mesh_lib
+from jlora.objectives import sft
+from jlora.run import config, trained as trained_lib
 from tests.helpers import max_abs_diff, randomize_b, tiny_model_dir
 from tests.test_trainer import recipe, write_toml
 
@@ -69,7 +72,7 @@ def test_a_quantised_projection_is_exact_under_either_lora_impl():
   b = jnp.asarray(rng.standard_normal((4, 32)), jnp.float32)
   want = x @ w.dequantize() + 0.5 * (x @ a) @ b  # independent: the dense twin by hand
   for impl in ("xla", "interpret"):  # "interpret" selects the Pallas kernel on CPU
-    np.testing.assert_allclose(ops.lora_dense(x, w, a, b, 0.5, impl=impl), want, rtol=1e-5,
+    np.testing.assert_allclose(matmul.lora_dense(x, w, a, b, 0.5, impl=impl), want, rtol=1e-5,
                                atol=1e-5)
 
 
@@ -125,7 +128,7 @@ def test_the_embedding_format_is_chosen_apart(tiny):
 
 
 def test_sharded_quantised_load_equals_the_unsharded_one(tiny):
-  mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=4, tensor=2))
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=1, fsdp=4, tensor=2))
   model, sharded, cfg = models.load(tiny["llama_tied"], quantize="nf4", mesh=mesh)
   _, single, _ = models.load(tiny["llama_tied"], quantize="nf4")
   q = lora.flatten(sharded)["layers/mlp/gate_proj/kernel"]  # [layers, embed, mlp]
@@ -147,10 +150,10 @@ def test_nf4_resume_is_bit_exact_and_merge_writes_the_dequantised_base(tiny, tmp
   values = lambda run, steps: {**recipe(tiny["llama_tied"], run, steps=steps),  # noqa: E731
                                "model": {"path": tiny["llama_tied"], "remat": True,
                                          "quantize": "nf4"}}
-  trainer.run(config.from_dict(values(tmp_path / "ref", 6)), progress=False, log=lambda _: 0)
+  sft.run(config.from_dict(values(tmp_path / "ref", 6)), progress=False, log=lambda _: 0)
   run = tmp_path / "run"
-  trainer.run(config.from_dict(values(run, 4)), progress=False, log=lambda _: 0)
-  trainer.run(config.from_dict(values(run, 6)), resume=True, progress=False, log=lambda _: 0)
+  sft.run(config.from_dict(values(run, 4)), progress=False, log=lambda _: 0)
+  sft.run(config.from_dict(values(run, 6)), resume=True, progress=False, log=lambda _: 0)
   want, got = _final(tmp_path / "ref"), _final(run)
   assert want.keys() == got.keys()
   for k in want:
@@ -161,9 +164,9 @@ def test_nf4_resume_is_bit_exact_and_merge_writes_the_dequantised_base(tiny, tmp
   assert cli.main(["train", write_toml(tmp_path / "c.toml", changed), "--resume"]) == 2
   assert 'model.quantize: "nf4" -> "int8"' in capsys.readouterr().err
   # jlora merge: the dequantised base plus the adapters, as a plain f32 HF directory.
-  trained = rundir.load_trained(str(run))
+  trained = trained_lib.load_trained(str(run))
   s = trained.setup
-  export.merge_run(str(run), str(tmp_path / "merged"))
+  trained_lib.merge_run(str(run), str(tmp_path / "merged"))
   merged_model, merged, _ = models.load(str(tmp_path / "merged"))
   assert not any(quant.is_quantized(x) for x in lora.flatten(merged).values())
   tokens = jnp.arange(24).reshape(2, 12)

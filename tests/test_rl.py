@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora import models, optim, train
-from jlora import sharding as shd
+from jlora import models
+from jlora.core import optim
+from jlora.objectives import lm
+from jlora.run import train_step
+from jlora.infra import mesh as mesh_lib
 from jlora.models import ModelConfig, Transformer
-from jlora.rl import losses, rollouts
+from jlora.objectives.rl import losses, rollouts
 from tests.helpers import randomize_b
 
 CFG = ModelConfig("llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -30,7 +33,7 @@ def _policy(seed=0, b_scale=0.3):
   params = model.init(jax.random.PRNGKey(seed), jnp.ones((1, 4), jnp.int32))["params"]
   params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params,
                                   is_leaf=lambda x: hasattr(x, "value"))
-  plan = jlora.lora.plan(params, models.lora_spec(CFG, rank=2))
+  plan = jlora.core.lora.plan(params, models.lora_spec(CFG, rank=2))
   adapters = jlora.init_adapters(params, plan, jax.random.PRNGKey(seed + 1))
   if b_scale:
     adapters = randomize_b(adapters, jax.random.PRNGKey(seed + 2), b_scale)
@@ -103,7 +106,7 @@ def test_policy_gradient_equals_an_independent_computation(off_policy):
   adv = np.random.default_rng(1).normal(size=len(prompts)).astype(np.float32)
   batch = rollouts.training_batch(ep, adv, np.ones(len(prompts), bool))
   params = optim.model_params(trainable, frozen, plan)
-  learner = train.token_logprobs(model, params, batch, chunk=16, last=N)
+  learner = lm.token_logprobs(model, params, batch, chunk=16, last=N)
   shift = np.random.default_rng(2).normal(0, 0.1, learner.shape) if off_policy else 0.0
   batch["sampler_logprobs"] = np.asarray(learner + shift, np.float32) * batch["mask"]
   loss_fn = losses.policy_loss(model, plan, chunk=16)
@@ -175,9 +178,9 @@ def test_sampling_at_temperature_zero_equals_greedy_generate():
                          np.asarray(out.tokens), np.asarray(out.logprobs),
                          np.asarray(out.lengths), [""] * 12)
   batch = rollouts.training_batch(ep, np.zeros(12, np.float32), np.ones(12, bool))
-  learner = np.asarray(train.token_logprobs(model, params, batch, last=N)) * batch["mask"]
+  learner = np.asarray(lm.token_logprobs(model, params, batch, last=N)) * batch["mask"]
   np.testing.assert_allclose(learner, np.asarray(out.logprobs), atol=2e-5)
-  full = np.asarray(train.token_logprobs(model, params, batch, chunk=5))  # every position
+  full = np.asarray(lm.token_logprobs(model, params, batch, chunk=5))  # every position
   np.testing.assert_allclose(full[:, -N:] * batch["mask"], learner, atol=1e-5)
 
 
@@ -198,11 +201,11 @@ def test_top_p_keeps_the_nucleus():
 
 def _rl_steps(mesh, steps=3):
   model, plan, trainable, frozen = _policy()
-  trainable = jax.device_put(trainable, shd.replicated(mesh))
-  frozen = jax.device_put(frozen, shd.replicated(mesh))
+  trainable = jax.device_put(trainable, mesh_lib.replicated(mesh))
+  frozen = jax.device_put(frozen, mesh_lib.replicated(mesh))
   tx = optim.optimizer(1e-2)
-  state = train.init_state(trainable, tx, mesh)
-  step = train.jit_step(train.make_step(losses.policy_loss(model, plan), tx),
+  state = train_step.init_state(trainable, tx, mesh)
+  step = train_step.jit_step(train_step.make_step(losses.policy_loss(model, plan), tx),
                         state, frozen, mesh)
   ep, _ = _episodes(group=2)
   adv = losses.advantages(np.arange(8.0) % 3, 2)
@@ -210,15 +213,15 @@ def _rl_steps(mesh, steps=3):
   batch["sampler_logprobs"] = batch["sampler_logprobs"] - 0.05 * batch["mask"]
   out = []
   for _ in range(steps):
-    state, m = step(state, frozen, shd.global_batch(batch, mesh))
+    state, m = step(state, frozen, mesh_lib.global_batch(batch, mesh))
     out.append([float(m[k]) for k in ("loss", "grad_norm", "ratio_min", "ratio_max")])
   return np.asarray(out)
 
 
 def test_rl_step_on_8_devices_equals_one_device():
   assert len(jax.devices()) == 8
-  one = _rl_steps(shd.make_mesh(shd.MeshConfig(), jax.devices()[:1]))
-  eight = _rl_steps(shd.make_mesh(shd.MeshConfig(data=-1)))
+  one = _rl_steps(mesh_lib.make_mesh(mesh_lib.MeshConfig(), jax.devices()[:1]))
+  eight = _rl_steps(mesh_lib.make_mesh(mesh_lib.MeshConfig(data=-1)))
   np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-6)
   assert one[0, 0] != one[-1, 0]  # it moves
 
@@ -255,7 +258,8 @@ def _jlora_rl(toml, *args, env=None):
 
 
 def test_jlora_rl_end_to_end_metrics_and_export(model_dir, tmp_path, monkeypatch):
-  from jlora import config, rl
+  from jlora.objectives import rl
+  from jlora.run import config
   plugin = tmp_path / "my_reward.py"  # a user's reward module, gone after training
   plugin.write_text("from tests.rl_rewards import digits\n")
   monkeypatch.syspath_prepend(str(tmp_path))
@@ -290,9 +294,9 @@ def test_jlora_rl_end_to_end_metrics_and_export(model_dir, tmp_path, monkeypatch
   assert cli.main(["generate", run, "--prompt", "What is 1 plus 1?",
                    "--max-new-tokens", "2"]) == 0
   assert cli.main(["merge", run, "--out", str(tmp_path / "merged")]) == 0
-  from jlora import setup
+  from jlora.run import build
   with pytest.raises(ValueError, match="cannot import 'my_reward'"):  # training still needs it
-    setup.preflight(cfg)
+    build.preflight(cfg, rl.RL.rules)
 
 
 def test_a_failing_reward_is_one_line_and_keeps_the_checkpoints(model_dir, tmp_path):
@@ -308,8 +312,8 @@ def test_a_failing_reward_is_one_line_and_keeps_the_checkpoints(model_dir, tmp_p
   assert "Traceback" not in out.stderr
   steps = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
   assert steps == [2]  # step 4 was never reached; step 2 is intact and resumable
-  from jlora import rundir
-  assert rundir.load_trained(str(tmp_path / "run")).step == 2
+  from jlora.run import trained
+  assert trained.load_trained(str(tmp_path / "run")).step == 2
   nan = _write(tmp_path / "nan.toml", rl_recipe(model_dir, tmp_path / "nan",
                                                   reward="tests.rl_rewards:nan"))
   out = _jlora_rl(nan)
@@ -351,7 +355,7 @@ def test_rl_resume_after_sigkill_is_bit_exact(model_dir, tmp_path):
 
 
 def test_answer_parsing_and_format():
-  from jlora.rl import rewards
+  from jlora.objectives.rl import rewards
   cases = {"37 + 48 = 85": "85", "The answer is 1,024.": "1024", "#### -7": "-7",
            "so \\boxed{12} and then 5": "12", "3 apples, 4 pears: 7.0": "7",
            "Answer: 42, not 41": "42", "no digits": None, "85": "85"}
@@ -385,7 +389,7 @@ def test_word_problems_have_the_integer_answers_their_text_implies():
 
 
 def test_rl_config_defaults_and_errors():
-  from jlora import config
+  from jlora.run import config
   base = {"run_dir": "r", "data": {"source": "task:arithmetic"}}
   cfg = config.from_dict({**base, "rl": {}})
   assert cfg.lora.rank == 1 and cfg.rl.loss == "importance_sampling" and cfg.rl.clip == 0.2
@@ -404,14 +408,15 @@ def test_rl_config_defaults_and_errors():
   shipped = config.load(os.path.join(ROOT, "configs", "rl_arithmetic.toml"))
   assert shipped.lora.rank == 1 and shipped.lora.alpha == 32 and shipped.train.lr is None
   assert shipped.train.schedule == "constant" and shipped.rl.kl_coef == 0.0
-  from jlora import trainer
+  from jlora.objectives import sft
   with pytest.raises(ValueError, match="has an \\[rl\\] section: run it with jlora rl"):
-    trainer.run(config.from_dict({**base, "rl": {}}))
+    sft.run(config.from_dict({**base, "rl": {}}))
 
 
 def test_rl_mistakes_are_caught_before_the_run_dir_exists_and_resume_keeps_rl(model_dir,
                                                                              tmp_path):
-  from jlora import config, rl, rundir
+  from jlora.objectives import rl
+  from jlora.run import config, rundir
   values = rl_recipe(model_dir, tmp_path / "run", max_new_tokens=100000)
   with pytest.raises(ValueError, match=r"prompts of up to \d+ tokens \(padded to rl.bucket\) "
                                        r"\+ rl.max_new_tokens=100000 exceed the model's 256 "

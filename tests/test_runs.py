@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from jlora import cli, config
+from jlora import cli
+from jlora.run import config
 from tests.test_trainer import ROOT, model_dir, recipe, write_toml  # noqa: F401 (fixture)
 
 
@@ -65,9 +66,9 @@ def test_resuming_a_finished_run_changes_nothing(trained, capsys):
 def test_what_a_user_sees(model_dir, tmp_path, capsys):
   assert _jlora("--version").stdout.strip() == f"jlora {__import__('jlora').__version__}"
   lines = []
-  from jlora import trainer
+  from jlora.objectives import sft
   cfg = config.from_dict(recipe(model_dir, tmp_path / "run", steps=2, checkpoint_every=2))
-  trainer.run(cfg, progress=False, log=lines.append)
+  sft.run(cfg, progress=False, log=lines.append)
   text = "\n".join(lines)
   # Loading and the first evaluation announce themselves before the silence they cause.
   order = [text.index(s) for s in ("loading llama", "loaded in", "evaluating before training",
@@ -143,7 +144,7 @@ def test_one_trainer_per_run_dir(model_dir, tmp_path):
 
 def test_a_start_killed_before_its_config_was_written_does_not_block_the_next(
     model_dir, tmp_path, capsys):
-  from jlora import rundir
+  from jlora.run import rundir
   run = tmp_path / "run"
   cfg = config.from_dict(recipe(model_dir, run))
   run.mkdir()
@@ -164,15 +165,16 @@ def test_cloud_store_branch_whole_object_writes_and_an_advisory_lock(tmp_path, m
   """The object-store side of the path layer, run on local files: appends rewrite the
   whole object, and the lock is an advisory file that names its holder, goes when
   released, and stops counting once stale."""
-  from jlora import atomic, rundir
-  monkeypatch.setattr(atomic, "is_url", lambda p: True)
+  from jlora.infra import fs
+  from jlora.run import rundir
+  monkeypatch.setattr(fs, "is_url", lambda p: True)
   path = str(tmp_path / "metrics.jsonl")
-  out = atomic.Appender(path)
+  out = fs.Appender(path)
   out.write('{"step": 1}\n')
   out.write('{"step": 2}\n')
   out.close()
   assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
-  assert atomic.Appender(path)._text.count("step") == 2  # a reopened log keeps its rows
+  assert fs.Appender(path)._text.count("step") == 2  # a reopened log keeps its rows
   lock = rundir.Lock(str(tmp_path))
   holder = rundir.Lock.holder(str(tmp_path))
   assert holder and f"process {os.getpid()}" in holder
@@ -201,7 +203,7 @@ def test_a_checkpoint_without_room_stops_the_run_there_and_resume_is_exact(
   """The free space orbax would need is checked before it writes (the disk's answer is
   replaced here; the tmpfs test below fills a real one): the run stops at that step with
   one line naming the last good checkpoint, and continues exactly once there is room."""
-  from jlora import checkpoint, rundir
+  from jlora.run import checkpoint, rundir
   real, calls = checkpoint.shutil.disk_usage, []
 
   def usage(path):  # room for checkpoint 2, none from checkpoint 4 on
@@ -227,7 +229,7 @@ def test_a_checkpoint_without_room_stops_the_run_there_and_resume_is_exact(
 
 def test_a_start_that_saved_no_step_does_not_block_a_plain_rerun(trained, model_dir, tmp_path,
                                                                    capsys, monkeypatch):
-  from jlora import checkpoint
+  from jlora.run import checkpoint
   real = checkpoint.shutil.disk_usage
   for name, again in (("resumed", ["--resume"]), ("rerun", [])):
     run = tmp_path / name
@@ -280,7 +282,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_partial(small_disk, trained,
   assert out.stderr.startswith(f"jlora: error: checkpoint step 4 could not be saved in "
                                f"{again}/checkpoints: no space left on device; training "
                                "stopped, the last good checkpoint is step 2"), out.stderr
-  from jlora import rundir
+  from jlora.run import rundir
   assert rundir.checkpoint_steps(str(again)) == [2]
 
   small_disk.fill(free_kib=8)

@@ -16,8 +16,12 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 import jlora
-from jlora import models, optim, train
-from jlora import sharding as shd
+from jlora import models
+from jlora.core import optim
+from jlora.objectives import lm
+from jlora.run import train_step
+from jlora.core import sharding as shd
+from jlora.infra import mesh as mesh_lib
 from jlora.models import ModelConfig, Transformer
 from tests.helpers import max_abs_diff, randomize_b
 
@@ -38,12 +42,12 @@ def _init(mesh, cfg=CFG):
   adapters created sharded, lm_head trained in full."""
   model = Transformer(cfg)
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))
-  shapes = {p: tuple(x.shape) for p, x in jlora.lora.flatten(nn.unbox(boxed)["params"]).items()}
+  shapes = {p: tuple(x.shape) for p, x in jlora.core.lora.flatten(nn.unbox(boxed)["params"]).items()}
   specs = shd.logical_specs(boxed["params"])
   param_sh = shd.param_shardings(specs, shapes, mesh)
   params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32)))["params"]
   params = shd.place(params, param_sh)
-  plan = jlora.lora.plan(params, models.lora_spec(cfg, rank=4, full=("lm_head",)))
+  plan = jlora.core.lora.plan(params, models.lora_spec(cfg, rank=4, full=("lm_head",)))
   ad_sh = shd.adapter_shardings(plan, specs, mesh)
   adapters = jax.jit(lambda key: jlora.init_adapters(params, plan, key),
                      out_shardings=ad_sh)(jax.random.PRNGKey(1))
@@ -54,8 +58,8 @@ def _init(mesh, cfg=CFG):
 def _setup(mesh, grad_accum=1, cfg=CFG):
   model, plan, trainable, frozen = _init(mesh, cfg)
   tx = optim.optimizer(1e-2)
-  state = train.init_state(trainable, tx, mesh)
-  step = train.jit_step(train.make_step(train.lm_loss(model, plan), tx, grad_accum), state,
+  state = train_step.init_state(trainable, tx, mesh)
+  step = train_step.jit_step(train_step.make_step(lm.lm_loss(model, plan), tx, grad_accum), state,
                         frozen, mesh)
   return step, state, frozen
 
@@ -67,7 +71,7 @@ def _run(mesh, steps=10, grad_accum=1, batch=None, cfg=CFG):
   batch = _batch(0) if batch is None else batch
   metrics = []
   for _ in range(steps):
-    state, m = step(state, frozen, shd.global_batch(batch, mesh))
+    state, m = step(state, frozen, mesh_lib.global_batch(batch, mesh))
     metrics.append(m)
   return {k: np.array([float(m[k]) for m in metrics]) for k in ("loss", "grad_norm", "tokens")}, \
       state, step
@@ -75,13 +79,13 @@ def _run(mesh, steps=10, grad_accum=1, batch=None, cfg=CFG):
 
 @pytest.fixture(scope="module")
 def single_device():
-  return _run(shd.make_mesh(shd.MeshConfig(), jax.devices()[:1]))
+  return _run(mesh_lib.make_mesh(mesh_lib.MeshConfig(), jax.devices()[:1]))
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_sharded_losses_equal_one_device(single_device, shape):
   assert len(jax.devices()) == 8
-  mesh = shd.make_mesh(shd.MeshConfig(*shape))
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(*shape))
   metrics, state, _ = _run(mesh)
   losses = metrics["loss"]
   np.testing.assert_allclose(losses, single_device[0]["loss"], rtol=1e-5, atol=1e-5)
@@ -108,13 +112,13 @@ def test_pallas_kernel_sharded_trains_like_xla_on_one_device(single_device):
   x tensor 2: each batch shard runs the kernel on its rows (shard_map, as on a TPU pod or
   GPUs, where XLA cannot partition a Mosaic/Triton call) and the steps equal one device's
   XLA steps (autodiff, no kernel)."""
-  mesh = shd.make_mesh(shd.MeshConfig(2, 2, 2))
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(2, 2, 2))
   metrics, state, step = _run(mesh, steps=3, cfg=CFG.replace(lora_impl="interpret"))
   np.testing.assert_allclose(metrics["loss"], single_device[0]["loss"][:3], rtol=1e-5)
   np.testing.assert_allclose(metrics["grad_norm"], single_device[0]["grad_norm"][:3],
                              rtol=1e-4)
   text = step.lower(state, *_setup(mesh, cfg=CFG.replace(lora_impl="interpret"))[2:],
-                    shd.global_batch(_batch(0), mesh)).as_text()
+                    mesh_lib.global_batch(_batch(0), mesh)).as_text()
   assert "shard_map" in text or "manual_computation" in text
 
 
@@ -143,8 +147,8 @@ def test_gradient_accumulation_with_uneven_masks_equals_big_batch():
   bug, a mean of micro-batch means, weights micro-batch 0's one token like 18: an
   independent computation of both shows that this test tells them apart."""
   batch, k = _uneven_batch(), 4
-  model, plan, trainable, frozen = _init(shd.make_mesh(shd.MeshConfig(), jax.devices()[:1]))
-  loss_fn = train.lm_loss(model, plan)
+  model, plan, trainable, frozen = _init(mesh_lib.make_mesh(mesh_lib.MeshConfig(), jax.devices()[:1]))
+  loss_fn = lm.lm_loss(model, plan)
   value_and_grad = jax.jit(jax.value_and_grad(lambda tr, b: loss_fn(tr, frozen, b),
                                               has_aux=True))
   sums, counts, grads = [], [], []
@@ -161,7 +165,7 @@ def test_gradient_accumulation_with_uneven_masks_equals_big_batch():
   mom_grads = jax.tree_util.tree_map(lambda *g: sum(x / c for x, c in zip(g, counts)) / k,
                                      *grads)
 
-  mesh = shd.make_mesh(shd.MeshConfig(2, 2, 2))
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(2, 2, 2))
   accum, state_acc, _ = _run(mesh, steps=3, grad_accum=k, batch=batch)
   big, state_big, _ = _run(mesh, steps=3, batch=batch)
   assert accum["tokens"][0] == n
@@ -190,14 +194,14 @@ def test_gradient_accumulation_with_uneven_masks_equals_big_batch():
 
 def test_bad_mesh_and_batch():
   with pytest.raises(ValueError, match="3 devices, but 8 are available"):
-    shd.make_mesh(shd.MeshConfig(3, 1, 1))
+    mesh_lib.make_mesh(mesh_lib.MeshConfig(3, 1, 1))
   with pytest.raises(ValueError, match="do not divide the 8 devices"):
-    shd.make_mesh(shd.MeshConfig(-1, 3, 1))
+    mesh_lib.make_mesh(mesh_lib.MeshConfig(-1, 3, 1))
   with pytest.raises(ValueError, match="at most one axis may be -1"):
-    shd.make_mesh(shd.MeshConfig(-1, -1, 1))
-  mesh = shd.make_mesh(shd.MeshConfig(8, 1, 1))
+    mesh_lib.make_mesh(mesh_lib.MeshConfig(-1, -1, 1))
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(8, 1, 1))
   with pytest.raises(ValueError, match="batch of 6 rows .* not divisible by the 8"):
-    shd.global_batch(_batch(0, rows=6), mesh)
+    mesh_lib.global_batch(_batch(0, rows=6), mesh)
 
 
 def _worker_env():
@@ -223,7 +227,7 @@ def test_two_processes_match_one_process(tmp_path):
   assert all(p.returncode == 0 for p in procs), logs
   results = [json.load(open(o)) for o in outs]
   assert results[0]["devices"] == 4 and results[0]["local_devices"] == 2
-  reference, _, _ = _run(shd.make_mesh(shd.MeshConfig(data=-1), jax.devices()[:4]), steps=5)
+  reference, _, _ = _run(mesh_lib.make_mesh(mesh_lib.MeshConfig(data=-1), jax.devices()[:4]), steps=5)
   for r in results:
     np.testing.assert_allclose(r["losses"], reference["loss"], rtol=1e-5, atol=1e-5)
 
@@ -251,14 +255,14 @@ def _train_one_batch(cfg, dtype=jnp.float32, steps=10, lr=3e-3):
   # cannot move far from it (the head is frozen here): a 10x head gives losses that tell.
   params["lm_head"]["kernel"] = 10 * params["lm_head"]["kernel"]
   params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
-  plan = jlora.lora.plan(params, models.lora_spec(cfg, rank=4))
+  plan = jlora.core.lora.plan(params, models.lora_spec(cfg, rank=4))
   adapters = randomize_b(jlora.init_adapters(params, plan, jax.random.PRNGKey(1)),
                          jax.random.PRNGKey(2))
   trainable, frozen = optim.trainable(params, adapters, plan)
   initial = jax.tree_util.tree_map(np.asarray, trainable)
   tx = optim.optimizer(lr)
-  step = jax.jit(train.make_step(train.lm_loss(model, plan), tx))
-  state = train.init_state(trainable, tx)
+  step = jax.jit(train_step.make_step(lm.lm_loss(model, plan), tx))
+  state = train_step.init_state(trainable, tx)
   batch = {k: jnp.asarray(v) for k, v in _batch(0).items()}
   metrics = []
   for _ in range(steps):

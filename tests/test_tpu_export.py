@@ -8,14 +8,18 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractMesh
 
-from jlora import kernels, lora, models, optim, sharding, train
+from jlora import kernels, models
+from jlora.core import lora, optim, sharding
+from jlora.infra import mesh as mesh_lib
+from jlora.objectives import lm
+from jlora.run import train_step
 from jlora.models import ModelConfig, Transformer
 
 # Mosaic's block rules need (8, 128)-aligned dims: head_dim 128, d = 256.
 CFG = ModelConfig("llama", vocab_size=512, hidden_size=256, intermediate_size=512,
                   num_layers=2, num_heads=2, num_kv_heads=1, head_dim=128,
                   tie_embeddings=True, remat=True, lora_impl="pallas")
-MESH = AbstractMesh((4, 2, 1), sharding.AXES)  # a v5e-8 / v4-16 slice: data 4 x fsdp 2
+MESH = AbstractMesh((4, 2, 1), mesh_lib.AXES)  # a v5e-8 / v4-16 slice: data 4 x fsdp 2
 
 
 def _abstract(tree, shardings):
@@ -52,9 +56,9 @@ def test_sharded_train_step_exports_for_tpu():
   state = jax.eval_shape(lambda t: {"step": jnp.zeros((), jnp.int32), "trainable": t,
                                     "opt_state": tx.init(t)}, trainable)
   state = _abstract(state, sharding.state_shardings(tx, trainable, MESH))
-  step = train.jit_step(train.make_step(train.lm_loss(model, plan, 64), tx), state, frozen,
+  step = train_step.jit_step(train_step.make_step(lm.lm_loss(model, plan, 64), tx), state, frozen,
                         MESH)
-  batch_sh = sharding.batch_sharding(MESH, 2)
+  batch_sh = mesh_lib.batch_sharding(MESH, 2)
   batch = {k: jax.ShapeDtypeStruct((16, 128), jnp.int32, sharding=batch_sh)
            for k in ("inputs", "targets", "mask", "segment_ids", "positions")}
   with kernels.lowering_for("tpu"):
@@ -75,7 +79,7 @@ def test_sharded_train_step_exports_for_tpu():
 
 def test_rl_sampler_exports_for_tpu():
   model, plan, trainable, frozen = _run_state(rank=1)  # RL's rank-1 default
-  rows = sharding.batch_sharding(MESH, 2)
+  rows = mesh_lib.batch_sharding(MESH, 2)
   prompts = jax.ShapeDtypeStruct((8, 32), jnp.int32, sharding=rows)
   mask = jax.ShapeDtypeStruct((8, 32), jnp.bool_, sharding=rows)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
@@ -84,7 +88,7 @@ def test_rl_sampler_exports_for_tpu():
     return models.sample(model, optim.model_params(trainable, frozen, plan), prompts, mask,
                          key, group=4, max_new_tokens=16, temperature=1.0, eos_id=2, pad=2)
   with kernels.lowering_for("tpu"):
-    exported = jax.export.export(jax.jit(sharding.traced_in(sample, MESH)), platforms=["tpu"])(
+    exported = jax.export.export(jax.jit(mesh_lib.traced_in(sample, MESH)), platforms=["tpu"])(
         trainable, frozen, prompts, mask, key)
   assert exported.nr_devices == 8
   assert _mosaic_calls(exported) >= 4  # prefill and decode step, each q|k|v, o, gate|up, down

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from jlora import checkpoint, cli, config, trainer
+from jlora import cli
+from jlora.objectives import sft
+from jlora.run import config, loop, trained
 from tests.helpers import tiny_model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +85,7 @@ def test_a_recipe_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
 def test_train_then_generate_and_trainable_only_checkpoints(model_dir, tmp_path):
   cfg = config.from_dict(recipe(model_dir, tmp_path / "run"))
   seen = []
-  summary = trainer.run(cfg, progress=False, log=lambda _: None, on_row=seen.append)
+  summary = sft.run(cfg, progress=False, log=lambda _: None, on_row=seen.append)
   run = tmp_path / "run"
   rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == list(range(0, 9))  # step 0: before training
@@ -104,7 +106,8 @@ def test_train_then_generate_and_trainable_only_checkpoints(model_dir, tmp_path)
   adapters = load_file(run / "adapters.safetensors")
   assert adapters and all(k.endswith(("/a", "/b")) for k in adapters)
   # jlora generate (base + adapters, unmerged) == greedy decoding of the merged weights.
-  from jlora import lora, models
+  from jlora import models
+  from jlora.core import lora
   from jlora.data import render
   model, params, _ = models.load(model_dir)
   spec = models.lora_spec(models.read_config(model_dir), 4)
@@ -114,7 +117,7 @@ def test_train_then_generate_and_trainable_only_checkpoints(model_dir, tmp_path)
   want = models.generate(model, lora.merge(params, tree, spec), jax.numpy.asarray(ids)[None],
                          max_new_tokens=3)
   want_text = tok.decode([int(i) for i in np.asarray(want[0]) if i != tok.eos_id])
-  assert trainer.generate(str(run), "What is 2 plus 2?", max_new_tokens=3) == want_text
+  assert trained.generate(str(run), "What is 2 plus 2?", max_new_tokens=3) == want_text
 
 
 def _final_adapters(run_dir):
@@ -201,20 +204,21 @@ def test_bad_input_exits_2_without_touching_runs(model_dir, tmp_path, capsys):
 
 
 def test_chunked_loss_equals_full_logits_loss(model_dir):
-  from jlora import models, train
+  from jlora import models
+  from jlora.objectives import lm
   model, params, _ = models.load(model_dir)
   rng = np.random.default_rng(0)
   batch = {"inputs": rng.integers(0, 300, (2, 24)), "targets": rng.integers(0, 300, (2, 24)),
            "mask": rng.integers(0, 2, (2, 24))}
-  full = jax.value_and_grad(lambda p: train.token_loss_sum(model, p, batch)[0])(params)
-  chunked = jax.value_and_grad(lambda p: train.token_loss_sum(model, p, batch, 7)[0])(params)
+  full = jax.value_and_grad(lambda p: lm.token_loss_sum(model, p, batch)[0])(params)
+  chunked = jax.value_and_grad(lambda p: lm.token_loss_sum(model, p, batch, 7)[0])(params)
   np.testing.assert_allclose(full[0], chunked[0], rtol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(full[1]), jax.tree_util.tree_leaves(chunked[1])):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_schedules():
-  from jlora import optim
+  from jlora.core import optim
   s = optim.schedule(1.0, 10, "linear", warmup_steps=2)
   assert [round(float(s(i)), 3) for i in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]
   assert optim.schedule(0.1, 100) == 0.1
@@ -226,8 +230,8 @@ def test_schedules():
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, tmp_path):
   cfg = config.from_dict(recipe(model_dir, tmp_path / "run", lr=1e30, grad_clip=None,
                                 steps=12))
-  with pytest.raises(trainer.NonFiniteLoss, match="non-finite at step") as info:
-    trainer.run(cfg, progress=False, log=lambda _: None)
+  with pytest.raises(loop.NonFiniteLoss, match="non-finite at step") as info:
+    sft.run(cfg, progress=False, log=lambda _: None)
   message = str(info.value)
   bad = int(message.split("non-finite at step ")[1].split(" ")[0])
   kept = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
@@ -241,7 +245,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, tmp
 def test_full_fine_tuning_twin_trains_every_parameter(model_dir, tmp_path):
   cfg = config.from_dict(recipe(model_dir, tmp_path / "full", method="full", steps=4,
                                 lr=1e-3))
-  summary = trainer.run(cfg, progress=False, log=lambda _: None)
+  summary = sft.run(cfg, progress=False, log=lambda _: None)
   _, params, _ = __import__("jlora").models.load(model_dir)
   base = sum(x.size * 4 for x in jax.tree_util.tree_leaves(params))
   assert summary["trainable_bytes"] == base

@@ -29,8 +29,8 @@ def main():
 
   signals = {"step": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigint": signal.SIGINT}
   if mode in signals:
-    from jlora import sharding
-    sharding.global_batch = kill_on_nth(sharding.global_batch, signals[mode])
+    from jlora.infra import mesh as mesh_lib
+    mesh_lib.global_batch = kill_on_nth(mesh_lib.global_batch, signals[mode])
   elif mode == "save":
     from orbax.checkpoint._src.path import atomicity
     cls = atomicity.AtomicRenameTemporaryPath

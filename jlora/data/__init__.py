@@ -3,7 +3,7 @@ completion rendering with loss masks, and the grain pipeline that packs, shards 
 
     tok = data.Tokenizer.from_model(path)
     cfg = data.DataConfig(source="train.jsonl", seq_len=512, batch_size=16)
-    it = iter(data.dataset(cfg, tok))   # numpy batches for jlora.train; it.get_state()
+    it = iter(data.dataset(cfg, tok))   # numpy batches for jlora.run.train_step; it.get_state()
     print(data.stats(cfg, tok))
 """
 

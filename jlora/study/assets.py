@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from jlora import atomic
+from jlora.infra import fs
 from jlora.models.config import ModelConfig
 
 EOS = "<eos>"
@@ -49,7 +49,7 @@ def tiny_model(out: str, *, hidden: int = 64, layers: int = 2, heads: int = 4,
   model.safetensors, tokenizer files. Written once (atomically); returns ``out``."""
   if os.path.isfile(os.path.join(out, "config.json")):
     return out
-  from jlora import merged
+  from jlora.interop import merged
   from jlora.models import Transformer
   tok = _tokenizer(words)
   cfg = ModelConfig(model_type="llama", vocab_size=tok.get_vocab_size(), hidden_size=hidden,
@@ -57,7 +57,7 @@ def tiny_model(out: str, *, hidden: int = 64, layers: int = 2, heads: int = 4,
                     num_kv_heads=heads, head_dim=hidden // heads, max_position_embeddings=512)
   params = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(seed),
                                           np.zeros((1, 1), np.int32)))["params"]
-  with atomic.staging(out) as tmp:
+  with fs.staging(out) as tmp:
     merged.write_safetensors_dir(tmp, merged.hf_tensors(params, cfg, np.float32), 2**31)
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump({**cfg.to_hf(), "torch_dtype": "float32"}, f, indent=2)
@@ -84,7 +84,7 @@ def text_split(corpus: str, out: str, held_out: float = 0.05) -> tuple[str, str]
     return train, test
   directory = os.path.join(cache_dir(), "corpora", corpus)
   if not os.path.isdir(directory):
-    with atomic.staging(directory) as tmp:  # a fetch cut short leaves no corpus behind
+    with fs.staging(directory) as tmp:  # a fetch cut short leaves no corpus behind
       fetched = debian.fetch(corpus, os.path.join(tmp, ".fetch"))
       for name in os.listdir(fetched):
         os.replace(os.path.join(fetched, name), os.path.join(tmp, name))
@@ -98,5 +98,5 @@ def text_split(corpus: str, out: str, held_out: float = 0.05) -> tuple[str, str]
       split[test if bucket < held_out else train].append(text)
   os.makedirs(out, exist_ok=True)
   for path, texts in split.items():
-    atomic.write_text(path, "".join(json.dumps({"text": t}) + "\n" for t in texts))
+    fs.write_text(path, "".join(json.dumps({"text": t}) + "\n" for t in texts))
   return train, test

@@ -6,7 +6,7 @@ data is ``task:facts``, made-up keys with uniform random answers among 100, so e
 answer carries exactly log2(100) bits and nothing generalises. The model is a tiny random
 Llama with a word-level tokenizer in which every key and answer is one token. Stage 1
 teaches the base the format on *another* table (full fine-tuning, data seed 1) and merges
-it into a model (``export.merge_run``); stage 2 trains FullFT and LoRA (all layers,
+it into a model (``trained.merge_run``); stage 2 trains FullFT and LoRA (all layers,
 alpha 32) at several ranks on the experiment's table (seed 0), the same batches for all,
 best of the LRs given. Metric: the final loss on the whole table (``eval.size``; the
 full batches of it), in bits per answer.
@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 import os
 
-from jlora.study import Context, Outcome, Plan, Study, assets, register, report, runner
+from jlora.study import assets, report, runner
+from jlora.study.registry import Context, Outcome, StudyPlan, Study, register
 from jlora.study import verdicts
 
 BITS = math.log2(100)
@@ -62,7 +63,7 @@ def _values(ctx: Context, model: str, seed: int, steps: int) -> dict:
   }
 
 
-def capacity_prepare(ctx: Context) -> Plan:
+def capacity_prepare(ctx: Context) -> StudyPlan:
   b = _budget(ctx)
   model = ctx.model or assets.tiny_model(os.path.join(ctx.out, "model"), hidden=b["hidden"],
                                          words=_words(b["facts"]))
@@ -86,13 +87,15 @@ def _plots(ctx: Context, best: dict, full_bits, threshold: float, measured_arms)
           report.curves(measured_arms, ctx.out, "training loss per arm")]
 
 
-def capacity_analyse(ctx: Context, plan: Plan, results) -> Outcome:
-  from jlora import advisor, data, export, models
+def capacity_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
+  from jlora import data, models
+  from jlora.findings import advisor
+  from jlora.run import trained
   b = _budget(ctx)
   fmt = os.path.join(ctx.out, "format_model")
   if not os.path.isdir(fmt):
     run_dir = runner.arm_config(plan.values, plan.arms[0], ctx.out)[0].run_dir
-    export.merge_run(run_dir, fmt)
+    trained.merge_run(run_dir, fmt)
   arms = [runner.Arm(f"full-lr{lr:g}", "FullFT", 0, {"train": {"method": "full", "lr": lr}})
           for lr in b["lr_full"]]
   arms += [runner.Arm(f"lora-r{r}-lr{lr:g}", f"LoRA r={r}", r,

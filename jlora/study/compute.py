@@ -19,10 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-import jlora
-from jlora import lora, models, optim, train
+from jlora import models
+from jlora.core import lora, optim
+from jlora.objectives import lm
+from jlora.run import train_step
 from jlora.models import ModelConfig, Transformer
-from jlora.study import Context, Outcome, Study, register, report, verdicts
+from jlora.study import report, verdicts
+from jlora.study.registry import Context, Outcome, Study, register
 
 FULL_SPEC = lora.LoraSpec(rank=1, targets=None, full=(".*",))  # train.method = "full"
 RANK, SEQ, VOCAB = 16, 256, 256
@@ -63,9 +66,9 @@ def xla_flops(cfg: ModelConfig, batch: int, seq: int, rank: int = RANK, alpha: f
 
   def grad_flops(spec):
     plan = lora.plan(params, spec)
-    adapters = jax.eval_shape(lambda: jlora.init_adapters(params, plan, jax.random.PRNGKey(1)))
+    adapters = jax.eval_shape(lambda: lora.init_adapters(params, plan, jax.random.PRNGKey(1)))
     trainable, frozen = optim.trainable(params, adapters, plan)
-    loss = train.lm_loss(model, plan)
+    loss = lm.lm_loss(model, plan)
     return count(jax.grad(lambda tr, fr, b: loss(tr, fr, b)[0]), trainable, frozen, batch_)
 
   return grad_flops(models.lora_spec(cfg, rank, alpha=alpha)), grad_flops(FULL_SPEC)
@@ -82,17 +85,17 @@ def layer_flops(width: int) -> tuple[float, float]:
 
 
 def step_ms(cfg: ModelConfig, batch: int, seq: int, spec, repeats: int = 5) -> float:
-  """Median wall time of the jitted, donated train step (``train.make_step``, AdamW)."""
+  """Median wall time of the jitted, donated train step (``train_step.make_step``, AdamW)."""
   model = Transformer(cfg)
   tokens = random_tokens(cfg, batch, seq)
   data = lm_batch(tokens)
   params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), data["inputs"]))["params"]
   plan = lora.plan(params, spec)
-  adapters = jlora.init_adapters(params, plan, jax.random.PRNGKey(1)) if plan.targets else {}
+  adapters = lora.init_adapters(params, plan, jax.random.PRNGKey(1)) if plan.targets else {}
   trainable, frozen = optim.trainable(params, adapters, plan)
   tx = optim.optimizer(1e-4)
-  state = train.init_state(trainable, tx)
-  step = train.compile_step(train.jit_step(train.make_step(train.lm_loss(model, plan), tx),
+  state = train_step.init_state(trainable, tx)
+  step = train_step.compile_step(train_step.jit_step(train_step.make_step(lm.lm_loss(model, plan), tx),
                                            state, frozen), state, frozen, data)
   times = []
   for i in range(repeats + 1):

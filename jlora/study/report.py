@@ -12,7 +12,7 @@ import platform
 import shlex
 from typing import Any, Sequence
 
-from jlora import atomic
+from jlora.infra import fs
 from jlora.study import verdicts
 
 
@@ -30,7 +30,7 @@ def save(fig, out: str, name: str) -> str:
   png = io.BytesIO()
   fig.savefig(png, format="png", dpi=110)
   pyplot().close(fig)
-  atomic.write_bytes(os.path.join(out, name), png.getvalue())
+  fs.write_bytes(os.path.join(out, name), png.getvalue())
   return name
 
 
@@ -115,7 +115,7 @@ def record_start(out: str, study: str, budget: str, cmd: str) -> dict:
   record["invocations"].append({
       "command": cmd, "started": datetime.datetime.now().isoformat(timespec="seconds"),
       "machine": machine(), "versions": versions(), "wall_s": None})
-  atomic.write_json(path, record)
+  fs.write_json(path, record)
   return record
 
 
@@ -123,7 +123,7 @@ def record_end(out: str, record: dict, wall_s: float, **fields) -> dict:
   record["invocations"][-1]["wall_s"] = round(wall_s, 1)
   record.update(fields)
   record["wall_s"] = round(sum(i["wall_s"] or 0 for i in record["invocations"]), 1)
-  atomic.write_json(os.path.join(out, "study.json"), record)
+  fs.write_json(os.path.join(out, "study.json"), record)
   return record
 
 
@@ -165,5 +165,5 @@ def write(out: str, *, title: str, claim: str, figure: str, rule: str,
             "Versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()) + ".",
             "Per-arm rows: `results.jsonl` / `results.csv`; the record: `study.json`.", ""]
   path = os.path.join(out, "report.md")
-  atomic.write_text(path, "\n".join(lines))
+  fs.write_text(path, "\n".join(lines))
   return path

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 
-from jlora.study import Context, Outcome, Plan, Study, register, report, runner, verdicts
+from jlora.study import report, runner, verdicts
+from jlora.study.registry import Context, Outcome, StudyPlan, Study, register
 from jlora.study.sft import model_path
 
 
-def rl_prepare(ctx: Context) -> Plan:
-  from jlora import rl
+def rl_prepare(ctx: Context) -> StudyPlan:
+  from jlora.objectives import rl
   values = {
       "model": {"path": model_path(ctx), "remat": False},
       "data": {"source": "task:arithmetic", "seed": 1, "chat": ctx.budget != "smoke",
@@ -36,7 +37,7 @@ def rl_prepare(ctx: Context) -> Plan:
   return ctx.plan(values, arms, rl.run)
 
 
-def rl_analyse(ctx: Context, plan: Plan, results) -> Outcome:
+def rl_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
   acc = {r.arm.name: r.final("accuracy") for r in results}
   n = plan.values["eval"]["examples"]
   p = acc.get("full") if acc.get("full") is not None else 0.5

@@ -22,7 +22,8 @@ import shutil
 import time
 from typing import Any, Callable, Sequence
 
-from jlora import atomic, config as config_lib, loop, setup
+from jlora.infra import fs
+from jlora.run import build, config as config_lib, loop
 
 LEAD = ("study", "arm", "series", "x", "status", "step")
 
@@ -94,17 +95,17 @@ def arm_config(values: dict, arm: Arm, out: str) -> tuple[config_lib.RunConfig, 
 
 
 def _read_rows(run_dir: str) -> list[dict]:
-  path = atomic.join(run_dir, "metrics.jsonl")
-  if not atomic.is_file(path):
+  path = fs.join(run_dir, "metrics.jsonl")
+  if not fs.is_file(path):
     return []
-  return [json.loads(line) for line in atomic.read_text(path).splitlines() if line.strip()]
+  return [json.loads(line) for line in fs.read_text(path).splitlines() if line.strip()]
 
 
 def _load(arm: Arm, digest: str, run_dir: str) -> ArmResult | None:
-  path = atomic.join(run_dir, "arm.json")
-  if not atomic.is_file(path):
+  path = fs.join(run_dir, "arm.json")
+  if not fs.is_file(path):
     return None
-  saved = atomic.read_json(path)
+  saved = fs.read_json(path)
   return ArmResult(arm, digest, saved["status"], saved["summary"], _read_rows(run_dir),
                    saved["wall_s"], saved.get("message", ""))
 
@@ -112,12 +113,12 @@ def _load(arm: Arm, digest: str, run_dir: str) -> ArmResult | None:
 def run_arms(study: str, arms: Sequence[Arm], values: dict, out: str, *,
              log: Callable[[str], None] = print, runner: Callable[..., dict] | None = None,
              keep_checkpoints: bool = False) -> list[ArmResult]:
-  """Run every arm not yet finished (``runner``: ``trainer.run`` or ``rl.run``), the base
+  """Run every arm not yet finished (``runner``: ``sft.run`` or ``rl.run``), the base
   model loaded once for all of them; returns every arm's result, in order. A finished
   arm's checkpoints are deleted unless ``keep_checkpoints`` (its metrics, summary and
   adapters stay): a FullFT arm of a 135M model would keep 1.6 GB."""
-  from jlora import trainer
-  runner = runner or trainer.run
+  from jlora.objectives import sft
+  runner = runner or sft.run
   configs = [(arm, *arm_config(values, arm, out)) for arm in arms]
   names = [arm.name for arm in arms]
   if len(set(names)) != len(names):
@@ -134,7 +135,7 @@ def run_arms(study: str, arms: Sequence[Arm], values: dict, out: str, *,
       results.append(done)
       continue
     if base is None:
-      base = setup.load_base(cfg, setup.preflight(cfg), log, shared=True)
+      base = build.load_base(cfg, build.reading(cfg), log, shared=True)
     results.append(_run_arm(arm, cfg, digest, base, runner, out, log, f"{i}/{len(configs)}"))
     if not keep_checkpoints:
       shutil.rmtree(os.path.join(cfg.run_dir, "checkpoints"), ignore_errors=True)
@@ -144,7 +145,7 @@ def run_arms(study: str, arms: Sequence[Arm], values: dict, out: str, *,
 
 
 def _run_arm(arm, cfg, digest, base, runner, out, log, count) -> ArmResult:
-  resume = atomic.is_file(atomic.join(cfg.run_dir, "config.json"))
+  resume = fs.is_file(fs.join(cfg.run_dir, "config.json"))
   log(f"[{count}] {arm.name}: {'resuming' if resume else 'training'} "
       f"({json.dumps(arm.overrides, sort_keys=True)})")
   start = time.perf_counter()
@@ -158,7 +159,7 @@ def _run_arm(arm, cfg, digest, base, runner, out, log, count) -> ArmResult:
       status, message = "diverged", str(e)
       arm_log(message)
   wall = time.perf_counter() - start
-  atomic.write_json(os.path.join(cfg.run_dir, "arm.json"),
+  fs.write_json(os.path.join(cfg.run_dir, "arm.json"),
                     {"arm": dataclasses.asdict(arm), "hash": digest, "status": status,
                      "summary": summary, "wall_s": wall, "message": message})
   result = ArmResult(arm, digest, status, summary, _read_rows(cfg.run_dir), wall, message)
@@ -188,8 +189,8 @@ def write_table(path_stem: str, table: Sequence[dict]) -> None:
   writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
   writer.writeheader()
   writer.writerows(table)
-  atomic.write_text(path_stem + ".jsonl", text)
-  atomic.write_text(path_stem + ".csv", buf.getvalue())
+  fs.write_text(path_stem + ".jsonl", text)
+  fs.write_text(path_stem + ".csv", buf.getvalue())
 
 
 def write_results(study: str, results: Sequence[ArmResult], out: str) -> None:

@@ -22,8 +22,11 @@ import math
 import os
 import re
 
-from jlora import config as config_lib, hparams, models
-from jlora.study import Context, Outcome, Plan, Study, assets, register, report, runner
+from jlora import models
+from jlora.findings import hparams
+from jlora.run import config as config_lib
+from jlora.study import assets, report, runner
+from jlora.study.registry import Context, Outcome, StudyPlan, Study, register
 from jlora.study import verdicts
 
 
@@ -81,11 +84,11 @@ def _fmt_lr(lr: float) -> str:
 # --- layers (FINDINGS 1) -----------------------------------------------------------------
 
 def _group_params(model_cfg, rank: int, targets: str) -> int:
-  from jlora import advisor
+  from jlora.findings import advisor
   return advisor.plan_for(model_cfg, rank, targets, alpha=32.0).adapter_params
 
 
-def layers_prepare(ctx: Context) -> Plan:
+def layers_prepare(ctx: Context) -> StudyPlan:
   values, cfg = _base(ctx, ctx.pick(4, 40, 400))
   mlp_rank = ctx.pick(4, 16, 128)
   mlp_params = _group_params(cfg, mlp_rank, "mlp")
@@ -118,7 +121,7 @@ def _best(results) -> runner.ArmResult | None:
   return min(done, key=metric) if done else None
 
 
-def layers_analyse(ctx: Context, plan: Plan, results) -> Outcome:
+def layers_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
   tol = 0.01
   best = {s: _best(rs) for s, rs in runner.by_series(results).items()}
   loss = {s: (metric(b) if b else None) for s, b in best.items()}
@@ -164,7 +167,7 @@ register(Study(
 
 # --- lr (FINDINGS 2) ---------------------------------------------------------------------
 
-def lr_prepare(ctx: Context) -> Plan:
+def lr_prepare(ctx: Context) -> StudyPlan:
   values, cfg = _base(ctx, ctx.pick(3, 15, 200))
   steps = values["train"]["steps"]
   exponents = ctx.pick((-1, 0, 1), (-2, -1, 0, 1), (-3, -2, -1, 0, 1, 2))
@@ -182,7 +185,7 @@ def lr_prepare(ctx: Context) -> Plan:
   return ctx.plan(values, arms)
 
 
-def lr_analyse(ctx: Context, plan: Plan, results) -> Outcome:
+def lr_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
   optima = {}
   for series, rs in runner.by_series(results).items():
     optima[series] = verdicts.lr_optimum([r.arm.x for r in rs], [metric(r) for r in rs])
@@ -240,7 +243,7 @@ register(Study(
 
 # --- rank (FINDINGS 3) -------------------------------------------------------------------
 
-def rank_prepare(ctx: Context) -> Plan:
+def rank_prepare(ctx: Context) -> StudyPlan:
   values, cfg = _base(ctx, ctx.pick(6, 40, 500))
   lr = hparams.lora_lr(cfg, values["train"]["steps"])
   ranks = ctx.pick((1, 4), (1, 4, 16, 64), (1, 4, 16, 64, 256))
@@ -249,7 +252,7 @@ def rank_prepare(ctx: Context) -> Plan:
   return ctx.plan(values, arms, lr=lr)
 
 
-def rank_analyse(ctx: Context, plan: Plan, results) -> Outcome:
+def rank_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
   steps = plan.values["train"]["steps"]
   early = max(2, steps // 4)
   rel_tol, tol = 0.02, 0.01
@@ -304,7 +307,7 @@ register(Study(
 
 # --- batch (FINDINGS 4) ------------------------------------------------------------------
 
-def batch_prepare(ctx: Context) -> Plan:
+def batch_prepare(ctx: Context) -> StudyPlan:
   sizes = ctx.pick((2, 8), (1, 4, 16), (32, 128, 512))
   rows = ctx.pick(16, 64, 16384)  # rows of data.seq_len tokens every arm sees
   values, cfg = _base(ctx, 1)
@@ -329,7 +332,7 @@ def batch_prepare(ctx: Context) -> Plan:
   return ctx.plan(values, arms, rows=rows, rank=rank)
 
 
-def batch_analyse(ctx: Context, plan: Plan, results) -> Outcome:
+def batch_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
   tol = 0.01
   final = {(r.arm.series.split()[0], int(r.arm.x)): metric(r) for r in results}
   sizes = sorted({b for _, b in final})

@@ -1,0 +1,75 @@
+"""The language-model objective's pieces: log-probabilities of target tokens and the
+token cross-entropy, computed in chunks of tokens so [B, T, V] logits never exist whole.
+``lm_loss`` is supervised fine-tuning's loss (``jlora.objectives.sft``); RL's policy loss
+takes ``token_logprobs`` (``jlora.objectives.rl.losses``). A batch is
+``{"inputs", "targets": int [B, T], "mask": [B, T]}`` plus optional ``"segment_ids"`` /
+``"positions"`` for packed rows.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jlora.core import optim
+from jlora.run.train_step import LossFn
+
+
+def token_logprobs(model, params, batch, chunk: int | None = None, last: int | None = None
+                   ) -> jax.Array:
+  """[B, T] f32 log-probabilities of ``batch["targets"]`` under the model (every
+  objective's per-token quantity: SFT's cross-entropy is their negation, RL weighs them by
+  advantages). With ``last`` only the last ``last`` positions are unembedded and returned
+  ([B, last]): RL scores only the completion, and the prompt's [P, vocab] logits (a third
+  of SmolLM2's FLOPs for a 40-token prompt, 49k vocabulary) are never computed.
+
+  With ``chunk`` (and a model with ``hidden``/``logits`` methods, as jlora's are) the
+  unembedding and log-softmax run over ``chunk`` tokens at a time under
+  ``jax.checkpoint``: the ``[B, T, vocab]`` f32 logits are never held, forward or
+  backward, only one ``[chunk, vocab]`` block at a time (for SmolLM2's 49k vocabulary at
+  8 x 128 tokens that is 200 MB of logits, plus as much again for their gradient).
+  """
+  args = (batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+  targets = batch["targets"]
+  if (chunk is None and last is None) or not hasattr(model, "logits"):
+    logits, _ = model.apply({"params": params}, *args)
+    out = -optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return out if last is None else out[:, -last:]
+  h, _ = model.apply({"params": params}, *args, method="hidden")
+  if last is not None:
+    h, targets = h[:, -last:], targets[:, -last:]
+    if chunk is None:
+      logits = model.apply({"params": params}, h, method="logits")
+      return -optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  B, T = targets.shape
+  n = B * T
+  chunk = min(chunk, n)
+  pad = -n % chunk
+  h_c = jnp.pad(h.reshape(n, -1), ((0, pad), (0, 0))).reshape(-1, chunk, h.shape[-1])
+  t_c = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)
+
+  @jax.checkpoint
+  def chunk_logprobs(params, h, t):
+    logits = model.apply({"params": params}, h, method="logits")
+    return -optax.softmax_cross_entropy_with_integer_labels(logits, t)
+
+  _, logp = jax.lax.scan(lambda c, xs: (c, chunk_logprobs(params, *xs)), None, (h_c, t_c))
+  return logp.reshape(-1)[:n].reshape(B, T)
+
+
+def token_loss_sum(model, params, batch, chunk: int | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """(sum of masked token cross-entropies in f32, number of masked-in tokens); chunked as
+  ``token_logprobs``."""
+  mask = batch["mask"].astype(jnp.float32)
+  return -jnp.sum(token_logprobs(model, params, batch, chunk) * mask), jnp.sum(mask)
+
+
+def lm_loss(model, spec, loss_chunk: int | None = None) -> LossFn:
+  """The supervised objective: ``loss(trainable, frozen, batch) -> (token cross-entropy
+  sum, masked-in token count)`` over the model with its adapters (``token_loss_sum``)."""
+  def loss(trainable, frozen, batch):
+    return token_loss_sum(model, optim.model_params(trainable, frozen, spec), batch,
+                          loss_chunk)
+  return loss

@@ -1,0 +1,140 @@
+"""``jlora rl``: policy-gradient RL with LoRA on checkable rewards, on the shared run loop.
+
+The pieces: ``rollouts.Rollouts`` (the batch source: sample prompts x group completions
+from the current policy, score them with ``rewards``, centre the rewards per group),
+``losses.policy_loss`` (importance-sampling or PPO loss, optional KL to the base), and
+``objective`` tying them into a ``loop.Objective``, and ``check_data`` (what RL checks before
+anything is loaded): ``RL`` declares them to the shared run (``driver.run``), so
+checkpoints, resume, metrics, signals and export are SFT's. Defaults from the
+findings (FINDINGS 6): rank 1 (``config.RL_DEFAULTS``), alpha 32, the LR rule's LR,
+constant schedule, no KL.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import numpy as np
+
+from jlora import data, models
+from jlora.core import optim
+from jlora.data import render
+from jlora.findings import hparams
+from jlora.run import build, config as config_lib, driver, evaluate, loop
+from jlora.objectives.rl import losses, rewards
+from jlora.objectives.rl.rollouts import Rollouts
+
+__all__ = ["losses", "rewards", "Rollouts", "objective", "run", "FIELDS", "RL"]
+
+FIELDS = ("reward_mean", "reward_std", "correct", "ratio_mean", "ratio_min", "ratio_max",
+          "clip_frac", "kl", "completion_tokens", "constant_groups", "sampled_tokens_per_s",
+          "sample_s", "eval_reward")
+
+
+def reference(s: build.Setup) -> Callable | None:
+  """trainable -> the reference policy's parameters: the base with adapters off. Under
+  LoRA that is the frozen base itself (no copy); leaves trained in full (full fine-tuning,
+  ``lora.full``) keep a copy of their initial values: the one case that costs memory."""
+  if not s.cfg.rl.kl_coef and not s.cfg.rl.track_kl:
+    return None
+  full = s.trainable["full"]
+  initial = jax.tree_util.tree_map(lambda x: x.copy(), full) if full else {}
+  return lambda trainable: optim.combine(initial, s.frozen)
+
+
+def _padded(records: list[dict], shards: int) -> list[dict]:
+  return records + records[-1:] * (-len(records) % shards)
+
+
+def held_out(s: build.Setup, rollouts: Rollouts) -> Callable[[dict], dict]:
+  """trainable -> greedy (temperature 0) held-out metrics: ``accuracy`` (final answers
+  parsed as the reward parses them) and ``eval_reward`` (mean reward), on the first
+  ``eval.examples`` records of the held-out split."""
+  dcfg = evaluate.eval_data_config(s.cfg)
+  if dcfg is None or s.cfg.eval.examples == 0:
+    return lambda trainable: {}
+  source = data.open_source(dcfg)
+  records = [dict(source[i], _index=i) for i in range(min(s.cfg.eval.examples, len(source)))]
+  shards = s.mesh.shape["data"] * s.mesh.shape["fsdp"]
+
+  def metrics(trainable) -> dict:
+    ep = rollouts.sample(trainable, _padded(records, shards), 1, jax.random.PRNGKey(0), 0.0)
+    n = len(records)
+    ep.records, ep.texts = ep.records[:n], ep.texts[:n]
+    out = {"eval_reward": float(np.mean(rollouts.score(ep)))}
+    if "answer" in records[0]:
+      out["accuracy"] = float(np.mean([rewards.correct(t, r["answer"])
+                                       for t, r in zip(ep.texts, ep.records)]))
+    return out
+
+  return metrics
+
+
+def objective(s: build.Setup) -> loop.Objective:
+  """The RL objective for the shared loop (see the module docstring)."""
+  rl = s.cfg.rl
+  loss = losses.policy_loss(s.model, s.plan, kind=rl.loss, clip=rl.clip,
+                            kl_coef=rl.kl_coef, chunk=s.cfg.train.loss_chunk)
+  rollouts = Rollouts(s, data.open_source(s.cfg.data), reference(s))
+  evaluate_fn = held_out(s, rollouts)
+  return loop.Objective(loss, rollouts, evaluate_fn, evaluate_fn, FIELDS)
+
+
+def load_config(path: str, overrides=()) -> config_lib.RunConfig:
+  """A recipe read for ``jlora rl``: RL's defaults (rank 1, an ``[rl]`` section) under the
+  recipe's own values."""
+  return config_lib.load(path, overrides, defaults=config_lib.RL_DEFAULTS)
+
+
+def check_data(cfg: config_lib.RunConfig, tok, model_cfg, limit: int) -> str:
+  """RL's data checks: the prompts' source opens and has prompts (and answers, for the
+  built-in reward); the reward function imports; prompts (up to ``limit`` of them, evenly
+  spaced) plus ``rl.max_new_tokens`` fit the model's positions. Returns a line describing
+  the data."""
+  rewards.load(cfg.rl.reward)
+  source = data.open_source(cfg.data)
+  first = source[0]
+  field = cfg.data.fields.prompt
+  if field not in first:
+    raise ValueError(f"data.source {cfg.data.source!r}: records have no {field!r} field "
+                     f"(RL needs prompts; fields: {', '.join(sorted(first))})")
+  if cfg.rl.reward == "answer" and "answer" not in first:
+    raise ValueError(f"data.source {cfg.data.source!r}: records have no 'answer' for "
+                     "rl.reward = 'answer' (give one, or a module:function reward)")
+  d, rl = cfg.data, cfg.rl
+  spaced = np.unique(np.linspace(0, len(source) - 1, limit, dtype=int))
+  records = [source[int(i)] for i in spaced]
+  eval_cfg = evaluate.eval_data_config(cfg)
+  if eval_cfg is not None and cfg.eval.examples:
+    held_out_source = data.open_source(eval_cfg)
+    records += [held_out_source[i] for i in range(min(cfg.eval.examples,
+                                                      len(held_out_source)))]
+  longest = max(len(render.prompt_ids(r, tok, d.fields, d.chat, d.system)) for r in records)
+  width = models.bucket(longest, rl.bucket)
+  if width + rl.max_new_tokens > model_cfg.max_position_embeddings:
+    raise ValueError(f"prompts of up to {width} tokens (padded to rl.bucket) + "
+                     f"rl.max_new_tokens={rl.max_new_tokens} exceed the model's "
+                     f"{model_cfg.max_position_embeddings} positions")
+  return f"{len(source)} prompts from {cfg.data.source}"
+
+
+def _rows(cfg: config_lib.RunConfig) -> tuple[int, str]:
+  return cfg.rl.rows, f"rl.prompts_per_step x rl.group_size = {cfg.rl.rows}"
+
+
+# A step's rows are prompts x group; the LR rule's absolute values are fit on SFT and
+# measured too high for RL (hparams.RL_LR_FACTOR).
+RL = driver.Kind("rl", build.Rules(_rows, check_data, hparams.RL_LR_FACTOR), objective)
+
+
+def run(cfg: config_lib.RunConfig, **kwargs) -> dict:
+  """``jlora rl``: ``driver.run`` with the RL objective (same keyword arguments)."""
+  if cfg.rl is None:
+    raise ValueError("config has no [rl] section: read it with jlora.objectives.rl.load_config")
+  return driver.run(cfg, RL, **kwargs)
+
+
+def advise(cfg: config_lib.RunConfig, pre: build.Preflight | None = None):
+  """``jlora advise`` of an RL recipe (``driver.advise``)."""
+  return driver.advise(cfg, RL, pre)

@@ -1,0 +1,122 @@
+"""One run of any objective, from a config: ``jlora train``, ``jlora rl`` and every arm of
+a study go through ``run``.
+
+The pieces, in order: ``build.preflight`` with the objective's ``Rules`` (cheap checks,
+nothing loaded), the run directory's ``check`` (a changed config or a directory in use
+fails here), ``build.build`` (weights, plan, optimizer), the advisor on the plan that will
+actually train, then ``rundir.create`` (locked) and ``loop.run`` with the loop objective
+the ``Kind`` makes. The summary and the final adapters are written last. Objectives
+(``jlora.objectives``) declare a ``Kind``; nothing here imports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+
+from jlora.findings import advisor
+from jlora.infra import fs, multihost
+from jlora.run import build, checkpoint, config as config_lib, loop, rundir
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+  """An objective as a run sees it: its ``name`` (in messages), what it decides before the
+  build (``rules``), and ``make``: a ``build.Setup`` -> the ``loop.Objective`` (loss,
+  batches, held-out evaluation) the loop trains."""
+  name: str
+  rules: build.Rules
+  make: Callable[[build.Setup], loop.Objective]
+
+
+def advise(cfg: config_lib.RunConfig, objective: Kind, pre: build.Preflight | None = None):
+  """The advisor's findings for a run config, from the model config and a data sample (no
+  weights are read, except a ``lora.init`` adapter's shapes need the base)."""
+  pre = pre or build.preflight(cfg, objective.rules)
+  if cfg.lora.init is not None and cfg.train.method == "lora":
+    plan = build.build(cfg, pre, log=lambda _: None).plan
+  else:
+    plan = build.abstract_plan(cfg, pre.model_cfg)
+  return advisor.advise_run(cfg, pre.model_cfg, pre.stats, plan), pre.stats
+
+
+def _finished(cfg: config_lib.RunConfig, log) -> dict | None:
+  """The summary of a run that already reached train.steps (a --resume with nothing to
+  do: nothing is touched), else None."""
+  run_dir = fs.absolute(cfg.run_dir)
+  steps = rundir.checkpoint_steps(run_dir)
+  summary = fs.join(run_dir, "summary.json")
+  if not steps or steps[-1] < cfg.train.steps or not fs.is_file(summary):
+    return None
+  log(f"{run_dir} already finished at step {steps[-1]} (train.steps = {cfg.train.steps}): "
+      "nothing to do; raise train.steps to train further")
+  return fs.read_json(summary)
+
+
+def run(cfg: config_lib.RunConfig, objective: Kind, *, resume: bool = False,
+        progress: bool = True, log: Callable[[str], None] = print, force: bool = False,
+        base: build.Base | None = None,
+        on_row: Callable[[dict], None] | None = None) -> dict:
+  """Train per ``cfg`` with ``objective`` (``jlora.objectives.sft.SFT`` or ``rl.RL``);
+  returns the summary (also written to RUN_DIR/summary.json). The advisor's report is
+  printed first; an "error" finding stops the run unless ``force``. ``base``: a model
+  already loaded (the arms of a study share one). ``on_row``: called with each metrics row
+  as it is written (row 0: held-out metrics before training). Raises ValueError for a user
+  mistake, before anything is written."""
+  if resume and (done := _finished(cfg, log)) is not None:
+    return done
+  pre = build.preflight(cfg, objective.rules)
+  log(f"data: {pre.stats}")
+  rundir.check(cfg, resume)
+  s = build.build(cfg, pre, log, base)
+  findings = advisor.advise_run(cfg, s.model_cfg, pre.stats, s.plan)
+  log(advisor.report(findings))
+  if advisor.has_error(findings) and not force:
+    raise ValueError("the advisor found an error (ERROR line above): fix the config, or "
+                     "pass --force to train anyway")
+  log(f"model {cfg.model.path}: {build.describe(s)}")
+  made = objective.make(s)
+  run_dir, lock = rundir.create(cfg, resume)
+  try:
+    result = loop.run(s, made, run_dir, resume=resume, log=log, progress=progress,
+                      on_row=on_row)
+    with loop.storage_failures(run_dir):
+      return _finish(s, run_dir, result)
+  finally:
+    lock.release()
+
+
+def _finish(s: build.Setup, run_dir: str, result: loop.Result) -> dict:
+  """adapters.safetensors and summary.json of a completed run."""
+  t, trainable = s.cfg.train, result.state["trainable"]
+  if t.method == "lora":
+    rundir.save_adapters(fs.join(run_dir, "adapters.safetensors"), trainable["lora"],
+                         s.spec)
+  last, before, after = result.last, result.before, result.after
+  step_dir = fs.join(run_dir, "checkpoints", str(t.steps))
+  summary = {
+      "steps": t.steps, "method": t.method, "lr": s.lr,
+      "final_train_loss": last and last["loss"],
+      "tokens_per_s": last and last["tokens_per_s"],
+      "eval_loss_before": before.get("eval_loss"), "eval_loss_after": after.get("eval_loss"),
+      "accuracy_before": before.get("accuracy"), "accuracy_after": after.get("accuracy"),
+      "accuracy_examples": s.cfg.eval.examples if "accuracy" in after else 0,
+      "trainable_bytes": _tree_bytes(trainable),
+      "optimizer_bytes": _tree_bytes(result.state["opt_state"]),
+      "checkpoint_array_bytes": result.stored_bytes,  # the last checkpoint: no frozen base
+      "checkpoint_bytes": checkpoint.size_bytes(step_dir) if fs.is_dir(step_dir) else None,
+  }
+  for key in sorted(set(before) | set(after)):  # an objective's own held-out metrics
+    summary.setdefault(f"{key}_before", before.get(key))
+    summary.setdefault(f"{key}_after", after.get(key))
+  if multihost.primary():
+    fs.write_json(fs.join(run_dir, "summary.json"), summary)
+  return summary
+
+
+def _tree_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)
+             if hasattr(x, "dtype"))
+

@@ -1,0 +1,81 @@
+"""Held-out evaluation data and task accuracy (greedy answers checked by the task)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from jlora import data, models
+from jlora.infra import multihost
+from jlora.run import config as config_lib
+from jlora.data import render
+
+
+def until_eos(ids, eos_id: int | None) -> list[int]:
+  """Generated ids up to (not including) the first EOS."""
+  ids = [int(i) for i in ids]
+  return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
+def eval_data_config(cfg: config_lib.RunConfig) -> data.DataConfig | None:
+  """The held-out data: ``eval.source``, or the training source's ``eval.split`` where
+  sources have splits (tasks, TFDS); None for a single file with no held-out part."""
+  source = cfg.eval.source
+  if source is None:
+    s = cfg.data.source
+    if not (s.startswith(("task:", "tfds:")) or data.sources.is_tfds_dir(s)):
+      return None
+    source = s
+  return dataclasses.replace(cfg.data, source=source, split=cfg.eval.split, shuffle=False,
+                             epochs=1, prefetch=0,
+                             size=cfg.eval.size or (cfg.data.size and
+                                                    max(cfg.data.size // 10, 1)))
+
+
+def eval_batches(cfg: config_lib.RunConfig, tok) -> list[dict]:
+  dcfg = eval_data_config(cfg)
+  if dcfg is None or cfg.eval.batches == 0:
+    return []
+  out = []
+  for batch in data.dataset(dcfg, tok):
+    out.append(batch)
+    if len(out) == cfg.eval.batches:
+      break
+  # each process reads its own rows: all keep the batches every process has
+  return out[:min(multihost.gather_json(len(out)))]
+
+
+def answers(model, params, tok, dcfg: data.DataConfig, records: list[dict],
+            max_new_tokens: int) -> list[str]:
+  """The greedy completion of each record's prompt (prompts left-padded, one batch), up to
+  EOS. ``params``: what the model sees (``optim.model_params``: adapters included)."""
+  prompts = [render.prompt_ids(r, tok, dcfg.fields, dcfg.chat, dcfg.system) for r in records]
+  width = max(len(p) for p in prompts)
+  tokens = np.zeros((len(prompts), width), np.int32)
+  mask = np.zeros((len(prompts), width), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, width - len(p):], mask[i, width - len(p):] = p, 1
+  out = models.generate(model, params, tokens, max_new_tokens=max_new_tokens,
+                        prompt_mask_BP=mask)
+  out = np.asarray(multihost.to_host(out))  # whole on every process
+  return [tok.decode(until_eos(row, tok.eos_id)) for row in out]
+
+
+def accuracy(model, params, tok, dcfg: data.DataConfig, records: list[dict], task,
+             max_new_tokens: int) -> float:
+  """Fraction of ``records`` whose greedy answer (``answers``) the task accepts."""
+  said = answers(model, params, tok, dcfg, records, max_new_tokens)
+  return sum(task.check(text, r["answer"]) for text, r in zip(said, records)) / len(records)
+
+
+def task_records(cfg: config_lib.RunConfig) -> tuple[Any, list[dict]]:
+  dcfg = eval_data_config(cfg)
+  if dcfg is None or cfg.eval.examples == 0:
+    return None, []
+  source = data.open_source(dcfg)
+  task = getattr(source, "task", None)
+  if task is None:
+    return None, []
+  return task, [source[i] for i in range(min(cfg.eval.examples, len(source)))]

@@ -1,0 +1,365 @@
+"""The run loop every objective shares: resume, the step loop, logging, checkpoints,
+held-out evaluation, the non-finite stop and preemption.
+
+An objective (supervised fine-tuning in ``jlora.run.driver``; RL and the studies likewise)
+supplies an ``Objective``: its loss (``train_step.make_step`` turns it into the one train step,
+jitted here with the state's shardings), a batch source, and its held-out evaluation.
+Everything else is here, once:
+
+- resume: the trainable state, optimizer state and the batch source's position come
+  back from the latest checkpoint (``checkpoint.Checkpoints``), bit-exact on CPU;
+- the loop dispatches step n+1 before it reads step n's metrics, and syncs with the host
+  only on steps it logs or checkpoints;
+- SIGTERM (what a scheduler or a TPU VM sends before preempting) and SIGINT (Ctrl-C) are
+  deferred while it runs: the step in flight finishes, a checkpoint is written at it, and
+  ``Interrupted`` says which step was saved (the CLI exits 0 for SIGTERM, 130 for SIGINT);
+  with several processes, all stop at the first logged step where any has a signal;
+- a non-finite loss, gradient or parameter stops the run before it is checkpointed
+  (``NonFiniteLoss``), so the last checkpoint is always a usable one;
+- a write that fails (a full disk: a checkpoint, metrics) stops the run at the next step
+  (checkpoints are polled every step, without blocking) with ``StorageFailed``, one line
+  naming the cause and the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, Protocol
+
+import jax
+
+from jlora.core import optim
+from jlora.infra import fs, mesh as mesh_lib, multihost
+from jlora.run import checkpoint, rundir, train_step
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+class StorageFailed(fs.StorageError):
+  """The run could not write to its directory (a full disk). ``step``: the last good
+  checkpoint, which ``--resume`` continues (None: no step was saved, so a plain rerun of
+  the same command starts over: ``rundir.check`` lets it)."""
+
+  def __init__(self, message: str, step: int | None):
+    self.step = step
+    super().__init__(message)
+
+
+@contextlib.contextmanager
+def storage_failures(run_dir: str) -> Iterator[None]:
+  """A storage failure inside the block becomes ``StorageFailed`` with the last good
+  checkpoint found on disk."""
+  try:
+    yield
+  except StorageFailed:
+    raise
+  except Exception as e:  # noqa: BLE001 (only storage failures are converted)
+    if isinstance(e, checkpoint.SaveFailed):
+      what = str(e)
+    elif (reason := fs.storage_reason(e)) is not None:
+      what = f"cannot write to {run_dir}: {reason}"
+    else:
+      raise
+    steps = rundir.checkpoint_steps(run_dir)
+    last = steps[-1] if steps else None
+    raise StorageFailed(
+        f"{what}; training stopped, " +
+        ("no step was saved (free space, then run the same command again)" if last is None
+         else f"the last good checkpoint is step {last} (free space, then resume)"),
+        last) from None
+
+
+class Interrupted(Exception):
+  """A signal stopped the run; ``step`` is the checkpoint it left (None: none yet)."""
+
+  def __init__(self, signum: int, step: int | None, run_dir: str):
+    self.signum, self.step, self.run_dir = signum, step, run_dir
+    name = signal.Signals(signum).name
+    saved = f"saved step {step} in {run_dir}" if step is not None else \
+        f"no checkpoint yet in {run_dir}"
+    super().__init__(f"{name}: {saved}")
+
+  @property
+  def exit_code(self) -> int:
+    return 130 if self.signum == signal.SIGINT else 0
+
+
+class Batches(Protocol):
+  """A batch source: ``next(state)`` gives the next global batch (it may sample from the
+  current policy); its position round-trips through JSON for checkpoints."""
+
+  def next(self, state: Any) -> Any: ...
+  def metrics(self) -> dict: ...  # host-side metrics of the last batch (e.g. rewards)
+  def get_state(self) -> dict: ...
+  def set_state(self, state: dict) -> None: ...
+  def close(self) -> None: ...
+
+
+class DataBatches:
+  """Batches from a data pipeline iterator (``jlora.data.dataset``): each process's rows
+  assembled into global arrays on the mesh."""
+
+  def __init__(self, iterator, mesh):
+    self._it, self._mesh = iterator, mesh
+
+  def next(self, state) -> dict:
+    del state  # supervised data does not depend on the model
+    return mesh_lib.global_batch(next(self._it), self._mesh)
+
+  def metrics(self) -> dict:
+    return {}
+
+  def get_state(self) -> dict:
+    return self._it.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._it.set_state(state)
+
+  def close(self) -> None:
+    if hasattr(self._it, "close"):
+      self._it.close()
+
+
+@dataclasses.dataclass
+class Objective:
+  """What an objective plugs into the loop.
+
+  Attributes:
+    loss: ``loss(trainable, frozen, batch) -> (sum, count[, aux])`` (``train_step.make_step``).
+    batches: where batches come from (``Batches``).
+    evaluate: trainable -> held-out metrics, run before and after training.
+    eval_loss: trainable -> the cheaper metrics run every ``eval.every`` steps.
+    fields: extra metric names for metrics.csv (JSONL and TensorBoard take them all).
+  """
+  loss: train_step.LossFn
+  batches: Batches
+  evaluate: Callable[[Any], dict]
+  eval_loss: Callable[[Any], dict]
+  fields: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class Result:
+  state: Any
+  first: int  # the step this invocation started from
+  before: dict  # held-out metrics before training
+  after: dict  # and after
+  last: dict | None  # the last logged row
+  stored_bytes: int | None  # arrays in the last checkpoint
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[list[int]]:
+  """Within the block SIGINT and SIGTERM are recorded (in the yielded list) instead of
+  interrupting; the loop polls the list between steps. Outside the main thread (where
+  Python cannot install handlers) nothing is deferred."""
+  received: list[int] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield received
+    return
+  sigs = (signal.SIGINT, signal.SIGTERM)
+  old = {sig: signal.signal(sig, lambda signum, _: received.append(signum)) for sig in sigs}
+  try:
+    yield received
+  finally:
+    for sig, handler in old.items():
+      signal.signal(sig, handler)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, disable=not enabled, unit="step",
+              dynamic_ncols=True)
+
+
+def _start(s, objective: Objective, ckpts, state, run_dir: str, resume: bool, log, on_row):
+  """(state, first step, held-out metrics before training, Metrics) for a fresh or
+  resumed run."""
+  start_file = fs.join(run_dir, "start.json")
+  if resume and ckpts.latest_step() is not None:
+    state, data_state, meta = ckpts.restore(checkpoint.abstract(state))
+    objective.batches.set_state(_own_data_state(data_state))
+    first = int(meta["step"])
+    before = fs.read_json(start_file)
+    log(f"resumed {run_dir} at step {first}")
+    return state, first, before, rundir.Metrics(run_dir, first, _fields(objective), on_row)
+  if resume:
+    log(f"{run_dir} has no checkpoint yet: starting from step 0")
+    if multihost.primary():
+      rundir.clear_start(run_dir)  # what the start that saved nothing logged
+  metrics = rundir.Metrics(run_dir, None, _fields(objective), on_row)
+  log("evaluating before training")
+  begin = time.perf_counter()
+  before = objective.evaluate(state["trainable"])
+  if multihost.primary():
+    fs.write_json(start_file, before)
+  metrics.write({"step": 0, **before})
+  log("before training: " + (", ".join(f"{k} {v:.4g}" for k, v in before.items()) or
+                             "no held-out data") + f" ({time.perf_counter() - begin:.1f} s)")
+  return state, 0, before, metrics
+
+
+def _data_state(batches: Batches) -> dict:
+  """The batch source's position for a checkpoint: every process's, when there are
+  several (each reads its own rows; orbax writes JSON from process 0 only)."""
+  state = batches.get_state()
+  if multihost.processes() == 1:
+    return state
+  return {"processes": multihost.gather_json(state)}
+
+
+def _own_data_state(saved: dict) -> dict:
+  if "processes" not in saved:
+    if multihost.processes() > 1:
+      raise ValueError("the checkpoint was written by a single process: resume it with one")
+    return saved
+  states = saved["processes"]
+  if len(states) != multihost.processes():
+    raise ValueError(f"the checkpoint was written by {len(states)} processes, this run has "
+                     f"{multihost.processes()}: resume it with {len(states)}")
+  return states[jax.process_index()]
+
+
+def _fields(objective: Objective) -> tuple[str, ...]:
+  return rundir.Metrics.FIELDS + tuple(f for f in objective.fields
+                                       if f not in rundir.Metrics.FIELDS)
+
+
+def _row(n: int, m: dict, lr: float, seen_tokens: int, elapsed: float) -> dict:
+  extra = {k: float(v) for k, v in m.items()
+           if k not in ("loss", "grad_norm", "tokens", "finite")}
+  return {"step": n, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": lr,
+          "tokens": int(m["tokens"]),
+          "tokens_per_s": seen_tokens / elapsed if seen_tokens else None,
+          "elapsed_s": elapsed, **extra}
+
+
+class _Timer:
+  """Wall seconds per step, and those spent getting batches (data loading; sampling for
+  RL), averaged over the steps since the last logged row."""
+
+  def __init__(self):
+    self.mark, self.steps, self.data = time.perf_counter(), 0, 0.0
+
+  def batch(self, seconds: float) -> None:
+    self.steps, self.data = self.steps + 1, self.data + seconds
+
+  def take(self) -> dict:
+    now = time.perf_counter()
+    out = {"step_s": (now - self.mark) / max(self.steps, 1),
+           "data_s": self.data / max(self.steps, 1)}
+    self.mark, self.steps, self.data = now, 0, 0.0
+    return out
+
+
+def run(s, objective: Objective, run_dir: str, *, resume: bool = False,
+        log: Callable[[str], None] = print, progress: bool = True,
+        on_row: Callable[[dict], None] | None = None) -> Result:
+  """Train ``s`` (a ``jlora.run.build.Setup``) with ``objective`` from step 0 or the latest
+  checkpoint to ``train.steps``. ``on_row`` sees each metrics row as it is written (a
+  notebook's live plot). Raises ``NonFiniteLoss``, ``Interrupted`` (after saving) or
+  ``StorageFailed``."""
+  with storage_failures(run_dir):
+    return _run(s, objective, run_dir, resume, log, progress, on_row)
+
+
+def _run(s, objective, run_dir, resume, log, progress, on_row) -> Result:
+  t = s.cfg.train
+  ckpts = checkpoint.Checkpoints(fs.join(run_dir, "checkpoints"), keep=t.keep)
+  state = train_step.init_state(s.trainable, s.tx, s.mesh)
+  s.trainable = None  # the state owns (and donates) them now
+  metrics_out = None
+  try:
+    state, first, before, metrics_out = _start(s, objective, ckpts, state, run_dir, resume,
+                                               log, on_row)
+    with deferred_signals() as received:
+      state, last, after = _steps(s, objective, ckpts, metrics_out, state, first, received,
+                                  progress, run_dir, log)
+    ckpts.wait()
+    latest = ckpts.latest_step()
+    stored = None if latest is None else ckpts.stored_bytes(latest)
+  finally:  # each closes even if another fails (a full disk fails the metrics' flush)
+    with contextlib.ExitStack() as closing:
+      closing.callback(ckpts.close)  # waits for saves in flight, whatever stopped the loop
+      closing.callback(objective.batches.close)
+      if metrics_out is not None:
+        closing.callback(metrics_out.close)
+  if not after:
+    after = objective.evaluate(state["trainable"])
+  return Result(state, first, before, after, last, stored)
+
+
+def _steps(s, objective, ckpts, metrics_out, state, first, received, progress, run_dir, log):
+  """The step loop proper: (state, last logged row, held-out metrics after the final
+  step or {})."""
+  t, ev = s.cfg.train, s.cfg.eval
+  step_fn = train_step.jit_step(train_step.make_step(objective.loss, s.tx, t.grad_accum), state,
+                           s.frozen, s.mesh)
+  bar = _progress(t.steps, first, progress)
+  begin, seen_tokens, last, after, good = time.perf_counter(), 0, None, {}, first
+  timer = _Timer()
+  try:
+    for step in range(first, t.steps):
+      ckpts.poll()  # a checkpoint that failed in the background stops the run here
+      fetch = time.perf_counter()
+      batch = objective.batches.next(state)
+      timer.batch(time.perf_counter() - fetch)
+      if step == first:
+        compiling = time.perf_counter()
+        step_fn = train_step.compile_step(step_fn, state, s.frozen, batch)
+        log(f"compiled the train step in {time.perf_counter() - compiling:.1f} s")
+      state, metrics = step_fn(state, s.frozen, batch)
+      n = step + 1
+      if step == first:  # throughput counts from here: the first step includes compilation
+        jax.block_until_ready(metrics)
+        begin = time.perf_counter()
+      else:
+        seen_tokens += batch["inputs"].size if "inputs" in batch else 0
+      final = n == t.steps
+      logged = final or not (n % t.log_every and n % t.checkpoint_every)
+      if multihost.processes() == 1:
+        stop = bool(received) and not final
+      else:  # all processes stop at the same step: the next logged one after a signal
+        stop = logged and multihost.any_process(bool(received)) and not final
+      if not logged and not stop:
+        continue  # no host sync: the next step is dispatched right away
+      m = multihost.to_host(metrics)
+      if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m["finite"]):
+        kept = ckpts.latest_step()
+        raise NonFiniteLoss(
+            f"loss, gradient or parameters became non-finite at step {n} (last finite "
+            f"logged step {good}); last good checkpoint: "
+            f"{'none' if kept is None else f'step {kept}'} in {ckpts.directory}")
+      good = n
+      row = _row(n, m, optim.lr_at(s.lr_schedule, step), seen_tokens,
+                 time.perf_counter() - begin)
+      row.update(timer.take(), **objective.batches.metrics())
+      if final:
+        log("evaluating after training")
+        after = objective.evaluate(state["trainable"])
+        row.update(after)
+      elif ev.every and n % ev.every == 0:
+        row.update(objective.eval_loss(state["trainable"]))
+      if n % t.checkpoint_every == 0 or final or stop:
+        ckpts.save(n, state, _data_state(objective.batches),
+                   {"step": n, "seed": t.seed, "loss": row["loss"]},
+                   eval_loss=row.get("eval_loss"))
+      metrics_out.write(row)
+      last = row
+      bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s'] or 0:.0f}",
+                      **({"reward": f"{row['reward_mean']:.3f}"} if "reward_mean" in row else {}))
+      bar.update(n - bar.n)
+      if stop:
+        # run() waits for the save to commit; a process without a signal of its own stops
+        # as for SIGTERM (another process's)
+        raise Interrupted(received[0] if received else signal.SIGTERM, n, run_dir)
+  finally:
+    bar.close()
+  return state, last, after

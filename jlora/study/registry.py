@@ -1,0 +1,84 @@
+"""What a study is: the declaration (``Study``) each study module registers, what it is
+given (``Context``) and what it returns (``StudyPlan`` to train, ``Outcome`` to report). The
+studies themselves (``sft``, ``capacity``, ``compute``, ``rl_study``) import this module
+and register; ``jlora.study.run`` imports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+from jlora.objectives import rl, sft
+from jlora.run import build, config as config_lib
+from jlora.study import runner, verdicts
+
+BUDGETS = ("smoke", "small", "full")
+
+
+@dataclasses.dataclass
+class Context:
+  """What a study is given: its budget, output directory, the user's model and ``--set``
+  overrides (applied to every arm's config, under the arm's own overrides)."""
+  name: str
+  budget: str
+  out: str
+  model: str | None = None
+  overrides: Sequence[str] = ()
+  log: Callable[[str], None] = print
+
+  def pick(self, smoke, small, full):
+    return {"smoke": smoke, "small": small, "full": full}[self.budget]
+
+  def plan(self, values: dict, arms: list[runner.Arm], runner_fn=None, **info) -> "StudyPlan":
+    """A validated plan: ``--set`` applied to ``values``; every arm's config resolves
+    (unknown keys, bad values: one line) and the first passes the run's preflight."""
+    values = config_lib.apply_overrides(values, list(self.overrides))
+    configs = [runner.arm_config(values, arm, self.out)[0] for arm in arms]
+    if configs:
+      kind = rl.RL if configs[0].rl is not None else sft.SFT
+      build.preflight(configs[0], kind.rules)
+    return StudyPlan(values, arms, runner_fn, info)
+
+  def train(self, plan: "StudyPlan") -> list[runner.ArmResult]:
+    return runner.run_arms(self.name, plan.arms, plan.values, self.out, log=self.log,
+                           runner=plan.runner,
+                           keep_checkpoints=plan.info.get("keep_checkpoints", False))
+
+
+@dataclasses.dataclass
+class StudyPlan:
+  values: dict  # the base run config (nested dict) every arm starts from
+  arms: list[runner.Arm]
+  runner: Callable[..., dict] | None = None  # sft.run (default) or rl.run
+  info: dict = dataclasses.field(default_factory=dict)  # what analyse needs besides results
+
+
+@dataclasses.dataclass
+class Outcome:
+  verdict: verdicts.Verdict
+  measured: list[str]  # sentences: what was measured, with the key numbers
+  table: list[dict]
+  plots: list[str | None]
+  headline: str  # jlora's measurement in one line (the README's table)
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  name: str
+  title: str
+  claim: str
+  figure: str  # the post's figure or statement this mirrors
+  rule: str  # the verdict rule, as the report states it
+  prepare: Callable[[Context], StudyPlan | None]  # validates; None: no training arms
+  analyse: Callable[[Context, StudyPlan | None, list[runner.ArmResult]], Outcome]
+
+
+STUDIES: dict[str, Study] = {}
+
+
+def register(study: Study) -> Study:
+  STUDIES[study.name] = study
+  return study
+
