@@ -50,11 +50,10 @@ def step_ms(batch: dict) -> float:
   trainable, frozen = optim.trainable(params, adapters, plan)
   tx = optim.optimizer(1e-4)
   mesh = mesh_lib.make_mesh()
-  state = train_step.init_state(trainable, tx, mesh)
   loss = lm.lm_loss(model, plan, config.TrainSection().loss_chunk)
-  step = train_step.jit_step(train_step.make_step(loss, tx), state, frozen, mesh)
   batch = mesh_lib.global_batch(batch, mesh)
-  holder = {"state": state, "step": train_step.compile_step(step, state, frozen, batch)}
+  step, state = train_step.build(loss, tx, trainable, frozen, mesh, example_batch=batch)
+  holder = {"state": state, "step": step}
 
   def run():
     holder["state"], metrics = holder["step"](holder["state"], frozen, batch)

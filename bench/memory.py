@@ -129,8 +129,7 @@ def _jlora(kind: str, steps: int, model_name: str = "smollm2") -> dict:
           p, 0.02 * rng.standard_normal(shape, np.float32), base_dtype, fmt, embeddings))
       for p, shape in models.param_shapes(model).items()})
   if kind == "jlora-full":  # as `jlora train` with train.method = "full"
-    plan, adapters = jlora.core.lora.plan(params, jlora.LoraSpec(rank=1, targets=None,
-                                                            full=(".*",))), {}
+    plan, adapters = jlora.core.lora.plan(params, jlora.LoraSpec.full_fine_tuning()), {}
   else:
     plan = jlora.core.lora.plan(params, models.lora_spec(cfg, RANK))
     adapters = jax.jit(lambda p: jlora.init_adapters(p, plan, jax.random.PRNGKey(1)))(params)
@@ -139,16 +138,15 @@ def _jlora(kind: str, steps: int, model_name: str = "smollm2") -> dict:
   del params, adapters
   tx = optim.optimizer(1e-4)
   mesh = mesh_lib.make_mesh()
-  state = train_step.init_state(trainable, tx, mesh)
-  del trainable
   loss = lm.lm_loss(model, plan, loss_chunk=None if plain else CHUNK)
-  step = train_step.jit_step(train_step.make_step(loss, tx), state, frozen, mesh)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, cfg.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
            "mask": np.ones((BATCH, SEQ), np.int32)}
-  if not os.environ.get("JLORA_BENCH_JIT_CALL"):  # as the trainer does (train_step.compile_step)
-    step = train_step.compile_step(step, state, frozen, batch)
+  # compiled ahead, as the trainer does, unless JLORA_BENCH_JIT_CALL (jit's first call)
+  ahead = None if os.environ.get("JLORA_BENCH_JIT_CALL") else batch
+  step, state = train_step.build(loss, tx, trainable, frozen, mesh, example_batch=ahead)
+  del trainable
   if steps == 0:  # --steps 0: what XLA plans for the step, without running it
     m = step.memory_analysis()
     return {"ms_per_step": 0.0, "rss_before_steps_mb": _rss_mb(), "first_step_peak_mb": 0.0,

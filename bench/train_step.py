@@ -44,7 +44,7 @@ SMOL = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_
             rope_theta=100000.0)
 RANK, ALPHA, LR = 16, 32.0, 1e-4
 LOSS_CHUNK = config.TrainSection().loss_chunk  # what `jlora train` runs by default
-FULL_SPEC = compute.FULL_SPEC  # `train.method = "full"`
+FULL_SPEC = lora.LoraSpec.full_fine_tuning()  # `train.method = "full"`
 
 
 # The tokens, batches and XLA FLOP count are the compute study's (jlora study compute).
@@ -55,10 +55,8 @@ def _trainer_step(model, plan, trainable, frozen, batch, loss_chunk):
   """A closure running one step of ``jlora train``'s kind: the jitted, donated, AOT-compiled
   ``train_step_lib.make_step`` over ``lm.lm_loss``."""
   tx = optim.optimizer(LR)
-  state = train_step_lib.init_state(trainable, tx)
-  jitted = train_step_lib.jit_step(train_step_lib.make_step(lm.lm_loss(model, plan, loss_chunk), tx), state,
-                          frozen)
-  step = train_step_lib.compile_step(jitted, state, frozen, batch)
+  step, state = train_step_lib.build(lm.lm_loss(model, plan, loss_chunk), tx, trainable,
+                                     frozen, example_batch=batch)
   holder = {"state": state}
 
   def run():

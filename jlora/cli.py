@@ -35,6 +35,19 @@ def _parser() -> argparse.ArgumentParser:
   demo.add_argument("--steps", type=_positive_int, default=300)
   demo.add_argument("--lr", type=float, default=3e-3)
   demo.add_argument("--seed", type=int, default=0)
+  _run_parsers(sub)
+  adv = sub.add_parser("advise", help="check a recipe against the findings (no training)")
+  adv.add_argument("config")
+  adv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  _trained_parsers(sub)
+  _data_parser(sub.add_parser("data", help="build, fetch and inspect datasets"))
+  _study_parser(sub.add_parser("study", help="reproduce a finding of LoRA Without Regret on "
+                               "a model, with plots and a verdict (DIR/report.md)"))
+  return parser
+
+
+def _run_parsers(sub) -> None:
+  """``jlora train`` and ``jlora rl``: a recipe, overrides, resume, processes."""
   for name, help_, example in (
       ("train", "train from a TOML recipe (see configs/)", "configs/quickstart.toml"),
       ("rl", "policy-gradient RL on rewards from a TOML recipe with an [rl] section "
@@ -55,9 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--cpu-devices", type=_positive_int, default=None, metavar="N",
                      help="N fake CPU devices, to try sharding without accelerators "
                           "(default: $JLORA_CPU_DEVICES)")
-  adv = sub.add_parser("advise", help="check a recipe against the findings (no training)")
-  adv.add_argument("config")
-  adv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _trained_parsers(sub) -> None:
+  """What reads a trained run (``generate``, ``export``, ``merge``) or a PEFT adapter."""
   gen = sub.add_parser("generate", help="sample from a run's base model + adapters")
   gen.add_argument("run_dir")
   gen.add_argument("--prompt", required=True)
@@ -88,10 +102,6 @@ def _parser() -> argparse.ArgumentParser:
   merge.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                      help="of the merged weights (default: the base checkpoint's; float32 "
                           "for a quantised GGUF)")
-  _data_parser(sub.add_parser("data", help="build, fetch and inspect datasets"))
-  _study_parser(sub.add_parser("study", help="reproduce a finding of LoRA Without Regret on "
-                               "a model, with plots and a verdict (DIR/report.md)"))
-  return parser
 
 
 def _study_parser(study: argparse.ArgumentParser) -> None:

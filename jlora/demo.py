@@ -56,8 +56,7 @@ def run(rank: int = 8, steps: int = 300, lr: float = 3e-3, seed: int = 0, log=pr
 
   trainable, frozen = optim.trainable(params, adapters, spec)
   tx = optim.optimizer(lr)
-  state = train_step.init_state(trainable, tx)
-  step = train_step.jit_step(train_step.make_step(squared_error, tx), state, frozen)
+  step, state = train_step.build(squared_error, tx, trainable, frozen)
   batch = {"x": x, "y": y}
   before = float(mse(state["trainable"], frozen, batch))
   start = time.perf_counter()

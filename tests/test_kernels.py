@@ -242,9 +242,8 @@ def _three_steps(impl: str) -> list[float]:
   trainable, frozen = optim.trainable(params, adapters, spec)
   tx = optim.optimizer(1e-2)
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(), jax.devices()[:1])
-  state = train_step.init_state(trainable, tx, mesh)
-  step = train_step.jit_step(train_step.make_step(lm.lm_loss(model, spec, loss_chunk=16), tx), state,
-                        frozen, mesh)
+  step, state = train_step.build(lm.lm_loss(model, spec, loss_chunk=16), tx, trainable, frozen,
+                                 mesh)
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 13))
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
            "mask": np.ones((8, 12), np.float32)}

@@ -31,11 +31,11 @@ def _setup(rank=4, full=(), hidden=32, key=jax.random.PRNGKey(0)):
   return params, spec, adapters, loss_fn, x, y
 
 
-def _step(loss_fn, tx, trainable):
+def _step(loss_fn, tx, trainable, frozen):
   """The one train step (``train_step.make_step``) over this file's mean losses
   ``loss_fn(trainable, frozen, *batch)``, and a fresh state for it."""
-  step = train_step.make_step(lambda tr, fr, batch: (loss_fn(tr, fr, *batch), jnp.float32(1.0)), tx)
-  return jax.jit(step, donate_argnums=(0,)), train_step.init_state(trainable, tx)
+  return train_step.build(lambda tr, fr, batch: (loss_fn(tr, fr, *batch), jnp.float32(1.0)),
+                          tx, trainable, frozen)
 
 
 def _bytes(tree):
@@ -61,7 +61,7 @@ def test_frozen_bit_identical_and_trainable_updated():
   trainable, frozen = optim.trainable(params, adapters, spec)
   frozen_before = jax.tree_util.tree_map(np.array, frozen)
   trainable_before = jax.tree_util.tree_map(np.array, trainable)
-  step, state = _step(loss_fn, optim.optimizer(1e-2), trainable)
+  step, state = _step(loss_fn, optim.optimizer(1e-2), trainable, frozen)
   for _ in range(10):
     state, _ = step(state, frozen, (x, y))
   trainable = state["trainable"]
@@ -78,7 +78,7 @@ def test_lora_fits_a_toy_task():
   params, spec, adapters, loss_fn, x, y = _setup()
   trainable, frozen = optim.trainable(params, adapters, spec)
   first = float(loss_fn(trainable, frozen, x, y))
-  step, state = _step(loss_fn, optim.optimizer(1e-2), trainable)
+  step, state = _step(loss_fn, optim.optimizer(1e-2), trainable, frozen)
   for _ in range(300):
     state, metrics = step(state, frozen, (x, y))
   loss = float(loss_fn(state["trainable"], frozen, x, y))
@@ -123,7 +123,7 @@ def test_rank_invariance_at_step_zero():
       return jnp.mean((pred - y) ** 2)
 
     before = float(loss_fn(trainable, frozen))
-    step, state = _step(loss_fn, optim.optimizer(1e-4), trainable)
+    step, state = _step(loss_fn, optim.optimizer(1e-4), trainable, frozen)
     new = step(state, frozen, ())[0]["trainable"]
     changes[rank] = float(loss_fn(new, frozen)) - before
   values = np.array(list(changes.values()))

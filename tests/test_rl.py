@@ -204,9 +204,7 @@ def _rl_steps(mesh, steps=3):
   trainable = jax.device_put(trainable, mesh_lib.replicated(mesh))
   frozen = jax.device_put(frozen, mesh_lib.replicated(mesh))
   tx = optim.optimizer(1e-2)
-  state = train_step.init_state(trainable, tx, mesh)
-  step = train_step.jit_step(train_step.make_step(losses.policy_loss(model, plan), tx),
-                        state, frozen, mesh)
+  step, state = train_step.build(losses.policy_loss(model, plan), tx, trainable, frozen, mesh)
   ep, _ = _episodes(group=2)
   adv = losses.advantages(np.arange(8.0) % 3, 2)
   batch = rollouts.training_batch(ep, adv, np.ones(8, bool))

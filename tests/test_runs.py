@@ -203,7 +203,7 @@ def test_a_checkpoint_without_room_stops_the_run_there_and_resume_is_exact(
   """The free space orbax would need is checked before it writes (the disk's answer is
   replaced here; the tmpfs test below fills a real one): the run stops at that step with
   one line naming the last good checkpoint, and continues exactly once there is room."""
-  from jlora.run import checkpoint, rundir
+  from jlora.run import checkpoint
   real, calls = checkpoint.shutil.disk_usage, []
 
   def usage(path):  # room for checkpoint 2, none from checkpoint 4 on
@@ -219,7 +219,7 @@ def test_a_checkpoint_without_room_stops_the_run_there_and_resume_is_exact(
                  "no space left on device (0.0 MiB free, the checkpoint needs ~0.5 MiB); "
                  "training stopped, the last good checkpoint is step 2 (free space, then "
                  f"resume); resume with: jlora train {toml} --resume\n"), err
-  assert rundir.checkpoint_steps(str(run)) == [2] and os.listdir(run / "checkpoints") == ["2"]
+  assert checkpoint.steps(str(run)) == [2] and os.listdir(run / "checkpoints") == ["2"]
   assert _steps_logged(run) == [0, 1, 2, 3]  # step 4 was not logged: it was not saved
   monkeypatch.undo()
   assert cli.main(["train", toml, "--resume", "--no-progress"]) == 0
@@ -282,8 +282,8 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_partial(small_disk, trained,
   assert out.stderr.startswith(f"jlora: error: checkpoint step 4 could not be saved in "
                                f"{again}/checkpoints: no space left on device; training "
                                "stopped, the last good checkpoint is step 2"), out.stderr
-  from jlora.run import rundir
-  assert rundir.checkpoint_steps(str(again)) == [2]
+  from jlora.run import checkpoint
+  assert checkpoint.steps(str(again)) == [2]
 
   small_disk.fill(free_kib=8)
   before = small_disk.files()

@@ -58,9 +58,8 @@ def _init(mesh, cfg=CFG):
 def _setup(mesh, grad_accum=1, cfg=CFG):
   model, plan, trainable, frozen = _init(mesh, cfg)
   tx = optim.optimizer(1e-2)
-  state = train_step.init_state(trainable, tx, mesh)
-  step = train_step.jit_step(train_step.make_step(lm.lm_loss(model, plan), tx, grad_accum), state,
-                        frozen, mesh)
+  step, state = train_step.build(lm.lm_loss(model, plan), tx, trainable, frozen, mesh,
+                                 grad_accum)
   return step, state, frozen
 
 
@@ -261,8 +260,7 @@ def _train_one_batch(cfg, dtype=jnp.float32, steps=10, lr=3e-3):
   trainable, frozen = optim.trainable(params, adapters, plan)
   initial = jax.tree_util.tree_map(np.asarray, trainable)
   tx = optim.optimizer(lr)
-  step = jax.jit(train_step.make_step(lm.lm_loss(model, plan), tx))
-  state = train_step.init_state(trainable, tx)
+  step, state = train_step.build(lm.lm_loss(model, plan), tx, trainable, frozen)
   batch = {k: jnp.asarray(v) for k, v in _batch(0).items()}
   metrics = []
   for _ in range(steps):

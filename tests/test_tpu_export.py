@@ -53,11 +53,7 @@ def _mosaic_calls(exported) -> int:
 def test_sharded_train_step_exports_for_tpu():
   model, plan, trainable, frozen = _run_state()
   tx = optim.optimizer(1e-4)
-  state = jax.eval_shape(lambda t: {"step": jnp.zeros((), jnp.int32), "trainable": t,
-                                    "opt_state": tx.init(t)}, trainable)
-  state = _abstract(state, sharding.state_shardings(tx, trainable, MESH))
-  step = train_step.jit_step(train_step.make_step(lm.lm_loss(model, plan, 64), tx), state, frozen,
-                        MESH)
+  step, state = train_step.build(lm.lm_loss(model, plan, 64), tx, trainable, frozen, MESH)
   batch_sh = mesh_lib.batch_sharding(MESH, 2)
   batch = {k: jax.ShapeDtypeStruct((16, 128), jnp.int32, sharding=batch_sh)
            for k in ("inputs", "targets", "mask", "segment_ids", "positions")}

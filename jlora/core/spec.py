@@ -160,6 +160,12 @@ class LoraSpec:
   layouts: Any = ()
   active_experts: int = 1
 
+  @classmethod
+  def full_fine_tuning(cls) -> "LoraSpec":
+    """Full fine-tuning through the same code: every parameter trained in full, no
+    adapters (``train.method = "full"``)."""
+    return cls(rank=1, targets=None, full=(".*",))
+
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
     set_("targets", _as_rules(self.targets))

@@ -37,7 +37,7 @@ def plan_for(cfg: ModelConfig, rank: int, targets="all", **kw) -> lora.Plan:
   """The plan a rank and targets would give on this model (abstract shapes: no weights)."""
   from jlora import models
   spec = models.lora_spec(cfg, rank, targets=targets, **kw)
-  return lora.plan(models.abstract_arrays(models.Transformer(cfg)), spec)
+  return models.abstract_plan(cfg, spec)
 
 
 def params_by_group(plan: lora.Plan) -> dict[str, int]:

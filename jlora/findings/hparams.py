@@ -8,7 +8,6 @@ short runs (< ~100 steps: B starts at zero, an implicit warm-up).
 
 from __future__ import annotations
 
-from jlora.core import lora
 from jlora.models.config import ModelConfig
 
 FULL_FT_BASE_LR = 5e-5
@@ -48,4 +47,4 @@ def lora_params(cfg: ModelConfig, rank: int, targets="all", **spec_kwargs) -> in
   rank // experts_per_token (FINDINGS 8)."""
   from jlora import models
   spec = models.lora_spec(cfg, rank, targets=targets, **spec_kwargs)
-  return lora.plan(models.abstract_arrays(models.Transformer(cfg)), spec).adapter_params
+  return models.abstract_plan(cfg, spec).adapter_params

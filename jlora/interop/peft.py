@@ -59,7 +59,7 @@ def peft_tensors(adapters, spec: lora_lib.LoraSpec, cfg: ModelConfig, full: dict
   if moe_layout not in MOE_LAYOUTS:
     raise ValueError(f"--moe-layout {moe_layout!r} is not one of {', '.join(MOE_LAYOUTS)}")
   from jlora import models
-  targets = lora_lib.resolve(models.abstract_arrays(models.Transformer(cfg)), spec)
+  targets = models.abstract_plan(cfg, spec).targets
   by_path: dict[str, list] = {}
   for entry, index, name in hf.tensor_names(cfg):
     by_path.setdefault(entry.path, []).append((entry, index, name))

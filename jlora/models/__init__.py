@@ -22,6 +22,7 @@ from jlora.models.generate import Samples, bucket, generate, sample
 from jlora.models.transformer import Transformer, init_cache, layouts
 
 __all__ = ["ModelConfig", "Samples", "Transformer", "abstract_arrays", "abstract_params",
+           "abstract_plan",
            "bucket", "generate", "sample",
            "init_cache", "layouts", "load", "load_tokenizer", "lora_spec", "param_shapes",
            "smollm2_gguf"]
@@ -43,6 +44,12 @@ def _abstract(cfg: ModelConfig, dtype):
 def abstract_arrays(model: Transformer) -> dict:
   """The model's parameter tree of unboxed ``jax.ShapeDtypeStruct`` leaves."""
   return nn.unbox(abstract_params(model))
+
+
+def abstract_plan(cfg: ModelConfig, spec: lora.LoraSpec) -> lora.Plan:
+  """``spec`` resolved against the model of ``cfg`` without its weights (abstract init):
+  what the LR rule, the advisor, a PEFT adapter's check and a run's preflight plan over."""
+  return lora.plan(abstract_arrays(Transformer(cfg)), spec)
 
 
 def param_shapes(model: Transformer, abstract=None) -> dict[str, tuple[int, ...]]:

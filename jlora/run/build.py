@@ -145,7 +145,7 @@ def config_spec(cfg: config_lib.RunConfig, model_cfg) -> lora.LoraSpec:
   """The LoraSpec a config asks for (full fine-tuning: every parameter, no adapters). A
   ``lora.init`` adapter brings its own spec instead (``build``)."""
   if cfg.train.method == "full":
-    return lora.LoraSpec(rank=1, targets=None, full=(".*",))
+    return lora.LoraSpec.full_fine_tuning()
   l = cfg.lora
   return models.lora_spec(model_cfg, l.rank, l.expert_rank, alpha=l.alpha, rslora=l.rslora,
                           targets=l.targets, full=tuple(l.full))
@@ -154,8 +154,7 @@ def config_spec(cfg: config_lib.RunConfig, model_cfg) -> lora.LoraSpec:
 def abstract_plan(cfg: config_lib.RunConfig, model_cfg) -> lora.Plan:
   """The plan of a config without reading weights (shapes from an abstract init). Not for
   ``lora.init`` runs, whose spec comes from the adapter (``build``)."""
-  model = models.Transformer(model_cfg)
-  return lora.plan(models.abstract_arrays(model), config_spec(cfg, model_cfg))
+  return models.abstract_plan(model_cfg, config_spec(cfg, model_cfg))
 
 
 def _adapter_shardings(model, plan: lora.Plan, mesh):

@@ -31,7 +31,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jlora.infra import fs
+from jlora.infra import fs, multihost
+from jlora.run import train_step
 
 
 class SaveFailed(fs.StorageError):
@@ -193,6 +194,59 @@ class Checkpoints:
       except Exception:  # noqa: BLE001
         if not self._failed:
           raise
+
+
+def positions(state: dict) -> dict:
+  """A batch source's position (``get_state()``) as a checkpoint stores it: every
+  process's, when there are several (each reads its own rows; orbax writes JSON from
+  process 0 only). A collective: every process calls it."""
+  if multihost.processes() == 1:
+    return state
+  return {"processes": multihost.gather_json(state)}
+
+
+def own_positions(saved: dict) -> dict:
+  """This process's batch-source position from what ``positions`` stored; a checkpoint of
+  another process count is a one-line error."""
+  if "processes" not in saved:
+    if multihost.processes() > 1:
+      raise ValueError("the checkpoint was written by a single process: resume it with one")
+    return saved
+  states = saved["processes"]
+  if len(states) != multihost.processes():
+    raise ValueError(f"the checkpoint was written by {len(states)} processes, this run has "
+                     f"{multihost.processes()}: resume it with {len(states)}")
+  return states[jax.process_index()]
+
+
+def directory(run_dir: str) -> str:
+  """Where a run directory keeps its checkpoints."""
+  return fs.join(run_dir, "checkpoints")
+
+
+def steps(run_dir: str) -> list[int]:
+  """A run's committed checkpoint steps on disk (orbax's temporary directories are not
+  steps)."""
+  return sorted(int(d) for d in fs.listdir(directory(run_dir)) if d.isdigit())
+
+
+def remove(run_dir: str) -> None:
+  """Delete a run's checkpoints (a finished study arm keeps its metrics and adapters)."""
+  path = fs.path(directory(run_dir))
+  if path.exists():
+    path.rmtree()
+
+
+def restore_trainable(run_dir: str, s, step: int | None = None) -> tuple[Any, int]:
+  """(trainable state, its step) of checkpoint ``step`` (default: the latest) of a run
+  built as ``s`` (a ``build.Setup``), placed with its shardings."""
+  ckpts = Checkpoints(directory(run_dir), keep=s.cfg.train.keep)
+  try:
+    state = train_step.init_state(s.trainable, s.tx, s.mesh)
+    state, _, meta = ckpts.restore(abstract(state), step)
+  finally:
+    ckpts.close()
+  return state["trainable"], int(meta["step"])
 
 
 def abstract(tree: Any) -> Any:

@@ -46,7 +46,7 @@ def _finished(cfg: config_lib.RunConfig, log) -> dict | None:
   """The summary of a run that already reached train.steps (a --resume with nothing to
   do: nothing is touched), else None."""
   run_dir = fs.absolute(cfg.run_dir)
-  steps = rundir.checkpoint_steps(run_dir)
+  steps = checkpoint.steps(run_dir)
   summary = fs.join(run_dir, "summary.json")
   if not steps or steps[-1] < cfg.train.steps or not fs.is_file(summary):
     return None

@@ -35,7 +35,7 @@ import jax
 
 from jlora.core import optim
 from jlora.infra import fs, mesh as mesh_lib, multihost
-from jlora.run import checkpoint, rundir, train_step
+from jlora.run import checkpoint, metrics as metrics_lib, rundir, train_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -67,7 +67,7 @@ def storage_failures(run_dir: str) -> Iterator[None]:
       what = f"cannot write to {run_dir}: {reason}"
     else:
       raise
-    steps = rundir.checkpoint_steps(run_dir)
+    steps = checkpoint.steps(run_dir)
     last = steps[-1] if steps else None
     raise StorageFailed(
         f"{what}; training stopped, " +
@@ -185,16 +185,17 @@ def _start(s, objective: Objective, ckpts, state, run_dir: str, resume: bool, lo
   start_file = fs.join(run_dir, "start.json")
   if resume and ckpts.latest_step() is not None:
     state, data_state, meta = ckpts.restore(checkpoint.abstract(state))
-    objective.batches.set_state(_own_data_state(data_state))
+    objective.batches.set_state(checkpoint.own_positions(data_state))
     first = int(meta["step"])
     before = fs.read_json(start_file)
     log(f"resumed {run_dir} at step {first}")
-    return state, first, before, rundir.Metrics(run_dir, first, _fields(objective), on_row)
+    return state, first, before, metrics_lib.Metrics(run_dir, first, _fields(objective),
+                                                     on_row)
   if resume:
     log(f"{run_dir} has no checkpoint yet: starting from step 0")
     if multihost.primary():
       rundir.clear_start(run_dir)  # what the start that saved nothing logged
-  metrics = rundir.Metrics(run_dir, None, _fields(objective), on_row)
+  metrics = metrics_lib.Metrics(run_dir, None, _fields(objective), on_row)
   log("evaluating before training")
   begin = time.perf_counter()
   before = objective.evaluate(state["trainable"])
@@ -206,30 +207,9 @@ def _start(s, objective: Objective, ckpts, state, run_dir: str, resume: bool, lo
   return state, 0, before, metrics
 
 
-def _data_state(batches: Batches) -> dict:
-  """The batch source's position for a checkpoint: every process's, when there are
-  several (each reads its own rows; orbax writes JSON from process 0 only)."""
-  state = batches.get_state()
-  if multihost.processes() == 1:
-    return state
-  return {"processes": multihost.gather_json(state)}
-
-
-def _own_data_state(saved: dict) -> dict:
-  if "processes" not in saved:
-    if multihost.processes() > 1:
-      raise ValueError("the checkpoint was written by a single process: resume it with one")
-    return saved
-  states = saved["processes"]
-  if len(states) != multihost.processes():
-    raise ValueError(f"the checkpoint was written by {len(states)} processes, this run has "
-                     f"{multihost.processes()}: resume it with {len(states)}")
-  return states[jax.process_index()]
-
-
 def _fields(objective: Objective) -> tuple[str, ...]:
-  return rundir.Metrics.FIELDS + tuple(f for f in objective.fields
-                                       if f not in rundir.Metrics.FIELDS)
+  return metrics_lib.Metrics.FIELDS + tuple(f for f in objective.fields
+                                            if f not in metrics_lib.Metrics.FIELDS)
 
 
 def _row(n: int, m: dict, lr: float, seen_tokens: int, elapsed: float) -> dict:
@@ -272,16 +252,17 @@ def run(s, objective: Objective, run_dir: str, *, resume: bool = False,
 
 def _run(s, objective, run_dir, resume, log, progress, on_row) -> Result:
   t = s.cfg.train
-  ckpts = checkpoint.Checkpoints(fs.join(run_dir, "checkpoints"), keep=t.keep)
-  state = train_step.init_state(s.trainable, s.tx, s.mesh)
+  ckpts = checkpoint.Checkpoints(checkpoint.directory(run_dir), keep=t.keep)
+  step_fn, state = train_step.build(objective.loss, s.tx, s.trainable, s.frozen, s.mesh,
+                                    t.grad_accum)
   s.trainable = None  # the state owns (and donates) them now
   metrics_out = None
   try:
     state, first, before, metrics_out = _start(s, objective, ckpts, state, run_dir, resume,
                                                log, on_row)
     with deferred_signals() as received:
-      state, last, after = _steps(s, objective, ckpts, metrics_out, state, first, received,
-                                  progress, run_dir, log)
+      state, last, after = _steps(s, objective, ckpts, metrics_out, step_fn, state, first,
+                                  received, progress, run_dir, log)
     ckpts.wait()
     latest = ckpts.latest_step()
     stored = None if latest is None else ckpts.stored_bytes(latest)
@@ -296,12 +277,11 @@ def _run(s, objective, run_dir, resume, log, progress, on_row) -> Result:
   return Result(state, first, before, after, last, stored)
 
 
-def _steps(s, objective, ckpts, metrics_out, state, first, received, progress, run_dir, log):
+def _steps(s, objective, ckpts, metrics_out, step_fn, state, first, received, progress,
+           run_dir, log):
   """The step loop proper: (state, last logged row, held-out metrics after the final
   step or {})."""
-  t, ev = s.cfg.train, s.cfg.eval
-  step_fn = train_step.jit_step(train_step.make_step(objective.loss, s.tx, t.grad_accum), state,
-                           s.frozen, s.mesh)
+  t = s.cfg.train
   bar = _progress(t.steps, first, progress)
   begin, seen_tokens, last, after, good = time.perf_counter(), 0, None, {}, first
   timer = _Timer()
@@ -312,9 +292,7 @@ def _steps(s, objective, ckpts, metrics_out, state, first, received, progress, r
       batch = objective.batches.next(state)
       timer.batch(time.perf_counter() - fetch)
       if step == first:
-        compiling = time.perf_counter()
-        step_fn = train_step.compile_step(step_fn, state, s.frozen, batch)
-        log(f"compiled the train step in {time.perf_counter() - compiling:.1f} s")
+        step_fn = _compile(step_fn, state, s.frozen, batch, log)
       state, metrics = step_fn(state, s.frozen, batch)
       n = step + 1
       if step == first:  # throughput counts from here: the first step includes compilation
@@ -324,38 +302,21 @@ def _steps(s, objective, ckpts, metrics_out, state, first, received, progress, r
         seen_tokens += batch["inputs"].size if "inputs" in batch else 0
       final = n == t.steps
       logged = final or not (n % t.log_every and n % t.checkpoint_every)
-      if multihost.processes() == 1:
-        stop = bool(received) and not final
-      else:  # all processes stop at the same step: the next logged one after a signal
-        stop = logged and multihost.any_process(bool(received)) and not final
+      stop = _stop_here(received, logged, final)
       if not logged and not stop:
         continue  # no host sync: the next step is dispatched right away
       m = multihost.to_host(metrics)
-      if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m["finite"]):
-        kept = ckpts.latest_step()
-        raise NonFiniteLoss(
-            f"loss, gradient or parameters became non-finite at step {n} (last finite "
-            f"logged step {good}); last good checkpoint: "
-            f"{'none' if kept is None else f'step {kept}'} in {ckpts.directory}")
+      _check_finite(m, n, good, ckpts)
       good = n
       row = _row(n, m, optim.lr_at(s.lr_schedule, step), seen_tokens,
                  time.perf_counter() - begin)
       row.update(timer.take(), **objective.batches.metrics())
-      if final:
-        log("evaluating after training")
-        after = objective.evaluate(state["trainable"])
-        row.update(after)
-      elif ev.every and n % ev.every == 0:
-        row.update(objective.eval_loss(state["trainable"]))
+      after = _evaluate(s, objective, state, n, final, row, log) or after
       if n % t.checkpoint_every == 0 or final or stop:
-        ckpts.save(n, state, _data_state(objective.batches),
-                   {"step": n, "seed": t.seed, "loss": row["loss"]},
-                   eval_loss=row.get("eval_loss"))
+        _save(ckpts, n, state, objective, t.seed, row)
       metrics_out.write(row)
       last = row
-      bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s'] or 0:.0f}",
-                      **({"reward": f"{row['reward_mean']:.3f}"} if "reward_mean" in row else {}))
-      bar.update(n - bar.n)
+      _show(bar, n, row)
       if stop:
         # run() waits for the save to commit; a process without a signal of its own stops
         # as for SIGTERM (another process's)
@@ -363,3 +324,57 @@ def _steps(s, objective, ckpts, metrics_out, state, first, received, progress, r
   finally:
     bar.close()
   return state, last, after
+
+
+def _compile(step_fn, state, frozen, batch, log):
+  """The step compiled for the first batch's shapes, ahead of its first call."""
+  begin = time.perf_counter()
+  compiled = train_step.compile_step(step_fn, state, frozen, batch)
+  log(f"compiled the train step in {time.perf_counter() - begin:.1f} s")
+  return compiled
+
+
+def _stop_here(received: list[int], logged: bool, final: bool) -> bool:
+  """Whether a signal stops the run at this step. With several processes all stop at the
+  same step, the next logged one after any received a signal (one agreed collective)."""
+  if final:
+    return False
+  if multihost.processes() == 1:
+    return bool(received)
+  return logged and multihost.any_process(bool(received))
+
+
+def _check_finite(m: dict, n: int, good: int, ckpts) -> None:
+  """``NonFiniteLoss`` before a non-finite state can be checkpointed."""
+  if math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m["finite"]:
+    return
+  kept = ckpts.latest_step()
+  raise NonFiniteLoss(
+      f"loss, gradient or parameters became non-finite at step {n} (last finite logged "
+      f"step {good}); last good checkpoint: {'none' if kept is None else f'step {kept}'} "
+      f"in {ckpts.directory}")
+
+
+def _evaluate(s, objective, state, n: int, final: bool, row: dict, log) -> dict:
+  """Held-out metrics into ``row``: all of them after the final step (returned), the
+  cheaper ``eval_loss`` every ``eval.every`` steps ({} returned)."""
+  if final:
+    log("evaluating after training")
+    after = objective.evaluate(state["trainable"])
+    row.update(after)
+    return after
+  if s.cfg.eval.every and n % s.cfg.eval.every == 0:
+    row.update(objective.eval_loss(state["trainable"]))
+  return {}
+
+
+def _save(ckpts, n: int, state, objective, seed: int, row: dict) -> None:
+  """Checkpoint step ``n``: the state, every process's batch-source position, meta."""
+  ckpts.save(n, state, checkpoint.positions(objective.batches.get_state()),
+             {"step": n, "seed": seed, "loss": row["loss"]}, eval_loss=row.get("eval_loss"))
+
+
+def _show(bar, n: int, row: dict) -> None:
+  extra = {"reward": f"{row['reward_mean']:.3f}"} if "reward_mean" in row else {}
+  bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s'] or 0:.0f}", **extra)
+  bar.update(n - bar.n)

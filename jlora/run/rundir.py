@@ -27,9 +27,7 @@ checkpoints and reads config.json and start.json.
 
 from __future__ import annotations
 
-import csv
 import fcntl
-import io
 import json
 import os
 import socket
@@ -42,7 +40,7 @@ import numpy as np
 
 from jlora.core import lora
 from jlora.infra import fs, multihost
-from jlora.run import config as config_lib
+from jlora.run import checkpoint, config as config_lib
 
 # Config keys that must not change across --resume (they define the state on disk).
 # An objective's own section (``rl``) defines the trajectory as much as the data does.
@@ -78,12 +76,6 @@ def _same_model(before: Any, now: Any) -> bool:
     return False
 
 
-def checkpoint_steps(run_dir: str) -> list[int]:
-  """Committed checkpoint steps on disk (orbax's temporary directories are not steps)."""
-  return sorted(int(d) for d in fs.listdir(fs.join(run_dir, "checkpoints"))
-                if d.isdigit())
-
-
 # What a start writes before its first checkpoint. A directory holding only these (and no
 # checkpoint step) is a start that saved nothing: killed, failed (a reward raising in the
 # first evaluation, a full disk) or stopped before step 1 was saved. A plain rerun takes
@@ -98,7 +90,7 @@ def _holds_run(run_dir: str) -> bool:
   names = fs.listdir(run_dir)
   if any(f not in _START_FILES and not f.endswith(".tmp") for f in names):
     return True
-  return bool(checkpoint_steps(run_dir))
+  return bool(checkpoint.steps(run_dir))
 
 
 def clear_start(run_dir: str) -> None:
@@ -264,82 +256,6 @@ def create(cfg: config_lib.RunConfig, resume: bool) -> tuple[str, Lock | _NoLock
     raise
   multihost.barrier("run_dir_created")
   return run_dir, lock
-
-
-class Metrics:
-  """metrics.jsonl + metrics.csv + TensorBoard (tensorboardX) in the run directory.
-
-  Args:
-    run_dir: the run directory.
-    keep_through: rows with ``step <= keep_through`` already in the files are kept, later
-      ones dropped (a killed run's rows past its last checkpoint); None keeps everything.
-    fields: the CSV columns (JSONL and TensorBoard take whatever a row has).
-    on_row: called with each row after it is written.
-  """
-
-  FIELDS = ("step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s", "eval_loss",
-            "accuracy", "elapsed_s", "step_s", "data_s")
-
-  def __init__(self, run_dir: str, keep_through: int | None, fields=FIELDS, on_row=None):
-    self.on_row = on_row
-    self.primary = multihost.primary()  # the other processes of a run write nothing
-    self.jsonl = fs.join(run_dir, "metrics.jsonl")
-    self.csv = fs.join(run_dir, "metrics.csv")
-    if not self.primary:
-      return
-    if keep_through is not None:
-      for path in (self.jsonl, self.csv):
-        if fs.is_file(path):
-          self._truncate(path, keep_through)
-    self._fields = fields
-    new_csv = not fs.is_file(self.csv)
-    self._csv_out, self._jsonl_out = fs.Appender(self.csv), fs.Appender(self.jsonl)
-    if new_csv:
-      self._csv_out.write(self._csv_text(None))
-    from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(fs.join(run_dir, "tb"))
-
-  def _csv_text(self, row: dict | None) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, self._fields, extrasaction="ignore")
-    if row is None:
-      writer.writeheader()
-    else:
-      writer.writerow(row)
-    return out.getvalue()
-
-  @staticmethod
-  def _truncate(path: str, step: int) -> None:
-    lines = fs.read_text(path).splitlines(keepends=True)
-    keep = []
-    for i, line in enumerate(lines):
-      if path.endswith(".csv") and i == 0:
-        keep.append(line)
-        continue
-      try:
-        value = json.loads(line)["step"] if path.endswith(".jsonl") else int(line.split(",")[0])
-      except (ValueError, KeyError):
-        continue  # a line cut short by the kill
-      if value <= step and line.endswith("\n"):
-        keep.append(line)
-    fs.write_text(path, "".join(keep))
-
-  def write(self, row: dict) -> None:
-    if self.primary:
-      self._jsonl_out.write(json.dumps(row) + "\n")
-      self._csv_out.write(self._csv_text(row))
-      for k, v in row.items():
-        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-          self._tb.add_scalar(k, v, row["step"])
-      self._tb.flush()
-    if self.on_row is not None:
-      self.on_row(dict(row))
-
-  def close(self) -> None:
-    if self.primary:
-      self._jsonl_out.close()
-      self._csv_out.close()
-      self._tb.close()
 
 
 def save_adapters(path: str, adapters: Any, spec: lora.LoraSpec) -> None:

@@ -106,12 +106,33 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int
   return step
 
 
+def build(loss_fn: LossFn, tx: optax.GradientTransformation, trainable: Any, frozen: Any,
+          mesh=None, grad_accum: int = 1, example_batch: Any = None) -> tuple[Callable, dict]:
+  """The one way to get a train step: ``(step, state)``, where ``step(state, frozen,
+  batch) -> (state, metrics)`` is ``make_step``'s step jitted with the state's and the
+  frozen base's shardings, batches split over data x fsdp and the state donated, and
+  ``state`` is ``init_state``'s (it owns ``trainable`` from here on). With
+  ``example_batch`` the step is compiled ahead for its shapes (``compile_step``).
+  ``trainable`` / ``frozen`` of ``jax.ShapeDtypeStruct`` leaves (with shardings) give an
+  abstract state: a step to lower or export, not to run. ``mesh=None``: one device."""
+  state = init_state(trainable, tx, mesh)
+  step = jit_step(make_step(loss_fn, tx, grad_accum), state, frozen, mesh)
+  if example_batch is not None:
+    step = compile_step(step, state, frozen, example_batch)
+  return step, state
+
+
 def init_state(trainable: Any, tx: optax.GradientTransformation, mesh=None) -> dict:
   """Training state, created directly with its shardings (``sharding.state_shardings``:
   optimizer moments like the leaf they belong to, step counts replicated). ``mesh=None``:
-  one device, for scripts and notebooks."""
+  one device, for scripts and notebooks. Abstract leaves give an abstract state."""
   mesh = mesh_lib.single_device_mesh() if mesh is None else mesh
   shardings = sharding_lib.state_shardings(tx, trainable, mesh)
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(trainable)):
+    shapes = jax.eval_shape(lambda t: {"step": jnp.zeros((), jnp.int32), "trainable": t,
+                                       "opt_state": tx.init(t)}, trainable)
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        shapes, shardings)
   opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(trainable)
   step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
   return {"step": step, "trainable": trainable, "opt_state": opt_state}

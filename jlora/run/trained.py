@@ -19,7 +19,7 @@ from jlora.infra import fs, mesh as mesh_lib
 from jlora.interop import merged, peft
 from jlora.models import hub
 from jlora.data import render
-from jlora.run import build, checkpoint, config as config_lib, evaluate, rundir, train_step
+from jlora.run import build, checkpoint, config as config_lib, evaluate
 
 
 @dataclasses.dataclass
@@ -41,7 +41,7 @@ def load_trained(run_dir: str, step: int | None = None, base=None) -> Trained:
   path = fs.join(run_dir, "config.json")
   if not fs.is_file(path):
     raise ValueError(f"{run_dir}: not a run directory (no config.json)")
-  steps = rundir.checkpoint_steps(run_dir)
+  steps = checkpoint.steps(run_dir)
   if not steps:
     raise ValueError(f"{run_dir}: no checkpoint yet")
   if step is not None and step not in steps:
@@ -49,11 +49,8 @@ def load_trained(run_dir: str, step: int | None = None, base=None) -> Trained:
                      f"{', '.join(map(str, steps))}")
   cfg = config_lib.load(path)
   s = build.build(cfg, build.reading(cfg), log=lambda _: None, base=base)
-  ckpts = checkpoint.Checkpoints(fs.join(run_dir, "checkpoints"), keep=cfg.train.keep)
-  state = train_step.init_state(s.trainable, s.tx, s.mesh)
-  state, _, meta = ckpts.restore(checkpoint.abstract(state), step)
-  ckpts.close()
-  return Trained(s, state["trainable"], int(meta["step"]))
+  trainable, step = checkpoint.restore_trainable(run_dir, s, step)
+  return Trained(s, trainable, step)
 
 
 def export_run(run_dir: str, out: str, step: int | None = None, base=None,

@@ -27,7 +27,7 @@ from jlora.models import ModelConfig, Transformer
 from jlora.study import report, verdicts
 from jlora.study.registry import Context, Outcome, Study, register
 
-FULL_SPEC = lora.LoraSpec(rank=1, targets=None, full=(".*",))  # train.method = "full"
+FULL_SPEC = lora.LoraSpec.full_fine_tuning()
 RANK, SEQ, VOCAB = 16, 256, 256
 
 
@@ -94,9 +94,8 @@ def step_ms(cfg: ModelConfig, batch: int, seq: int, spec, repeats: int = 5) -> f
   adapters = lora.init_adapters(params, plan, jax.random.PRNGKey(1)) if plan.targets else {}
   trainable, frozen = optim.trainable(params, adapters, plan)
   tx = optim.optimizer(1e-4)
-  state = train_step.init_state(trainable, tx)
-  step = train_step.compile_step(train_step.jit_step(train_step.make_step(lm.lm_loss(model, plan), tx),
-                                           state, frozen), state, frozen, data)
+  step, state = train_step.build(lm.lm_loss(model, plan), tx, trainable, frozen,
+                                 example_batch=data)
   times = []
   for i in range(repeats + 1):
     start = time.perf_counter()

@@ -18,12 +18,11 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import time
 from typing import Any, Callable, Sequence
 
 from jlora.infra import fs
-from jlora.run import build, config as config_lib, loop
+from jlora.run import build, checkpoint, config as config_lib, loop
 
 LEAD = ("study", "arm", "series", "x", "status", "step")
 
@@ -138,7 +137,7 @@ def run_arms(study: str, arms: Sequence[Arm], values: dict, out: str, *,
       base = build.load_base(cfg, build.reading(cfg), log, shared=True)
     results.append(_run_arm(arm, cfg, digest, base, runner, out, log, f"{i}/{len(configs)}"))
     if not keep_checkpoints:
-      shutil.rmtree(os.path.join(cfg.run_dir, "checkpoints"), ignore_errors=True)
+      checkpoint.remove(cfg.run_dir)
     write_results(study, results, out)
   write_results(study, results, out)
   return results
