@@ -7,7 +7,7 @@
 For M in {16, 2048, 8192}, K = N = 4096, r in {16, 64, 256}, bf16, it times (median over
 repeats, after warm-up, each jitted and blocked on):
 - base: ``x @ W`` alone (forward), and forward + dx (W frozen: no dW);
-- ref: ``jlora.kernels.lora_matmul(impl="reference")``: y = x W + s (x A) B as XLA matmuls
+- ref: ``jlora.kernels.lora_matmul(impl="xla")``: y = x W + s (x A) B as XLA matmuls
   through the kernels' custom VJP, forward and forward + backward (dx, dA, dB);
 - fused: the same with ``impl="pallas"``: the Pallas kernels for this backend.
 It prints each shape's roofline floor (max of FLOPs / peak and bytes / bandwidth, for the
@@ -86,7 +86,7 @@ def run(ms, k, n, ranks, dtype, impl_fused: str, repeats: int) -> list[dict]:
       a = jnp.asarray(rng.standard_normal((k, r)) / np.sqrt(k), dtype)
       b = jnp.asarray(rng.standard_normal((r, n)) / np.sqrt(r), dtype)
       row = {"M": m, "r": r, "base_fwd": base_t[0], "base_fb": base_t[1]}
-      for name, impl in (("ref", "reference"), ("fused", impl_fused)):
+      for name, impl in (("ref", "xla"), ("fused", impl_fused)):
         f, fb = _fns(impl, w, a, b)
         row[f"{name}_fwd"] = median_ms(lambda: jax.block_until_ready(f(x)), repeats)
         row[f"{name}_fb"] = median_ms(lambda: jax.block_until_ready(fb(x)), repeats)

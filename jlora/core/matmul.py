@@ -23,7 +23,6 @@ import jax.numpy as jnp
 
 from jlora import kernels
 from jlora.core import quant
-from jlora.infra import mesh as mesh_lib
 from jlora.kernels.reference import lora_down, lora_term, lora_up
 
 __all__ = ["einsum_layout", "lora_dense", "lora_dense_multi", "lora_einsum",
@@ -76,10 +75,10 @@ def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0,
   quantized = any(quant.is_quantized(w) for w, _, _ in projections)
   if adapted and kernels.selects_pallas(impl) and not quantized:  # the kernel takes dense W
     w_dtype = projections[0][0].dtype  # the kernel up-casts W tile by tile: no f32 copy
-    fused = lambda x, w, a, b: kernels.lora_matmul(x, w, a, b, scale, impl=impl)
-    y_MN = mesh_lib.over_batch_shards(fused, 4, x_MK.shape[0])(
+    y_MN = kernels.lora_matmul(
         x_MK, _concat([w for w, _, _ in projections], w_dtype),
-        _concat([a for _, a, _ in adapted], x.dtype), _block_diagonal(adapted, widths))
+        _concat([a for _, a, _ in adapted], x.dtype), _block_diagonal(adapted, widths), scale,
+        impl=impl)
     return [y.reshape(*lead, n) for y, n in zip(jnp.split(y_MN, cuts, axis=1), widths)]
   y_MN = jnp.dot(x_MK, _concat([w for w, _, _ in projections], x.dtype),
                  preferred_element_type=jnp.float32)

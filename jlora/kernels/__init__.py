@@ -1,7 +1,10 @@
-"""Pallas kernels: the fused LoRA matmul (custom VJP), its XLA reference, backend dispatch."""
+"""The fused LoRA matmul: Pallas kernels for TPU and GPU behind one custom VJP
+(``pallas``), their XLA reference term (``reference``), and which of them runs
+(``dispatch``)."""
 
-from jlora.kernels.pallas import FASTER_ON, IMPLS, KERNEL_IMPLS, TARGETS, lora_matmul, lowering_for
-from jlora.kernels.pallas import platform, selects_pallas
+from jlora.kernels.dispatch import (FASTER_ON, IMPLS, TARGETS, lowering_for, platform,
+                                    selects_pallas)
+from jlora.kernels.pallas import lora_matmul
 
-__all__ = ["FASTER_ON", "IMPLS", "KERNEL_IMPLS", "TARGETS", "lora_matmul", "lowering_for",
-           "platform", "selects_pallas"]
+__all__ = ["FASTER_ON", "IMPLS", "TARGETS", "lora_matmul", "lowering_for", "platform",
+           "selects_pallas"]

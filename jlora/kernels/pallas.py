@@ -20,110 +20,24 @@ Rows beyond M in the last row block are computed on padding and masked on write;
 never enter a reduction (rows are independent in both kernels). Reductions (K forward, N
 backward) use tiles that divide the dim, so no padding is ever summed.
 
-Two sets of implementation names, because two different things run without Pallas:
-- ``lora_matmul(impl=...)``, ``KERNEL_IMPLS``: "reference" is the kernels' XLA reference,
-  ``x W`` plus the halves of ``jlora.kernels.reference.lora_term`` (the term jlora's models
-  use) as XLA matmuls, differentiated through the same custom VJP, so that it differs from
-  the Pallas paths only in the two fused products; "pallas" runs the kernels compiled for
-  the current backend; "interpret" runs them on CPU through Pallas's interpreter
-  (``target`` picks which layout, "tpu" by default); "auto" uses Pallas only where
-  ``bench/kernel.py`` measured it faster (``FASTER_ON``), else the reference.
-- ``model.lora_impl``, ``IMPLS`` (what ``selects_pallas`` takes): "xla" is the default path
-  of jlora's models, ``jlora.core.matmul``'s XLA matmuls differentiated by JAX autodiff (no custom
-  VJP, see ``jlora.core.matmul.lora_dense_multi``); "pallas" and "interpret" call ``lora_matmul``
-  with that impl; "auto" is "pallas" on the backends in ``FASTER_ON``, else "xla".
+Which implementation runs is ``jlora.kernels.dispatch``'s decision (one set of names,
+``IMPLS``); with "xla" the same custom VJP runs ``x W`` and the halves of
+``jlora.kernels.reference.lora_term`` as XLA matmuls (the kernels' reference, differing from
+them only in the two fused products). Inside a traced mesh context the kernels run per
+batch shard (``mesh.over_batch_shards``): XLA cannot partition a Mosaic or Triton call.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
-import threading
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jlora.infra import mesh as mesh_lib
+from jlora.kernels.dispatch import Kernel, choose
 from jlora.kernels.reference import lora_down, lora_up
-
-KERNEL_IMPLS = ("auto", "reference", "pallas", "interpret")  # lora_matmul(impl=...)
-IMPLS = ("auto", "xla", "pallas", "interpret")  # model.lora_impl
-TARGETS = ("tpu", "gpu")
-# Backends where bench/kernel.py showed the fused kernel faster than the XLA reference
-# (fwd+bwd, bf16, the shapes in that benchmark). Empty until a run on that hardware says so.
-FASTER_ON: frozenset[str] = frozenset()
-_PLATFORMS = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "cpu": "cpu"}
-_target_platform = threading.local()
-
-
-def platform() -> str:
-  """The platform jlora traces for: this process's backend, or the one ``lowering_for`` set."""
-  return getattr(_target_platform, "name", None) or jax.default_backend()
-
-
-@contextlib.contextmanager
-def lowering_for(name: str):
-  """Trace for platform ``name`` ("tpu", "gpu"/"cuda", "cpu") whatever this host runs on.
-
-  For ``jax.export.export(..., platforms=[name])`` ahead of time, e.g. a TPU program built
-  and checked on a CPU host: the Pallas kernel layout ("pallas", "auto") and the attention
-  implementation follow ``name`` instead of ``jax.default_backend()``.
-  """
-  if name not in _PLATFORMS:
-    raise ValueError(f"lowering_for({name!r}): expected one of {', '.join(_PLATFORMS)}")
-  before = getattr(_target_platform, "name", None)
-  _target_platform.name = _PLATFORMS[name]
-  try:
-    yield
-  finally:
-    _target_platform.name = before
-
-
-@dataclasses.dataclass(frozen=True)
-class _Kernel:
-  """How the fused path runs: which kernel layout, and whether interpreted."""
-  target: str | None  # None: the XLA reference
-  interpret: Any = False  # False, True, or a pltpu.InterpretParams
-
-
-def _choose(impl: str, target: str | None, interpret_params) -> _Kernel:
-  if impl not in KERNEL_IMPLS:
-    raise ValueError(f"lora_matmul impl={impl!r}: expected one of {', '.join(KERNEL_IMPLS)}")
-  if target is not None and target not in TARGETS:
-    raise ValueError(f"lora_matmul target={target!r}: expected one of {', '.join(TARGETS)}")
-  backend = platform()
-  if impl == "auto":
-    impl = "pallas" if backend in FASTER_ON else "reference"
-  if impl == "reference":
-    return _Kernel(None)
-  if impl == "interpret":
-    return _Kernel(target or "tpu", interpret_params or True)
-  native = {"tpu": "tpu", "gpu": "gpu"}.get(_PLATFORMS.get(backend, backend))
-  if native is None:
-    raise ValueError(f"lora_matmul impl='pallas' needs a TPU or GPU (backend is {backend!r}); "
-                     "use impl='interpret' to run the kernels on CPU, or 'reference' "
-                     "(model.lora_impl: 'interpret' or 'xla')")
-  return _Kernel(target or native)
-
-
-def selects_pallas(impl: str) -> bool:
-  """Whether a model-level ``impl`` (``IMPLS``, ``model.lora_impl``) runs the Pallas kernels.
-
-  Args:
-    impl: "xla" (never: jlora.core.matmul's autodiffed XLA matmuls), or "auto", "pallas",
-      "interpret", passed on to ``lora_matmul`` as its impl.
-  Returns:
-    True when the kernels (compiled or interpreted) run on this backend.
-  Raises:
-    ValueError: ``impl`` is not one of ``IMPLS``, or is "pallas" on a backend without a
-      kernel layout.
-  """
-  if impl not in IMPLS:
-    raise ValueError(f"lora_impl {impl!r}: expected one of {', '.join(IMPLS)}")
-  return impl != "xla" and _choose(impl, None, None).target is not None
-
 
 def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: float = 1.0,
                 *, impl: str = "auto", target: str | None = None,
@@ -138,8 +52,7 @@ def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: f
     w: the base kernel.
     a, b: LoRA factors (any rank r >= 1).
     scale: the LoRA scale (alpha / r), a Python number.
-    impl: "auto", "reference", "pallas" or "interpret" (``KERNEL_IMPLS``, see the
-      module docstring; not ``model.lora_impl``'s names).
+    impl: "auto", "xla", "pallas" or "interpret" (``dispatch.IMPLS``).
     target: kernel layout for "pallas"/"interpret": "tpu" or "gpu" (default: the
       backend's for "pallas", "tpu" for "interpret").
     interpret_params: for "interpret" with target "tpu", a ``pltpu.InterpretParams``
@@ -149,10 +62,12 @@ def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: f
       or b.shape != (a.shape[-1], w.shape[1]) or w.ndim != 2:
     raise ValueError(f"lora_matmul: shapes x {x.shape}, w {w.shape}, a {a.shape}, b {b.shape} "
                      "do not chain as x[..., K] w[K, N], a[K, r] b[r, N]")
-  kernel = _choose(impl, target, interpret_params)
-  lead = x.shape[:-1]
-  y = _lora_matmul(x.reshape(-1, x.shape[-1]), w, a, b, float(scale), kernel)
-  return y.reshape(*lead, w.shape[1])
+  kernel = choose(impl, target, interpret_params)
+  lead, x_MK = x.shape[:-1], x.reshape(-1, x.shape[-1])
+  fused = lambda x, w, a, b: _lora_matmul(x, w, a, b, float(scale), kernel)  # noqa: E731
+  if kernel.target is not None:  # a Pallas call: per batch shard, whole weights
+    fused = mesh_lib.over_batch_shards(fused, 4, x_MK.shape[0])
+  return fused(x_MK, w, a, b).reshape(*lead, w.shape[1])
 
 
 # ----------------------------------------------------------------------------- custom VJP
@@ -208,13 +123,13 @@ _lora_matmul.defvjp(_lora_fwd, _lora_bwd, symbolic_zeros=True)
 
 # ----------------------------------------------------------------------------- kernels
 
-def _fused_forward(x, w, ts, b, kernel: _Kernel):
+def _fused_forward(x, w, ts, b, kernel: Kernel):
   """x[M, K] @ w[K, N] + ts[M, r] @ b[r, N] -> [M, N] in x's dtype (ts = s x A, f32)."""
   return _fused(x, w, ts, b.astype(jnp.float32), x.dtype, kernel, w_transposed=False,
                 name="lora_matmul_fwd")
 
 
-def _fused_dx(dy, w, ds, a, kernel: _Kernel):
+def _fused_dx(dy, w, ds, a, kernel: Kernel):
   """dy[M, N] @ w[K, N]^T + ds[M, r] @ a[K, r]^T -> [M, K] f32, W contracted on its last
   axis inside the kernel (no transposed copy)."""
   return _fused(dy, w, ds, a.astype(jnp.float32), jnp.float32, kernel, w_transposed=True,
@@ -230,7 +145,7 @@ def _pow2_at_least(n: int, floor: int) -> int:
   return max(floor, 1 << (n - 1).bit_length())
 
 
-def _fused(lhs, w, low, low_w, out_dtype, kernel: _Kernel, *, w_transposed: bool, name: str):
+def _fused(lhs, w, low, low_w, out_dtype, kernel: Kernel, *, w_transposed: bool, name: str):
   """lhs[M, R] . w + low[M, r] . low_w -> [M, P] with f32 accumulation, where "." is a
   matmul (w [R, P], low_w [r, P]) or, with ``w_transposed``, a matmul against the
   transpose (w [P, R], low_w [P, r]), contracted in-kernel. The low-rank product seeds the
@@ -250,7 +165,7 @@ def _fused(lhs, w, low, low_w, out_dtype, kernel: _Kernel, *, w_transposed: bool
   return layout((lhs, w, low, low_w), out, dot, r, kernel, w_transposed, name)
 
 
-def _fused_tpu(args, out, dot, r, kernel: _Kernel, w_transposed: bool, name: str):
+def _fused_tpu(args, out, dot, r, kernel: Kernel, w_transposed: bool, name: str):
   """The Mosaic layout of ``_fused`` (``args`` = lhs, w, low, low_w, rank padded to r)."""
   from jax.experimental.pallas import tpu as pltpu
   (m, red), p = args[0].shape, out.shape[1]
@@ -289,7 +204,7 @@ def _fused_tpu(args, out, dot, r, kernel: _Kernel, w_transposed: bool, name: str
       interpret=kernel.interpret, name=name)(*args)
 
 
-def _fused_gpu(args, out, dot, r, kernel: _Kernel, w_transposed: bool, name: str):
+def _fused_gpu(args, out, dot, r, kernel: Kernel, w_transposed: bool, name: str):
   """The Triton layout of ``_fused``: power-of-two tiles >= 16; each program loops over
   the reduction itself (Triton programs cannot carry state across grid steps)."""
   (m, red), p = args[0].shape, out.shape[1]
@@ -298,7 +213,7 @@ def _fused_gpu(args, out, dot, r, kernel: _Kernel, w_transposed: bool, name: str
   for dim, tile in ((p, bp), (red, br)):
     if tile & (tile - 1) or tile < 16:
       raise ValueError(f"lora_matmul GPU kernel: dim {dim} has no power-of-two tile >= 16 "
-                       "dividing it; use impl='reference' for this shape")
+                       "dividing it; use impl='xla' for this shape")
   steps = red // br
   w_block = (bp, red) if w_transposed else (red, bp)
   w_index = (lambda i, j: (j, 0)) if w_transposed else (lambda i, j: (0, j))
