@@ -36,13 +36,15 @@ def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=4)
   parser.add_argument("--config", default="configs/quickstart.toml")
+  parser.add_argument("--events", help="append the phases to this file (jlora.run.events)")
   args = parser.parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # jlora's data pipeline only
   import torch
   from peft import LoraConfig, get_peft_model
   from transformers import AutoModelForCausalLM
   from jlora import data, models
-  from jlora.run import config, evaluate
+  from jlora.run import config, evaluate, events
+  emit = events.JsonLines(args.events) if args.events else events.ignore
   torch.set_num_threads(os.cpu_count() or 2)
   cfg = config.load(args.config)
   path = models.resolve(cfg.model.path)
@@ -50,12 +52,14 @@ def main(argv=None):
   train_batches = iter(data.dataset(cfg.data, tok))
   held_out = evaluate.eval_batches(cfg, tok)
   task, records = evaluate.task_records(cfg)
+  emit(events.phase("load"))
   print("loading", path, flush=True)
   start = time.perf_counter()
   model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
                                                gguf_file=os.path.basename(path),
                                                dtype=torch.float32)
   print(f"loaded in {time.perf_counter() - start:.1f} s", flush=True)
+  emit(events.phase("set-up"))
   if cfg.model.remat:
     model.gradient_checkpointing_enable()
     model.enable_input_require_grads()
@@ -94,9 +98,11 @@ def main(argv=None):
     return {"eval_loss": total / max(count, 1.0),
             "accuracy": right / len(records) if records else None}
 
+  emit(events.phase("evaluation"))
   print("evaluating before training", flush=True)
   before = held_out_metrics()
   print(f"before training: {before}", flush=True)
+  emit(events.phase("steps"))  # eager: no compilation
   for step in range(args.steps):
     ids, labels, positions = _torch_batch(next(train_batches), torch)
     opt.zero_grad(set_to_none=True)
@@ -106,8 +112,10 @@ def main(argv=None):
     loss.backward()
     opt.step()
     print(f"step {step + 1} loss {float(loss):.4f}", flush=True)
+  emit(events.phase("final evaluation"))
   print("evaluating after training", flush=True)
   after = held_out_metrics()
+  emit(events.phase("finish"))
   print(f"done: {args.steps} steps, {before} -> {after}", flush=True)
 
 

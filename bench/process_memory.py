@@ -5,10 +5,11 @@ fine-tuning on the quickstart) and of the same task in PEFT, phase by phase.
 
 Each run is a child process whose RSS is sampled from /proc/PID/status every 50 ms
 (VmRSS; RssAnon: the process's own memory; RssFile: mapped files, e.g. the GGUF, counted
-apart), while its output lines mark the phases: start (imports, data statistics), load,
-set-up (adapters, advisor), evaluation before training, compilation of the train step,
-the steps (a checkpoint at step 2: ``train.checkpoint_every=2``), final evaluation and
-checkpoint, finish. The isolated-step figures are ``bench.memory``'s.
+apart), while the events it writes (``--events FILE``, ``jlora.run.events``) mark the
+phases: start (imports, data statistics), load, set-up (adapters, advisor), evaluation
+before training, compilation of the train step, the steps (a checkpoint at step 2:
+``train.checkpoint_every=2``), final evaluation and its checkpoint, finish. The
+isolated-step figures are ``bench.memory``'s.
 
 Load check: the anonymous RSS added while the model loads over the weights' bytes as
 trained (f32 here), which the issue bounds by 1.3.
@@ -31,12 +32,6 @@ RUNS = {  # name -> (command, config)
     "jlora-full": ("jlora", "configs/quickstart_full.toml"),
     "peft-lora": ("peft", "configs/quickstart.toml"),
 }
-# (phase, the output line that starts it); a phase ends where the next one starts.
-PHASES = (("start", None), ("load", "loading "), ("set-up", "loaded in"),
-          ("evaluation", "evaluating before training"),
-          ("compilation", "before training:"), ("steps", "compiled the train step"),
-          ("final evaluation + checkpoint", "evaluating after training"),
-          ("finish", "done:"))
 
 
 def _status(pid: int) -> dict | None:
@@ -52,8 +47,9 @@ def _status(pid: int) -> dict | None:
   return out or None
 
 
-def sample(cmd: list[str], env: dict) -> tuple[list, list, int]:
-  """Run ``cmd``: ([(t, status)], [(t, output line)], exit code)."""
+def sample(cmd: list[str], env: dict) -> tuple[list, list, int, float]:
+  """Run ``cmd``: ([(t, status)], [output lines], exit code, its start on the monotonic
+  clock)."""
   begin = time.monotonic()
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -61,7 +57,7 @@ def sample(cmd: list[str], env: dict) -> tuple[list, list, int]:
 
   def read():
     for line in proc.stdout:
-      lines.append((time.monotonic() - begin, line.rstrip()))
+      lines.append(line.rstrip())
   reader = threading.Thread(target=read, daemon=True)
   reader.start()
   samples = []
@@ -71,19 +67,13 @@ def sample(cmd: list[str], env: dict) -> tuple[list, list, int]:
       samples.append((time.monotonic() - begin, status))
     time.sleep(0.05)
   reader.join(timeout=5)
-  return samples, lines, proc.returncode
+  return samples, lines, proc.returncode, begin
 
 
-def phases(samples, lines) -> list[dict]:
-  """Per phase: its seconds and peak RSS (total, anonymous) from the samples."""
-  marks = [(0.0, "start")]
-  for name, prefix in PHASES[1:]:
-    t = next((t for t, line in lines if prefix and line.startswith(prefix)), None)
-    if t is not None:
-      marks.append((t, name))
-    elif name == "steps" and marks[-1][1] == "compilation":  # eager (PEFT): no compilation
-      marks[-1] = (marks[-1][0], "steps")
-  marks.append((float("inf"), None))
+def phases(samples, marks: list) -> list[dict]:
+  """Per phase: its seconds and peak RSS (total, anonymous) from the samples; ``marks``:
+  [(start time, phase)] from the child's events, "start" at 0."""
+  marks = [(0.0, "start")] + marks + [(float("inf"), None)]
   out = []
   for (t0, name), (t1, _) in zip(marks, marks[1:]):
     inside = [s for t, s in samples if t0 <= t < t1]
@@ -106,24 +96,27 @@ def weight_mb(config: str) -> float:
 
 
 def run(name: str, steps: int, out_dir: str) -> dict:
+  from jlora.run import events
   kind, config = RUNS[name]
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
+  log = os.path.join(out_dir, f"{name}.events.jsonl")
   if kind == "jlora":
     cmd = [sys.executable, "-m", "jlora.cli", "train", config, "--no-progress",
            "--set", f"train.steps={steps}", "--set", "train.checkpoint_every=2",
-           "--set", f"run_dir={os.path.join(out_dir, name)}"]
+           "--set", f"run_dir={os.path.join(out_dir, name)}", "--events", log]
   else:
     cmd = [sys.executable, "-m", "bench.peft_quickstart", "--steps", str(steps),
-           "--config", config]
-  samples, lines, code = sample(cmd, env)
+           "--config", config, "--events", log]
+  samples, lines, code, begin = sample(cmd, env)
   if code:
-    raise SystemExit(f"{name} failed ({code}):\n" + "\n".join(l for _, l in lines[-30:]))
-  parts = phases(samples, lines)
+    raise SystemExit(f"{name} failed ({code}):\n" + "\n".join(lines[-30:]))
+  parts = phases(samples, [(e.time - begin, e.name) for e in events.read(log)
+                           if e.kind == "phase"])
   peak = max(s["VmRSS"] for _, s in samples)
   load = next((p for p in parts if p["phase"] == "load"), None)
   return {"name": name, "peak_rss_mb": peak, "phases": parts,
           "load_anon_growth_mb": load and load["peak_anon_mb"] - load["anon_at_start_mb"],
-          "last_lines": [l for _, l in lines[-2:]]}
+          "last_lines": lines[-2:]}
 
 
 def main(argv=None):

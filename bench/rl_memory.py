@@ -42,12 +42,12 @@ def one(name: str, steps: int, model: str) -> dict:
       "rl": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 8, "track_kl": kl,
              "kl_coef": 0.05 if kl else 0.0}})
 
-  def log(line: str) -> None:
-    if line.startswith("evaluating before training"):  # set-up done: the loop starts
+  def on_event(event) -> None:
+    if event.kind == "phase" and event.name == "evaluation":  # set-up done: the loop starts
       _release_freed_heap()
-      log.loaded = _rss_mb(), _phase_peak_mb()
+      on_event.loaded = _rss_mb(), _phase_peak_mb()
       _reset_peak()
-  summary = rl.run(cfg, progress=False, log=log)
+  summary = rl.run(cfg, progress=False, log=lambda _: None, on_event=on_event)
   return {"config": name, "process_peak_mb": _rss_mb(), "loop_peak_mb": _phase_peak_mb(),
           "trainable_mb": summary["trainable_bytes"] / 2**20,
           "optimizer_mb": summary["optimizer_bytes"] / 2**20}

@@ -65,6 +65,9 @@ def _run_parsers(sub) -> None:
                      help="several processes, one run: 'env' joins when JLORA_COORDINATOR, "
                           "JLORA_NUM_PROCESSES and JLORA_PROCESS_ID are set (default); "
                           "'auto' lets JAX detect the cluster (TPU pod slice, SLURM); 'off'")
+    run.add_argument("--events", metavar="FILE", default=None,
+                     help="append what the run does (phases, metrics rows, checkpoints) to "
+                          "FILE, one JSON object a line (jlora.run.events)")
     run.add_argument("--cpu-devices", type=_positive_int, default=None, metavar="N",
                      help="N fake CPU devices, to try sharding without accelerators "
                           "(default: $JLORA_CPU_DEVICES)")
@@ -203,7 +206,7 @@ def _summary_line(summary: dict, run_dir: str) -> str:
 def _train(args) -> int:
   from jlora.infra import multihost
   from jlora.objectives import rl, sft
-  from jlora.run import config, loop
+  from jlora.run import config, events, loop
   multihost.cpu_devices(args.cpu_devices)  # before anything touches a device
   if args.command == "rl":
     cfg = rl.load_config(args.config, args.set)
@@ -211,8 +214,10 @@ def _train(args) -> int:
   else:
     cfg, run = config.load(args.config, args.set), sft.run
   multihost.join(args.distributed)  # a config that does not parse never gets this far
+  listener = events.JsonLines(args.events) if args.events and multihost.primary() else None
   try:
-    summary = run(cfg, resume=args.resume, progress=not args.no_progress, force=args.force)
+    summary = run(cfg, resume=args.resume, progress=not args.no_progress, force=args.force,
+                  on_event=listener)
   except loop.NonFiniteLoss as e:
     print(f"jlora: {e}", file=sys.stderr)
     return 1
@@ -223,6 +228,9 @@ def _train(args) -> int:
     again = f"; resume with: {_resume_command(args)}" if e.step is not None else ""
     print(f"jlora: error: {e}{again}", file=sys.stderr)
     return _stopping(2, f"error: {e}")
+  finally:
+    if listener is not None:
+      listener.close()
   print(_summary_line(summary, cfg.run_dir))
   return 0
 

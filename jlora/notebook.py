@@ -1,4 +1,4 @@
-"""Notebook helpers: a live plot of a run's metrics, fed by ``trainer.run(on_row=...)``.
+"""Notebook helpers: a live plot of a run's metrics, fed by ``sft.run(on_row=...)``.
 
 Used by the notebooks in ``notebooks/``; IPython is imported only when a plot is drawn, so
 the module imports anywhere (outside a notebook the figure is simply not displayed).
@@ -13,7 +13,7 @@ from typing import Sequence
 class LivePlot:
   """One panel per metric, redrawn in place each time a row carries one of them.
 
-  ``trainer.run(cfg, on_row=LivePlot(["loss", "eval_loss"]))`` draws the training loss as
+  ``sft.run(cfg, on_row=LivePlot(["loss", "eval_loss"]))`` draws the training loss as
   it is logged; ``rows`` keeps every point for later use. Row 0 (held-out metrics before
   training) is drawn like any other row.
   """

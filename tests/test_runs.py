@@ -65,15 +65,27 @@ def test_resuming_a_finished_run_changes_nothing(trained, capsys):
 
 def test_what_a_user_sees(model_dir, tmp_path, capsys):
   assert _jlora("--version").stdout.strip() == f"jlora {__import__('jlora').__version__}"
-  lines = []
+  lines, seen = [], []
   from jlora.objectives import sft
+  from jlora.run import events
   cfg = config.from_dict(recipe(model_dir, tmp_path / "run", steps=2, checkpoint_every=2))
-  sft.run(cfg, progress=False, log=lines.append)
+  sft.run(cfg, progress=False, log=lines.append, on_event=seen.append)
   text = "\n".join(lines)
   # Loading and the first evaluation announce themselves before the silence they cause.
   order = [text.index(s) for s in ("loading llama", "loaded in", "evaluating before training",
                                    "before training: eval_loss")]
   assert order == sorted(order), text
+  # What a program subscribes to: every phase once and in order, rows 0..2, a checkpoint
+  # before the final row, all on one monotonic clock.
+  assert [e.name for e in seen if e.kind == "phase"] == list(events.PHASES)
+  assert [e.step for e in seen if e.kind == "row"] == [0, 1, 2]
+  names = [e.name if e.kind == "phase" else f"{e.kind} {e.step}" for e in seen]
+  assert names.index("checkpoint 2") < names.index("row 2") < names.index("finish")
+  assert [e.time for e in seen] == sorted(e.time for e in seen)
+  log = tmp_path / "events.jsonl"  # and through the CLI, as a file another process reads
+  toml = write_toml(tmp_path / "r.toml", recipe(model_dir, tmp_path / "cli", steps=2))
+  assert cli.main(["train", toml, "--no-progress", "--events", str(log)]) == 0
+  assert [e.name for e in events.read(str(log)) if e.kind == "phase"] == list(events.PHASES)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -272,7 +284,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_partial(small_disk, trained,
   again = small_disk.path / "again"
   toml = write_toml(tmp_path / "again.toml", recipe(model_dir, again))
   small_disk.fill(free_kib=420)  # checkpoint 2 fits, 4 fails while it is written
-  script = ("import collections, sys; from jlora import checkpoint, cli; "
+  script = ("import collections, sys; from jlora import cli; from jlora.run import checkpoint; "
             "U = collections.namedtuple('U', 'total used free'); "
             "checkpoint.shutil.disk_usage = lambda p: U(1 << 40, 0, 1 << 40); "
             f"sys.exit(cli.main(['train', {toml!r}, '--no-progress']))")

@@ -234,7 +234,7 @@ def test_two_processes_match_one_process(tmp_path):
 def test_unreachable_coordinator_is_a_clear_error():
   port = portpicker.pick_unused_port()
   code = ("import jax; jax.config.update('jax_platforms', 'cpu');"
-          "from jlora import multihost as s;"
+          "from jlora.infra import multihost as s;"
           f"s.initialize('127.0.0.1:{port}', 2, 1, timeout_s=5)")
   start = time.monotonic()
   proc = subprocess.run([sys.executable, "-c", code], env=_worker_env(), capture_output=True,

@@ -22,7 +22,7 @@ from jlora.core import lora, optim, quant, sharding
 from jlora.findings import hparams
 from jlora.infra import mesh as mesh_lib
 from jlora.interop import peft
-from jlora.run import config as config_lib
+from jlora.run import config as config_lib, events
 
 
 def _batch_rows(cfg: config_lib.RunConfig) -> tuple[int, str]:
@@ -198,11 +198,14 @@ def load_base(cfg: config_lib.RunConfig, pre: Preflight, log: Callable[[str], No
 
 
 def build(cfg: config_lib.RunConfig, pre: Preflight | None = None,
-          log: Callable[[str], None] = print, base: Base | None = None) -> Setup:
+          log: Callable[[str], None] = print, base: Base | None = None,
+          emit: events.Listener = events.ignore) -> Setup:
   """Load the model (or take ``base``, loaded once for several runs) and build everything
-  the first step needs (writes nothing)."""
+  the first step needs (writes nothing). ``emit`` hears the "set-up" phase start once the
+  weights are loaded."""
   pre = pre or preflight(cfg)
   base = base or load_base(cfg, pre, log)
+  emit(events.phase("set-up"))
   model, params, model_cfg, mesh = base.model, base.params, base.model_cfg, base.mesh
   if cfg.lora.init is not None and cfg.train.method == "lora":
     adapters, spec, new_params = peft.load_peft(cfg.lora.init, params, model_cfg)

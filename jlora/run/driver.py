@@ -18,7 +18,7 @@ import jax
 
 from jlora.findings import advisor
 from jlora.infra import fs, multihost
-from jlora.run import build, checkpoint, config as config_lib, loop, rundir
+from jlora.run import build, checkpoint, config as config_lib, events, loop, rundir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,20 +57,25 @@ def _finished(cfg: config_lib.RunConfig, log) -> dict | None:
 
 def run(cfg: config_lib.RunConfig, objective: Kind, *, resume: bool = False,
         progress: bool = True, log: Callable[[str], None] = print, force: bool = False,
-        base: build.Base | None = None,
-        on_row: Callable[[dict], None] | None = None) -> dict:
+        base: build.Base | None = None, on_row: Callable[[dict], None] | None = None,
+        on_event: events.Listener | None = None) -> dict:
   """Train per ``cfg`` with ``objective`` (``jlora.objectives.sft.SFT`` or ``rl.RL``);
   returns the summary (also written to RUN_DIR/summary.json). The advisor's report is
   printed first; an "error" finding stops the run unless ``force``. ``base``: a model
   already loaded (the arms of a study share one). ``on_row``: called with each metrics row
-  as it is written (row 0: held-out metrics before training). Raises ValueError for a user
-  mistake, before anything is written."""
+  as it is written (row 0: held-out metrics before training); ``on_event``: every
+  ``events.Event`` (phases, rows, checkpoints). Raises ValueError for a user mistake,
+  before anything is written."""
+  emit = on_event or events.ignore
+  if on_row is not None:
+    emit = events.both(emit, events.rows_to(on_row))
   if resume and (done := _finished(cfg, log)) is not None:
     return done
   pre = build.preflight(cfg, objective.rules)
   log(f"data: {pre.stats}")
   rundir.check(cfg, resume)
-  s = build.build(cfg, pre, log, base)
+  emit(events.phase("load"))
+  s = build.build(cfg, pre, log, base, emit)
   findings = advisor.advise_run(cfg, s.model_cfg, pre.stats, s.plan)
   log(advisor.report(findings))
   if advisor.has_error(findings) and not force:
@@ -81,7 +86,8 @@ def run(cfg: config_lib.RunConfig, objective: Kind, *, resume: bool = False,
   run_dir, lock = rundir.create(cfg, resume)
   try:
     result = loop.run(s, made, run_dir, resume=resume, log=log, progress=progress,
-                      on_row=on_row)
+                      emit=emit)
+    emit(events.phase("finish"))
     with loop.storage_failures(run_dir):
       return _finish(s, run_dir, result)
   finally:

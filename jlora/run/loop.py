@@ -35,7 +35,7 @@ import jax
 
 from jlora.core import optim
 from jlora.infra import fs, mesh as mesh_lib, multihost
-from jlora.run import checkpoint, metrics as metrics_lib, rundir, train_step
+from jlora.run import checkpoint, events, metrics as metrics_lib, rundir, train_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -179,7 +179,7 @@ def _progress(total: int, initial: int, enabled: bool):
               dynamic_ncols=True)
 
 
-def _start(s, objective: Objective, ckpts, state, run_dir: str, resume: bool, log, on_row):
+def _start(s, objective: Objective, ckpts, state, run_dir: str, resume: bool, log, emit):
   """(state, first step, held-out metrics before training, Metrics) for a fresh or
   resumed run."""
   start_file = fs.join(run_dir, "start.json")
@@ -189,19 +189,20 @@ def _start(s, objective: Objective, ckpts, state, run_dir: str, resume: bool, lo
     first = int(meta["step"])
     before = fs.read_json(start_file)
     log(f"resumed {run_dir} at step {first}")
-    return state, first, before, metrics_lib.Metrics(run_dir, first, _fields(objective),
-                                                     on_row)
+    return state, first, before, metrics_lib.Metrics(run_dir, first, _fields(objective))
   if resume:
     log(f"{run_dir} has no checkpoint yet: starting from step 0")
     if multihost.primary():
       rundir.clear_start(run_dir)  # what the start that saved nothing logged
-  metrics = metrics_lib.Metrics(run_dir, None, _fields(objective), on_row)
+  metrics = metrics_lib.Metrics(run_dir, None, _fields(objective))
+  emit(events.phase("evaluation"))
   log("evaluating before training")
   begin = time.perf_counter()
   before = objective.evaluate(state["trainable"])
   if multihost.primary():
     fs.write_json(start_file, before)
   metrics.write({"step": 0, **before})
+  emit(events.row({"step": 0, **before}))
   log("before training: " + (", ".join(f"{k} {v:.4g}" for k, v in before.items()) or
                              "no held-out data") + f" ({time.perf_counter() - begin:.1f} s)")
   return state, 0, before, metrics
@@ -241,16 +242,29 @@ class _Timer:
 
 def run(s, objective: Objective, run_dir: str, *, resume: bool = False,
         log: Callable[[str], None] = print, progress: bool = True,
-        on_row: Callable[[dict], None] | None = None) -> Result:
+        emit: events.Listener = events.ignore) -> Result:
   """Train ``s`` (a ``jlora.run.build.Setup``) with ``objective`` from step 0 or the latest
-  checkpoint to ``train.steps``. ``on_row`` sees each metrics row as it is written (a
-  notebook's live plot). Raises ``NonFiniteLoss``, ``Interrupted`` (after saving) or
+  checkpoint to ``train.steps``. ``emit`` is told the phases, each metrics row as it is
+  written (a notebook's live plot) and each checkpoint (``jlora.run.events``). Raises ``NonFiniteLoss``, ``Interrupted`` (after saving) or
   ``StorageFailed``."""
   with storage_failures(run_dir):
-    return _run(s, objective, run_dir, resume, log, progress, on_row)
+    return _run(s, objective, run_dir, resume, log, progress, emit)
 
 
-def _run(s, objective, run_dir, resume, log, progress, on_row) -> Result:
+@dataclasses.dataclass
+class _Loop:
+  """What the pieces of one run's step loop share."""
+  s: Any  # the build.Setup
+  objective: Objective
+  ckpts: checkpoint.Checkpoints
+  metrics_out: metrics_lib.Metrics
+  run_dir: str
+  log: Callable[[str], None]
+  emit: events.Listener
+  received: list[int]  # signals received (deferred_signals)
+
+
+def _run(s, objective, run_dir, resume, log, progress, emit) -> Result:
   t = s.cfg.train
   ckpts = checkpoint.Checkpoints(checkpoint.directory(run_dir), keep=t.keep)
   step_fn, state = train_step.build(objective.loss, s.tx, s.trainable, s.frozen, s.mesh,
@@ -259,10 +273,10 @@ def _run(s, objective, run_dir, resume, log, progress, on_row) -> Result:
   metrics_out = None
   try:
     state, first, before, metrics_out = _start(s, objective, ckpts, state, run_dir, resume,
-                                               log, on_row)
+                                               log, emit)
     with deferred_signals() as received:
-      state, last, after = _steps(s, objective, ckpts, metrics_out, step_fn, state, first,
-                                  received, progress, run_dir, log)
+      loop = _Loop(s, objective, ckpts, metrics_out, run_dir, log, emit, received)
+      state, last, after = _steps(loop, step_fn, state, first, progress)
     ckpts.wait()
     latest = ckpts.latest_step()
     stored = None if latest is None else ckpts.stored_bytes(latest)
@@ -277,10 +291,10 @@ def _run(s, objective, run_dir, resume, log, progress, on_row) -> Result:
   return Result(state, first, before, after, last, stored)
 
 
-def _steps(s, objective, ckpts, metrics_out, step_fn, state, first, received, progress,
-           run_dir, log):
+def _steps(loop: _Loop, step_fn, state, first: int, progress: bool):
   """The step loop proper: (state, last logged row, held-out metrics after the final
   step or {})."""
+  s, objective, ckpts = loop.s, loop.objective, loop.ckpts
   t = s.cfg.train
   bar = _progress(t.steps, first, progress)
   begin, seen_tokens, last, after, good = time.perf_counter(), 0, None, {}, first
@@ -292,7 +306,7 @@ def _steps(s, objective, ckpts, metrics_out, step_fn, state, first, received, pr
       batch = objective.batches.next(state)
       timer.batch(time.perf_counter() - fetch)
       if step == first:
-        step_fn = _compile(step_fn, state, s.frozen, batch, log)
+        step_fn = _compile(loop, step_fn, state, batch)
       state, metrics = step_fn(state, s.frozen, batch)
       n = step + 1
       if step == first:  # throughput counts from here: the first step includes compilation
@@ -302,7 +316,7 @@ def _steps(s, objective, ckpts, metrics_out, step_fn, state, first, received, pr
         seen_tokens += batch["inputs"].size if "inputs" in batch else 0
       final = n == t.steps
       logged = final or not (n % t.log_every and n % t.checkpoint_every)
-      stop = _stop_here(received, logged, final)
+      stop = _stop_here(loop.received, logged, final)
       if not logged and not stop:
         continue  # no host sync: the next step is dispatched right away
       m = multihost.to_host(metrics)
@@ -311,26 +325,30 @@ def _steps(s, objective, ckpts, metrics_out, step_fn, state, first, received, pr
       row = _row(n, m, optim.lr_at(s.lr_schedule, step), seen_tokens,
                  time.perf_counter() - begin)
       row.update(timer.take(), **objective.batches.metrics())
-      after = _evaluate(s, objective, state, n, final, row, log) or after
+      after = _evaluate(loop, state, n, final, row) or after
       if n % t.checkpoint_every == 0 or final or stop:
-        _save(ckpts, n, state, objective, t.seed, row)
-      metrics_out.write(row)
+        _save(loop, n, state, row)
+      loop.metrics_out.write(row)
+      loop.emit(events.row(row))
       last = row
       _show(bar, n, row)
       if stop:
         # run() waits for the save to commit; a process without a signal of its own stops
         # as for SIGTERM (another process's)
-        raise Interrupted(received[0] if received else signal.SIGTERM, n, run_dir)
+        raise Interrupted(loop.received[0] if loop.received else signal.SIGTERM, n,
+                          loop.run_dir)
   finally:
     bar.close()
   return state, last, after
 
 
-def _compile(step_fn, state, frozen, batch, log):
+def _compile(loop: _Loop, step_fn, state, batch):
   """The step compiled for the first batch's shapes, ahead of its first call."""
+  loop.emit(events.phase("compilation"))
   begin = time.perf_counter()
-  compiled = train_step.compile_step(step_fn, state, frozen, batch)
-  log(f"compiled the train step in {time.perf_counter() - begin:.1f} s")
+  compiled = train_step.compile_step(step_fn, state, loop.s.frozen, batch)
+  loop.log(f"compiled the train step in {time.perf_counter() - begin:.1f} s")
+  loop.emit(events.phase("steps"))
   return compiled
 
 
@@ -355,23 +373,27 @@ def _check_finite(m: dict, n: int, good: int, ckpts) -> None:
       f"in {ckpts.directory}")
 
 
-def _evaluate(s, objective, state, n: int, final: bool, row: dict, log) -> dict:
+def _evaluate(loop: _Loop, state, n: int, final: bool, row: dict) -> dict:
   """Held-out metrics into ``row``: all of them after the final step (returned), the
   cheaper ``eval_loss`` every ``eval.every`` steps ({} returned)."""
+  every = loop.s.cfg.eval.every
   if final:
-    log("evaluating after training")
-    after = objective.evaluate(state["trainable"])
+    loop.emit(events.phase("final evaluation"))
+    loop.log("evaluating after training")
+    after = loop.objective.evaluate(state["trainable"])
     row.update(after)
     return after
-  if s.cfg.eval.every and n % s.cfg.eval.every == 0:
-    row.update(objective.eval_loss(state["trainable"]))
+  if every and n % every == 0:
+    row.update(loop.objective.eval_loss(state["trainable"]))
   return {}
 
 
-def _save(ckpts, n: int, state, objective, seed: int, row: dict) -> None:
+def _save(loop: _Loop, n: int, state, row: dict) -> None:
   """Checkpoint step ``n``: the state, every process's batch-source position, meta."""
-  ckpts.save(n, state, checkpoint.positions(objective.batches.get_state()),
-             {"step": n, "seed": seed, "loss": row["loss"]}, eval_loss=row.get("eval_loss"))
+  loop.emit(events.checkpoint(n))
+  loop.ckpts.save(n, state, checkpoint.positions(loop.objective.batches.get_state()),
+                  {"step": n, "seed": loop.s.cfg.train.seed, "loss": row["loss"]},
+                  eval_loss=row.get("eval_loss"))
 
 
 def _show(bar, n: int, row: dict) -> None:

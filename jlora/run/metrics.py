@@ -22,14 +22,12 @@ class Metrics:
     keep_through: rows with ``step <= keep_through`` already in the files are kept, later
       ones dropped (a killed run's rows past its last checkpoint); None keeps everything.
     fields: the CSV columns (JSONL and TensorBoard take whatever a row has).
-    on_row: called with each row after it is written.
   """
 
   FIELDS = ("step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s", "eval_loss",
             "accuracy", "elapsed_s", "step_s", "data_s")
 
-  def __init__(self, run_dir: str, keep_through: int | None, fields=FIELDS, on_row=None):
-    self.on_row = on_row
+  def __init__(self, run_dir: str, keep_through: int | None, fields=FIELDS):
     self.primary = multihost.primary()  # the other processes of a run write nothing
     self.jsonl = fs.join(run_dir, "metrics.jsonl")
     self.csv = fs.join(run_dir, "metrics.csv")
@@ -80,8 +78,6 @@ class Metrics:
         if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
           self._tb.add_scalar(k, v, row["step"])
       self._tb.flush()
-    if self.on_row is not None:
-      self.on_row(dict(row))
 
   def close(self) -> None:
     if self.primary:
