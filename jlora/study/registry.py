@@ -10,7 +10,7 @@ import dataclasses
 from typing import Callable, Sequence
 
 from jlora.objectives import rl, sft
-from jlora.run import build, config as config_lib
+from jlora.run import build, parsing
 from jlora.study import runner, verdicts
 
 BUDGETS = ("smoke", "small", "full")
@@ -33,7 +33,7 @@ class Context:
   def plan(self, values: dict, arms: list[runner.Arm], runner_fn=None, **info) -> "StudyPlan":
     """A validated plan: ``--set`` applied to ``values``; every arm's config resolves
     (unknown keys, bad values: one line) and the first passes the run's preflight."""
-    values = config_lib.apply_overrides(values, list(self.overrides))
+    values = parsing.apply_overrides(values, list(self.overrides))
     configs = [runner.arm_config(values, arm, self.out)[0] for arm in arms]
     if configs:
       kind = rl.RL if configs[0].rl is not None else sft.SFT
