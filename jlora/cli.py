@@ -206,7 +206,7 @@ def _summary_line(summary: dict, run_dir: str) -> str:
 def _train(args) -> int:
   from jlora.infra import multihost
   from jlora.objectives import rl, sft
-  from jlora.run import config, events, loop
+  from jlora.run import checkpoint, config, events, loop
   multihost.cpu_devices(args.cpu_devices)  # before anything touches a device
   if args.command == "rl":
     cfg = rl.load_config(args.config, args.set)
@@ -224,7 +224,7 @@ def _train(args) -> int:
   except loop.Interrupted as e:
     print(f"jlora: {e}; resume with: {_resume_command(args)}", file=sys.stderr)
     return e.exit_code
-  except loop.StorageFailed as e:
+  except checkpoint.StorageFailed as e:
     again = f"; resume with: {_resume_command(args)}" if e.step is not None else ""
     print(f"jlora: error: {e}{again}", file=sys.stderr)
     return _stopping(2, f"error: {e}")

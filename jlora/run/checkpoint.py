@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -194,6 +194,40 @@ class Checkpoints:
       except Exception:  # noqa: BLE001
         if not self._failed:
           raise
+
+
+class StorageFailed(fs.StorageError):
+  """The run could not write to its directory (a full disk). ``step``: the last good
+  checkpoint, which ``--resume`` continues (None: no step was saved, so a plain rerun of
+  the same command starts over: ``rundir.check`` lets it)."""
+
+  def __init__(self, message: str, step: int | None):
+    self.step = step
+    super().__init__(message)
+
+
+@contextlib.contextmanager
+def storage_failures(run_dir: str) -> Iterator[None]:
+  """A storage failure inside the block becomes ``StorageFailed`` with the last good
+  checkpoint found on disk."""
+  try:
+    yield
+  except StorageFailed:
+    raise
+  except Exception as e:  # noqa: BLE001 (only storage failures are converted)
+    if isinstance(e, SaveFailed):
+      what = str(e)
+    elif (reason := fs.storage_reason(e)) is not None:
+      what = f"cannot write to {run_dir}: {reason}"
+    else:
+      raise
+    done = steps(run_dir)
+    last = done[-1] if done else None
+    raise StorageFailed(
+        f"{what}; training stopped, " +
+        ("no step was saved (free space, then run the same command again)" if last is None
+         else f"the last good checkpoint is step {last} (free space, then resume)"),
+        last) from None
 
 
 def positions(state: dict) -> dict:

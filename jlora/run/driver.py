@@ -88,7 +88,7 @@ def run(cfg: config_lib.RunConfig, objective: Kind, *, resume: bool = False,
     result = loop.run(s, made, run_dir, resume=resume, log=log, progress=progress,
                       emit=emit)
     emit(events.phase("finish"))
-    with loop.storage_failures(run_dir):
+    with checkpoint.storage_failures(run_dir):
       return _finish(s, run_dir, result)
   finally:
     lock.release()

@@ -17,8 +17,8 @@ Everything else is here, once:
 - a non-finite loss, gradient or parameter stops the run before it is checkpointed
   (``NonFiniteLoss``), so the last checkpoint is always a usable one;
 - a write that fails (a full disk: a checkpoint, metrics) stops the run at the next step
-  (checkpoints are polled every step, without blocking) with ``StorageFailed``, one line
-  naming the cause and the last good checkpoint.
+  (checkpoints are polled every step, without blocking) with
+  ``checkpoint.StorageFailed``, one line naming the cause and the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -40,40 +40,6 @@ from jlora.run import checkpoint, events, metrics as metrics_lib, rundir, train_
 
 class NonFiniteLoss(RuntimeError):
   pass
-
-
-class StorageFailed(fs.StorageError):
-  """The run could not write to its directory (a full disk). ``step``: the last good
-  checkpoint, which ``--resume`` continues (None: no step was saved, so a plain rerun of
-  the same command starts over: ``rundir.check`` lets it)."""
-
-  def __init__(self, message: str, step: int | None):
-    self.step = step
-    super().__init__(message)
-
-
-@contextlib.contextmanager
-def storage_failures(run_dir: str) -> Iterator[None]:
-  """A storage failure inside the block becomes ``StorageFailed`` with the last good
-  checkpoint found on disk."""
-  try:
-    yield
-  except StorageFailed:
-    raise
-  except Exception as e:  # noqa: BLE001 (only storage failures are converted)
-    if isinstance(e, checkpoint.SaveFailed):
-      what = str(e)
-    elif (reason := fs.storage_reason(e)) is not None:
-      what = f"cannot write to {run_dir}: {reason}"
-    else:
-      raise
-    steps = checkpoint.steps(run_dir)
-    last = steps[-1] if steps else None
-    raise StorageFailed(
-        f"{what}; training stopped, " +
-        ("no step was saved (free space, then run the same command again)" if last is None
-         else f"the last good checkpoint is step {last} (free space, then resume)"),
-        last) from None
 
 
 class Interrupted(Exception):
@@ -246,8 +212,8 @@ def run(s, objective: Objective, run_dir: str, *, resume: bool = False,
   """Train ``s`` (a ``jlora.run.build.Setup``) with ``objective`` from step 0 or the latest
   checkpoint to ``train.steps``. ``emit`` is told the phases, each metrics row as it is
   written (a notebook's live plot) and each checkpoint (``jlora.run.events``). Raises ``NonFiniteLoss``, ``Interrupted`` (after saving) or
-  ``StorageFailed``."""
-  with storage_failures(run_dir):
+  ``checkpoint.StorageFailed``."""
+  with checkpoint.storage_failures(run_dir):
     return _run(s, objective, run_dir, resume, log, progress, emit)
 
 
