@@ -7,7 +7,7 @@ import math
 from jlora.findings import hparams
 from jlora.study import report, runner, verdicts
 from jlora.study.registry import Context, Outcome, Study, StudyPlan, register
-from jlora.study.sft import METRIC, arm, base, best, fmt_lr, metric
+from jlora.study.sft import METRIC, arm, base, best_arm, fmt_lr, metric
 
 
 def group_params(model_cfg, rank: int, targets: str) -> int:
@@ -37,7 +37,7 @@ def layers_prepare(ctx: Context) -> StudyPlan:
 
 def layers_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
   tol = 0.01
-  best = {s: best(rs) for s, rs in runner.by_series(results).items()}
+  best = {s: best_arm(rs) for s, rs in runner.by_series(results).items()}
   loss = {s: (metric(b) if b else None) for s, b in best.items()}
   verdict = verdicts.layers(loss.get("attn"), loss.get("mlp"), loss.get("all"), tol)
   ranks, params = plan.info["ranks"], plan.info["params"]

@@ -86,7 +86,7 @@ def metric(r: runner.ArmResult) -> float | None:
   return value if value is not None and math.isfinite(value) else None
 
 
-def best(results) -> runner.ArmResult | None:
+def best_arm(results) -> runner.ArmResult | None:
   """The arm with the lowest loss (the post's minimum over LRs)."""
   done = [r for r in results if metric(r) is not None]
   return min(done, key=metric) if done else None
