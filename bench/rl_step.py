@@ -53,7 +53,7 @@ def jlora_step(model_dir: str, prompts: int, group: int, new_tokens: int, steps:
       "train": {"steps": steps, "checkpoint_every": 1000, "lr": 1e-4},
       "eval": {"examples": 0},
       "rl": {"group_size": group, "prompts_per_step": prompts, "max_new_tokens": new_tokens,
-             "track_kl": False}}, defaults=config.RL_DEFAULTS)
+             "track_kl": False}})
   rl.run(cfg, progress=False, log=lambda _: None)
   with open(os.path.join(cfg.run_dir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f][1:]

@@ -15,6 +15,8 @@ to that; docs/ARCHITECTURE.md draws them): ``infra`` (files, meshes, processes),
 from jlora.core.flax_apply import apply, apply_nnx, linen_layouts, nnx_layouts
 from jlora.core.lora import LoraSpec, Rule, count_params, describe, init_adapters, merge, unmerge
 
+from jlora import objectives  # noqa: E402,F401  (registers the objectives; after the above)
+
 __version__ = "0.1.0"
 
 __all__ = ["LoraSpec", "Rule", "apply", "apply_nnx", "count_params", "describe",

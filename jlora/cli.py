@@ -47,13 +47,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_parsers(sub) -> None:
-  """``jlora train`` and ``jlora rl``: a recipe, overrides, resume, processes."""
-  for name, help_, example in (
-      ("train", "train from a TOML recipe (see configs/)", "configs/quickstart.toml"),
-      ("rl", "policy-gradient RL on rewards from a TOML recipe with an [rl] section "
-       "(rank 1 by default)", "configs/rl_arithmetic.toml")):
-    run = sub.add_parser(name, help=help_)
-    run.add_argument("config", help=f"recipe file, e.g. {example}")
+  """A command per registered objective (``jlora train``, ``jlora rl``, ...): a recipe,
+  overrides, resume, processes."""
+  from jlora.run import driver
+  for kind in driver.KINDS.values():
+    run = sub.add_parser(kind.command, help=kind.help)
+    run.add_argument("config", help=f"recipe file, e.g. {kind.example}")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, e.g. --set train.steps=50 (repeatable)")
     run.add_argument("--resume", action="store_true",
@@ -196,27 +195,24 @@ def _data(args) -> None:
 
 def _summary_line(summary: dict, run_dir: str) -> str:
   parts = [f"{summary['steps']} steps"]
-  for name in ("eval_loss", "accuracy", "eval_reward"):
+  for key in summary:  # every held-out metric measured before and after (the objective's)
+    name = key.removesuffix("_before")
     a, b = summary.get(f"{name}_before"), summary.get(f"{name}_after")
-    if a is not None and b is not None:
+    if key.endswith("_before") and isinstance(a, (int, float)) and isinstance(b, (int, float)):
       parts.append(f"held-out {name.replace('eval_', '')} {a:.4g} -> {b:.4g}")
   return f"done: {', '.join(parts)}; run in {run_dir} (summary.json)"
 
 
 def _train(args) -> int:
   from jlora.infra import multihost
-  from jlora.objectives import rl, sft
-  from jlora.run import checkpoint, config, events, loop
+  from jlora.run import checkpoint, driver, events, loop
   multihost.cpu_devices(args.cpu_devices)  # before anything touches a device
-  if args.command == "rl":
-    cfg = rl.load_config(args.config, args.set)
-    run = rl.run
-  else:
-    cfg, run = config.load(args.config, args.set), sft.run
+  kind = driver.KINDS[args.command]
+  cfg = driver.load(args.config, args.set, kind)
   multihost.join(args.distributed)  # a config that does not parse never gets this far
   listener = events.JsonLines(args.events) if args.events and multihost.primary() else None
   try:
-    summary = run(cfg, resume=args.resume, progress=not args.no_progress, force=args.force,
+    summary = driver.run(cfg, kind, resume=args.resume, progress=not args.no_progress, force=args.force,
                   on_event=listener)
   except loop.NonFiniteLoss as e:
     print(f"jlora: {e}", file=sys.stderr)
@@ -254,6 +250,7 @@ def _study(args) -> int:
 
 
 def _run(args) -> int:
+  from jlora.run import driver
   if args.command == "demo":
     from jlora import demo
     demo.run(rank=args.rank, steps=args.steps, lr=args.lr, seed=args.seed)
@@ -261,16 +258,15 @@ def _run(args) -> int:
     _data(args)
   elif args.command in ("export", "import-peft", "merge"):
     _interop(args)
-  elif args.command in ("train", "rl"):
+  elif args.command in driver.KINDS:
     return _train(args)
   elif args.command == "study":
     return _study(args)
   elif args.command == "advise":
     from jlora.findings import advisor
-    from jlora.objectives import rl, sft
     from jlora.run import config
     cfg = config.load(args.config, args.set)
-    findings, stats = (rl if cfg.rl is not None else sft).advise(cfg)
+    findings, stats = driver.advise(cfg, driver.kind_of(cfg))
     print(f"data: {stats}")
     print(advisor.report(findings))
     return 1 if advisor.has_error(findings) else 0

@@ -262,7 +262,7 @@ def test_jlora_rl_end_to_end_metrics_and_export(model_dir, tmp_path, monkeypatch
   plugin.write_text("from tests.rl_rewards import digits\n")
   monkeypatch.syspath_prepend(str(tmp_path))
   cfg = config.from_dict(rl_recipe(model_dir, tmp_path / "run", reward="my_reward:digits",
-                                   loss="ppo", kl_coef=0.05), defaults=config.RL_DEFAULTS)
+                                   loss="ppo", kl_coef=0.05))  # an [rl] section: RL's defaults
   assert cfg.lora.rank == 1 and cfg.lora.alpha == 32 and cfg.train.schedule == "constant"
   lines = []
   summary = rl.run(cfg, progress=False, log=lines.append)
@@ -407,7 +407,7 @@ def test_rl_config_defaults_and_errors():
   assert shipped.lora.rank == 1 and shipped.lora.alpha == 32 and shipped.train.lr is None
   assert shipped.train.schedule == "constant" and shipped.rl.kl_coef == 0.0
   from jlora.objectives import sft
-  with pytest.raises(ValueError, match="has an \\[rl\\] section: run it with jlora rl"):
+  with pytest.raises(ValueError, match="has the section \\[rl\\]: run it with jlora rl"):
     sft.run(config.from_dict({**base, "rl": {}}))
 
 

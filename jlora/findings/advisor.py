@@ -223,8 +223,11 @@ def _rl_learning_rate(cfg, lr, steps, method) -> Finding:
                  f"measured the rule's LR collapsing and {factor:g}x of it stable", 2)
 
 
-def _rl_findings(run_cfg, model_cfg: ModelConfig, plan: lora.Plan | None) -> list[Finding]:
-  l, t, rl = run_cfg.lora, run_cfg.train, run_cfg.rl
+def advise_rl(run_cfg, model_cfg: ModelConfig, plan: lora.Plan | None,
+              episodes_per_step: int, bits_per_episode: float) -> list[Finding]:
+  """``advise_run`` for policy-gradient RL: coverage and alpha as for SFT, the LR against
+  RL's factor on the rule, and capacity in episodes x bits (FINDINGS 6)."""
+  l, t = run_cfg.lora, run_cfg.train
   if t.method == "lora":
     plan = plan or plan_for(model_cfg, l.rank, l.targets, alpha=l.alpha, rslora=l.rslora,
                             full=tuple(l.full))
@@ -236,9 +239,7 @@ def _rl_findings(run_cfg, model_cfg: ModelConfig, plan: lora.Plan | None) -> lis
                  models.param_shapes(models.Transformer(model_cfg)).values())
     out = []
   out.append(_rl_learning_rate(model_cfg, t.lr, t.steps, t.method))
-  # distinct rewards: right/wrong, times with/without the format bonus
-  bits = math.log2(4) if rl.format_reward and rl.reward == "answer" else 1.0
-  out.append(rl_capacity(t.steps, rl.rows, bits, params, t.method))
+  out.append(rl_capacity(t.steps, episodes_per_step, bits_per_episode, params, t.method))
   if t.method == "lora":
     out.append(_alpha(plan.spec.alpha, plan.spec.rslora, t.lr))
   return out
@@ -248,8 +249,6 @@ def advise_run(run_cfg, model_cfg: ModelConfig, stats=None, plan: lora.Plan | No
                ) -> list[Finding]:
   """``advise`` for a jlora RunConfig (``stats``: ``jlora.data.Stats`` when available;
   ``plan``: the run's resolved plan, so the advisor checks what will be trained)."""
-  if getattr(run_cfg, "rl", None) is not None:
-    return _rl_findings(run_cfg, model_cfg, plan)
   l, t, d = run_cfg.lora, run_cfg.train, run_cfg.data
   per_row = None
   if stats is not None and d.pack and stats.examples:

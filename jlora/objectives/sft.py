@@ -42,13 +42,13 @@ def sft_objective(s: build.Setup) -> loop.Objective:
   return loop.Objective(loss, batches, held_out_metrics, eval_loss)
 
 
-SFT = driver.Kind("sft", build.Rules(), sft_objective)
+SFT = driver.register(driver.Kind(
+    "sft", "train", "train from a TOML recipe (see configs/)", "configs/quickstart.toml",
+    build.Rules(), sft_objective))
 
 
 def run(cfg: config_lib.RunConfig, **kwargs) -> dict:
   """``jlora train``: ``driver.run`` with the SFT objective (same keyword arguments)."""
-  if cfg.rl is not None:
-    raise ValueError("the config has an [rl] section: run it with jlora rl")
   return driver.run(cfg, SFT, **kwargs)
 
 

@@ -119,50 +119,34 @@ class EvalSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class RLSection:
-  """``jlora rl``: policy-gradient RL on rewards (jlora.objectives.rl). Each step samples
-  ``prompts_per_step`` prompts from ``data.source`` x ``group_size`` completions from the
-  current policy (base + adapters), scores them, and takes one optimizer step on
-  ``prompts_per_step * group_size`` rows (``data.batch_size`` is not used)."""
-  group_size: int = 8  # completions per prompt; advantages are centred within a group
-  prompts_per_step: int = 16
-  max_new_tokens: int = 24
-  temperature: float = 1.0
-  top_p: float = 1.0
-  loss: str = "importance_sampling"  # or "ppo" (clipped ratio)
-  clip: float = 0.2  # ppo: the ratio is clipped to [1 - clip, 1 + clip]
-  kl_coef: float = 0.0  # KL penalty to the reference policy (the base, adapters off)
-  track_kl: bool = True  # report the KL to the reference each step (one more forward)
-  normalize_std: bool = False  # divide advantages by the group's reward std (GRPO)
-  drop_constant_groups: bool = False  # groups whose rewards are all equal: no tokens
-  reward: str = "answer"  # "answer" (the record's answer, parsed leniently) or module:function
-  format_reward: float = 0.0  # added when the answer is stated explicitly
-  bucket: int = 16  # prompts are left-padded to a multiple of this many tokens
+class Section:
+  """An objective's own part of the config: ``[name]`` in a recipe, ``cfg.<name>`` in
+  code, a top-level key of config.json. A config has at most one; which one says which
+  objective it is for (none: supervised fine-tuning).
 
-  def __post_init__(self):
-    for name in ("prompts_per_step", "max_new_tokens", "bucket"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
-    if self.group_size < 2:
-      raise ValueError(f"rl.group_size must be >= 2, got {self.group_size}: advantages "
-                       "are rewards minus their group's mean, so a group of one has none "
-                       "and the run cannot learn")
-    if self.loss not in ("importance_sampling", "ppo"):
-      raise ValueError(f"rl.loss {self.loss!r} is not 'importance_sampling' or 'ppo'")
-    if not (math.isfinite(self.temperature) and self.temperature >= 0):
-      raise ValueError(f"rl.temperature must be >= 0, got {self.temperature}")
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f"rl.top_p must be in (0, 1], got {self.top_p}")
-    if not 0 < self.clip < 1:
-      raise ValueError(f"rl.clip must be in (0, 1), got {self.clip}")
-    if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
-      raise ValueError(f"rl.kl_coef must be >= 0, got {self.kl_coef}")
-    if not math.isfinite(self.format_reward):
-      raise ValueError(f"rl.format_reward must be finite, got {self.format_reward}")
+  Attributes:
+    name: the table's name.
+    schema: its frozen dataclass (fields, defaults, the ``__post_init__`` checks).
+    defaults: what the objective changes in the other sections' defaults, as nested
+      values (a recipe's own values win); applied whoever reads a config with the section
+      (the command, ``jlora advise``, a resume, a study arm).
+  """
+  name: str
+  schema: type
+  defaults: dict = dataclasses.field(default_factory=dict)
 
-  @property
-  def rows(self) -> int:
-    return self.group_size * self.prompts_per_step
+
+# Objectives' sections by name: the objectives register theirs (``driver.register``).
+SECTIONS: dict[str, Section] = {}
+
+
+def register(section: Section) -> None:
+  generic = {f.name for f in dataclasses.fields(RunConfig)}
+  if section.name in generic:
+    raise ValueError(f"config section {section.name!r} is the run's own")
+  if SECTIONS.get(section.name, section) != section:
+    raise ValueError(f"config section {section.name!r} is registered twice")
+  SECTIONS[section.name] = section
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,35 +158,51 @@ class RunConfig:
   train: TrainSection = TrainSection()
   eval: EvalSection = EvalSection()
   mesh: MeshConfig = MeshConfig()  # data / fsdp / tensor sizes (jlora.core.sharding)
-  rl: RLSection | None = None  # set for ``jlora rl`` runs (RL_DEFAULTS)
+  # the objective's own section, if it has one ({"rl": RLSection(...)}), read as
+  # ``cfg.rl``; not a key of recipes (``from_dict`` fills it from the registered names)
+  sections: dict = dataclasses.field(default_factory=dict, metadata={"config": False})
+
+  def __getattr__(self, name: str):
+    """``cfg.<section>`` for a registered objective section: None where this config has
+    none."""
+    if name in SECTIONS:
+      return self.__dict__.get("sections", {}).get(name)
+    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
   def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    out = dataclasses.asdict(self)
+    out.update(out.pop("sections"))
+    return out
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-# What ``jlora rl`` changes in the defaults (FINDINGS 6: an episode carries ~1 bit, so
-# rank 1 has capacity to spare); a recipe's own values win.
-RL_DEFAULTS = {"lora": {"rank": 1}, "rl": {}}
-
-
-def from_dict(values: dict, overrides: list[str] = (), defaults: dict | None = None
+def from_dict(values: dict, overrides: list[str] = (), objective: str | None = None
               ) -> RunConfig:
-  """A RunConfig from nested values plus overrides; a config with an ``rl`` section gets
-  ``RL_DEFAULTS`` whoever reads it (``jlora rl``, ``advise``, a resume)."""
+  """A RunConfig from nested values plus overrides. ``objective``: a registered section
+  the config gets even when the values have none (``jlora rl`` reading a recipe without an
+  ``[rl]`` table). A config with a section gets that section's defaults."""
   values = parsing.apply_overrides(values, list(overrides))
-  if "rl" in values:
-    defaults = parsing.with_defaults(defaults or {}, RL_DEFAULTS)
-  return parsing.build(RunConfig, parsing.with_defaults(values, defaults) if defaults
-                       else values)
+  if objective is not None:
+    values = parsing.with_defaults(values, {objective: {}})
+  sections = {}
+  for name, section in SECTIONS.items():
+    raw = values.pop(name, None)  # config.json of older runs: "rl": null
+    if raw is None:
+      continue
+    values = parsing.with_defaults(values, section.defaults)
+    sections[name] = parsing.build(section.schema, raw, prefix=f"{name}.")
+  if len(sections) > 1:
+    raise ValueError(f"the config has {' and '.join(f'[{n}]' for n in sections)} sections: "
+                     "a run trains one objective")
+  return dataclasses.replace(parsing.build(RunConfig, values), sections=sections)
 
 
-def load(path: str, overrides: list[str] = (), defaults: dict | None = None) -> RunConfig:
-  """A RunConfig from a TOML recipe (or a run directory's config.json) plus overrides;
-  ``defaults`` (e.g. ``RL_DEFAULTS``) fill in what neither sets."""
-  return from_dict(parsing.read(path), overrides, defaults)
+def load(path: str, overrides: list[str] = (), objective: str | None = None) -> RunConfig:
+  """A RunConfig from a TOML recipe (or a run directory's config.json) plus overrides
+  (``from_dict``)."""
+  return from_dict(parsing.read(path), overrides, objective)
 
 
 def model_path(cfg: RunConfig) -> str:

@@ -6,7 +6,8 @@ nothing loaded), the run directory's ``check`` (a changed config or a directory 
 fails here), ``build.build`` (weights, plan, optimizer), the advisor on the plan that will
 actually train, then ``rundir.create`` (locked) and ``loop.run`` with the loop objective
 the ``Kind`` makes. The summary and the final adapters are written last. Objectives
-(``jlora.objectives``) declare a ``Kind``; nothing here imports them.
+(``jlora.objectives``) register a ``Kind`` (``register``): its command, config section,
+rules and advice; nothing here imports them.
 """
 
 from __future__ import annotations
@@ -23,23 +24,81 @@ from jlora.run import build, checkpoint, config as config_lib, events, loop, run
 
 @dataclasses.dataclass(frozen=True)
 class Kind:
-  """An objective as a run sees it: its ``name`` (in messages), what it decides before the
-  build (``rules``), and ``make``: a ``build.Setup`` -> the ``loop.Objective`` (loss,
-  batches, held-out evaluation) the loop trains."""
+  """An objective as a run sees it.
+
+  Attributes:
+    name: the objective, in messages.
+    command: its ``jlora`` subcommand (the CLI makes one per registered kind).
+    help: that subcommand's one-line help; ``example`` a recipe for it.
+    rules: what it decides before the build (``build.Rules``).
+    make: a ``build.Setup`` -> the ``loop.Objective`` (loss, batches, held-out evaluation)
+      the loop trains.
+    section: its own config section (``config.Section``), or None for the objective of a
+      config without one (supervised fine-tuning).
+    advise: (run config, model config, data statistics, plan) -> the advisor's findings.
+  """
   name: str
+  command: str
+  help: str
+  example: str
   rules: build.Rules
   make: Callable[[build.Setup], loop.Objective]
+  section: config_lib.Section | None = None
+  advise: Callable[..., list] = advisor.advise_run
+
+
+# The registered objectives by command, in registration order (the CLI's order).
+KINDS: dict[str, Kind] = {}
+
+
+def register(kind: Kind) -> Kind:
+  """Make ``kind`` a ``jlora`` command and its section a config key; returns it."""
+  if kind.section is None and any(k.section is None and k.command != kind.command
+                                  for k in KINDS.values()):
+    raise ValueError(f"objective {kind.name!r}: only one objective runs configs without "
+                     "a section of their own")
+  if kind.section is not None:
+    config_lib.register(kind.section)
+  KINDS[kind.command] = kind
+  return kind
+
+
+def kind_of(cfg: config_lib.RunConfig) -> Kind:
+  """The registered objective ``cfg`` is for: the one whose section it has, else the one
+  without a section."""
+  for kind in KINDS.values():
+    if (kind.section.name in cfg.sections if kind.section else not cfg.sections):
+      return kind
+  raise ValueError(f"no objective is registered for a config with sections "
+                   f"{sorted(cfg.sections)}")
+
+
+def load(path: str, overrides=(), kind: Kind | None = None) -> config_lib.RunConfig:
+  """A recipe read for ``kind``'s command: its section is added when the recipe has none
+  (so its defaults apply); without ``kind``, as written."""
+  section = kind.section.name if kind is not None and kind.section else None
+  return config_lib.load(path, overrides, section)
+
+
+def _check_kind(cfg: config_lib.RunConfig, objective: Kind) -> None:
+  found = kind_of(cfg)
+  if found is objective:
+    return
+  has = (f"has the section [{found.section.name}]" if found.section
+         else f"has no section [{objective.section.name}]")
+  raise ValueError(f"the config {has}: run it with jlora {found.command}")
 
 
 def advise(cfg: config_lib.RunConfig, objective: Kind, pre: build.Preflight | None = None):
   """The advisor's findings for a run config, from the model config and a data sample (no
   weights are read, except a ``lora.init`` adapter's shapes need the base)."""
+  _check_kind(cfg, objective)
   pre = pre or build.preflight(cfg, objective.rules)
   if cfg.lora.init is not None and cfg.train.method == "lora":
     plan = build.build(cfg, pre, log=lambda _: None).plan
   else:
     plan = build.abstract_plan(cfg, pre.model_cfg)
-  return advisor.advise_run(cfg, pre.model_cfg, pre.stats, plan), pre.stats
+  return objective.advise(cfg, pre.model_cfg, pre.stats, plan), pre.stats
 
 
 def _finished(cfg: config_lib.RunConfig, log) -> dict | None:
@@ -59,13 +118,14 @@ def run(cfg: config_lib.RunConfig, objective: Kind, *, resume: bool = False,
         progress: bool = True, log: Callable[[str], None] = print, force: bool = False,
         base: build.Base | None = None, on_row: Callable[[dict], None] | None = None,
         on_event: events.Listener | None = None) -> dict:
-  """Train per ``cfg`` with ``objective`` (``jlora.objectives.sft.SFT`` or ``rl.RL``);
+  """Train per ``cfg`` with ``objective`` (a registered ``Kind``: ``KINDS``);
   returns the summary (also written to RUN_DIR/summary.json). The advisor's report is
   printed first; an "error" finding stops the run unless ``force``. ``base``: a model
   already loaded (the arms of a study share one). ``on_row``: called with each metrics row
   as it is written (row 0: held-out metrics before training); ``on_event``: every
   ``events.Event`` (phases, rows, checkpoints). Raises ValueError for a user mistake,
   before anything is written."""
+  _check_kind(cfg, objective)
   emit = on_event or events.ignore
   if on_row is not None:
     emit = events.both(emit, events.rows_to(on_row))
@@ -76,7 +136,7 @@ def run(cfg: config_lib.RunConfig, objective: Kind, *, resume: bool = False,
   rundir.check(cfg, resume)
   emit(events.phase("load"))
   s = build.build(cfg, pre, log, base, emit)
-  findings = advisor.advise_run(cfg, s.model_cfg, pre.stats, s.plan)
+  findings = objective.advise(cfg, s.model_cfg, pre.stats, s.plan)
   log(advisor.report(findings))
   if advisor.has_error(findings) and not force:
     raise ValueError("the advisor found an error (ERROR line above): fix the config, or "

@@ -21,9 +21,13 @@ else:  # pragma: no cover
   import tomli as tomllib
 
 
-def build(root, values: dict):
-  """``root`` (a dataclass) built from ``values``, every nested section checked."""
-  return _build(root, values, "", root)
+def build(root, values: dict, prefix: str = ""):
+  """``root`` (a dataclass) built from ``values``, every nested section checked; keys are
+  named in errors under ``prefix`` (``"rl."`` for a section read on its own)."""
+  if not isinstance(values, dict):
+    raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a table of settings, "
+                     f"got {values!r}")
+  return _build(root, values, prefix, (root, prefix))
 
 
 def read(path: str) -> dict:
@@ -94,9 +98,14 @@ def _coerce(value: Any, hint, key: str, root):
   raise TypeError(f"unsupported config type {hint!r} for {key}")  # a jlora bug, not the user's
 
 
+def _fields(cls) -> list[dataclasses.Field]:
+  """The fields a config sets (not those marked ``metadata={"config": False}``)."""
+  return [f for f in dataclasses.fields(cls) if f.metadata.get("config", True)]
+
+
 def _all_keys(cls, prefix: str = "") -> list[str]:
   out = []
-  for f in dataclasses.fields(cls):
+  for f in _fields(cls):
     hint = typing.get_type_hints(cls)[f.name]
     out.append(prefix + f.name)
     nested = [h for h in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(h)]
@@ -107,15 +116,15 @@ def _all_keys(cls, prefix: str = "") -> list[str]:
 
 def _build(cls, values: dict, prefix: str, root):
   hints = typing.get_type_hints(cls)
-  names = {f.name for f in dataclasses.fields(cls)}
+  names = {f.name for f in _fields(cls)}
   for key in values:
     if key not in names:
-      known = _all_keys(root)
+      known = _all_keys(*root)
       near = difflib.get_close_matches(prefix + key, known, n=1, cutoff=0.6) or \
           difflib.get_close_matches(key, [k.rsplit(".", 1)[-1] for k in known], n=1)
       hint = f" (did you mean {near[0]!r}?)" if near else ""
       raise ValueError(f"unknown config key {prefix + key!r}{hint}")
-  missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+  missing = [f.name for f in _fields(cls) if f.name not in values
              and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
   if missing:
     raise ValueError(f"config is missing {', '.join(repr(prefix + m) for m in missing)}")

@@ -42,9 +42,10 @@ from jlora.core import lora
 from jlora.infra import fs, multihost
 from jlora.run import checkpoint, config as config_lib
 
-# Config keys that must not change across --resume (they define the state on disk).
-# An objective's own section (``rl``) defines the trajectory as much as the data does.
-_FROZEN_ON_RESUME = ("model", "lora", "train.method", "train.seed", "data", "mesh", "rl")
+# Config keys that must not change across --resume (they define the state on disk), and
+# every objective's own section (``config.SECTIONS``): it defines the trajectory as much as
+# the data does.
+_FROZEN_ON_RESUME = ("model", "lora", "train.method", "train.seed", "data", "mesh")
 LOCK_FILE = ".lock"
 
 
@@ -125,7 +126,7 @@ def check(cfg: config_lib.RunConfig, resume: bool) -> str:
     now = cfg.to_dict()
     if _same_model(_get(before, "model.path"), _get(now, "model.path")):
       now["model"]["path"] = before["model"]["path"]
-    changed = [c for key in _FROZEN_ON_RESUME
+    changed = [c for key in _FROZEN_ON_RESUME + tuple(config_lib.SECTIONS)
                for c in _changes(_get(before, key), _get(now, key), key)]
     if changed:
       raise ValueError(f"cannot resume {run_dir}: changed since it started: "

@@ -9,8 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-from jlora.objectives import rl, sft
-from jlora.run import build, parsing
+from jlora.run import build, driver, parsing
 from jlora.study import runner, verdicts
 
 BUDGETS = ("smoke", "small", "full")
@@ -30,19 +29,17 @@ class Context:
   def pick(self, smoke, small, full):
     return {"smoke": smoke, "small": small, "full": full}[self.budget]
 
-  def plan(self, values: dict, arms: list[runner.Arm], runner_fn=None, **info) -> "StudyPlan":
+  def plan(self, values: dict, arms: list[runner.Arm], **info) -> "StudyPlan":
     """A validated plan: ``--set`` applied to ``values``; every arm's config resolves
     (unknown keys, bad values: one line) and the first passes the run's preflight."""
     values = parsing.apply_overrides(values, list(self.overrides))
     configs = [runner.arm_config(values, arm, self.out)[0] for arm in arms]
     if configs:
-      kind = rl.RL if configs[0].rl is not None else sft.SFT
-      build.preflight(configs[0], kind.rules)
-    return StudyPlan(values, arms, runner_fn, info)
+      build.preflight(configs[0], driver.kind_of(configs[0]).rules)
+    return StudyPlan(values, arms, info)
 
   def train(self, plan: "StudyPlan") -> list[runner.ArmResult]:
     return runner.run_arms(self.name, plan.arms, plan.values, self.out, log=self.log,
-                           runner=plan.runner,
                            keep_checkpoints=plan.info.get("keep_checkpoints", False))
 
 
@@ -50,7 +47,6 @@ class Context:
 class StudyPlan:
   values: dict  # the base run config (nested dict) every arm starts from
   arms: list[runner.Arm]
-  runner: Callable[..., dict] | None = None  # sft.run (default) or rl.run
   info: dict = dataclasses.field(default_factory=dict)  # what analyse needs besides results
 
 

@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from jlora.infra import fs
-from jlora.run import build, checkpoint, config as config_lib, loop
+from jlora.run import build, checkpoint, config as config_lib, driver, loop
 
 LEAD = ("study", "arm", "series", "x", "status", "step")
 
@@ -85,9 +85,10 @@ def arm_config(values: dict, arm: Arm, out: str) -> tuple[config_lib.RunConfig, 
   """The arm's validated run config and its hash (over the resolved config, run_dir
   aside, so jlora's defaults are part of it)."""
   values = merge(values, arm.overrides)
-  defaults = config_lib.RL_DEFAULTS if "rl" in values else None
-  cfg = config_lib.from_dict({**values, "run_dir": "."}, defaults=defaults)
-  text = json.dumps({**cfg.to_dict(), "run_dir": None}, sort_keys=True)
+  cfg = config_lib.from_dict({**values, "run_dir": "."})
+  # "rl": null: how configs without an objective section were written when the arms of
+  # studies on disk were hashed; kept so those studies continue instead of retraining
+  text = json.dumps({"rl": None, **cfg.to_dict(), "run_dir": None}, sort_keys=True)
   digest = hashlib.sha256(text.encode()).hexdigest()[:10]
   run_dir = os.path.join(out, "arms", f"{arm.name}-{digest}")
   return dataclasses.replace(cfg, run_dir=run_dir), digest
@@ -110,14 +111,12 @@ def _load(arm: Arm, digest: str, run_dir: str) -> ArmResult | None:
 
 
 def run_arms(study: str, arms: Sequence[Arm], values: dict, out: str, *,
-             log: Callable[[str], None] = print, runner: Callable[..., dict] | None = None,
-             keep_checkpoints: bool = False) -> list[ArmResult]:
-  """Run every arm not yet finished (``runner``: ``sft.run`` or ``rl.run``), the base
-  model loaded once for all of them; returns every arm's result, in order. A finished
+             log: Callable[[str], None] = print, keep_checkpoints: bool = False
+             ) -> list[ArmResult]:
+  """Run every arm not yet finished (``driver.run`` with the objective its config is for),
+  the base model loaded once for all of them; returns every arm's result, in order. A finished
   arm's checkpoints are deleted unless ``keep_checkpoints`` (its metrics, summary and
   adapters stay): a FullFT arm of a 135M model would keep 1.6 GB."""
-  from jlora.objectives import sft
-  runner = runner or sft.run
   configs = [(arm, *arm_config(values, arm, out)) for arm in arms]
   names = [arm.name for arm in arms]
   if len(set(names)) != len(names):
@@ -135,7 +134,7 @@ def run_arms(study: str, arms: Sequence[Arm], values: dict, out: str, *,
       continue
     if base is None:
       base = build.load_base(cfg, build.reading(cfg), log, shared=True)
-    results.append(_run_arm(arm, cfg, digest, base, runner, out, log, f"{i}/{len(configs)}"))
+    results.append(_run_arm(arm, cfg, digest, base, out, log, f"{i}/{len(configs)}"))
     if not keep_checkpoints:
       checkpoint.remove(cfg.run_dir)
     write_results(study, results, out)
@@ -143,7 +142,7 @@ def run_arms(study: str, arms: Sequence[Arm], values: dict, out: str, *,
   return results
 
 
-def _run_arm(arm, cfg, digest, base, runner, out, log, count) -> ArmResult:
+def _run_arm(arm, cfg, digest, base, out, log, count) -> ArmResult:
   resume = fs.is_file(fs.join(cfg.run_dir, "config.json"))
   log(f"[{count}] {arm.name}: {'resuming' if resume else 'training'} "
       f"({json.dumps(arm.overrides, sort_keys=True)})")
@@ -152,8 +151,8 @@ def _run_arm(arm, cfg, digest, base, runner, out, log, count) -> ArmResult:
   with open(os.path.join(out, "logs", f"{arm.name}.log"), "a") as f:
     arm_log = lambda line: (f.write(line + "\n"), f.flush())  # noqa: E731
     try:
-      summary = runner(cfg, resume=resume, progress=False, log=arm_log, force=True,
-                       base=base)
+      summary = driver.run(cfg, driver.kind_of(cfg), resume=resume, progress=False,
+                           log=arm_log, force=True, base=base)
     except loop.NonFiniteLoss as e:
       status, message = "diverged", str(e)
       arm_log(message)

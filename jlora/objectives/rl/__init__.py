@@ -6,12 +6,13 @@ from the current policy, score them with ``rewards``, centre the rewards per gro
 ``objective`` tying them into a ``loop.Objective``, and ``check_data`` (what RL checks before
 anything is loaded): ``RL`` declares them to the shared run (``driver.run``), so
 checkpoints, resume, metrics, signals and export are SFT's. Defaults from the
-findings (FINDINGS 6): rank 1 (``config.RL_DEFAULTS``), alpha 32, the LR rule's LR,
-constant schedule, no KL.
+findings (FINDINGS 6): rank 1 (``section.SECTION``), alpha 32, a tenth of the LR rule's LR,
+constant schedule, no KL. The ``[rl]`` settings are ``section.RLSection``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -20,12 +21,14 @@ import numpy as np
 from jlora import data, models
 from jlora.core import optim
 from jlora.data import render
-from jlora.findings import hparams
+from jlora.findings import advisor, hparams
 from jlora.run import build, config as config_lib, driver, evaluate, loop
-from jlora.objectives.rl import losses, rewards
+from jlora.objectives.rl import losses, rewards, section
 from jlora.objectives.rl.rollouts import Rollouts
+from jlora.objectives.rl.section import RLSection
 
-__all__ = ["losses", "rewards", "Rollouts", "objective", "run", "FIELDS", "RL"]
+__all__ = ["losses", "rewards", "section", "Rollouts", "RLSection", "objective", "run",
+           "FIELDS", "RL"]
 
 FIELDS = ("reward_mean", "reward_std", "correct", "ratio_mean", "ratio_min", "ratio_max",
           "clip_frac", "kl", "completion_tokens", "constant_groups", "sampled_tokens_per_s",
@@ -81,12 +84,6 @@ def objective(s: build.Setup) -> loop.Objective:
   return loop.Objective(loss, rollouts, evaluate_fn, evaluate_fn, FIELDS)
 
 
-def load_config(path: str, overrides=()) -> config_lib.RunConfig:
-  """A recipe read for ``jlora rl``: RL's defaults (rank 1, an ``[rl]`` section) under the
-  recipe's own values."""
-  return config_lib.load(path, overrides, defaults=config_lib.RL_DEFAULTS)
-
-
 def check_data(cfg: config_lib.RunConfig, tok, model_cfg, limit: int) -> str:
   """RL's data checks: the prompts' source opens and has prompts (and answers, for the
   built-in reward); the reward function imports; prompts (up to ``limit`` of them, evenly
@@ -123,15 +120,29 @@ def _rows(cfg: config_lib.RunConfig) -> tuple[int, str]:
   return cfg.rl.rows, f"rl.prompts_per_step x rl.group_size = {cfg.rl.rows}"
 
 
+def _advise(cfg: config_lib.RunConfig, model_cfg, stats, plan) -> list:
+  # distinct rewards: right/wrong, times with/without the format bonus
+  bits = math.log2(4) if cfg.rl.format_reward and cfg.rl.reward == "answer" else 1.0
+  return advisor.advise_rl(cfg, model_cfg, plan, cfg.rl.rows, bits)
+
+
 # A step's rows are prompts x group; the LR rule's absolute values are fit on SFT and
 # measured too high for RL (hparams.RL_LR_FACTOR).
-RL = driver.Kind("rl", build.Rules(_rows, check_data, hparams.RL_LR_FACTOR), objective)
+RL = driver.register(driver.Kind(
+    "rl", "rl", "policy-gradient RL on rewards from a TOML recipe with an [rl] section "
+    "(rank 1 by default)", "configs/rl_arithmetic.toml",
+    build.Rules(_rows, check_data, hparams.RL_LR_FACTOR), objective, section.SECTION,
+    _advise))
+
+
+def load_config(path: str, overrides=()) -> config_lib.RunConfig:
+  """A recipe read for ``jlora rl`` (``driver.load``): an ``[rl]`` section and RL's
+  defaults under the recipe's own values."""
+  return driver.load(path, overrides, RL)
 
 
 def run(cfg: config_lib.RunConfig, **kwargs) -> dict:
   """``jlora rl``: ``driver.run`` with the RL objective (same keyword arguments)."""
-  if cfg.rl is None:
-    raise ValueError("config has no [rl] section: read it with jlora.objectives.rl.load_config")
   return driver.run(cfg, RL, **kwargs)
 
 

@@ -1,0 +1,61 @@
+"""``[rl]``: the RL objective's section of the run config, and what RL changes in the
+run's defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from jlora.run import config as config_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class RLSection:
+  """``jlora rl``: policy-gradient RL on rewards (jlora.objectives.rl). Each step samples
+  ``prompts_per_step`` prompts from ``data.source`` x ``group_size`` completions from the
+  current policy (base + adapters), scores them, and takes one optimizer step on
+  ``prompts_per_step * group_size`` rows (``data.batch_size`` is not used)."""
+  group_size: int = 8  # completions per prompt; advantages are centred within a group
+  prompts_per_step: int = 16
+  max_new_tokens: int = 24
+  temperature: float = 1.0
+  top_p: float = 1.0
+  loss: str = "importance_sampling"  # or "ppo" (clipped ratio)
+  clip: float = 0.2  # ppo: the ratio is clipped to [1 - clip, 1 + clip]
+  kl_coef: float = 0.0  # KL penalty to the reference policy (the base, adapters off)
+  track_kl: bool = True  # report the KL to the reference each step (one more forward)
+  normalize_std: bool = False  # divide advantages by the group's reward std (GRPO)
+  drop_constant_groups: bool = False  # groups whose rewards are all equal: no tokens
+  reward: str = "answer"  # "answer" (the record's answer, parsed leniently) or module:function
+  format_reward: float = 0.0  # added when the answer is stated explicitly
+  bucket: int = 16  # prompts are left-padded to a multiple of this many tokens
+
+  def __post_init__(self):
+    for name in ("prompts_per_step", "max_new_tokens", "bucket"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
+    if self.group_size < 2:
+      raise ValueError(f"rl.group_size must be >= 2, got {self.group_size}: advantages "
+                       "are rewards minus their group's mean, so a group of one has none "
+                       "and the run cannot learn")
+    if self.loss not in ("importance_sampling", "ppo"):
+      raise ValueError(f"rl.loss {self.loss!r} is not 'importance_sampling' or 'ppo'")
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):
+      raise ValueError(f"rl.temperature must be >= 0, got {self.temperature}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"rl.top_p must be in (0, 1], got {self.top_p}")
+    if not 0 < self.clip < 1:
+      raise ValueError(f"rl.clip must be in (0, 1), got {self.clip}")
+    if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
+      raise ValueError(f"rl.kl_coef must be >= 0, got {self.kl_coef}")
+    if not math.isfinite(self.format_reward):
+      raise ValueError(f"rl.format_reward must be finite, got {self.format_reward}")
+
+  @property
+  def rows(self) -> int:
+    return self.group_size * self.prompts_per_step
+
+
+# What ``jlora rl`` changes in the defaults (FINDINGS 6: an episode carries ~1 bit, so
+# rank 1 has capacity to spare); a recipe's own values win.
+SECTION = config_lib.Section("rl", RLSection, {"lora": {"rank": 1}})
