@@ -7,8 +7,13 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-# Eight fake CPU devices for the sharding tests (single-device tests use device 0).
+# Eight fake CPU devices for the sharding tests (single-device tests use device 0), set
+# before anything (the helpers' module-level arrays included) starts a backend.
 jax.config.update("jax_num_cpu_devices", 8)
+
+from jlora import cli  # noqa: E402
+from tests.helpers import HF_KINDS, QUANT_SIZES, recipe, tiny_model_dir, write_toml  # noqa: E402
+from tests.hf_models import save_tiny  # noqa: E402
 
 
 @pytest.fixture
@@ -67,3 +72,29 @@ def small_disk(tmp_path):
     yield SmallDisk(mount)
   finally:
     subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoints(tmp_path_factory):
+  root = tmp_path_factory.mktemp("hf")
+  return {kind: save_tiny(kind, str(root)) for kind in HF_KINDS}
+
+
+@pytest.fixture(scope="module")
+def quant_models(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("q"))
+  return {kind: tiny_model_dir(out, kind, **QUANT_SIZES) for kind in ("llama_tied", "qwen3_moe")}
+
+
+@pytest.fixture(scope="session")
+def trained_run(model_dir, tmp_path_factory):
+  """A finished 8-step run (checkpoints kept: 6 and 8) and its config file."""
+  tmp = tmp_path_factory.mktemp("trained")
+  toml = write_toml(tmp / "run.toml", recipe(model_dir, tmp / "run"))
+  assert cli.main(["train", toml, "--no-progress"]) == 0
+  return str(tmp / "run"), toml
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+  return tiny_model_dir(str(tmp_path_factory.mktemp("model")))

@@ -10,16 +10,18 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 2)
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from jlora.infra import mesh as mesh_lib, multihost  # noqa: E402
+from jlora.infra import mesh as mesh_lib  # noqa: E402
+from jlora.infra import multihost
 
 
 def main(process_id: int, port: int, out: str, steps: int) -> None:
   multihost.initialize(f"127.0.0.1:{port}", 2, process_id, timeout_s=60)
-  from tests.test_sharding import _batch, _setup
   import numpy as np
+
+  from tests.helpers import sharded_setup, tiny_batch
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=-1))  # 4 devices over 2 processes
-  step, state, frozen = _setup(mesh)
-  local = {k: v[4 * process_id: 4 * process_id + 4] for k, v in _batch(0).items()}
+  step, state, frozen = sharded_setup(mesh)
+  local = {k: v[4 * process_id: 4 * process_id + 4] for k, v in tiny_batch(0).items()}
   losses = []
   for _ in range(steps):
     state, metrics = step(state, frozen, mesh_lib.global_batch(local, mesh))

@@ -1,14 +1,28 @@
-"""Shared test helpers."""
+"""What the tests share: tiny models and batches, recipes, child-process runners, reference
+computations. Fixtures are in conftest.py; nothing here is a test."""
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tokenizers
-from tokenizers import decoders, models as tok_models, pre_tokenizers
+from flax import linen as nn
+from tokenizers import decoders, pre_tokenizers
+from tokenizers import models as tok_models
 
-from jlora import data
+import jlora
+from jlora import data, models
+from jlora.core import lora, optim
+from jlora.core import sharding as shd
+from jlora.infra import mesh as mesh_lib
+from jlora.models import ModelConfig, Transformer
+from jlora.objectives import lm
+from jlora.objectives.rl import rollouts
+from jlora.run import train_step
 
 
 def randomize_b(adapters, key, scale=0.1):
@@ -51,3 +65,258 @@ def tiny_model_dir(out_dir: str, kind: str = "llama", **overrides) -> str:
   with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
     json.dump({"eos_token": "<eos>", "chat_template": CHAT}, f)
   return path
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
+# A tiny Llama for tests that build a model in memory (kernels, sharding, RL).
+CFG = ModelConfig("llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=8)
+PROMPT_LENS, N = [5, 3, 7, 4], 6  # four prompts of different lengths, 6 new tokens at most
+
+
+def jlora_rl(toml, *args, env=None):
+  """``jlora rl TOML --no-progress ARGS`` in a child process."""
+  return jlora_cli("rl", toml, "--no-progress", *args, env=env, timeout=900)
+
+
+def write_jsonl(path, records):
+  with open(path, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  return str(path)
+
+
+def texts(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return [" ".join(f"w{i}x{j}" for j in range(int(rng.integers(1, 12)))) for i in range(n)]
+
+
+PEFT_TOKENS = np.random.default_rng(0).integers(0, 300, (2, 12))
+
+
+def hf_model(path):
+  import torch
+  import transformers
+  return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def torch_logits(model):
+  import torch
+  with torch.no_grad():
+    return model(torch.tensor(PEFT_TOKENS)).logits.numpy()
+
+
+def jlora_logits(model_dir, params=None, adapters=None, spec=None):
+  model, base, _ = models.load(model_dir)
+  params = base if params is None else params
+  if adapters is not None:
+    params = lora.with_adapters(params, adapters, spec)
+  return np.asarray(model.apply({"params": params}, jnp.asarray(PEFT_TOKENS))[0])
+
+
+LLAMA_8B = ModelConfig("llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                       rope_theta=500000.0)
+
+
+def fresh_seed() -> int:
+  """Fresh inputs each run; the seed is in every failure message to replay it."""
+  return int.from_bytes(os.urandom(4), "little")
+
+
+def matmul_inputs(seed, m, k, n, r, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  x, w, a, b = (rng.standard_normal(s) for s in ((m, k), (k, n), (k, r), (r, n)))
+  # Scales that keep both terms of y the same order (B random and non-zero: B = 0 would
+  # make dA = 0 and hide bugs).
+  return (jnp.asarray(x, dtype), jnp.asarray(w / np.sqrt(k), dtype),
+          jnp.asarray(a / np.sqrt(k), dtype), jnp.asarray(b / np.sqrt(r), dtype))
+
+
+def rel_err(got, want) -> float:
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def llama_like_params(key=jax.random.PRNGKey(2), d=16, f=32, v=20):
+  """A parameter tree with the usual decoder names (no model needed for tree tests)."""
+  ks = iter(jax.random.split(key, 32))
+  n = lambda *s: jax.random.normal(next(ks), s)
+  layer = lambda: {
+      "attn": {k: {"kernel": n(d, d)} for k in ("q_proj", "k_proj", "v_proj", "o_proj")},
+      "mlp": {"gate_proj": {"kernel": n(d, f)}, "up_proj": {"kernel": n(d, f)},
+              "down_proj": {"kernel": n(f, d)}},
+      "input_norm": {"scale": n(d)},
+  }
+  return {"embed": {"embedding": n(v, d)}, "layers_0": layer(), "layers_1": layer(),
+          "norm": {"scale": n(d)}, "lm_head": {"kernel": n(d, v)}}
+
+
+HF_KINDS = ["llama", "llama_tied", "qwen3", "qwen3_moe"]
+
+
+def random_tokens(batch=2, length=40, vocab=128, seed=0):
+  return np.random.default_rng(seed).integers(0, vocab, (batch, length))
+
+
+QUANT_SIZES = dict(hidden_size=64, intermediate_size=128)  # K divisible by nf4's block of 64
+
+
+
+
+def tiny_policy(seed=0, b_scale=0.3):
+  """(model, plan, trainable, frozen): a tiny random model with non-zero LoRA B."""
+  model = Transformer(CFG)
+  params = model.init(jax.random.PRNGKey(seed), jnp.ones((1, 4), jnp.int32))["params"]
+  params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params,
+                                  is_leaf=lambda x: hasattr(x, "value"))
+  plan = jlora.core.lora.plan(params, models.lora_spec(CFG, rank=2))
+  adapters = jlora.init_adapters(params, plan, jax.random.PRNGKey(seed + 1))
+  if b_scale:
+    adapters = randomize_b(adapters, jax.random.PRNGKey(seed + 2), b_scale)
+  trainable, frozen = optim.trainable(params, adapters, plan)
+  return model, plan, trainable, frozen
+
+
+def hand_episodes(seed=0, group=2):
+  """Hand-made episodes: 4 prompts x ``group`` rows, left-padded prompts, completions of
+  lengths 1..N (shorter ones end in EOS = 1 and are padded after it)."""
+  rng = np.random.default_rng(seed)
+  prompts = [rng.integers(2, CFG.vocab_size, n) for n in PROMPT_LENS for _ in range(group)]
+  tokens_, mask = rollouts.left_pad(prompts, max(PROMPT_LENS) + 1)
+  B = len(prompts)
+  lengths = rng.integers(1, N + 1, B)
+  tokens = rng.integers(2, CFG.vocab_size, (B, N)).astype(np.int32)
+  for i, n in enumerate(lengths):
+    if n < N:
+      tokens[i, n - 1], tokens[i, n:] = 1, 1
+  ep = rollouts.Episodes([{}] * B, tokens_, mask, tokens, np.zeros((B, N), np.float32),
+                         lengths, [""] * B)
+  return ep, prompts
+
+
+def rl_recipe(model_dir, run_dir, reward="tests.rl_rewards:digits", **rl):
+  return {"run_dir": str(run_dir), "model": {"path": model_dir, "remat": False},
+          "train": {"steps": 6, "checkpoint_every": 2, "lr": 1e-2, "keep": 3},
+          "data": {"source": "task:arithmetic", "size": 64},
+          "eval": {"examples": 4},
+          "rl": {"group_size": 4, "prompts_per_step": 2, "max_new_tokens": 5,
+                 "reward": reward, **rl}}
+
+
+def jlora_cli(*args, timeout=600, env=None):
+  """``jlora ARGS`` in a child process on CPU (``env``: more variables)."""
+  return subprocess.run([sys.executable, "-m", "jlora.cli", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+
+
+def steps_logged(run):
+  return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_adapters(run, reference):
+  from safetensors.numpy import load_file
+  got, want = load_file(run / "adapters.safetensors"), load_file(
+      os.path.join(reference, "adapters.safetensors"))
+  assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
+
+
+
+
+def tiny_batch(seed, rows=8, length=12):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, CFG.vocab_size, (rows, length + 1))
+  mask = np.ones((rows, length), np.float32)
+  mask[:, :3] = 0  # a prompt that carries no loss
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
+
+
+def sharded_init(mesh, cfg=CFG):
+  """(model, plan, trainable, frozen) on ``mesh``: the base placed by its logical axes, the
+  adapters created sharded, lm_head trained in full."""
+  model = Transformer(cfg)
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))
+  shapes = {p: tuple(x.shape) for p, x in jlora.core.lora.flatten(nn.unbox(boxed)["params"]).items()}
+  specs = shd.logical_specs(boxed["params"])
+  param_sh = shd.param_shardings(specs, shapes, mesh)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32)))["params"]
+  params = shd.place(params, param_sh)
+  plan = jlora.core.lora.plan(params, models.lora_spec(cfg, rank=4, full=("lm_head",)))
+  ad_sh = shd.adapter_shardings(plan, specs, mesh)
+  adapters = jax.jit(lambda key: jlora.init_adapters(params, plan, key),
+                     out_shardings=ad_sh)(jax.random.PRNGKey(1))
+  trainable, frozen = optim.trainable(params, adapters, plan)
+  return model, plan, trainable, frozen
+
+
+def sharded_setup(mesh, grad_accum=1, cfg=CFG):
+  model, plan, trainable, frozen = sharded_init(mesh, cfg)
+  tx = optim.optimizer(1e-2)
+  step, state = train_step.build(lm.lm_loss(model, plan), tx, trainable, frozen, mesh,
+                                 grad_accum)
+  return step, state, frozen
+
+
+def run_steps(mesh, steps=10, grad_accum=1, batch=None, cfg=CFG):
+  """Train on one batch (memorise it): ({"loss", "grad_norm", "tokens"}: one entry per
+  step), the final state, the jitted step."""
+  step, state, frozen = sharded_setup(mesh, grad_accum, cfg)
+  batch = tiny_batch(0) if batch is None else batch
+  metrics = []
+  for _ in range(steps):
+    state, m = step(state, frozen, mesh_lib.global_batch(batch, mesh))
+    metrics.append(m)
+  return {k: np.array([float(m[k]) for m in metrics]) for k in ("loss", "grad_norm", "tokens")},\
+      state, step
+
+
+def worker_env():
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+  env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return env
+
+
+def train_one_batch(cfg, dtype=jnp.float32, steps=10, lr=3e-3):
+  """``steps`` LoRA steps on one batch and one device, from a non-zero B (at B = 0 the
+  adapters do not change the loss and A gets no gradient): (per-step {"loss", "grad_norm"},
+  final state, initial trainable as numpy)."""
+  model = Transformer(cfg, dtype=dtype)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32)))["params"]
+  # normal(0.02) weights give near-uniform logits, where every model scores ~log(vocab) and
+  # cannot move far from it (the head is frozen here): a 10x head gives losses that tell.
+  params["lm_head"]["kernel"] = 10 * params["lm_head"]["kernel"]
+  params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+  plan = jlora.core.lora.plan(params, models.lora_spec(cfg, rank=4))
+  adapters = randomize_b(jlora.init_adapters(params, plan, jax.random.PRNGKey(1)),
+                         jax.random.PRNGKey(2))
+  trainable, frozen = optim.trainable(params, adapters, plan)
+  initial = jax.tree_util.tree_map(np.asarray, trainable)
+  tx = optim.optimizer(lr)
+  step, state = train_step.build(lm.lm_loss(model, plan), tx, trainable, frozen)
+  batch = {k: jnp.asarray(v) for k, v in tiny_batch(0).items()}
+  metrics = []
+  for _ in range(steps):
+    state, m = step(state, frozen, batch)
+    metrics.append(m)
+  return {k: np.array([m[k] for m in metrics]) for k in ("loss", "grad_norm")}, state, initial
+
+
+def recipe(model_dir, run_dir, **train):
+  return {"run_dir": str(run_dir), "model": {"path": model_dir, "remat": False},
+          "lora": {"rank": 4},
+          "train": {"steps": 8, "checkpoint_every": 2, "lr": 3e-3, "keep": 2, **train},
+          "data": {"source": "task:arithmetic", "size": 200, "seq_len": 64, "batch_size": 8},
+          "eval": {"examples": 4, "batches": 2, "max_new_tokens": 3}}
+
+
+def write_toml(path, values):
+  def fmt(v):
+    return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+  lines = [f"run_dir = {fmt(values['run_dir'])}"]
+  for section in [k for k, v in values.items() if isinstance(v, dict)]:
+    lines.append(f"[{section}]")
+    lines += [f"{k} = {fmt(v)}" for k, v in values[section].items()]
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)

@@ -6,8 +6,8 @@ without importing this module back). Its callers:
 
 - ``lora_dense`` / ``lora_dense_multi``: the hot path of jlora's own models. Activations
   are flattened to 2-D ``[tokens, features]`` first (on 3-D activations XLA transposes them
-  for every weight gradient, ~1.7x slower on XLA:CPU in the tiny-Llama step), the thin matmuls
-  accumulate in f32, and the frozen base is never differentiated.
+  for every weight gradient), the thin matmuls accumulate in f32, and the frozen base is
+  never differentiated.
 - ``lora_einsum``: the same term for a layer whose contraction is an einsum (third-party
   Flax Dense, DenseGeneral, Einsum under ``jlora.apply``); a plain dense contraction is
   flattened and runs as ``lora_term`` itself.
@@ -50,9 +50,9 @@ def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0,
   """Several projections of the same input (q/k/v, gate/up) as one base GEMM and one thin
   ``x @ [A_1 | A_2 | ...]`` GEMM; each output gets its own ``t_i @ B_i``.
 
-  On CPU the thin LoRA matmuls and their weight gradients cost far more than their FLOPs
-  (they read all of x for r columns); sharing them across projections of one input reads
-  x once. Differentiated by JAX (an explicit custom VJP measured slower here).
+  The thin LoRA matmuls and their weight gradients read all of x for r columns; sharing
+  them across projections of one input reads x once. Differentiated by JAX (why not a
+  custom VJP: docs/ARCHITECTURE.md, "Autodiff, not a custom VJP, for the XLA path").
 
   Args:
     x: [..., K] activations.

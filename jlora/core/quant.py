@@ -12,9 +12,8 @@ Formats (``axis`` is the kernel's contraction axis, ``K``):
 
 The quantisation math (absmax calibration, the NF4 code book and rounding, dequantisation)
 is qwix's (``qwix.quantize`` / ``qwix.dequantize``). Only the storage is jlora's: qwix
-keeps nf4 codes as ``uint4``, which XLA:CPU stores one per byte (measured: a 4-bit array
-takes as many bytes as it has elements), so two codes are packed per ``uint8`` here and
-unpacked in ``dequantize``.
+keeps nf4 codes as ``uint4``, which XLA:CPU stores one per byte, so two codes are packed
+per ``uint8`` here and unpacked in ``dequantize``.
 
 Stacked leading axes (scanned layers, experts) are channel axes: ``nn.scan`` slicing a
 QTensor's leaves slices whole layers, and sharding a QTensor's leaves like the kernel
@@ -76,11 +75,9 @@ class QTensor:
 
 def embedding_format(quantize: str, embeddings: str = "auto") -> str:
   """The format of the embedding table and LM head under ``model.quantize``:
-  ``model.quantize_embeddings``, where "auto" is int8 for an nf4 base (as llama.cpp's
-  4-bit files keep ``token_embd``/``output`` at 6-8 bits: SmolLM2's Q4_1 GGUF stores its
-  tied table Q8_0; in nf4 the table is most of nf4's loss: paragraph NLL +0.141 vs +0.047
-  nats, quickstart held-out loss 0.662 vs 0.606, bench/RESULTS.md) and the base's format
-  otherwise."""
+  ``model.quantize_embeddings`` ("none" for an unquantised base), where "auto" is int8 for
+  an nf4 base and the base's format otherwise; an unknown name is a ValueError. Why int8
+  under nf4: docs/ARCHITECTURE.md, "QLoRA"."""
   if embeddings not in ("auto", *FORMATS):
     raise ValueError(f"model.quantize_embeddings {embeddings!r} is not one of auto, "
                      f"{', '.join(FORMATS)}")

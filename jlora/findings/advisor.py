@@ -14,9 +14,9 @@ from jlora.findings import hparams
 from jlora.models.config import ModelConfig
 
 BITS_PER_PARAM = 2.0  # FINDINGS 5: networks store ~2 bits per parameter
-# What LoRA actually stored in jlora's capacity bench (bench/RESULTS.md, random facts):
-# ~1 bit per adapter parameter, even after 1000 exposures per fact. Used only to say how
-# tight a fit is; the rule itself stays FINDINGS 5's.
+# Bits per adapter parameter LoRA stored in jlora's capacity measurement (bench/RESULTS.md,
+# "1000 exposures per fact"). Used only to say how tight a fit is; the rule itself stays
+# FINDINGS 5's.
 LORA_BITS_MEASURED = 1.0
 BATCH_WARN, BATCH_STRONG = 256, 1024  # FINDINGS 4
 SEVERITIES = ("ok", "warn", "error")
@@ -206,9 +206,9 @@ def rl_capacity(steps: int, episodes_per_step: int, bits_per_episode: float,
 
 
 def _rl_learning_rate(cfg, lr, steps, method) -> Finding:
-  """The LR rule's values are fit on SFT; measured with `jlora rl` (SmolLM2, rank 1) the
-  rule's LR collapsed the policy and a tenth of it (``hparams.RL_LR_FACTOR``, RL's
-  default) trained stably."""
+  """The LR finding for an RL run: ``_learning_rate``'s where the model has no published
+  fit, else the LR against the SFT rule (RL's default is ``hparams.RL_LR_FACTOR`` x the
+  rule), a warning above half of it. Why a tenth: bench/RESULTS.md, "RL with LoRA"."""
   finding = _learning_rate(cfg, lr, steps, method)
   if finding.severity == "error" or "no published fit" in finding.message:
     return finding

@@ -14,9 +14,8 @@ FULL_FT_BASE_LR = 5e-5
 POWER = {"llama": 0.781, "qwen3": 0.0775}
 LORA_MULTIPLIER, SHORT_RUN_MULTIPLIER, SHORT_RUN_STEPS = 10.0, 15.0, 100
 # RL (`jlora rl`) with no train.lr: this fraction of the rule, for LoRA and FullFT alike
-# (their 10x ratio kept). The fit above is SFT's; on SmolLM2 arithmetic RL the rule's LR
-# collapsed the policy (KL to the base 3.0, reward 0 by step 14) and 0.1x trained stably
-# (bench/RESULTS.md "RL with LoRA").
+# (their 10x ratio kept). The fit above is SFT's; why a tenth: bench/RESULTS.md, "RL with
+# LoRA".
 RL_LR_FACTOR = 0.1
 
 

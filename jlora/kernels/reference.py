@@ -4,8 +4,8 @@ jlora's models (``jlora.core.matmul``), ``jlora.apply`` on third-party Flax laye
 reference path of the fused Pallas matmul (``jlora.kernels.pallas``) all add the same
 low-rank term, with the same casts: x A in x's dtype accumulated in f32, then the scale
 applied to that thin [M, r] product and B taken in f32. The term lives here, beside the
-kernels, rather than in ``jlora.core.matmul`` because ``jlora.core.matmul`` imports ``jlora.kernels`` to
-dispatch to them; the kernels importing ``jlora.core.matmul`` back would be an import cycle.
+kernels, rather than in ``jlora.core.matmul`` because that module imports ``jlora.kernels``
+to dispatch to them; the kernels importing it back would be an import cycle.
 ``jlora.core.matmul`` re-exports ``lora_term``.
 
 The term is split into its two thin products because callers share one of them:

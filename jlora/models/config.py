@@ -33,8 +33,8 @@ class ModelConfig:
     norm_topk_prob: renormalise the top-k routing weights to sum to 1.
     max_position_embeddings: the context the model was trained for.
     remat: rematerialise each layer's activations in the backward pass.
-    unroll_layers: unroll the layer scan (same stacked parameters; longer compile, and on
-      CPU a faster step: XLA keeps per-layer slices static).
+    unroll_layers: unroll the layer scan (same stacked parameters, per-layer slices
+      static to XLA; a longer compile).
     lora_impl: how adapted projections run (``jlora.kernels.IMPLS``): "xla" (the default
       path: XLA matmuls through ``jlora.core.matmul``, differentiated by JAX), or "auto" /
       "pallas" / "interpret" (the fused ``jlora.kernels.lora_matmul``).

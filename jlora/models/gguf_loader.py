@@ -45,9 +45,9 @@ def _cached_reader(path: str, mtime_ns: int, size: int):
 
 
 def release() -> None:
-  """Drop the cached readers. A parsed reader holds every metadata field as Python and
-  numpy objects (~165 MB for SmolLM2's 49k-token vocabulary); callers that have read the
-  weights, tokenizer and template call this so a training run does not carry it."""
+  """Drop the cached readers. A parsed reader holds every metadata field (the whole
+  vocabulary among them) as Python and numpy objects; callers that have read the weights,
+  tokenizer and template call this so a training run does not carry it."""
   _cached_reader.cache_clear()
 
 

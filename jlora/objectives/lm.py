@@ -21,14 +21,14 @@ def token_logprobs(model, params, batch, chunk: int | None = None, last: int | N
   """[B, T] f32 log-probabilities of ``batch["targets"]`` under the model (every
   objective's per-token quantity: SFT's cross-entropy is their negation, RL weighs them by
   advantages). With ``last`` only the last ``last`` positions are unembedded and returned
-  ([B, last]): RL scores only the completion, and the prompt's [P, vocab] logits (a third
-  of SmolLM2's FLOPs for a 40-token prompt, 49k vocabulary) are never computed.
+  ([B, last]): RL scores only the completion, and the prompt's [P, vocab] logits are never
+  computed.
 
   With ``chunk`` (and a model with ``hidden``/``logits`` methods, as jlora's are) the
   unembedding and log-softmax run over ``chunk`` tokens at a time under
   ``jax.checkpoint``: the ``[B, T, vocab]`` f32 logits are never held, forward or
-  backward, only one ``[chunk, vocab]`` block at a time (for SmolLM2's 49k vocabulary at
-  8 x 128 tokens that is 200 MB of logits, plus as much again for their gradient).
+  backward, only one ``[chunk, vocab]`` block at a time (what that saves:
+  docs/ARCHITECTURE.md, "Chunked cross-entropy").
   """
   args = (batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
   targets = batch["targets"]

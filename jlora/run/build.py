@@ -1,10 +1,11 @@
 """What a run builds from its config before the first step, in two stages that write
 nothing: ``preflight`` (everything knowable from the config, the model's config file, the
-devices and a sample of the data: cheap) and ``build`` (weights, tokenizer, the LoRA plan,
-shardings, optimizer). Every objective (SFT, RL, the studies) starts from a ``Setup``; what
-an objective decides here (its batch rows, its data checks, its LR factor) it passes in as
-``Rules``, so nothing here knows one objective from another. The run directory is created
-only after both stages have succeeded, so a mistake never leaves a half-made run behind.
+devices and a sample of the data: cheap; a mistake is a ValueError naming it) and ``build``
+(weights, tokenizer, the LoRA plan, shardings, optimizer) into a ``Setup``, which every
+objective (SFT, RL, the studies' arms) starts from. What an objective decides here (its
+batch rows, its data checks, its LR factor) it passes in as ``Rules``, so nothing here
+knows one objective from another. Where the two stages sit in a run: docs/ARCHITECTURE.md,
+"A run, and where an objective plugs in".
 """
 
 from __future__ import annotations

@@ -44,9 +44,9 @@ class SaveFailed(fs.StorageError):
 
 
 class _DropOrbaxStorageTracebacks(logging.Filter):
-  """orbax logs a failed write from each of its writer threads, with a traceback (48 of
-  them for one full-disk save of SmolLM2's adapters); ``Checkpoints`` raises the failure
-  itself, once. Other orbax messages pass."""
+  """Drops orbax's error records of a storage failure: it logs a failed write from each
+  of its writer threads, with a traceback, while ``Checkpoints`` raises the failure itself,
+  once. Other orbax messages pass."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not (record.levelno >= logging.ERROR and

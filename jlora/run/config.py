@@ -27,7 +27,7 @@ class ModelSection:
   path: str = SMOLLM2  # HF model dir, a .gguf file, a Hub id (org/name[@rev]) or "smollm2"
   dtype: str = "float32"  # of the frozen base; adapters and optimizer state stay f32
   remat: bool = True  # recompute each layer's activations in the backward pass
-  # LoRA matmul: auto (the fused Pallas kernel where bench/kernel.py measured it faster,
+  # LoRA matmul: auto (the fused Pallas kernel on the backends in jlora.kernels.FASTER_ON,
   # else XLA), xla, pallas (TPU/GPU), interpret (the Pallas kernels on CPU: tests only)
   lora_impl: str = "auto"
   # QLoRA: the frozen base's kernels and embedding stored as int8 (per output channel) or

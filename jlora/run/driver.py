@@ -1,13 +1,12 @@
 """One run of any objective, from a config: ``jlora train``, ``jlora rl`` and every arm of
-a study go through ``run``.
+a study go through ``run``. Everything knowable before training is checked before the run
+directory is created, so a mistake is a ValueError that leaves nothing behind; a finished
+run ends with ``summary.json`` (and, under LoRA, ``adapters.safetensors``). The order of a
+run's pieces and what each does: docs/ARCHITECTURE.md, "A run, and where an objective
+plugs in".
 
-The pieces, in order: ``build.preflight`` with the objective's ``Rules`` (cheap checks,
-nothing loaded), the run directory's ``check`` (a changed config or a directory in use
-fails here), ``build.build`` (weights, plan, optimizer), the advisor on the plan that will
-actually train, then ``rundir.create`` (locked) and ``loop.run`` with the loop objective
-the ``Kind`` makes. The summary and the final adapters are written last. Objectives
-(``jlora.objectives``) register a ``Kind`` (``register``): its command, config section,
-rules and advice; nothing here imports them.
+Objectives (``jlora.objectives``) register a ``Kind`` (``register``): their command, config
+section, rules, loop objective and advice; nothing here imports them.
 """
 
 from __future__ import annotations

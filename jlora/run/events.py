@@ -6,9 +6,10 @@ Phases, in order: ``load`` (weights and tokenizer), ``set-up`` (plan, adapters,
 optimizer, the advisor), ``evaluation`` (held-out metrics before training),
 ``compilation`` (the train step, for the first batch's shapes), ``steps``,
 ``final evaluation``, ``finish`` (adapters and summary written). A resumed run has no
-``evaluation``; one resumed at its last step has no phase after ``set-up``. Times are
-``time.monotonic()``: one clock for every process on a machine, so a parent sampling a
-child's memory can place its samples in the child's phases.
+``evaluation``; one resumed at its last step has none between ``set-up`` and ``finish``,
+and a ``--resume`` of a finished run none at all. Times are ``time.monotonic()``: one clock
+for every process on a machine, so a parent sampling a child's memory can place its samples
+in the child's phases.
 """
 
 from __future__ import annotations

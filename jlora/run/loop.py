@@ -1,10 +1,11 @@
 """The run loop every objective shares: resume, the step loop, logging, checkpoints,
 held-out evaluation, the non-finite stop and preemption.
 
-An objective (supervised fine-tuning in ``jlora.run.driver``; RL and the studies likewise)
-supplies an ``Objective``: its loss (``train_step.make_step`` turns it into the one train step,
-jitted here with the state's shardings), a batch source, and its held-out evaluation.
-Everything else is here, once:
+An objective (``jlora.objectives``: SFT, RL) supplies an ``Objective``: its loss
+(``train_step.build`` turns it into the one train step, jitted with the state's
+shardings), a batch source, and its held-out evaluation. Everything else is here, once,
+with these guarantees (the order of the loop's work within a run: docs/ARCHITECTURE.md,
+"A run, and where an objective plugs in"):
 
 - resume: the trainable state, optimizer state and the batch source's position come
   back from the latest checkpoint (``checkpoint.Checkpoints``), bit-exact on CPU;
@@ -211,8 +212,8 @@ def run(s, objective: Objective, run_dir: str, *, resume: bool = False,
         emit: events.Listener = events.ignore) -> Result:
   """Train ``s`` (a ``jlora.run.build.Setup``) with ``objective`` from step 0 or the latest
   checkpoint to ``train.steps``. ``emit`` is told the phases, each metrics row as it is
-  written (a notebook's live plot) and each checkpoint (``jlora.run.events``). Raises ``NonFiniteLoss``, ``Interrupted`` (after saving) or
-  ``checkpoint.StorageFailed``."""
+  written (a notebook's live plot) and each checkpoint (``jlora.run.events``). Raises
+  ``NonFiniteLoss``, ``Interrupted`` (after saving) or ``checkpoint.StorageFailed``."""
   with checkpoint.storage_failures(run_dir):
     return _run(s, objective, run_dir, resume, log, progress, emit)
 

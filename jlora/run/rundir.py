@@ -1,6 +1,6 @@
-"""The run directory: checked, locked and created; its metrics files; reading a trained run
-back (generation, export). Files are written atomically (``jlora.infra.fs``), so a crash
-never leaves half of one.
+"""The run directory: checked, locked and created, and the final adapters written into it
+(its metrics files: ``jlora.run.metrics``; a trained run read back: ``jlora.run.trained``).
+Files are written atomically (``jlora.infra.fs``), so a crash never leaves half of one.
 
     RUN_DIR/config.json      the resolved config (what --resume and jlora generate read)
     RUN_DIR/.lock            held by the one run training in this directory
@@ -14,10 +14,10 @@ never leaves half of one.
 Nothing existing is overwritten: a fresh run refuses a directory holding a run (one with a
 checkpoint, or files jlora does not write; what a start that saved no step leaves is taken
 over), ``--resume`` refuses a changed model, LoRA spec, method, data or objective section
-(naming the keys), and metrics logged
-after the last checkpoint (by a run that was killed) are dropped when it resumes, so the
-files always describe the one trajectory the checkpoints continue. ``check`` runs before
-any weights are loaded, ``create`` only after everything else has been validated.
+(naming the keys), and metrics logged after the last checkpoint (by a run that was killed)
+are dropped when it resumes, so the files always describe the one trajectory the
+checkpoints continue. ``check`` writes nothing; ``create`` is a run's first write (where
+each sits in a run: docs/ARCHITECTURE.md, "A run, and where an objective plugs in").
 
 RUN_DIR may be a local path or a cloud-storage URL (``gs://...``: pod hosts share no
 disk); every file goes through ``jlora.infra.fs``'s path layer. In a multi-process run,

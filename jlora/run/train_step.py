@@ -151,9 +151,7 @@ def jit_step(step: Callable, state: Any, frozen: Any, mesh=None) -> Callable:
 
 def compile_step(jitted: Callable, state: Any, frozen: Any, batch: Any) -> Callable:
   """Compile the jitted step ahead of its first call (``lower(...).compile()``), for these
-  argument shapes. It is the same executable jit's own first call builds, but measured on
-  XLA:CPU the process's peak RSS is lower this way (SmolLM2 LoRA, bench/memory.py: 1251
-  vs 1464 MB; full fine-tuning 2795 vs 2979 MB), the steady steps included. Our reading
-  (not proven): memory the compiler frees mid-call stays interleaved with the step's own
-  allocations, where the allocator cannot reuse it for the step's temporaries."""
+  argument shapes: the same executable jit's own first call builds. Why ahead of the call
+  (a lower process peak): bench/RESULTS.md, "Notes moved from docstrings", train step
+  memory."""
   return jitted.lower(state, frozen, batch).compile()

@@ -10,8 +10,9 @@ order and the same held-out set; a study that is killed continues where it stopp
 
     jlora study rank --budget small --out studies/rank
 
-Budgets: ``smoke`` (a tiny random model, seconds: CI), ``small`` (SmolLM2-135M-Instruct on
-a 2-core CPU, within about an hour), ``full`` (the post's scale, for GPUs and TPUs).
+Budgets: ``smoke`` (a tiny random model, seconds: CI), ``small`` (SmolLM2-135M-Instruct,
+sized for a 2-core CPU; wall times: bench/RESULTS.md, "Findings studies"), ``full`` (the
+post's scale, for GPUs and TPUs).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``capacity`` (FINDINGS 5): where LoRA falls behind full fine-tuning on pure memorisation,
 and whether the advisor's 2-bits-per-parameter threshold rank predicts it.
 
-The protocol bench/capacity.py measured (bench/RESULTS.md, "Capacity"), now a study: the
+The protocol of bench/capacity.py (its results: bench/RESULTS.md, "Capacity"): the
 data is ``task:facts``, made-up keys with uniform random answers among 100, so each
 answer carries exactly log2(100) bits and nothing generalises. The model is a tiny random
 Llama with a word-level tokenizer in which every key and answer is one token. Stage 1
@@ -13,7 +13,8 @@ full batches of it), in bits per answer.
 
 The separation rank is the smallest rank within 0.5 bits per answer of FullFT; the
 threshold is the rank whose parameters x 2 bits hold the table. ``full`` is the bench's
-measurement (2000 facts, 31,250 steps = 1000 exposures per fact: ~1 h per arm on 2 cores).
+1000-exposure protocol (2000 facts, 31,250 steps = 1000 exposures per fact; its wall time:
+bench/RESULTS.md, "1000 exposures per fact").
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The ``layers`` study. FINDINGS 1: LoRA on which layers (attention, MLP, all) at equal parameters."""
+"""The ``layers`` study. FINDINGS 1: LoRA on which layers (attention, MLP, all) at equal
+parameters."""
 
 from __future__ import annotations
 

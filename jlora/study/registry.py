@@ -1,7 +1,8 @@
 """What a study is: the declaration (``Study``) each study module registers, what it is
 given (``Context``) and what it returns (``StudyPlan`` to train, ``Outcome`` to report). The
-studies themselves (``sft``, ``capacity``, ``compute``, ``rl_study``) import this module
-and register; ``jlora.study.run`` imports them.
+studies themselves (``layers_study``, ``lr_study``, ``rank_study``, ``batch_study``,
+``capacity``, ``compute``, ``rl_study``) import this module and register;
+``jlora.study.run`` imports them.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ Arms: LoRA rank 1, a higher rank, and FullFT, each at ``jlora rl``'s default LR 
 method (a tenth of the SFT rule, the 10x LoRA/FullFT ratio kept), on the same prompts in
 the same order with the same sampling seed. Metric: greedy held-out accuracy after
 training, and the sampled reward per step. The post's RL ran MATH / GSM8K on Llama and
-Qwen; here ``task:arithmetic``. At ``small`` the instruct model rarely earns a reward in
-8 tokens: give ``--model`` a model that already answers (e.g. the SFT quickstart's merged
-model, as configs/rl_arithmetic.toml does) for a signal to learn from.
+Qwen; here ``task:arithmetic``. RL learns only from the rewards it earns: at ``small``,
+give ``--model`` a model that already answers (e.g. the SFT quickstart's merged model, as
+configs/rl_arithmetic.toml does; why: bench/RESULTS.md, "RL with LoRA").
 """
 
 from __future__ import annotations

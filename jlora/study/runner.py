@@ -54,8 +54,8 @@ class ArmResult:
   def late_loss(self) -> float | None:
     """Mean training loss over the last quarter of the steps (None unless done). Each
     batch is scored before the model trains on it and a study's text is seen once, so
-    this is a held-out log-loss (progressive validation) over ~steps/4 batches: far less
-    noisy at batch 4 than one evaluation of the final step's weights."""
+    this is a held-out log-loss (progressive validation) over ~steps/4 batches: less noisy
+    at a small batch than one evaluation of the final step's weights."""
     points = self.curve()
     if self.status != "done" or not points:
       return None
@@ -114,9 +114,9 @@ def run_arms(study: str, arms: Sequence[Arm], values: dict, out: str, *,
              log: Callable[[str], None] = print, keep_checkpoints: bool = False
              ) -> list[ArmResult]:
   """Run every arm not yet finished (``driver.run`` with the objective its config is for),
-  the base model loaded once for all of them; returns every arm's result, in order. A finished
-  arm's checkpoints are deleted unless ``keep_checkpoints`` (its metrics, summary and
-  adapters stay): a FullFT arm of a 135M model would keep 1.6 GB."""
+  the base model loaded once for all of them; returns every arm's result, in order. A
+  finished arm's checkpoints are deleted unless ``keep_checkpoints`` (its metrics, summary
+  and adapters stay): a FullFT arm's hold the whole model and both Adam moments."""
   configs = [(arm, *arm_config(values, arm, out)) for arm in arms]
   names = [arm.name for arm in arms]
   if len(set(names)) != len(names):

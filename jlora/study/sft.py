@@ -5,9 +5,9 @@ The post's protocol at the budget's scale: constant LR, no warm-up, one pass ove
 (a text corpus never repeats within an arm), held-out log-loss as the metric, alpha = 32.
 The metric is the loss over the last quarter of the steps: each batch is scored before
 the model trains on it, so it is held-out (progressive validation), averaged over a
-quarter of the run instead of one noisy evaluation of the last step's weights at batch 4
-(a single late spike decided the first layers run here); the final weights' loss on the
-held-out split is in every table too.
+quarter of the run instead of one noisy evaluation of the last step's weights at a small
+batch (why: bench/RESULTS.md, "Findings studies"); the final weights' loss on the held-out
+split is in every table too.
 Every arm reads the same base config, so the same batches in the same order (one data
 seed) and the same held-out batches; they differ only in what the arm overrides.
 

@@ -70,7 +70,7 @@ def _place_whole(batch: dict, mesh) -> dict:
 
 
 class Rollouts:
-  """``loop.Batches`` for RL (see the module docstring). ``s``: a ``setup.Setup``."""
+  """``loop.Batches`` for RL (see the module docstring). ``s``: a ``build.Setup``."""
 
   def __init__(self, s, source, reference=None):
     self.s, self.rl, self.source = s, s.cfg.rl, source

@@ -1,0 +1,148 @@
+"""Resume is exact: a run killed by SIGKILL (mid-training and mid-checkpoint), SIGTERM or
+Ctrl-C continues bit-exact, for SFT, RL and an nf4-quantised base (then merged)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jlora import cli, models
+from jlora.core import lora, optim, quant
+from jlora.objectives import sft
+from jlora.run import config
+from jlora.run import trained as trained_lib
+from tests.helpers import (
+  ROOT,
+  jlora_rl,
+  recipe,
+  rl_recipe,
+  write_toml,
+)
+
+
+def _final(run):
+  return load_file(os.path.join(run, "adapters.safetensors"))
+
+
+def test_nf4_resume_is_bit_exact_and_merge_writes_the_dequantised_base(quant_models, tmp_path, capsys):
+  values = lambda run, steps: {**recipe(quant_models["llama_tied"], run, steps=steps),  # noqa: E731
+                               "model": {"path": quant_models["llama_tied"], "remat": True,
+                                         "quantize": "nf4"}}
+  sft.run(config.from_dict(values(tmp_path / "ref", 6)), progress=False, log=lambda _: 0)
+  run = tmp_path / "run"
+  sft.run(config.from_dict(values(run, 4)), progress=False, log=lambda _: 0)
+  sft.run(config.from_dict(values(run, 6)), resume=True, progress=False, log=lambda _: 0)
+  want, got = _final(tmp_path / "ref"), _final(run)
+  assert want.keys() == got.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  # The base's storage is part of the run: resuming with another format is refused.
+  changed = values(run, 8)
+  changed["model"]["quantize"] = "int8"
+  assert cli.main(["train", write_toml(tmp_path / "c.toml", changed), "--resume"]) == 2
+  assert 'model.quantize: "nf4" -> "int8"' in capsys.readouterr().err
+  # jlora merge: the dequantised base plus the adapters, as a plain f32 HF directory.
+  trained = trained_lib.load_trained(str(run))
+  s = trained.setup
+  trained_lib.merge_run(str(run), str(tmp_path / "merged"))
+  merged_model, merged, _ = models.load(str(tmp_path / "merged"))
+  assert not any(quant.is_quantized(x) for x in lora.flatten(merged).values())
+  tokens = jnp.arange(24).reshape(2, 12)
+  want = s.model.apply({"params": optim.model_params(trained.trainable, s.frozen, s.plan)},
+                       tokens)[0]
+  np.testing.assert_allclose(merged_model.apply({"params": merged}, tokens)[0], want,
+                             atol=1e-4)
+  # --dtype: the same merge in bfloat16 (weights and config.json say so), within bf16's
+  # rounding of the float32 merge.
+  assert cli.main(["merge", str(run), "--out", str(tmp_path / "bf16"), "--dtype",
+                   "bfloat16"]) == 0
+  half = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+  full = load_file(str(tmp_path / "merged" / "model.safetensors"))
+  assert half.keys() == full.keys() and {str(x.dtype) for x in half.values()} == {"bfloat16"}
+  for k in full:
+    np.testing.assert_allclose(half[k].astype(np.float32), full[k], rtol=2**-8, atol=1e-6)
+  saved = json.load(open(tmp_path / "bf16" / "config.json"))
+  assert saved.get("torch_dtype", saved.get("dtype")) == "bfloat16"
+
+
+@pytest.mark.slow
+def test_rl_resume_after_sigkill_is_bit_exact(model_dir, tmp_path):
+  from safetensors.numpy import load_file
+  ref = write_toml(tmp_path / "ref.toml", rl_recipe(model_dir, tmp_path / "ref"))
+  assert jlora_rl(ref).returncode == 0
+  want = load_file(tmp_path / "ref" / "adapters.safetensors")
+  # global_batch calls: held-out prompts (1), then 2 per step (prompts, training batch):
+  # call 10 is step 5's prompts, after the step-4 checkpoint.
+  toml = write_toml(tmp_path / "kill.toml", rl_recipe(model_dir, tmp_path / "kill"))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
+         "JLORA_WORKER_COMMAND": "rl"}
+  killed = subprocess.run([sys.executable, "-m", "tests.train_worker", toml, "step", "10"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  assert not (tmp_path / "kill" / "adapters.safetensors").exists()
+  resumed = jlora_rl(toml, "--resume")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resumed" in resumed.stdout + resumed.stderr
+  got = load_file(tmp_path / "kill" / "adapters.safetensors")
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  assert any(np.abs(v).max() > 0 for k, v in want.items() if k.endswith("/b"))
+  rows = [json.loads(x) for x in (tmp_path / "kill" / "metrics.jsonl").read_text().splitlines()]
+  ref_rows = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == list(range(7))
+  assert [r.get("reward_mean") for r in rows] == [r.get("reward_mean") for r in ref_rows]
+
+
+def _final_adapters(run_dir):
+  return load_file(os.path.join(run_dir, "adapters.safetensors"))
+
+
+def _worker(toml, mode, n, *extra):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  return subprocess.run([sys.executable, "-m", "tests.train_worker", toml, mode, str(n),
+                         *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_sigterm_and_ctrl_c_is_bit_exact(model_dir, tmp_path):
+  reference = tmp_path / "reference"  # uninterrupted, in a subprocess like the others
+  done = _worker(write_toml(tmp_path / "ref.toml", recipe(model_dir, reference)), "none", 0)
+  assert done.returncode == 0, done.stderr[-2000:]
+  want = _final_adapters(reference)
+  # Killed dispatching step 7 (global_batch call 9: 2 held-out batches come first), and
+  # inside the 3rd checkpoint save (step 6), after its files are written, before the commit.
+  # SIGTERM / SIGINT arrive while step 7 is dispatched: it finishes, is saved, and the
+  # process exits 0 / 130 with one line saying so.
+  for mode, n in (("step", 9), ("save", 3), ("sigterm", 9), ("sigint", 9)):
+    run = tmp_path / mode
+    toml = write_toml(tmp_path / f"{mode}.toml", recipe(model_dir, run))
+    stopped = _worker(toml, mode, n)
+    assert stopped.returncode == {"sigterm": 0, "sigint": 130}.get(mode, -9), \
+        stopped.stderr[-2000:]
+    assert not (run / "adapters.safetensors").exists()
+    done = sorted(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit())
+    if mode == "save":  # the interrupted save left no step 6; steps 2 and 4 are intact
+      assert done == [2, 4] and any("tmp" in d for d in os.listdir(run / "checkpoints"))
+    if mode.startswith("sig"):
+      assert done[-1] == 7 and "Traceback" not in stopped.stderr
+      name = mode.upper()
+      assert f"jlora: {name}: saved step 7 in {run}; resume with: jlora train {toml} " \
+             "--resume" in stopped.stderr.splitlines()
+    if mode == "sigint":  # stops like SIGTERM (one handler): its resume is SIGTERM's
+      continue
+    resumed = subprocess.run([sys.executable, "-m", "jlora.cli", "train", toml, "--resume",
+                              "--no-progress"], cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = _final_adapters(run)
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f"{mode}: {k}")
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(0, 9)), mode  # no step logged twice or lost

@@ -1,0 +1,88 @@
+"""``jlora study`` end to end: every study at the smoke budget (results rows, plots, report,
+record) and a killed study continuing with the same results."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def _study(*args):
+  return subprocess.run([sys.executable, "-m", "jlora.cli", "study", *args],
+                        capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["layers", "lr", "batch", "capacity", "compute", "rl"])
+def test_every_study_at_the_smoke_budget(name, tmp_path):  # rank: in the kill test below
+  out = tmp_path / name
+  _check_smoke(name, out, _study(name, "--budget", "smoke", "--out", str(out)))
+
+
+def _check_smoke(name, out, done):
+  assert done.returncode == 0, done.stderr[-3000:]
+  report = (out / "report.md").read_text()
+  assert "**Verdict: " in report and "jlora study " + name in report
+  verdict = report.split("**Verdict: ")[1].split(".**")[0]
+  for png in [line.split("(")[1].rstrip(")") for line in report.splitlines()
+              if line.startswith("![")]:
+    assert (out / png).stat().st_size > 1000
+  assert any(line.startswith("![") for line in report.splitlines())
+  record = json.loads((out / "study.json").read_text())
+  assert record["verdict"] == verdict and record["wall_s"] > 0
+  assert record["invocations"][0]["machine"]["cpu"]
+  rows = [json.loads(line) for line in open(out / "results.jsonl")]
+  assert rows and (out / "results.csv").read_text().count("\n") == len(rows) + 1
+  if name == "compute":
+    # XLA's count against the analytic one where matmuls dominate (the widest layer): no
+    # weight gradients for frozen weights (with them the ratio would be above 1)
+    widest = max(rows, key=lambda r: r["width"])
+    assert abs(widest["FLOP ratio"] - widest["formula (2N^2+6Nr)/3N^2"]) < 0.05, widest
+    return
+  arms = {}
+  for r in rows:
+    arms.setdefault(r["arm"], []).append(r)
+  assert len(arms) >= 2
+  for arm, rs in arms.items():  # every logged step of a finished arm, once
+    if rs[0]["status"] == "done":
+      cfg = json.loads(open(next((out / "arms").glob(f"{arm}-*")) / "config.json").read())
+      steps = cfg["train"]["steps"]
+      every = cfg["train"]["log_every"]
+      assert [r["step"] for r in rs] == [0] + list(range(every, steps + 1, every)), arm
+      assert all(math.isfinite(r["loss"]) for r in rs[1:])
+
+
+@pytest.mark.slow
+def test_a_killed_study_continues_with_the_same_results(tmp_path):
+  whole_dir = tmp_path / "whole"  # uninterrupted: also the rank study's smoke check
+  _check_smoke("rank", whole_dir, _study("rank", "--budget", "smoke", "--out", str(whole_dir)))
+  out = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable, "-m", "jlora.cli", "study", "rank", "--budget",
+                           "smoke", "--out", str(out)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 600
+  while time.time() < deadline:  # kill once the first arm is finished and the second began
+    first = list(out.glob("arms/r1-*/arm.json"))
+    second = list(out.glob("arms/r4-*/config.json"))
+    if first and second:
+      break
+    assert proc.poll() is None, proc.stdout.read()
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (out / "report.md").exists()
+  again = _study("rank", "--budget", "smoke", "--out", str(out))
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "r1: finished earlier (done), skipped" in again.stdout
+  # Timings differ, and so does the hash: it covers the model's path (each DIR makes its own
+  # tiny model). Losses, steps and everything else must be identical.
+  strip = lambda r: {k: v for k, v in r.items()  # noqa: E731
+                     if k not in ("elapsed_s", "step_s", "data_s", "tokens_per_s", "hash")}
+  load = lambda d: [strip(json.loads(line)) for line in open(d / "results.jsonl")]  # noqa
+  assert load(out) == load(whole_dir)
+  record = json.loads((out / "study.json").read_text())
+  assert len(record["invocations"]) == 2
