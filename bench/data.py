@@ -5,7 +5,7 @@
 Pipeline: the quickstart's data (task:arithmetic rendered with SmolLM2's chat template,
 packed into 8 x 128 rows), and optionally a text corpus (``jlora data fetch fortunes``).
 tokens/s counts row slots produced (batch x seq_len per batch: what a step consumes) and
-real (non-padding) tokens. Consumption: the step `jlora train` runs (``train_step.make_step``
+real (non-padding) tokens. Consumption: the step `jlora train` runs (``train_step.build``
 over the chunked ``lm.lm_loss``, compiled ahead) for SmolLM2-135M LoRA (r=16, all
 layers) on the same batch shape, measured in the same run.
 """
@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from bench.common import block, machine, median_ms
+from bench.common import block, machine_line, median_ms
 import jlora
 from jlora import data, models
 from jlora.core import lora, optim
@@ -68,7 +68,7 @@ def main(argv=None):
   parser.add_argument("--batches", type=int, default=200)
   args = parser.parse_args(argv)
   tok = data.Tokenizer.from_model(models.smollm2_gguf())
-  print(f"# machine: {machine()}")
+  print(f"# machine: {machine_line()}")
   quick = data.DataConfig(source="task:arithmetic", seq_len=SEQ, batch_size=BATCH)
   rows = [("task:arithmetic (chat, packed)", quick)]
   if args.fortunes:

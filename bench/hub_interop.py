@@ -19,30 +19,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
 
-TORCH = r"""
-import json, sys, torch, transformers, peft
-kind, path, max_new = sys.argv[1], sys.argv[2], int(sys.argv[3])
-prompts = json.loads(sys.stdin.read())
-if kind == "peft":
-  model = peft.AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-else:
-  model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-model.eval()
-out = []
-for p in prompts:
-  with torch.no_grad():
-    ids = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
-  out.append(ids[0, len(p):].tolist())
-print(json.dumps({"answers": out, "base": getattr(getattr(model, "peft_config", {}).get(
-    "default", None), "base_model_name_or_path", None)}))
-"""
+from bench import common
+
+
+def torch_answers(kind: str, path: str, max_new: int, prompts: list[list[int]]) -> dict:
+  """Greedy answers (token ids) of the model at ``path``, loaded as a user elsewhere would:
+  ``kind`` "peft" (``AutoPeftModelForCausalLM``: the base found by the id the adapter
+  recorded, which is returned too) or "merged" (``AutoModelForCausalLM``). For a process of
+  its own (torch only; the Hub cache and offline mode from its environment)."""
+  import peft
+  import torch
+  import transformers
+  auto = peft.AutoPeftModelForCausalLM if kind == "peft" else transformers.AutoModelForCausalLM
+  model = auto.from_pretrained(path, dtype=torch.float32).eval()
+  out = []
+  for p in prompts:
+    with torch.no_grad():
+      ids = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+    out.append(ids[0, len(p):].tolist())
+  config = getattr(model, "peft_config", {}).get("default", None)
+  return {"answers": out, "base": getattr(config, "base_model_name_or_path", None)}
 
 
 def main(argv=None):
@@ -50,7 +51,6 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=15)
   parser.add_argument("--prompts", type=int, default=8)
   args = parser.parse_args(argv)
-  from bench.common import machine
   from jlora import models
   from jlora.core import optim, quant
   from jlora.interop import merged
@@ -63,7 +63,7 @@ def main(argv=None):
   cfg = config.load("configs/quickstart.toml",
                     [f"run_dir='{run}'", f"train.steps={args.steps}",
                      f"eval.examples={args.prompts}"])
-  print(f"# machine: {machine()}; quickstart with train.steps={args.steps}")
+  print(f"# machine: {common.machine_line()}; quickstart with train.steps={args.steps}")
   sft.run(cfg, progress=False, log=lambda _: None)
   trained = trained_lib.load_trained(run)
   s = trained.setup
@@ -92,15 +92,15 @@ def main(argv=None):
     out = np.asarray(models.generate(s.model, params, np.asarray([p], np.int32),
                                      max_new_tokens=max_new))
     want.append(out[0].tolist())
-  env = {**os.environ, "HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}
+  env = {"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}
   rows = {}
   for kind, path in (("peft", adapter), ("merged f32", f32), ("merged bf16", bf16)):
-    done = subprocess.run([sys.executable, "-c", TORCH, kind.split()[0], path, str(max_new)],
-                          input=json.dumps(prompts), capture_output=True, text=True, env=env)
-    if done.returncode:
-      print(f"{kind}: failed\n{done.stderr[-3000:]}")
+    try:
+      got = common.call("bench.hub_interop", "torch_answers", env=env, kind=kind.split()[0],
+                        path=path, max_new=max_new, prompts=prompts)
+    except common.ChildFailed as e:
+      print(f"{kind}: {e}")
       continue
-    got = json.loads(done.stdout.strip().splitlines()[-1])
     same = sum(g == w for g, w in zip(got["answers"], want))
     rows[kind] = same
     print(f"{kind:12s}: {same}/{len(want)} greedy answers token-identical to the trained run"

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import machine, median_ms
+from bench.common import machine, machine_line, median_ms
 from jlora import kernels
 
 # Published dense bf16 peak (FLOP/s) and HBM bandwidth (byte/s) by device kind substring.
@@ -134,7 +134,7 @@ def main(argv=None):
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"machine": machine(), "rows": rows}, f, indent=1)
-  head = (f"{machine()}; K = N = {4096 if not args.smoke else 256}, "
+  head = (f"{machine_line()}; K = N = {4096 if not args.smoke else 256}, "
           f"{'bf16' if not args.smoke else 'f32 (smoke)'}, times in us (median of "
           f"{args.repeats if not args.smoke else 3})")
   out = f"{head}\n\n{table(rows)}\n"

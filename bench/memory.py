@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import resource
-import subprocess
-import sys
 import time
 
 import numpy as np
+
+from bench import common
 
 BATCH, SEQ, RANK = 8, 128, 16
 CHUNK = int(os.environ.get("JLORA_BENCH_CHUNK", 256))
@@ -45,54 +43,23 @@ LLAMA_1B = dict(model_type="llama", vocab_size=128256, hidden_size=2048,
                 max_position_embeddings=131072)
 
 
-def _rss_mb() -> float:
-  """Peak RSS of the process so far (MiB)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _release_freed_heap() -> None:
-  """Hand memory that set-up freed (host-side weight init) back to the OS (glibc keeps it
-  in the heap otherwise, where it would count against whichever run follows)."""
-  import ctypes
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except OSError:
-    pass
-
-
-def _reset_peak() -> None:
-  """Restart the kernel's peak-RSS counter (VmHWM), so the training phase is measured on
-  its own: writing 5 to /proc/self/clear_refs (Linux >= 4.0)."""
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-
-
-def _phase_peak_mb() -> float:
-  """Peak RSS since the last ``_reset_peak`` (VmHWM, MiB)."""
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) / 1024
-  raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def _measure(run, steps: int) -> dict:
   """Time ``run()`` (blocking) ``steps`` times after one compiling step; peak RSS of the
   first step and of the steady steps, each measured from a fresh VmHWM."""
-  _release_freed_heap()
-  before = _rss_mb()
-  _reset_peak()
+  common.release_freed_heap()
+  before = common.peak_rss_mb()
+  common.reset_peak()
   run()
-  first_step_peak = _phase_peak_mb()
-  _release_freed_heap()  # the compiler's freed working memory
-  _reset_peak()
+  first_step_peak = common.status_mb()["VmHWM"]
+  common.release_freed_heap()  # the compiler's freed working memory
+  common.reset_peak()
   times = []
   for _ in range(steps):
     start = time.perf_counter()
     run()
     times.append(time.perf_counter() - start)
   return {"ms_per_step": 1e3 * float(np.median(times)), "rss_before_steps_mb": before,
-          "first_step_peak_mb": first_step_peak, "train_peak_mb": _phase_peak_mb()}
+          "first_step_peak_mb": first_step_peak, "train_peak_mb": common.status_mb()["VmHWM"]}
 
 
 def _model_config(name: str):
@@ -111,6 +78,7 @@ def _jlora(kind: str, steps: int, model_name: str = "smollm2") -> dict:
   import jlora
   from jlora import models
   from jlora.core import optim, quant
+  from jlora.data import pipeline
   from jlora.infra import mesh as mesh_lib
   from jlora.objectives import lm
   from jlora.run import train_step
@@ -139,18 +107,15 @@ def _jlora(kind: str, steps: int, model_name: str = "smollm2") -> dict:
   tx = optim.optimizer(1e-4)
   mesh = mesh_lib.make_mesh()
   loss = lm.lm_loss(model, plan, loss_chunk=None if plain else CHUNK)
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, cfg.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-           "mask": np.ones((BATCH, SEQ), np.int32)}
+  batch = pipeline.lm_batch(pipeline.random_tokens(cfg.vocab_size, BATCH, SEQ))
   # compiled ahead, as the trainer does, unless JLORA_BENCH_JIT_CALL (jit's first call)
   ahead = None if os.environ.get("JLORA_BENCH_JIT_CALL") else batch
   step, state = train_step.build(loss, tx, trainable, frozen, mesh, example_batch=ahead)
   del trainable
   if steps == 0:  # --steps 0: what XLA plans for the step, without running it
     m = step.memory_analysis()
-    return {"ms_per_step": 0.0, "rss_before_steps_mb": _rss_mb(), "first_step_peak_mb": 0.0,
-            "train_peak_mb": 0.0, "frozen_mb": frozen_bytes / 2**20,
+    return {"ms_per_step": 0.0, "rss_before_steps_mb": common.peak_rss_mb(),
+            "first_step_peak_mb": 0.0, "train_peak_mb": 0.0, "frozen_mb": frozen_bytes / 2**20,
             "xla_arguments_mb": m.argument_size_in_bytes / 2**20,
             "xla_temp_mb": m.temp_size_in_bytes / 2**20}
   holder = {"state": state}
@@ -178,42 +143,38 @@ def _runtime(kind: str, steps: int) -> dict:
   del kind, steps
   import jax.numpy as jnp
   jnp.ones(8).sum().block_until_ready()
-  _release_freed_heap()
-  return {"ms_per_step": 0.0, "rss_before_steps_mb": _rss_mb(), "first_step_peak_mb": _rss_mb(),
-          "train_peak_mb": _rss_mb()}
+  common.release_freed_heap()
+  rss = common.peak_rss_mb()
+  return {"ms_per_step": 0.0, "rss_before_steps_mb": rss, "first_step_peak_mb": rss,
+          "train_peak_mb": rss}
 
 
-def child(kind: str, steps: int, model_name: str) -> None:
+def child(kind: str, steps: int, model_name: str) -> dict:
+  """One configuration, measured in this process (``main`` runs each in its own)."""
   if kind.startswith("jlora"):
     out = _jlora(kind, steps, model_name)
   else:
     out = (_runtime if kind == "jax-runtime" else _peft)(kind, steps)
-  out.update(kind=kind, peak_rss_mb=_rss_mb())
-  print(json.dumps(out))
+  return {**out, **(common.device_memory_mb() or {}), "kind": kind,
+          "peak_rss_mb": common.peak_rss_mb()}
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--child", choices=CONFIGS)
   parser.add_argument("--only", nargs="*", choices=CONFIGS, default=list(CONFIGS))
   parser.add_argument("--model", choices=("smollm2", "llama1b"), default="smollm2")
   args = parser.parse_args(argv)
-  if args.child:
-    return child(args.child, args.steps, args.model)
-  from bench.common import machine
-  print(f"# machine: {machine()}; {args.model} shapes, batch {BATCH} x {SEQ}, r={RANK}")
+  print(f"# machine: {common.machine_line(common.machine(devices=False))}; {args.model} "
+        f"shapes, batch {BATCH} x {SEQ}, r={RANK}; JAX on the CPU")
   results = {}
   for kind in args.only:
-    done = subprocess.run([sys.executable, "-m", "bench.memory", "--child", kind,
-                           "--steps", str(args.steps), "--model", args.model],
-                          capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    if done.returncode:
-      print(f"{kind}: failed\n{done.stderr[-3000:]}")
+    try:
+      r = results[kind] = common.call("bench.memory", "child", env=common.CPU, kind=kind,
+                                      steps=args.steps, model_name=args.model)
+    except common.ChildFailed as e:
+      print(f"{kind}: {e}")
       continue
-    results[kind] = json.loads(done.stdout.strip().splitlines()[-1])
-    r = results[kind]
     print(f"{kind:18s} peak RSS: process {r['peak_rss_mb']:6.0f} MB, first step "
           f"{r['first_step_peak_mb']:6.0f} MB, steady steps {r['train_peak_mb']:6.0f} MB; "
           f"{r['ms_per_step']:7.0f} ms/step" +

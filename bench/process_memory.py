@@ -4,12 +4,12 @@ fine-tuning on the quickstart) and of the same task in PEFT, phase by phase.
     python -m bench.process_memory [--steps 4] [--only jlora-lora jlora-full peft-lora]
 
 Each run is a child process whose RSS is sampled from /proc/PID/status every 50 ms
-(VmRSS; RssAnon: the process's own memory; RssFile: mapped files, e.g. the GGUF, counted
-apart), while the events it writes (``--events FILE``, ``jlora.run.events``) mark the
-phases: start (imports, data statistics), load, set-up (adapters, advisor), evaluation
-before training, compilation of the train step, the steps (a checkpoint at step 2:
-``train.checkpoint_every=2``), final evaluation and its checkpoint, finish. The
-isolated-step figures are ``bench.memory``'s.
+(``common.run``; VmRSS; RssAnon: the process's own memory; RssFile: mapped files, e.g. the
+GGUF, counted apart), while the events it writes (``--events FILE``, ``jlora.run.events``)
+mark the phases (``common.phase_rows``): start (imports, data statistics), load, set-up
+(adapters, advisor), evaluation before training, compilation of the train step, the steps
+(a checkpoint at step 2: ``train.checkpoint_every=2``), final evaluation and its
+checkpoint, finish. The isolated-step figures are ``bench.memory``'s.
 
 Load check: the anonymous RSS added while the model loads over the weights' bytes as
 trained (f32 here), which the issue bounds by 1.3.
@@ -20,13 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import threading
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench import common
+
 RUNS = {  # name -> (command, config)
     "jlora-lora": ("jlora", "configs/quickstart.toml"),
     "jlora-full": ("jlora", "configs/quickstart_full.toml"),
@@ -34,63 +31,12 @@ RUNS = {  # name -> (command, config)
 }
 
 
-def _status(pid: int) -> dict | None:
-  out = {}
-  try:
-    with open(f"/proc/{pid}/status") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile"):
-          out[key] = int(value.split()[0]) / 1024
-  except (FileNotFoundError, ProcessLookupError):
-    return None
-  return out or None
-
-
-def sample(cmd: list[str], env: dict) -> tuple[list, list, int, float]:
-  """Run ``cmd``: ([(t, status)], [output lines], exit code, its start on the monotonic
-  clock)."""
-  begin = time.monotonic()
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  lines = []
-
-  def read():
-    for line in proc.stdout:
-      lines.append(line.rstrip())
-  reader = threading.Thread(target=read, daemon=True)
-  reader.start()
-  samples = []
-  while proc.poll() is None:
-    status = _status(proc.pid)
-    if status:
-      samples.append((time.monotonic() - begin, status))
-    time.sleep(0.05)
-  reader.join(timeout=5)
-  return samples, lines, proc.returncode, begin
-
-
-def phases(samples, marks: list) -> list[dict]:
-  """Per phase: its seconds and peak RSS (total, anonymous) from the samples; ``marks``:
-  [(start time, phase)] from the child's events, "start" at 0."""
-  marks = [(0.0, "start")] + marks + [(float("inf"), None)]
-  out = []
-  for (t0, name), (t1, _) in zip(marks, marks[1:]):
-    inside = [s for t, s in samples if t0 <= t < t1]
-    if inside:
-      out.append({"phase": name, "seconds": (min(t1, samples[-1][0]) - t0),
-                  "peak_rss_mb": max(s["VmRSS"] for s in inside),
-                  "peak_anon_mb": max(s["RssAnon"] for s in inside),
-                  "anon_at_start_mb": inside[0]["RssAnon"]})
-  return out
-
-
 def weight_mb(config: str) -> float:
   """Bytes of the model's parameters in f32 (what the quickstart trains against)."""
   import numpy as np
   from jlora import models
   from jlora.run import config as config_lib
-  cfg = config_lib.load(os.path.join(ROOT, config))
+  cfg = config_lib.load(os.path.join(common.ROOT, config))
   model = models.Transformer(models.read_config(config_lib.model_path(cfg)))
   return sum(int(np.prod(s)) * 4 for s in models.param_shapes(model).values()) / 2**20
 
@@ -98,25 +44,21 @@ def weight_mb(config: str) -> float:
 def run(name: str, steps: int, out_dir: str) -> dict:
   from jlora.run import events
   kind, config = RUNS[name]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
   log = os.path.join(out_dir, f"{name}.events.jsonl")
+  watch = {"env": {**common.CPU, "PYTHONUNBUFFERED": "1"}, "sample_every": 0.05}
   if kind == "jlora":
-    cmd = [sys.executable, "-m", "jlora.cli", "train", config, "--no-progress",
-           "--set", f"train.steps={steps}", "--set", "train.checkpoint_every=2",
-           "--set", f"run_dir={os.path.join(out_dir, name)}", "--events", log]
+    child = common.jlora(["train", config, "--no-progress", "--set", f"train.steps={steps}",
+                          "--set", "train.checkpoint_every=2", "--set",
+                          f"run_dir={os.path.join(out_dir, name)}", "--events", log], **watch)
   else:
-    cmd = [sys.executable, "-m", "bench.peft_quickstart", "--steps", str(steps),
-           "--config", config, "--events", log]
-  samples, lines, code, begin = sample(cmd, env)
-  if code:
-    raise SystemExit(f"{name} failed ({code}):\n" + "\n".join(lines[-30:]))
-  parts = phases(samples, [(e.time - begin, e.name) for e in events.read(log)
-                           if e.kind == "phase"])
-  peak = max(s["VmRSS"] for _, s in samples)
+    child = common.run("bench.peft_quickstart", "main", **watch,
+                       argv=["--steps", str(steps), "--config", config, "--events", log])
+  parts = common.phase_rows(child, events.read(log))
+  peak = max(s["VmRSS"] for _, s in child.samples)
   load = next((p for p in parts if p["phase"] == "load"), None)
   return {"name": name, "peak_rss_mb": peak, "phases": parts,
           "load_anon_growth_mb": load and load["peak_anon_mb"] - load["anon_at_start_mb"],
-          "last_lines": lines[-2:]}
+          "last_lines": child.output[-2:]}
 
 
 def main(argv=None):
@@ -126,10 +68,10 @@ def main(argv=None):
   parser.add_argument("--only", nargs="*", choices=tuple(RUNS), default=list(RUNS))
   parser.add_argument("--json", help="also write the results here")
   args = parser.parse_args(argv)
-  from bench.common import machine
   weights = weight_mb(RUNS["jlora-lora"][1])
-  print(f"# whole-process memory, {machine()}; {args.steps} steps; f32 weights "
-        f"{weights:.0f} MB")
+  machine = common.machine(devices=False)
+  print(f"# whole-process memory, {common.machine_line(machine)}; JAX on the CPU; "
+        f"{args.steps} steps; f32 weights {weights:.0f} MB")
   results = {}
   with tempfile.TemporaryDirectory() as out_dir:
     for name in args.only:
@@ -152,7 +94,7 @@ def main(argv=None):
           f"{lora['peak_rss_mb'] / results['peft-lora']['peak_rss_mb']:.3f}")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"machine": machine(), "steps": args.steps, "weights_mb": weights,
+      json.dump({"machine": machine, "steps": args.steps, "weights_mb": weights,
                  "results": results}, f, indent=1)
 
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bench import common
 
 PARAGRAPH = (
     "The river rises in the hills to the north of the town and flows south through a "
@@ -49,13 +49,12 @@ def quickstart(formats) -> None:
     run = os.path.join(out, fmt.replace(":", "-"))
     start = time.perf_counter()
     quantize, _, embeddings = fmt.partition(":")
-    done = subprocess.run([sys.executable, "-m", "jlora.cli", "train", "configs/quickstart.toml",
-                           "--no-progress", "--set", f"run_dir='{run}'", "--set",
-                           f"model.quantize='{quantize}'", "--set",
-                           f"model.quantize_embeddings='{embeddings or 'auto'}'"],
-                          capture_output=True, text=True)
-    if done.returncode:
-      print(f"{fmt}: failed\n{done.stderr[-3000:]}")
+    try:
+      common.jlora(["train", "configs/quickstart.toml", "--no-progress", "--set",
+                    f"run_dir='{run}'", "--set", f"model.quantize='{quantize}'", "--set",
+                    f"model.quantize_embeddings='{embeddings or 'auto'}'"])
+    except common.ChildFailed as e:
+      print(f"{fmt}: {e}")
       continue
     with open(os.path.join(run, "summary.json")) as f:
       s = json.load(f)
@@ -70,16 +69,15 @@ def main(argv=None):
   parser.add_argument("--quickstart", nargs="+", metavar="FORMAT[:EMBEDDINGS]",
                       help="model.quantize values, e.g. none nf4 nf4:nf4")
   args = parser.parse_args(argv)
-  from bench.common import machine
   if args.quickstart:
-    print(f"# machine: {machine()}")
+    print(f"# machine: {common.machine_line()}")
     return quickstart(args.quickstart)
   from jlora import models
   from jlora.core import quant
   path = models.smollm2_gguf()
   tok = models.load_tokenizer(path)
   tokens = jnp.asarray([tok.encode(PARAGRAPH, add_special_tokens=False).ids], jnp.int32)
-  print(f"# machine: {machine()}; SmolLM2-135M-Instruct, {tokens.shape[1]} tokens")
+  print(f"# machine: {common.machine_line()}; SmolLM2-135M-Instruct, {tokens.shape[1]} tokens")
   rows, ref = {}, None
   for fmt in ("none", "int8", "nf4", "nf4:nf4"):
     quantize, _, embeddings = fmt.partition(":")

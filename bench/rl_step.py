@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench import common
+
 HF_DIR = os.path.join(tempfile.gettempdir(), "jlora_bench_smollm2_hf")
 
 
@@ -54,9 +53,9 @@ def jlora_step(model_dir: str, prompts: int, group: int, new_tokens: int, steps:
       "eval": {"examples": 0},
       "rl": {"group_size": group, "prompts_per_step": prompts, "max_new_tokens": new_tokens,
              "track_kl": False}})
-  rl.run(cfg, progress=False, log=lambda _: None)
-  with open(os.path.join(cfg.run_dir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f][1:]
+  rows = []
+  rl.run(cfg, progress=False, log=lambda _: None, on_row=rows.append)
+  rows = [r for r in rows if "step_s" in r]  # the steps' rows, not the held-out metrics
   later = rows[1:]
   return {"step_s": statistics.median(r["step_s"] for r in later),
           "sample_s": statistics.median(r["sample_s"] for r in later),
@@ -88,25 +87,9 @@ def jlora_generate(model_dir: str, prompts: list[str], batch: int, new_tokens: i
   return {"tokens_per_s": batch * new_tokens / seconds, "seconds": seconds}
 
 
-def _call(module: str, fn: str, **kwargs) -> dict:
-  """``fn(**kwargs)`` of ``module`` in a fresh process; its JSON result."""
-  code = (f"import json, sys; from {module} import {fn}; "
-          f"print('RESULT ' + json.dumps({fn}(**json.loads(sys.argv[1]))))")
-  out = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], cwd=ROOT,
-                       capture_output=True, text=True,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"})
-  lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-  if out.returncode or not lines:
-    raise RuntimeError(f"{module}.{fn} failed:\n{out.stderr[-3000:]}")
-  return json.loads(lines[-1][len("RESULT "):])
-
-
-def _cpu() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor()
+def _call(module: str, fn: str, **kwargs):
+  """``module.fn(**kwargs)`` in a process of its own, JAX on the CPU, the Hub offline."""
+  return common.call(module, fn, env={**common.CPU, "HF_HUB_OFFLINE": "1"}, **kwargs)
 
 
 def main(argv=None) -> int:
@@ -124,7 +107,7 @@ def main(argv=None) -> int:
   batch = args.prompts * args.group
   shape = dict(group_size=args.group, max_new_tokens=args.new_tokens,
                prompts_per_step=args.prompts, steps=args.steps)
-  result = {"date": time.strftime("%Y-%m-%d"), "cpu": _cpu(), "cores": os.cpu_count(),
+  result = {"date": time.strftime("%Y-%m-%d"), "machine": common.machine(devices=False),
             "settings": vars(args)}
   result["jlora"] = _call("bench.rl_step", "jlora_step", model_dir=HF_DIR,
                           prompts=args.prompts, group=args.group,

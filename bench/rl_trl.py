@@ -3,11 +3,11 @@ plain transformers ``generate``, on the same SmolLM2-135M-Instruct weights jlora
 
     python -m bench.rl_trl --smoke                      # tiny GRPO run + generate, prints JSON
     python -m bench.rl_trl [--prompts 8 --group 4 --new-tokens 16 --steps 3] [--check]
-    python -m bench.rl_trl --call FN '{"kw": ...}'       # one function, its result as JSON
+    python -m bench.common bench.rl_trl FN '{"kw": ...}'   # one function, its result as JSON
 
-``bench/rl_step.py`` calls these one per subprocess (each sets its own torch thread count
-and loads its own model; nothing is shared with the JAX process), so a side-by-side run on
-a 2-core CPU does not have the two frameworks fighting over cores.
+``bench/rl_step.py`` calls these one per subprocess (``bench.common.call``: each sets its own
+torch thread count and loads its own model; nothing is shared with the JAX process), so a
+side-by-side run on a 2-core CPU does not have the two frameworks fighting over cores.
 
 What is measured:
 
@@ -49,6 +49,8 @@ import statistics
 import sys
 import tempfile
 import time
+
+from bench import common
 
 # OMP_WAIT_POLICY=PASSIVE: torch's CPU ops run on libgomp, whose threads spin at each
 # barrier. With 2 threads on 2 cores and anything else runnable (the JAX side, a test run),
@@ -401,11 +403,6 @@ def _versions() -> dict:
 # --------------------------------------------------------------------------------------
 # 4. Command line
 
-FUNCTIONS = {"hf_smollm2": hf_smollm2, "compare_with_jlora": compare_with_jlora,
-             "trl_grpo_step_seconds": trl_grpo_step_seconds,
-             "hf_generate_tokens_per_s": hf_generate_tokens_per_s}
-
-
 def arithmetic(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
   """``n`` two-number addition/subtraction questions and their answers (for the CLI runs;
   ``bench/rl_step.py`` passes its own)."""
@@ -433,20 +430,11 @@ def main(argv=None):
   parser.add_argument("--model-dir", default="/tmp/trl_helper/smollm2-hf",
                       help="HF copy of SmolLM2 (made here when missing)")
   parser.add_argument("--check", action="store_true", help="also run compare_with_jlora")
-  parser.add_argument("--call", nargs=2, metavar=("FN", "JSON"),
-                      help=f"call FN ({', '.join(FUNCTIONS)}) with the JSON object as keyword "
-                      "arguments; print its result as one JSON line")
   args = parser.parse_args(argv)
-  if args.call:
-    name, kwargs = args.call
-    if name not in FUNCTIONS:
-      parser.error(f"--call: unknown function {name!r}; one of {', '.join(FUNCTIONS)}")
-    print(json.dumps(FUNCTIONS[name](**json.loads(kwargs))))
-    return 0
   if args.smoke:
     args.prompts, args.group, args.new_tokens, args.steps = 2, 2, 8, 2
   model_dir = hf_smollm2(args.model_dir, threads=args.threads)
-  result = {"model_dir": model_dir}
+  result = {"machine": common.machine(devices=False), "model_dir": model_dir}
   if args.check:
     result["compare_with_jlora"] = compare_with_jlora(model_dir, threads=args.threads)
   prompts, answers = arithmetic(args.prompts * args.steps)

@@ -3,12 +3,12 @@ and in Flax NNX with ``nnx.LoRALinear``, measured in one run.
 
     python -m bench.train_step [--repeats 10] [--skip-peers] [--loss-chunk 256] [--smoke]
 
-The jlora rows time the step ``jlora train`` runs: ``train_step_lib.make_step`` over
-``lm.lm_loss`` with the trainer's chunked cross-entropy (``--loss-chunk``, default 256
-like ``train.loss_chunk``; 0 for the plain unchunked loss), jitted with donated state
-(``train_step_lib.jit_step``) and compiled ahead of its first call (``train_step_lib.compile_step``). Full
-fine-tuning goes through the same step with ``LoraSpec(rank=1, targets=None,
-full=(".*",))``, as ``jlora train`` with ``train.method = "full"`` does.
+The jlora rows time the step ``jlora train`` runs, from the one step builder
+(``jlora.run.train_step.build``): ``lm.lm_loss`` with the trainer's chunked cross-entropy
+(``--loss-chunk``, default 256 like ``train.loss_chunk``; 0 for the plain unchunked loss),
+jitted with donated state and compiled ahead of its first call. Full fine-tuning goes
+through the same step with ``LoraSpec.full_fine_tuning()``, as ``jlora train`` with
+``train.method = "full"`` does.
 
 Tiny Llama: d=256, 4 layers, 4 heads, FFN 1024, vocab 512, tied embeddings, batch 16 x 128,
 LoRA r=16 alpha=32 on all 7 projections, AdamW; plus the jlora pair at the SmolLM2-135M
@@ -24,13 +24,13 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 import jlora
-from bench.common import block, machine, median_ms
+from bench.common import block, machine, machine_line, median_ms
 from jlora import models
 from jlora.core import lora, optim
+from jlora.data import pipeline
 from jlora.objectives import lm
 from jlora.run import config, train_step as train_step_lib
 from jlora.models import ModelConfig, Transformer
@@ -47,13 +47,9 @@ LOSS_CHUNK = config.TrainSection().loss_chunk  # what `jlora train` runs by defa
 FULL_SPEC = lora.LoraSpec.full_fine_tuning()  # `train.method = "full"`
 
 
-# The tokens, batches and XLA FLOP count are the compute study's (jlora study compute).
-_batch, _lm_batch = compute.random_tokens, compute.lm_batch
-
-
 def _trainer_step(model, plan, trainable, frozen, batch, loss_chunk):
-  """A closure running one step of ``jlora train``'s kind: the jitted, donated, AOT-compiled
-  ``train_step_lib.make_step`` over ``lm.lm_loss``."""
+  """A closure running one step of ``jlora train``'s kind: ``train_step_lib.build``'s
+  jitted, donated, ahead-compiled step over ``lm.lm_loss``."""
   tx = optim.optimizer(LR)
   step, state = train_step_lib.build(lm.lm_loss(model, plan, loss_chunk), tx, trainable,
                                      frozen, example_batch=batch)
@@ -72,8 +68,8 @@ def jlora_steps(cfg: ModelConfig, batch: int, seq: int, dtype=jnp.float32, count
   ``dtype`` is the compute dtype; the frozen base of the LoRA run is stored in it too,
   while full fine-tuning keeps f32 master weights (the usual mixed-precision setup)."""
   model = Transformer(cfg, dtype=dtype)
-  tokens = _batch(cfg, batch, seq)
-  lm_batch = jax.device_put(_lm_batch(tokens), jax.devices()[0])
+  tokens = pipeline.random_tokens(cfg.vocab_size, batch, seq)
+  lm_batch = jax.device_put(pipeline.lm_batch(tokens), jax.devices()[0])
   params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens[:, :-1]))["params"]
   full_params = jax.tree_util.tree_map(jnp.copy, params)
   params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
@@ -126,8 +122,8 @@ def gpu_main(repeats: int, peak_tflops: float, loss_chunk: int | None, shapes=GP
   """The accelerator rows: ``who`` = "jlora" (its LoRA and full steps; ``profile``: a
   ``jax.profiler`` trace of the slowest LoRA step) or "peft" (PEFT/torch on the same shapes,
   run in a process of its own so that JAX's memory pool is not competing with torch's)."""
-  print(f"# train_step (accelerator) on {machine()}, bf16 compute, LoRA r={RANK} all layers, "
-        f"loss_chunk={loss_chunk}, {who}")
+  print(f"# train_step (accelerator) on {machine_line()}, bf16 compute, LoRA r={RANK} all "
+        f"layers, loss_chunk={loss_chunk}, {who}")
   print(f"{'model':<14} {'what':<12} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
   rows, slowest = [], None
   for name, (kw, batch, seq) in shapes.items():
@@ -194,7 +190,7 @@ def peft_steps(cfg_kw: dict, batch: int, seq: int, which=("lora", "full"), devic
                           num_key_value_heads=cfg_kw["num_kv_heads"],
                           tie_word_embeddings=cfg_kw["tie_embeddings"],
                           attn_implementation="sdpa")
-  tokens = torch.tensor(np.asarray(_batch(models.ModelConfig(**cfg_kw), batch, seq)),
+  tokens = torch.tensor(pipeline.random_tokens(cfg_kw["vocab_size"], batch, seq),
                         dtype=torch.long, device=device)
   cuda = device.startswith("cuda")
 
@@ -256,7 +252,7 @@ def main(argv=None):
     return gpu_main(repeats, args.peak_tflops, chunk, SMOKE_SHAPES if args.smoke else GPU_SHAPES,
                     args.who, args.profile, args.json)
   shapes = CPU_SMOKE_SHAPES if args.smoke else CPU_SHAPES
-  print(f"# train_step on {machine()}; jlora: the trainer's step, loss_chunk={chunk}")
+  print(f"# train_step on {machine_line()}; jlora: the trainer's step, loss_chunk={chunk}")
   rows = []
   for name, (kw, batch, seq) in shapes.items():
     tokens = batch * seq
@@ -282,7 +278,8 @@ def main(argv=None):
           f"FLOPs {flops[c, 'jlora LoRA'] / flops[c, 'jlora full FT']:.3f}")
   for peer in ("PEFT LoRA", "NNX LoRALinear"):
     if ("tiny", peer) in by:
-      print(f"tiny: jlora LoRA tokens/s / {peer} = {by['tiny', peer] / by['tiny', 'jlora LoRA']:.2f}")
+      ratio = by["tiny", peer] / by["tiny", "jlora LoRA"]
+      print(f"tiny: jlora LoRA tokens/s / {peer} = {ratio:.2f}")
 
 
 if __name__ == "__main__":

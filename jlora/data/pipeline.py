@@ -177,6 +177,20 @@ def dataset(cfg: DataConfig, tok: Tokenizer, *, process_index: int | None = None
   return it
 
 
+def random_tokens(vocab_size: int, batch: int, seq: int, seed: int = 0) -> np.ndarray:
+  """``[batch, seq + 1]`` int32 ids drawn uniformly from ``[0, vocab_size)``, the same for
+  the same seed: text for measurements that need only shapes (``lm_batch`` shifts it)."""
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, vocab_size, (batch, seq + 1)).astype(np.int32)
+
+
+def lm_batch(tokens) -> dict:
+  """``tokens [B, T + 1]`` as an unpacked batch of ``dataset``'s kind: inputs ``[:, :-1]``,
+  targets ``[:, 1:]``, every target in the loss (mask 1, int32)."""
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "mask": np.ones((tokens.shape[0], tokens.shape[1] - 1), np.int32)}
+
+
 def _stream(ds: grain.MapDataset, cfg: DataConfig) -> grain.IterDataset:
   """One row stream: its examples packed (or padded) into rows of ``seq_len``."""
   if len(ds) == 0:

@@ -15,12 +15,11 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from jlora import models
 from jlora.core import lora, optim
+from jlora.data import pipeline
 from jlora.objectives import lm
 from jlora.run import train_step
 from jlora.models import ModelConfig, Transformer
@@ -42,24 +41,13 @@ def layer_config(width: int, layers: int = 1) -> ModelConfig:
                      unroll_layers=True)
 
 
-def lm_batch(tokens) -> dict:
-  """Next-token batch as the data pipeline makes it: every token counts."""
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-          "mask": jnp.ones((tokens.shape[0], tokens.shape[1] - 1), jnp.float32)}
-
-
-def random_tokens(cfg: ModelConfig, batch: int, seq: int, seed: int = 0):
-  rng = np.random.default_rng(seed)
-  return jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq + 1)), jnp.int32)
-
-
 def xla_flops(cfg: ModelConfig, batch: int, seq: int, rank: int = RANK, alpha: float = 32.0
               ) -> tuple[float, float]:
   """XLA's FLOP count of the LoRA and the full gradient computations, on the plain
   (unchunked) loss and abstract arrays. Layers are unrolled: XLA's cost analysis counts a
   scan's body once (so would it the chunked loss's scan)."""
   model = Transformer(cfg.replace(unroll_layers=True))
-  batch_ = jax.eval_shape(lambda: lm_batch(random_tokens(cfg, batch, seq)))
+  batch_ = jax.eval_shape(pipeline.lm_batch, pipeline.random_tokens(cfg.vocab_size, batch, seq))
   params = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
                                    batch_["inputs"]))["params"]
   count = lambda f, *a: jax.jit(f).lower(*a).compile().cost_analysis()["flops"]  # noqa: E731
@@ -85,10 +73,9 @@ def layer_flops(width: int) -> tuple[float, float]:
 
 
 def step_ms(cfg: ModelConfig, batch: int, seq: int, spec, repeats: int = 5) -> float:
-  """Median wall time of the jitted, donated train step (``train_step.make_step``, AdamW)."""
+  """Median wall time of the jitted, donated train step (``train_step.build``, AdamW)."""
   model = Transformer(cfg)
-  tokens = random_tokens(cfg, batch, seq)
-  data = lm_batch(tokens)
+  data = jax.device_put(pipeline.lm_batch(pipeline.random_tokens(cfg.vocab_size, batch, seq)))
   params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), data["inputs"]))["params"]
   plan = lora.plan(params, spec)
   adapters = lora.init_adapters(params, plan, jax.random.PRNGKey(1)) if plan.targets else {}
