@@ -16,17 +16,49 @@ without importing this module back). Its callers:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
 
 from jlora import kernels
 from jlora.core import quant
-from jlora.kernels.reference import lora_down, lora_term, lora_up
+from jlora.kernels.reference import lora_down, lora_term, lora_term_rows, lora_up
 
-__all__ = ["einsum_layout", "lora_dense", "lora_dense_multi", "lora_einsum",
+__all__ = ["adapter_rows", "einsum_layout", "lora_dense", "lora_dense_multi", "lora_einsum",
            "lora_ragged_dot", "lora_term"]
+
+# How many batch rows each stacked adapter owns while a model runs (``adapter_rows``).
+_ROWS: contextvars.ContextVar = contextvars.ContextVar("adapter_rows", default=None)
+
+
+@contextlib.contextmanager
+def adapter_rows(sizes: tuple[int, ...]):
+  """Within this context, stacked adapter factors (``jlora.core.stack``: a leading adapter
+  axis on A and B) apply adapter 0 to the first ``sizes[0]`` rows of every activation
+  ``[B, ...]``, adapter 1 to the next ``sizes[1]``, and so on (static: a group's batch
+  holds each run's rows together, in adapter order). A context rather than an argument
+  threaded through every layer: it is read where the factors meet the activations."""
+  token = _ROWS.set(tuple(int(n) for n in sizes))
+  try:
+    yield
+  finally:
+    _ROWS.reset(token)
+
+
+def _row_sizes(lead: tuple[int, ...]) -> tuple[int, ...]:
+  """Each adapter's flattened tokens in activations with leading dims ``lead``."""
+  sizes = _ROWS.get()
+  if sizes is None:
+    raise ValueError("stacked adapters (a leading adapter axis) need each adapter's rows: "
+                     "run the model inside jlora.core.matmul.adapter_rows(sizes)")
+  if not lead or lead[0] != sum(sizes):
+    raise ValueError(f"adapter rows {sizes} for activations {lead}")
+  per_row = math.prod(lead[1:])
+  return tuple(n * per_row for n in sizes)
 
 
 def lora_dense(x: jax.Array, kernel: jax.Array, a: jax.Array | None = None,
@@ -73,6 +105,8 @@ def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0,
   cuts = list(itertools.accumulate(widths))[:-1]
   adapted = [(i, a, b) for i, (_, a, b) in enumerate(projections) if a is not None]
   quantized = any(quant.is_quantized(w) for w, _, _ in projections)
+  if any(a.ndim == 3 for _, a, _ in adapted):  # stacked adapters: one per row
+    return _stacked(x_MK, projections, adapted, lead, cuts, widths, x.dtype)
   if adapted and kernels.selects_pallas(impl) and not quantized:  # the kernel takes dense W
     w_dtype = projections[0][0].dtype  # the kernel up-casts W tile by tile: no f32 copy
     y_MN = kernels.lora_matmul(
@@ -90,6 +124,18 @@ def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0,
                                                axis=1)):
       outs[i] = outs[i] + lora_up(t, b, scale)
   return [y.astype(x.dtype).reshape(*lead, n) for y, n in zip(outs, widths)]
+
+
+def _stacked(x_MK, projections, adapted, lead, cuts, widths, dtype) -> list[jax.Array]:
+  """``lora_dense_multi`` with stacked factors (A [N, K, r], B [N, r, N_i], B pre-scaled):
+  the base GEMM as for one adapter, then each row's own adapter (``lora_term_rows``)."""
+  sizes = _row_sizes(lead)
+  y_MN = jnp.dot(x_MK, _concat([w for w, _, _ in projections], dtype),
+                 preferred_element_type=jnp.float32)
+  outs = jnp.split(y_MN, cuts, axis=1)
+  for i, a, b in adapted:
+    outs[i] = outs[i] + lora_term_rows(x_MK, a, b, sizes)
+  return [y.astype(dtype).reshape(*lead, n) for y, n in zip(outs, widths)]
 
 
 def _concat(arrays, dtype) -> jax.Array:

@@ -178,6 +178,9 @@ class ExpertLinear(nn.Module):
     kernel = _kernel(self, "kernel", self.axes,
                      (self.num_experts, x_MK.shape[-1], self.features))
     a, b = _lora_factors(self)
+    if a is not None and a.ndim == 4:
+      raise ValueError(f"{self.path}: stacked adapters on MoE experts are not supported yet "
+                       "(target the attention and dense MLP kernels)")
     return matmul_lib.lora_ragged_dot(x_MK.astype(self.dtype), kernel, group_sizes_E, a, b)
 
 

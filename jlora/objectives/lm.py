@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jlora.core import optim
+from jlora.core import matmul, optim, stack
 from jlora.run.train_step import LossFn
 
 
@@ -72,4 +73,27 @@ def lm_loss(model, spec, loss_chunk: int | None = None) -> LossFn:
   def loss(trainable, frozen, batch):
     return token_loss_sum(model, optim.model_params(trainable, frozen, spec), batch,
                           loss_chunk)
+  return loss
+
+
+
+def stacked_lm_loss(model, st, rows: tuple[int, ...], loss_chunk: int | None = None) -> LossFn:
+  """``lm_loss`` for stacked adapters (``jlora.core.stack``): a step's batch holds
+  ``rows[i]`` rows for adapter i, grouped in adapter order (a micro-batch of it the same
+  shares); returns each adapter's token cross-entropy sum and masked-in token count, ``[N]``
+  each (``make_step`` with ``adapter_axes`` divides each adapter by its own count)."""
+  def loss(trainable, frozen, batch):
+    B = batch["mask"].shape[0]
+    if (B * rows[0]) % sum(rows) or any((B * r) % sum(rows) for r in rows):
+      raise ValueError(f"a batch of {B} rows does not split as {rows}")
+    sizes = tuple(B * r // sum(rows) for r in rows)
+    params = stack.with_adapters(optim.combine(trainable["full"], frozen),
+                                 trainable["lora"], st)
+    with matmul.adapter_rows(sizes):
+      logp = token_logprobs(model, params, batch, loss_chunk)
+    mask = batch["mask"].astype(jnp.float32)
+    per_row = (-jnp.sum(logp * mask, axis=1), jnp.sum(mask, axis=1))
+    ends = np.cumsum(sizes)
+    return tuple(jnp.stack([jnp.sum(x[e - n:e]) for n, e in zip(sizes, ends)])
+                 for x in per_row)
   return loss

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jlora.core import sharding as sharding_lib
+from jlora.core import sharding as sharding_lib, stack
 from jlora.infra import mesh as mesh_lib
 
 LossFn = Callable[..., tuple]  # (trainable, frozen, batch) -> (sum, count[, aux sums])
@@ -55,8 +55,8 @@ def _accumulate(loss_and_grads, trainable, frozen, batch, k: int):
   return jax.lax.scan(body, zeros, micro)[0]
 
 
-def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int = 1
-              ) -> Callable:
+def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int = 1,
+              adapter_axes: Any = None) -> Callable:
   """The one training step: ``step(state, frozen, batch) -> (state, metrics)``, pure and
   unjitted (``jit_step`` jits it), for any objective.
 
@@ -70,19 +70,23 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int
       unevenly their masks fall. ``lm_loss`` is the supervised one.
     tx: the optimizer (``optim.optimizer``).
     grad_accum: micro-batches per step; batch row i goes to micro-batch i % grad_accum.
+    adapter_axes: for stacked adapters (``jlora.core.stack``), their ``adapter_axes``: then
+      ``loss_fn`` returns a total and a count per adapter (``[N]`` each), and adapter i's
+      gradient is divided by its own count: exactly its solo gradient.
   Returns:
     The step. Metrics: ``loss`` (total / count), ``tokens`` (count), ``grad_norm``,
     ``finite`` (the updated parameters are all finite: a checkpoint of them is usable),
-    and the objective's aux metrics under their own names.
+    and the objective's aux metrics under their own names. With ``adapter_axes``,
+    ``loss``, ``tokens`` and ``grad_norm`` are ``[N]``, one per adapter.
   """
   if grad_accum < 1:
     raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
 
   def loss_and_grads(trainable, frozen, batch):
-    def loss(tr):
+    def loss(tr):  # per-adapter totals: each adapter's slices see only its own total
       total, count, *aux = loss_fn(tr, frozen, batch)
-      return total, (count, aux[0] if aux else {})
-    (total, (count, aux)), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+      return jnp.sum(total), (total, count, aux[0] if aux else {})
+    (_, (total, count, aux)), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
     return total, count, aux, grads
 
   def step(state, frozen, batch):
@@ -93,7 +97,13 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int
       total, count, aux, grads = _accumulate(loss_and_grads, trainable, frozen, batch,
                                              grad_accum)
     count = jnp.maximum(count, 1.0)
-    grads = jax.tree_util.tree_map(lambda g: g / count, grads)
+    if adapter_axes is None:
+      grads = jax.tree_util.tree_map(lambda g: g / count, grads)
+      grad_norm = optax.tree.norm(grads)
+    else:
+      grads = {"full": grads["full"], "lora": stack.per_adapter(
+          grads["lora"], adapter_axes, lambda g, ax: g / stack.along(count, ax, g.ndim))}
+      grad_norm = jnp.sqrt(stack.sq_norms(grads["lora"], adapter_axes, count.shape[0]))
     updates, opt_state = tx.update(grads, state["opt_state"], trainable)
     new_trainable = optax.apply_updates(trainable, updates)
     finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x))
@@ -101,22 +111,24 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int
     new_state = {"step": state["step"] + 1, "trainable": new_trainable, "opt_state": opt_state}
     aux = {k: v if k[-4:] in _AUX_START else v / count for k, v in aux.items()}
     return new_state, {**aux, "loss": total / count, "tokens": count,
-                       "grad_norm": optax.tree.norm(grads), "finite": finite}
+                       "grad_norm": grad_norm, "finite": finite}
 
   return step
 
 
 def build(loss_fn: LossFn, tx: optax.GradientTransformation, trainable: Any, frozen: Any,
-          mesh=None, grad_accum: int = 1, example_batch: Any = None) -> tuple[Callable, dict]:
+          mesh=None, grad_accum: int = 1, example_batch: Any = None,
+          adapter_axes: Any = None) -> tuple[Callable, dict]:
   """The one way to get a train step: ``(step, state)``, where ``step(state, frozen,
   batch) -> (state, metrics)`` is ``make_step``'s step jitted with the state's and the
   frozen base's shardings, batches split over data x fsdp and the state donated, and
   ``state`` is ``init_state``'s (it owns ``trainable`` from here on). With
   ``example_batch`` the step is compiled ahead for its shapes (``compile_step``).
   ``trainable`` / ``frozen`` of ``jax.ShapeDtypeStruct`` leaves (with shardings) give an
-  abstract state: a step to lower or export, not to run. ``mesh=None``: one device."""
+  abstract state: a step to lower or export, not to run. ``mesh=None``: one device.
+  ``adapter_axes``: stacked adapters, one loss per adapter (``make_step``)."""
   state = init_state(trainable, tx, mesh)
-  step = jit_step(make_step(loss_fn, tx, grad_accum), state, frozen, mesh)
+  step = jit_step(make_step(loss_fn, tx, grad_accum, adapter_axes), state, frozen, mesh)
   if example_batch is not None:
     step = compile_step(step, state, frozen, example_batch)
   return step, state
