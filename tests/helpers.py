@@ -320,3 +320,30 @@ def write_toml(path, values):
     lines += [f"{k} = {fmt(v)}" for k, v in values[section].items()]
   path.write_text("\n".join(lines) + "\n")
   return str(path)
+
+
+def stack_case():
+  """(model, params, stack, solo adapters, optimizer settings, batches): a tiny model and
+  three adapters that differ in everything a group may vary: rank, alpha, targets, LR and
+  schedule, LoRA+ ratio, weight decay, gradient clipping; 8 rows of data each."""
+  from jlora.core import stack
+  model = Transformer(CFG)
+  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]
+  params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params,
+                                  is_leaf=lambda x: hasattr(x, "value"))
+  specs = [models.lora_spec(CFG, rank=2), models.lora_spec(CFG, rank=4, targets="attn"),
+           models.lora_spec(CFG, rank=1, alpha=8.0, targets="mlp")]
+  settings = [dict(learning_rate=3e-2, max_grad_norm=None),
+              dict(learning_rate=optim.schedule(2e-2, 4, "cosine", 1), weight_decay=0.1,
+                   max_grad_norm=0.05),  # tight: clips every step
+              dict(learning_rate=1e-2, b_lr_ratio=4.0, max_grad_norm=1.0)]
+  st = stack.stack(params, specs)
+  solos = [lora.init_adapters(params, p, jax.random.PRNGKey(5 + i))
+           for i, p in enumerate(st.plans)]
+  rng = np.random.default_rng(3)
+  batches = []  # 8 rows per adapter, uneven masks
+  for i in range(3):
+    b = tiny_batch(10 + i, rows=8)
+    b["mask"] = (rng.random(b["mask"].shape) < 0.4 + 0.2 * i).astype(np.float32)
+    batches.append(b)
+  return model, params, st, solos, settings, batches

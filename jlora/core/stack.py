@@ -249,3 +249,70 @@ def optimizer(st: Stack, learning_rates: Sequence, *, b_lr_ratios: Sequence[floa
     return updates, StackAdamState(count, mu, nu)
 
   return optax.GradientTransformation(init, update)
+
+
+def _field(path) -> str | None:
+  """The optimizer-state field a leaf sits under (``mu``, ``nu``, ``count``), if any."""
+  names = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)]
+  return names[-1] if names else None
+
+
+def _param_path(path) -> str:
+  """The parameter path of a moment leaf: the dict keys after its state field."""
+  last = max((n for n, k in enumerate(path) if isinstance(k, jax.tree_util.GetAttrKey)),
+             default=-1)
+  return "/".join(str(k.key) for k in path[last + 1:] if isinstance(k, jax.tree_util.DictKey))
+
+
+def solo_state(state: dict, st: Stack, i: int, solo_init: Any) -> dict:
+  """Adapter i's part of a stacked training state (``{"step", "trainable",
+  "opt_state"}`` with ``optimizer``'s state) as the state its solo run would hold: its
+  adapter unstacked, and ``solo_init`` (the solo optimizer's ``init`` of that adapter, e.g.
+  ``optim.optimizer(...)``) with its moments and step counts filled in. What a run of a
+  group checkpoints, so the run resumes, exports and merges alone."""
+  opt: StackAdamState = state["opt_state"]
+  moments = {name: lora.adapter_leaves(unstack(getattr(opt, name)["lora"], st, i))
+             for name in ("mu", "nu")}
+  count = opt.count[i]
+
+  def fill(path, leaf):
+    field = _field(path)
+    if field == "count":
+      return jnp.array(count, leaf.dtype)  # a copy each: a donated state holds no alias
+    if field in moments:
+      kernel, _, factor = _param_path(path).removeprefix("lora/").rpartition("/")
+      return moments[field][kernel][factor].astype(leaf.dtype)
+    return leaf
+
+  return {"step": jnp.array(count), "trainable": {"lora": unstack(state["trainable"]["lora"], st, i),
+                                       "full": {}},
+          "opt_state": jax.tree_util.tree_map_with_path(fill, solo_init)}
+
+
+def stacked_state(solos: Sequence[dict], st: Stack) -> dict:
+  """The inverse of ``solo_state``: each run's solo training state (as its checkpoint
+  holds it) stacked into one state of ``optimizer``; each adapter keeps its own step
+  count."""
+  counts, moments = [], {"mu": [], "nu": []}
+  for s in solos:
+    found = {"mu": {}, "nu": {}}
+    count = []
+
+    def collect(path, leaf, found=found, count=count):
+      field = _field(path)
+      if field == "count":
+        count.append(leaf)
+      elif field in found and _param_path(path).startswith("lora/"):
+        found[field][_param_path(path).removeprefix("lora/")] = leaf
+      return leaf
+
+    jax.tree_util.tree_map_with_path(collect, s["opt_state"])
+    counts.append(count[0])
+    for name in moments:
+      moments[name].append(unflatten(found[name]))
+  trainable = {"lora": stack_adapters([s["trainable"]["lora"] for s in solos], st),
+               "full": {}}
+  opt = StackAdamState(jnp.stack([jnp.asarray(c, jnp.int32) for c in counts]),
+                       *({"lora": stack_adapters(moments[n], st), "full": {}}
+                         for n in ("mu", "nu")))
+  return {"step": jnp.max(opt.count), "trainable": trainable, "opt_state": opt}

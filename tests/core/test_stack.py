@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 
 from jlora import models
-from jlora.core import lora, matmul, stack
+from jlora.core import lora, matmul, optim, stack
+from jlora.infra import mesh as mesh_lib
 from jlora.models import Transformer
-from tests.helpers import CFG, randomize_b
+from jlora.objectives import lm
+from jlora.run import train_step
+from tests.helpers import CFG, randomize_b, stack_case
 
 SPECS = [models.lora_spec(CFG, rank=2),  # all kernels
          models.lora_spec(CFG, rank=4, alpha=16.0, targets="attn"),
@@ -101,3 +104,67 @@ def test_stack_errors_are_one_line(base):
   with pytest.raises(ValueError, match="need each adapter's rows"):
     _logits(model, stack.with_adapters(params, stack.stack_adapters(solos, st), st),
             np.zeros((2, 4), np.int32))
+
+
+def _solo_tx(kw):
+  return optim.optimizer(**kw)
+
+
+def _group_tx(st, settings):
+  return stack.optimizer(st, [kw["learning_rate"] for kw in settings],
+                         b_lr_ratios=[kw.get("b_lr_ratio", 1.0) for kw in settings],
+                         weight_decays=[kw.get("weight_decay", 0.0) for kw in settings],
+                         max_grad_norms=[kw["max_grad_norm"] for kw in settings])
+
+
+def _assert_same_state(got, want, what):
+  """Adapters within Adam's float noise (lr x f32 rounding), moments and counts close."""
+  for (pg, g), (pw, w) in zip(jax.tree_util.tree_leaves_with_path(got),
+                              jax.tree_util.tree_leaves_with_path(want)):
+    assert pg == pw, (what, pg, pw)
+    np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64),
+                               rtol=1e-3, atol=3e-4, err_msg=f"{what} {pg}")
+
+
+def test_a_runs_state_moves_between_its_group_and_a_solo_run():
+  """Two steps in a group then two alone (from ``solo_state``) equal four alone; two alone
+  then two in a group (from ``stacked_state``) too: a run of a group checkpoints and
+  resumes as a solo run, and a group resumes from each run's own checkpoint."""
+  model, params, st, solos, settings, batches = stack_case()
+  one = mesh_lib.make_mesh(mesh_lib.MeshConfig(), jax.devices()[:1])
+  group = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  copy = lambda t: jax.tree.map(jnp.copy, t)  # states are donated
+
+  def solo_step(i):
+    trainable, frozen = optim.trainable(params, copy(solos[i]), st.plans[i])
+    return (*train_step.build(lm.lm_loss(model, st.plans[i]), _solo_tx(settings[i]),
+                              trainable, frozen, one), frozen)
+
+  def run_solo(i, state, n):
+    step, _, frozen = solo_step(i)
+    for _ in range(n):
+      state, _ = step(state, frozen, mesh_lib.global_batch(batches[i], one))
+    return state
+
+  group_step, group_state = train_step.build(
+      lm.stacked_lm_loss(model, st, (8, 8, 8)), _group_tx(st, settings),
+      {"lora": stack.stack_adapters([copy(s) for s in solos], st), "full": {}}, params, one,
+      adapter_axes=stack.adapter_axes(st))
+
+  def run_group(state, n):
+    for _ in range(n):
+      state, _ = group_step(state, params, mesh_lib.global_batch(group, one))
+    return state
+
+  straight = [run_solo(i, solo_step(i)[1], 4) for i in range(3)]
+  half = run_group(group_state, 2)
+  for i in range(3):
+    init = _solo_tx(settings[i]).init({"lora": solos[i], "full": {}})
+    resumed = run_solo(i, stack.solo_state(jax.tree.map(jnp.copy, half), st, i, init), 2)
+    _assert_same_state(resumed, straight[i], f"group then solo, adapter {i}")
+  halves = [run_solo(i, solo_step(i)[1], 2) for i in range(3)]
+  regrouped = run_group(stack.stacked_state(halves, st), 2)
+  for i in range(3):
+    init = _solo_tx(settings[i]).init({"lora": solos[i], "full": {}})
+    _assert_same_state(stack.solo_state(regrouped, st, i, init), straight[i],
+                       f"solo then group, adapter {i}")

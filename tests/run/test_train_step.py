@@ -9,10 +9,17 @@ import pytest
 
 from jlora.core import optim
 from jlora.infra import mesh as mesh_lib
-from jlora.models import Transformer
 from jlora.objectives import lm
 from jlora.run import train_step
-from tests.helpers import CFG, max_abs_diff, run_steps, sharded_init, tiny_batch, train_one_batch
+from tests.helpers import (
+  CFG,
+  max_abs_diff,
+  run_steps,
+  sharded_init,
+  stack_case,
+  tiny_batch,
+  train_one_batch,
+)
 
 
 def _uneven_batch():
@@ -96,33 +103,6 @@ def test_bf16_base_trains_like_f32_with_adapters_and_optimizer_in_f32():
   np.testing.assert_allclose(m16["loss"], m32["loss"], atol=0.15)
 
 
-def _stack_case():
-  """A tiny model and three adapters that differ in everything a group may vary: rank,
-  alpha, targets, LR and schedule, LoRA+ ratio, weight decay, gradient clipping."""
-  from jlora import models
-  from jlora.core import lora, stack
-  model = Transformer(CFG)
-  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]
-  params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params,
-                                  is_leaf=lambda x: hasattr(x, "value"))
-  specs = [models.lora_spec(CFG, rank=2), models.lora_spec(CFG, rank=4, targets="attn"),
-           models.lora_spec(CFG, rank=1, alpha=8.0, targets="mlp")]
-  settings = [dict(learning_rate=3e-2, max_grad_norm=None),
-              dict(learning_rate=optim.schedule(2e-2, 4, "cosine", 1), weight_decay=0.1,
-                   max_grad_norm=0.05),  # tight: clips every step
-              dict(learning_rate=1e-2, b_lr_ratio=4.0, max_grad_norm=1.0)]
-  st = stack.stack(params, specs)
-  solos = [lora.init_adapters(params, p, jax.random.PRNGKey(5 + i))
-           for i, p in enumerate(st.plans)]
-  rng = np.random.default_rng(3)
-  batches = []  # 8 rows per adapter, uneven masks
-  for i in range(3):
-    b = tiny_batch(10 + i, rows=8)
-    b["mask"] = (rng.random(b["mask"].shape) < 0.4 + 0.2 * i).astype(np.float32)
-    batches.append(b)
-  return model, params, st, solos, settings, batches
-
-
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 2, 2)])
 def test_stacked_adapters_train_like_their_solo_runs(shape):
   """Three adapters in one step (rows grouped by adapter, gradient accumulation over 2
@@ -130,7 +110,7 @@ def test_stacked_adapters_train_like_their_solo_runs(shape):
   three solo runs on one device end: each its own loss normalisation, clipping, step
   count, LR, LoRA+ ratio and weight decay."""
   from jlora.core import lora, stack
-  model, params, st, solos, settings, batches = _stack_case()
+  model, params, st, solos, settings, batches = stack_case()
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(), jax.devices()[:1])
   group_mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(*shape),
                                   jax.devices()[:int(np.prod(shape))])
