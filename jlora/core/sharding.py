@@ -81,6 +81,23 @@ def adapter_shardings(plan: lora_lib.Plan, kernel_specs: dict[str, P], mesh: Mes
   return lora_lib.unflatten(flat)
 
 
+def stacked_adapter_shardings(st, kernel_specs: dict[str, P], mesh: Mesh) -> dict:
+  """``adapter_shardings`` for stacked adapters (``jlora.core.stack``): each factor sharded
+  as one adapter's, the adapter axis replicated (every device holds every adapter's
+  slice of its shard: a group's rows of any adapter may land on any data shard)."""
+  from jlora.core import stack
+  fitted = {p: fit(kernel_specs.get(p, P()), t.shape, mesh) for p, t in st.targets.items()}
+  plan = lora_lib.Plan(st.plans[0].spec, st.targets)
+  flat = {}
+  for path, ab in adapter_specs(plan, fitted).items():
+    t, ax = st.targets[path], stack.adapter_axis(st.targets[path])
+    for name, shape in (("a", t.a_shape), ("b", t.b_shape)):
+      spec = list(fit(ab[name], shape, mesh)) + [None] * (len(shape) - len(ab[name]))
+      spec.insert(ax, None)
+      flat[f"{path}/{name}"] = NamedSharding(mesh, P(*spec))
+  return lora_lib.unflatten(flat)
+
+
 def state_shardings(tx: optax.GradientTransformation, trainable: Any, mesh: Mesh) -> dict:
   """Shardings of a training state ``{"step", "trainable", "opt_state"}``: the trainable
   leaves keep theirs, optimizer moments follow the leaf they belong to

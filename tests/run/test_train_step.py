@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from jlora.core import optim
+from jlora.core import sharding as shd
 from jlora.infra import mesh as mesh_lib
 from jlora.objectives import lm
 from jlora.run import train_step
@@ -133,9 +135,18 @@ def test_stacked_adapters_train_like_their_solo_runs(shape):
                        b_lr_ratios=[kw.get("b_lr_ratio", 1.0) for kw in settings],
                        weight_decays=[kw.get("weight_decay", 0.0) for kw in settings],
                        max_grad_norms=[kw["max_grad_norm"] for kw in settings])
-  everywhere = mesh_lib.replicated(group_mesh)  # the adapter axis replicated
-  trainable = jax.device_put({"lora": stack.stack_adapters(solos, st), "full": {}}, everywhere)
-  base = jax.device_put(params, everywhere)
+  # the base sharded by its logical axes (FSDP, tensor), each factor like its kernel with
+  # the adapter axis replicated
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))
+  specs = shd.logical_specs(boxed["params"])
+  shapes = {p: tuple(x.shape) for p, x in lora.flatten(params).items()}
+  base = shd.place(params, shd.param_shardings(specs, shapes, group_mesh))
+  lora_sh = shd.stacked_adapter_shardings(st, specs, group_mesh)
+  trainable = {"lora": jax.device_put(stack.stack_adapters(solos, st), lora_sh), "full": {}}
+  if shape == (2, 2, 2):
+    q = lora.adapter_leaves(trainable["lora"])["layers/attn/q_proj/kernel"]
+    assert q["a"].sharding.spec == P(None, None, "fsdp", None)  # [layers, N, in, r]
+    assert q["b"].sharding.spec == P(None, None, None, "tensor")  # [layers, N, r, out]
   step, state = train_step.build(lm.stacked_lm_loss(model, st, (8, 8, 8)), tx, trainable,
                                  base, group_mesh, grad_accum=2,
                                  adapter_axes=stack.adapter_axes(st))
