@@ -165,12 +165,16 @@ QUANT_SIZES = dict(hidden_size=64, intermediate_size=128)  # K divisible by nf4'
 
 
 
-def tiny_policy(seed=0, b_scale=0.3):
-  """(model, plan, trainable, frozen): a tiny random model with non-zero LoRA B."""
+def tiny_model(seed=0):
+  """(model, params): the tiny Llama of ``CFG`` with random weights, unboxed."""
   model = Transformer(CFG)
   params = model.init(jax.random.PRNGKey(seed), jnp.ones((1, 4), jnp.int32))["params"]
-  params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params,
-                                  is_leaf=lambda x: hasattr(x, "value"))
+  return model, nn.unbox(params)
+
+
+def tiny_policy(seed=0, b_scale=0.3):
+  """(model, plan, trainable, frozen): a tiny random model with non-zero LoRA B."""
+  model, params = tiny_model(seed)
   plan = jlora.core.lora.plan(params, models.lora_spec(CFG, rank=2))
   adapters = jlora.init_adapters(params, plan, jax.random.PRNGKey(seed + 1))
   if b_scale:
@@ -327,10 +331,7 @@ def stack_case():
   three adapters that differ in everything a group may vary: rank, alpha, targets, LR and
   schedule, LoRA+ ratio, weight decay, gradient clipping; 8 rows of data each."""
   from jlora.core import stack
-  model = Transformer(CFG)
-  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]
-  params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params,
-                                  is_leaf=lambda x: hasattr(x, "value"))
+  model, params = tiny_model()
   specs = [models.lora_spec(CFG, rank=2), models.lora_spec(CFG, rank=4, targets="attn"),
            models.lora_spec(CFG, rank=1, alpha=8.0, targets="mlp")]
   settings = [dict(learning_rate=3e-2, max_grad_norm=None),

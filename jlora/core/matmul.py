@@ -96,6 +96,9 @@ def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0,
       block-diagonally (exact: the off-diagonal blocks are zero, and their gradient is
       dropped). Otherwise ("xla") the XLA matmuls below, differentiated by JAX: one
       ``x W`` and the halves of ``lora_term``, one ``lora_down`` shared by all adapters.
+      Stacked factors (A [N, K, r], B [N, r, N_i] pre-scaled: ``jlora.core.stack``) take
+      the XLA path whatever ``impl`` says: each adapter's term on its rows
+      (``adapter_rows``, ``lora_term_rows``).
   Returns:
     One [..., N_i] output per projection, in x's dtype.
   """
@@ -105,9 +108,8 @@ def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0,
   cuts = list(itertools.accumulate(widths))[:-1]
   adapted = [(i, a, b) for i, (_, a, b) in enumerate(projections) if a is not None]
   quantized = any(quant.is_quantized(w) for w, _, _ in projections)
-  if any(a.ndim == 3 for _, a, _ in adapted):  # stacked adapters: one per row
-    return _stacked(x_MK, projections, adapted, lead, cuts, widths, x.dtype)
-  if adapted and kernels.selects_pallas(impl) and not quantized:  # the kernel takes dense W
+  stacked = any(a.ndim == 3 for _, a, _ in adapted)  # jlora.core.stack: one per row group
+  if adapted and not stacked and kernels.selects_pallas(impl) and not quantized:  # the kernel takes dense W
     w_dtype = projections[0][0].dtype  # the kernel up-casts W tile by tile: no f32 copy
     y_MN = kernels.lora_matmul(
         x_MK, _concat([w for w, _, _ in projections], w_dtype),
@@ -117,25 +119,17 @@ def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0,
   y_MN = jnp.dot(x_MK, _concat([w for w, _, _ in projections], x.dtype),
                  preferred_element_type=jnp.float32)
   outs = jnp.split(y_MN, cuts, axis=1)
-  if adapted:
+  if stacked:  # B pre-scaled per adapter (stack.with_adapters)
+    sizes = _row_sizes(lead)
+    for i, a, b in adapted:
+      outs[i] = outs[i] + lora_term_rows(x_MK, a, b, sizes)
+  elif adapted:
     t_MR = lora_down(x_MK, _concat([a for _, a, _ in adapted], x.dtype))
     ranks = [a.shape[-1] for _, a, _ in adapted]
     for (i, _, b), t in zip(adapted, jnp.split(t_MR, list(itertools.accumulate(ranks))[:-1],
                                                axis=1)):
       outs[i] = outs[i] + lora_up(t, b, scale)
   return [y.astype(x.dtype).reshape(*lead, n) for y, n in zip(outs, widths)]
-
-
-def _stacked(x_MK, projections, adapted, lead, cuts, widths, dtype) -> list[jax.Array]:
-  """``lora_dense_multi`` with stacked factors (A [N, K, r], B [N, r, N_i], B pre-scaled):
-  the base GEMM as for one adapter, then each row's own adapter (``lora_term_rows``)."""
-  sizes = _row_sizes(lead)
-  y_MN = jnp.dot(x_MK, _concat([w for w, _, _ in projections], dtype),
-                 preferred_element_type=jnp.float32)
-  outs = jnp.split(y_MN, cuts, axis=1)
-  for i, a, b in adapted:
-    outs[i] = outs[i] + lora_term_rows(x_MK, a, b, sizes)
-  return [y.astype(dtype).reshape(*lead, n) for y, n in zip(outs, widths)]
 
 
 def _concat(arrays, dtype) -> jax.Array:

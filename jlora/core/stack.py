@@ -108,7 +108,7 @@ def stack_adapters(trees: Sequence[PyTree], st: Stack) -> dict:
   out = {}
   for path, t in st.targets.items():
     ax = adapter_axis(t)
-    a_rank, b_rank = len(t.a_shape) - 1, len(t.a_shape) - len([c for c in t.layout if c == "i"]) - 1
+    a_rank, b_rank = len(t.a_shape) - 1, sum(c in "be" for c in t.layout)  # r's axis
     factors = {}
     for name, shape, rank_axis in (("a", t.a_shape, a_rank), ("b", t.b_shape, b_rank)):
       slices = [_padded(s.get(path, {}).get(name), shape, rank_axis, dtype) for s in solos]
@@ -175,16 +175,11 @@ def along(values: jax.Array, axis: int, ndim: int) -> jax.Array:
   return values.reshape(shape)
 
 
-def per_adapter(tree: PyTree, axes: PyTree, fn) -> PyTree:
-  """``fn(leaf, axis)`` over a stacked tree and its ``adapter_axes``."""
-  return jax.tree_util.tree_map(fn, tree, axes)
-
-
 def sq_norms(tree: PyTree, axes: PyTree, n: int) -> jax.Array:
   """Each adapter's squared L2 norm over all its slices: ``[N]`` f32."""
-  def one(x, ax):
-    x = jnp.moveaxis(x.astype(jnp.float32), ax, 0)
-    return jnp.sum(jnp.square(x).reshape(n, -1), axis=1)
+  def one(x, ax):  # reduce every axis but the adapter axis (no transpose)
+    return jnp.sum(jnp.square(x.astype(jnp.float32)),
+                   axis=tuple(d for d in range(x.ndim) if d != ax))
   leaves = jax.tree_util.tree_leaves(jax.tree_util.tree_map(one, tree, axes))
   return sum(leaves, jnp.zeros((n,), jnp.float32))
 
@@ -229,10 +224,12 @@ def optimizer(st: Stack, learning_rates: Sequence, *, b_lr_ratios: Sequence[floa
   def update(grads, state, params):
     norm = jnp.sqrt(sq_norms(grads, axes, n))
     factor = jnp.where(norm < clip, 1.0, clip / norm)  # optax.clip_by_global_norm's rule
-    grads = per_adapter(grads, axes, lambda g, ax: g * along(factor, ax, g.ndim).astype(g.dtype))
-    mu = jax.tree_util.tree_map(lambda m, g: (1 - b1) * g + b1 * m, state.mu, grads)
-    nu = jax.tree_util.tree_map(lambda v, g: (1 - b2) * jnp.square(g) + b2 * v, state.nu,
-                                grads)
+    grads = jax.tree_util.tree_map(
+        lambda g, ax: g * along(factor, ax, g.ndim).astype(g.dtype), grads, axes)
+    # optax's moments; the bias correction and schedule are per adapter here (each adapter
+    # has its own step count), which optax.scale_by_adam's one scalar count cannot express
+    mu = optax.tree.update_moment(grads, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(grads, state.nu, b2, 2)
     count = state.count + 1
     c1 = 1 - b1 ** count.astype(jnp.float32)
     c2 = 1 - b2 ** count.astype(jnp.float32)

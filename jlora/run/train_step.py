@@ -101,8 +101,8 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int
       grads = jax.tree_util.tree_map(lambda g: g / count, grads)
       grad_norm = optax.tree.norm(grads)
     else:
-      grads = {"full": grads["full"], "lora": stack.per_adapter(
-          grads["lora"], adapter_axes, lambda g, ax: g / stack.along(count, ax, g.ndim))}
+      grads = {"full": grads["full"], "lora": jax.tree_util.tree_map(
+          lambda g, ax: g / stack.along(count, ax, g.ndim), grads["lora"], adapter_axes)}
       grad_norm = jnp.sqrt(stack.sq_norms(grads["lora"], adapter_axes, count.shape[0]))
     updates, opt_state = tx.update(grads, state["opt_state"], trainable)
     new_trainable = optax.apply_updates(trainable, updates)

@@ -11,10 +11,9 @@ import pytest
 from jlora import models
 from jlora.core import lora, matmul, optim, stack
 from jlora.infra import mesh as mesh_lib
-from jlora.models import Transformer
 from jlora.objectives import lm
 from jlora.run import train_step
-from tests.helpers import CFG, randomize_b, stack_case
+from tests.helpers import CFG, randomize_b, stack_case, tiny_model
 
 SPECS = [models.lora_spec(CFG, rank=2),  # all kernels
          models.lora_spec(CFG, rank=4, alpha=16.0, targets="attn"),
@@ -23,10 +22,7 @@ SPECS = [models.lora_spec(CFG, rank=2),  # all kernels
 
 @pytest.fixture(scope="module")
 def base():
-  model = Transformer(CFG)
-  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]
-  params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params,
-                                  is_leaf=lambda x: hasattr(x, "value"))
+  model, params = tiny_model()
   st = stack.stack(params, SPECS)
   solos = [randomize_b(lora.init_adapters(params, p, jax.random.PRNGKey(10 + i)),
                        jax.random.PRNGKey(20 + i), 0.3) for i, p in enumerate(st.plans)]
