@@ -37,8 +37,10 @@ def _parser() -> argparse.ArgumentParser:
   demo.add_argument("--seed", type=int, default=0)
   _run_parsers(sub)
   adv = sub.add_parser("advise", help="check a recipe against the findings (no training)")
-  adv.add_argument("config")
-  adv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  adv.add_argument("config", nargs="+", help="one recipe, or several to train together "
+                   "(each is checked, and the group's shared keys)")
+  adv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting (of every recipe)")
   _trained_parsers(sub)
   _data_parser(sub.add_parser("data", help="build, fetch and inspect datasets"))
   _study_parser(sub.add_parser("study", help="reproduce a finding of LoRA Without Regret on "
@@ -52,11 +54,17 @@ def _run_parsers(sub) -> None:
   from jlora.run import driver
   for kind in driver.KINDS.values():
     run = sub.add_parser(kind.command, help=kind.help)
-    run.add_argument("config", help=f"recipe file, e.g. {kind.example}")
+    group = " several: trained together over one base" if kind.group else ""
+    run.add_argument("config", nargs="+",
+                     help=f"recipe file, e.g. {kind.example};{group or ' one'}" +
+                     (" (jlora.run.group: they share model.*, mesh.*, data.seq_len, "
+                      "data.pack, train.loss_chunk and train.grad_accum)" if group else ""))
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a setting, e.g. --set train.steps=50 (repeatable)")
+                     help="override a setting, e.g. --set train.steps=50 (repeatable; "
+                          "with several recipes, of every one)")
     run.add_argument("--resume", action="store_true",
-                     help="continue the run in run_dir from its last checkpoint")
+                     help="continue the run in run_dir from its last checkpoint (several "
+                          "recipes: each run from its own)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--force", action="store_true",
                      help="train even when the advisor reports an error")
@@ -208,12 +216,23 @@ def _train(args) -> int:
   from jlora.run import checkpoint, driver, events, loop
   multihost.cpu_devices(args.cpu_devices)  # before anything touches a device
   kind = driver.KINDS[args.command]
-  cfg = driver.load(args.config, args.set, kind)
+  cfgs = []
+  for path in args.config:
+    try:
+      cfgs.append(driver.load(path, args.set, kind))
+    except ValueError as e:
+      named = len(args.config) == 1 or str(e).startswith(path)
+      raise ValueError(str(e) if named else f"{path}: {e}") from None
   multihost.join(args.distributed)  # a config that does not parse never gets this far
   listener = events.JsonLines(args.events) if args.events and multihost.primary() else None
   try:
-    summary = driver.run(cfg, kind, resume=args.resume, progress=not args.no_progress, force=args.force,
-                  on_event=listener)
+    if len(cfgs) > 1:
+      return _group_summaries(args, cfgs, driver.run_group(
+          cfgs, kind, args.config, resume=args.resume, progress=not args.no_progress,
+          force=args.force, on_event=listener))
+    cfg = cfgs[0]
+    summary = driver.run(cfg, kind, resume=args.resume, progress=not args.no_progress,
+                         force=args.force, on_event=listener)
   except loop.NonFiniteLoss as e:
     print(f"jlora: {e}", file=sys.stderr)
     return 1
@@ -231,8 +250,21 @@ def _train(args) -> int:
   return 0
 
 
+def _group_summaries(args, cfgs: list, outcomes: list) -> int:
+  """Each run's line; exit 1 when any run stopped non-finite (the others finished)."""
+  from jlora.run import loop
+  code = 0
+  for path, cfg, outcome in zip(args.config, cfgs, outcomes):
+    if isinstance(outcome, loop.NonFiniteLoss):
+      print(f"jlora: {path}: {outcome}", file=sys.stderr)
+      code = 1
+    else:
+      print(f"{path}: {_summary_line(outcome, cfg.run_dir)}")
+  return code
+
+
 def _resume_command(args) -> str:
-  return shlex.join(["jlora", args.command, args.config] + [f"--set={x}" for x in args.set]
+  return shlex.join(["jlora", args.command, *args.config] + [f"--set={x}" for x in args.set]
                     + ["--resume"])
 
 
@@ -265,11 +297,19 @@ def _run(args) -> int:
   elif args.command == "advise":
     from jlora.findings import advisor
     from jlora.run import config
-    cfg = config.load(args.config, args.set)
-    findings, stats = driver.advise(cfg, driver.kind_of(cfg))
-    print(f"data: {stats}")
-    print(advisor.report(findings))
-    return 1 if advisor.has_error(findings) else 0
+    from jlora.run import group
+    cfgs = [config.load(path, args.set) for path in args.config]
+    if len(cfgs) > 1:
+      group.check(cfgs, args.config)
+    failed = False
+    for path, cfg in zip(args.config, cfgs):
+      findings, stats = driver.advise(cfg, driver.kind_of(cfg))
+      if len(cfgs) > 1:
+        print(f"== {path}")
+      print(f"data: {stats}")
+      print(advisor.report(findings))
+      failed = failed or advisor.has_error(findings)
+    return 1 if failed else 0
   elif args.command == "generate":
     from jlora.run import trained
     print(trained.generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens,

@@ -1,5 +1,6 @@
 """Runs ``jlora train`` in a subprocess and SIGKILLs itself at a chosen point, like a
-preempted or crashed job: ``python -m tests.train_worker CONFIG MODE N [--resume]``.
+preempted or crashed job: ``python -m tests.train_worker CONFIG MODE N [--resume]``
+(CONFIG: one recipe, or several joined by commas: a group trained together).
 
 MODE ``none``: not killed (the reference run, on the same devices). MODE ``step``: killed
 while dispatching step N (mid-training, checkpoint saves possibly in flight). MODE
@@ -48,7 +49,7 @@ def main():
     raise SystemExit(f"unknown mode {mode}")
   from jlora import cli
   command = os.environ.get("JLORA_WORKER_COMMAND", "train")  # or "rl"
-  sys.exit(cli.main([command, config, "--no-progress", *rest]))
+  sys.exit(cli.main([command, *config.split(","), "--no-progress", *rest]))
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ them to a few widths (``bucket``) so they reuse a handful of programs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
+from jlora.core import matmul
 from jlora.core.lora import with_adapters
 from jlora.models.transformer import Transformer, init_cache
 
@@ -80,12 +82,30 @@ def _prefill(model: Transformer, params, tokens_UP, prompt_mask_UP, group: int,
 
 
 @functools.partial(jax.jit, static_argnames=("model", "group", "max_new_tokens",
-                                             "temperature", "top_p", "eos_id", "pad"))
+                                             "temperature", "top_p", "eos_id", "pad",
+                                             "adapter_rows"))
 def _sample(model: Transformer, params, tokens_UP, prompt_mask_UP, key, *, group: int,
             max_new_tokens: int, temperature: float, top_p: float, eos_id: int | None,
-            pad: int) -> Samples:
-  logits, cache, position = _prefill(model, params, tokens_UP, prompt_mask_UP, group,
-                                     tokens_UP.shape[1] + max_new_tokens)
+            pad: int, adapter_rows: tuple[int, ...] | None) -> Samples:
+  # stacked adapters: prompt rows grouped by adapter, and so are their samples (row
+  # u * group + g): each adapter owns group times its prompts' rows in the decode
+  with _rows(adapter_rows, 1):
+    prefilled = _prefill(model, params, tokens_UP, prompt_mask_UP, group,
+                         tokens_UP.shape[1] + max_new_tokens)
+  with _rows(adapter_rows, group):
+    return _decode(model, params, prefilled, key, max_new_tokens, temperature, top_p,
+                   eos_id, pad)
+
+
+def _rows(adapter_rows: tuple[int, ...] | None, group: int):
+  if adapter_rows is None:
+    return contextlib.nullcontext()
+  return matmul.adapter_rows(tuple(n * group for n in adapter_rows))
+
+
+def _decode(model, params, prefilled, key, max_new_tokens: int, temperature: float,
+            top_p: float, eos_id: int | None, pad: int) -> Samples:
+  logits, cache, position = prefilled
   B = logits.shape[0]
   key, sub = jax.random.split(key)
   first, first_logp = _pick(logits, temperature, top_p, sub)
@@ -118,7 +138,8 @@ def _sample(model: Transformer, params, tokens_UP, prompt_mask_UP, key, *, group
 
 def sample(model: Transformer, params, tokens_UP, prompt_mask_UP, key, *,
            max_new_tokens: int, group: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-           eos_id: int | None = None, pad: int = 0) -> Samples:
+           eos_id: int | None = None, pad: int = 0,
+           adapter_rows: tuple[int, ...] | None = None) -> Samples:
   """Continue each left-padded prompt ``group`` times by up to ``max_new_tokens`` tokens.
 
   Args:
@@ -131,6 +152,8 @@ def sample(model: Transformer, params, tokens_UP, prompt_mask_UP, key, *,
     key: PRNG key (unused at temperature 0).
     temperature: 0 for greedy; top_p: nucleus mass (1: off).
     eos_id: a row stops after sampling it; the loop ends when every row has stopped.
+    adapter_rows: with stacked adapters in ``params`` (``jlora.core.stack``), how many
+      prompts each adapter owns, in adapter order (``matmul.adapter_rows``).
   Returns:
     ``Samples``. Log-probs are the policy's (temperature 1, no top-p): what the learner
     recomputes, so on-policy importance ratios are 1 up to float rounding whatever the
@@ -147,7 +170,8 @@ def sample(model: Transformer, params, tokens_UP, prompt_mask_UP, key, *,
   return _sample(model, params, jnp.asarray(tokens_UP, jnp.int32),
                  jnp.asarray(prompt_mask_UP, bool), key, group=group,
                  max_new_tokens=max_new_tokens,
-                 temperature=float(temperature), top_p=float(top_p), eos_id=eos_id, pad=pad)
+                 temperature=float(temperature), top_p=float(top_p), eos_id=eos_id, pad=pad,
+                 adapter_rows=None if adapter_rows is None else tuple(map(int, adapter_rows)))
 
 
 def generate(model: Transformer, params, tokens_BP, *, max_new_tokens: int,

@@ -11,6 +11,7 @@ section, rules, loop objective and advice; nothing here imports them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable
 
@@ -18,7 +19,8 @@ import jax
 
 from jlora.findings import advisor
 from jlora.infra import fs, multihost
-from jlora.run import build, checkpoint, config as config_lib, events, loop, rundir
+from jlora.run import build, checkpoint, config as config_lib, events, group as group_lib
+from jlora.run import loop, rundir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Kind:
     section: its own config section (``config.Section``), or None for the objective of a
       config without one (supervised fine-tuning).
     advise: (run config, model config, data statistics, plan) -> the advisor's findings.
+    group: how it trains several runs in one step (``run_group``), or None: not yet.
   """
   name: str
   command: str
@@ -44,6 +47,7 @@ class Kind:
   make: Callable[[build.Setup], loop.Objective]
   section: config_lib.Section | None = None
   advise: Callable[..., list] = advisor.advise_run
+  group: group_lib.Group | None = None
 
 
 # The registered objectives by command, in registration order (the CLI's order).
@@ -151,6 +155,92 @@ def run(cfg: config_lib.RunConfig, objective: Kind, *, resume: bool = False,
       return _finish(s, run_dir, result)
   finally:
     lock.release()
+
+
+@contextlib.contextmanager
+def _naming(name: str):
+  """A user mistake about one run of a group names the run."""
+  try:
+    yield
+  except ValueError as e:
+    raise ValueError(f"{name}: {e}") from None
+
+
+def run_group(cfgs: list[config_lib.RunConfig], objective: Kind, names: list[str], *,
+              resume: bool = False, progress: bool = True,
+              log: Callable[[str], None] = print, force: bool = False,
+              on_event: events.Listener | None = None) -> list[dict | loop.NonFiniteLoss]:
+  """Train the runs ``cfgs`` (named ``names`` in messages: their recipe files) together:
+  one base loaded once, their adapters stacked in one step (``group.Stacked``). Each run's
+  directory ends as its solo run's would (``run``); a run that finishes early leaves the
+  step, and one whose loss goes non-finite stops alone (its ``NonFiniteLoss`` is its
+  entry in the result) while the others go on. Returns each run's summary, in order.
+  Every check of every run (the group's shared keys, preflight, run directory, advice) is
+  done before any run directory is created: a mistake is one ValueError naming the run."""
+  for cfg, name in zip(cfgs, names):
+    with _naming(name):
+      _check_kind(cfg, objective)
+  if objective.group is None:
+    raise ValueError(f"jlora {objective.command} trains one run at a time for now: give it "
+                     "one config")
+  if multihost.processes() > 1:
+    raise ValueError("runs trained together run in one process for now: train a group "
+                     "without --distributed, or each run alone with it")
+  group_lib.check(cfgs, names)
+  emit = on_event or events.ignore
+  out: dict[int, dict | loop.NonFiniteLoss] = {}
+  todo = []
+  for i, cfg in enumerate(cfgs):
+    if resume and (done := _finished(cfg, log)) is not None:
+      out[i] = done
+    else:
+      todo.append(i)
+  pres = []
+  for i in todo:
+    with _naming(names[i]):
+      pres.append(build.preflight(cfgs[i], objective.rules))
+      log(f"{names[i]}: data: {pres[-1].stats}")
+      rundir.check(cfgs[i], resume)
+  if not todo:
+    return [out[i] for i in range(len(cfgs))]
+  emit(events.phase("load"))
+  base = build.load_base(cfgs[todo[0]], pres[0], log, shared=True)
+  setups = []
+  for i, pre in zip(todo, pres):
+    with _naming(names[i]):
+      s = build.build(cfgs[i], pre, log, base, emit if not setups else events.ignore)
+      if s.spec.full:  # a lora.init adapter with modules_to_save
+        raise ValueError(f"lora.init's adapter trains {', '.join(s.spec.full)} in full, "
+                         "which each run would need its own copy of; train it alone")
+      findings = objective.advise(cfgs[i], s.model_cfg, pre.stats, s.plan)
+      log(f"{names[i]}: " + advisor.report(findings))
+      if advisor.has_error(findings) and not force:
+        raise ValueError("the advisor found an error (ERROR line above): fix the config, or "
+                         "pass --force to train anyway")
+      log(f"{names[i]}: model {cfgs[i].model.path}: {build.describe(s)}")
+      setups.append(s)
+  locks = []
+  try:
+    members = []
+    for s in setups:
+      run_dir, lock = rundir.create(s.cfg, resume)
+      locks.append(lock)
+      members.append(loop.Member(s, run_dir, objective.group.batches(s)))
+    try:
+      loop.run_members(members, group_lib.Stacked(objective.group), resume=resume, log=log,
+                       progress=progress, emit=emit)
+    finally:  # the runs that finished keep their summary and adapters however it stopped
+      emit(events.phase("finish"))
+      for i, m in zip(todo, members):
+        if m.error is not None:
+          out[i] = m.error
+        elif m.state is not None:
+          with checkpoint.storage_failures(m.run_dir):
+            out[i] = _finish(m.s, m.run_dir, m.result())
+    return [out[i] for i in range(len(cfgs))]
+  finally:
+    for lock in locks:
+      lock.release()
 
 
 def _finish(s: build.Setup, run_dir: str, result: loop.Result) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 
 from jlora import data, models
@@ -47,20 +48,50 @@ def eval_batches(cfg: config_lib.RunConfig, tok) -> list[dict]:
   return out[:min(multihost.gather_json(len(out)))]
 
 
-def answers(model, params, tok, dcfg: data.DataConfig, records: list[dict],
-            max_new_tokens: int) -> list[str]:
-  """The greedy completion of each record's prompt (prompts left-padded, one batch), up to
-  EOS. ``params``: what the model sees (``optim.model_params``: adapters included)."""
-  prompts = [render.prompt_ids(r, tok, dcfg.fields, dcfg.chat, dcfg.system) for r in records]
+def _prompt_batch(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+  """Prompts left-padded into one batch: (tokens, mask)."""
   width = max(len(p) for p in prompts)
   tokens = np.zeros((len(prompts), width), np.int32)
   mask = np.zeros((len(prompts), width), np.int32)
   for i, p in enumerate(prompts):
     tokens[i, width - len(p):], mask[i, width - len(p):] = p, 1
-  out = models.generate(model, params, tokens, max_new_tokens=max_new_tokens,
-                        prompt_mask_BP=mask)
+  return tokens, mask
+
+
+def answers(model, params, tok, dcfg: data.DataConfig, records: list[dict],
+            max_new_tokens: int) -> list[str]:
+  """The greedy completion of each record's prompt (prompts left-padded, one batch), up to
+  EOS. ``params``: what the model sees (``optim.model_params``: adapters included)."""
+  return _answers(model, params, tok, [(dcfg, records, max_new_tokens)], stacked=False)[0]
+
+
+def group_answers(model, params, tok, runs: list) -> list[list[str]]:
+  """``answers`` of the adapters stacked in ``params`` (``jlora.core.stack``), in one
+  batch: ``runs[i]`` = (data config, records, max_new_tokens) of adapter i, or None for an
+  adapter not asked (it gets no rows). Greedy decoding to the longest ``max_new_tokens``,
+  each run's cut to its own: the same tokens a shorter decode gives."""
+  return _answers(model, params, tok, runs, stacked=True)
+
+
+def _answers(model, params, tok, runs: list, stacked: bool) -> list[list[str]]:
+  prompts, rows = [], []
+  for run in runs:
+    dcfg, records, _ = run or (None, [], 0)
+    prompts += [render.prompt_ids(r, tok, dcfg.fields, dcfg.chat, dcfg.system)
+                for r in records]
+    rows.append(len(records))
+  tokens, mask = _prompt_batch(prompts)
+  longest = max(run[2] for run in runs if run)
+  out = models.sample(model, params, tokens, mask, jax.random.PRNGKey(0),
+                      max_new_tokens=longest, temperature=0.0,
+                      adapter_rows=tuple(rows) if stacked else None).tokens
   out = np.asarray(multihost.to_host(out))  # whole on every process
-  return [tok.decode(until_eos(row, tok.eos_id)) for row in out]
+  said, start = [], 0
+  for run, n in zip(runs, rows):
+    said.append([tok.decode(until_eos(row[:run[2]], tok.eos_id)) for row in out[start:start + n]]
+                if run else [])
+    start += n
+  return said
 
 
 def accuracy(model, params, tok, dcfg: data.DataConfig, records: list[dict], task,

@@ -32,6 +32,7 @@ class Event:
   time: float
   step: int | None = None
   row: dict | None = None
+  run: str | None = None  # the run directory, when several runs train together (a group)
 
   def to_json(self) -> str:
     return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if v is not None})
@@ -49,12 +50,12 @@ def phase(name: str) -> Event:
   return Event("phase", name, time.monotonic())
 
 
-def row(values: dict) -> Event:
-  return Event("row", "row", time.monotonic(), int(values["step"]), dict(values))
+def row(values: dict, run: str | None = None) -> Event:
+  return Event("row", "row", time.monotonic(), int(values["step"]), dict(values), run)
 
 
-def checkpoint(step: int) -> Event:
-  return Event("checkpoint", "checkpoint", time.monotonic(), step)
+def checkpoint(step: int, run: str | None = None) -> Event:
+  return Event("checkpoint", "checkpoint", time.monotonic(), step, run=run)
 
 
 def rows_to(on_row: Callable[[dict], None]) -> Listener:

@@ -27,12 +27,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import signal
 import threading
 import time
 from typing import Any, Callable, Iterator, Protocol
 
 import jax
+import numpy as np
 
 from jlora.core import optim
 from jlora.infra import fs, mesh as mesh_lib, multihost
@@ -44,13 +46,15 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Interrupted(Exception):
-  """A signal stopped the run; ``step`` is the checkpoint it left (None: none yet)."""
+  """A signal stopped the run; ``step`` is the checkpoint it left (None: none yet).
+  ``others``: (step, run_dir) of the other runs of a group, saved at the same time."""
 
-  def __init__(self, signum: int, step: int | None, run_dir: str):
+  def __init__(self, signum: int, step: int | None, run_dir: str,
+               others: tuple[tuple[int | None, str], ...] = ()):
     self.signum, self.step, self.run_dir = signum, step, run_dir
     name = signal.Signals(signum).name
-    saved = f"saved step {step} in {run_dir}" if step is not None else \
-        f"no checkpoint yet in {run_dir}"
+    saved = "; ".join(f"saved step {n} in {d}" if n is not None else f"no checkpoint yet in {d}"
+                      for n, d in ((step, run_dir), *others))
     super().__init__(f"{name}: {saved}")
 
   @property
@@ -78,7 +82,11 @@ class DataBatches:
 
   def next(self, state) -> dict:
     del state  # supervised data does not depend on the model
-    return mesh_lib.global_batch(next(self._it), self._mesh)
+    return mesh_lib.global_batch(self.rows(), self._mesh)
+
+  def rows(self) -> dict:
+    """This process's rows of the next batch (host arrays)."""
+    return next(self._it)
 
   def metrics(self) -> dict:
     return {}
@@ -94,6 +102,34 @@ class DataBatches:
       self._it.close()
 
 
+class GroupBatches:
+  """The batches of runs trained together (``jlora.run.group``): each run's rows from its
+  own source, in run order, as one global batch. Positions stay with the runs' sources
+  (each run's checkpoints hold its own)."""
+
+  def __init__(self, sources: list[DataBatches], mesh):
+    self.sources, self._mesh = sources, mesh
+
+  def next(self, state) -> dict:
+    del state
+    parts = [source.rows() for source in self.sources]
+    return mesh_lib.global_batch({k: np.concatenate([p[k] for p in parts]) for k in parts[0]},
+                                 self._mesh)
+
+  def metrics(self) -> dict:
+    return {}
+
+  def get_state(self) -> dict:
+    return {"runs": [source.get_state() for source in self.sources]}
+
+  def set_state(self, state: dict) -> None:
+    for source, own in zip(self.sources, state["runs"]):
+      source.set_state(own)
+
+  def close(self) -> None:
+    pass  # each run closes its own source
+
+
 @dataclasses.dataclass
 class Objective:
   """What an objective plugs into the loop.
@@ -101,8 +137,10 @@ class Objective:
   Attributes:
     loss: ``loss(trainable, frozen, batch) -> (sum, count[, aux])`` (``train_step.make_step``).
     batches: where batches come from (``Batches``).
-    evaluate: trainable -> held-out metrics, run before and after training.
-    eval_loss: trainable -> the cheaper metrics run every ``eval.every`` steps.
+    evaluate: trainable -> held-out metrics, run before and after training (a group's
+      objective: (trainable, which runs) -> their metrics, a dict each).
+    eval_loss: trainable -> the cheaper metrics run every ``eval.every`` steps (a group's:
+      as ``evaluate``).
     fields: extra metric names for metrics.csv (JSONL and TensorBoard take them all).
   """
   loss: train_step.LossFn
@@ -140,43 +178,87 @@ def deferred_signals() -> Iterator[list[int]]:
       signal.signal(sig, handler)
 
 
-def _progress(total: int, initial: int, enabled: bool):
-  from tqdm.auto import tqdm
-  return tqdm(total=total, initial=initial, disable=not enabled, unit="step",
-              dynamic_ncols=True)
+@dataclasses.dataclass
+class Member:
+  """One run in the step loop: trained alone (``run``) or one of a group training in the
+  same step (``run_members``). Its own directory, checkpoints, metrics, batch source and
+  progress, and how far it has got."""
+  s: Any  # its build.Setup
+  run_dir: str
+  batches: Batches  # its own batch source: its position is in its checkpoints
+  fields: tuple[str, ...] = ()  # its objective's extra metric names
+  template: Any = None  # its fresh state, abstract: the restore target and its saved layout
+  ckpts: checkpoint.Checkpoints | None = None
+  metrics_out: metrics_lib.Metrics | None = None
+  first: int = 0  # the step this invocation started it from
+  n: int = 0  # steps done
+  good: int = 0  # the last logged step that was finite
+  seen_tokens: int = 0  # tokens since the throughput clock started
+  before: dict = dataclasses.field(default_factory=dict)
+  after: dict = dataclasses.field(default_factory=dict)
+  last: dict | None = None
+  state: Any = None  # its state when it left the step
+  stored_bytes: int | None = None
+  error: NonFiniteLoss | None = None  # a group's run that diverged (the others went on)
+  bar: Any = None
+
+  @property
+  def steps(self) -> int:
+    return self.s.cfg.train.steps
+
+  def result(self) -> Result:
+    return Result(self.state, self.first, self.before, self.after, self.last,
+                  self.stored_bytes)
 
 
-def _start(s, objective: Objective, ckpts, state, run_dir: str, resume: bool, log, emit):
-  """(state, first step, held-out metrics before training, Metrics) for a fresh or
-  resumed run."""
-  start_file = fs.join(run_dir, "start.json")
-  if resume and ckpts.latest_step() is not None:
-    state, data_state, meta = ckpts.restore(checkpoint.abstract(state))
-    objective.batches.set_state(checkpoint.own_positions(data_state))
-    first = int(meta["step"])
-    before = fs.read_json(start_file)
-    log(f"resumed {run_dir} at step {first}")
-    return state, first, before, metrics_lib.Metrics(run_dir, first, _fields(objective))
-  if resume:
-    log(f"{run_dir} has no checkpoint yet: starting from step 0")
-    if multihost.primary():
-      rundir.clear_start(run_dir)  # what the start that saved nothing logged
-  metrics = metrics_lib.Metrics(run_dir, None, _fields(objective))
-  emit(events.phase("evaluation"))
-  log("evaluating before training")
-  begin = time.perf_counter()
-  before = objective.evaluate(state["trainable"])
-  if multihost.primary():
-    fs.write_json(start_file, before)
-  metrics.write({"step": 0, **before})
-  emit(events.row({"step": 0, **before}))
-  log("before training: " + (", ".join(f"{k} {v:.4g}" for k, v in before.items()) or
-                             "no held-out data") + f" ({time.perf_counter() - begin:.1f} s)")
-  return state, 0, before, metrics
+class Trainer(Protocol):
+  """How the runs of one step train: ``Alone`` (one run: its objective's loss, its
+  optimizer, its state) or several runs' adapters stacked over one base
+  (``jlora.run.group.Stacked``)."""
+
+  def build(self, members: list[Member], states: list) -> tuple[Callable, Any]:
+    """(the jitted step, its state) for these runs, from each run's own state."""
+    ...
+
+  def next(self, state: Any) -> Any: ...  # the next batch: every run's rows
+  def own(self, state: Any, j: int) -> Any: ...  # run j's state as its solo run holds it
+  def pick(self, metrics: dict, j: int) -> dict: ...  # run j's step metrics (on the host)
+  def tokens(self, batch: Any, j: int) -> int: ...  # run j's tokens in a batch
+
+  def evaluate(self, trainable: Any, which: list[int], full: bool) -> list[dict]:
+    """Held-out metrics of runs ``which``: all of them (``full``) or the cheaper loss."""
+    ...
 
 
-def _fields(objective: Objective) -> tuple[str, ...]:
-  return metrics_lib.Metrics.FIELDS + tuple(f for f in objective.fields
+class Alone:
+  """One run's step: the objective's loss, the run's optimizer, the run's state."""
+
+  def __init__(self, objective: Objective):
+    self.objective = objective
+
+  def build(self, members, states):
+    s = members[0].s
+    return train_step.build(self.objective.loss, s.tx, states[0]["trainable"], s.frozen,
+                            s.mesh, s.cfg.train.grad_accum, state=states[0])
+
+  def next(self, state):
+    return self.objective.batches.next(state)
+
+  def own(self, state, j):
+    return state
+
+  def pick(self, metrics, j):
+    return metrics
+
+  def tokens(self, batch, j):
+    return batch["inputs"].size if "inputs" in batch else 0
+
+  def evaluate(self, trainable, which, full):
+    return [(self.objective.evaluate if full else self.objective.eval_loss)(trainable)]
+
+
+def _fields(fields: tuple[str, ...]) -> tuple[str, ...]:
+  return metrics_lib.Metrics.FIELDS + tuple(f for f in fields
                                             if f not in metrics_lib.Metrics.FIELDS)
 
 
@@ -214,106 +296,241 @@ def run(s, objective: Objective, run_dir: str, *, resume: bool = False,
   checkpoint to ``train.steps``. ``emit`` is told the phases, each metrics row as it is
   written (a notebook's live plot) and each checkpoint (``jlora.run.events``). Raises
   ``NonFiniteLoss``, ``Interrupted`` (after saving) or ``checkpoint.StorageFailed``."""
-  with checkpoint.storage_failures(run_dir):
-    return _run(s, objective, run_dir, resume, log, progress, emit)
+  member = Member(s, run_dir, objective.batches, objective.fields)
+  run_members([member], Alone(objective), resume=resume, log=log, progress=progress,
+              emit=emit)
+  return member.result()
 
 
 @dataclasses.dataclass
 class _Loop:
-  """What the pieces of one run's step loop share."""
-  s: Any  # the build.Setup
-  objective: Objective
-  ckpts: checkpoint.Checkpoints
-  metrics_out: metrics_lib.Metrics
-  run_dir: str
+  """What the pieces of one step loop share."""
+  members: list[Member]  # every run of the step, in order
+  trainer: Trainer
   log: Callable[[str], None]
   emit: events.Listener
-  received: list[int]  # signals received (deferred_signals)
+  progress: bool
+  received: list[int] = dataclasses.field(default_factory=list)  # deferred_signals
+
+  @property
+  def group(self) -> bool:
+    return len(self.members) > 1
+
+  def say(self, m: Member, text: str) -> None:
+    self.log(f"{m.run_dir}: {text}" if self.group else text)
+
+  def emit_row(self, m: Member, row: dict) -> None:
+    self.emit(events.row(row, m.run_dir if self.group else None))
 
 
-def _run(s, objective, run_dir, resume, log, progress, emit) -> Result:
-  t = s.cfg.train
-  ckpts = checkpoint.Checkpoints(checkpoint.directory(run_dir), keep=t.keep)
-  step_fn, state = train_step.build(objective.loss, s.tx, s.trainable, s.frozen, s.mesh,
-                                    t.grad_accum)
-  s.trainable = None  # the state owns (and donates) them now
-  metrics_out = None
+def run_members(members: list[Member], trainer: Trainer, *, resume: bool = False,
+                log: Callable[[str], None] = print, progress: bool = True,
+                emit: events.Listener = events.ignore) -> None:
+  """Train ``members`` together with ``trainer``, each from step 0 or its own latest
+  checkpoint to its own ``train.steps``; each member's outcome is left in it
+  (``Member.result``; ``Member.error``). A run that reaches its last step leaves the step
+  and the others go on (the step rebuilt for them); in a group, a run that goes non-finite
+  leaves it the same way, unsaved (``error``), while a run alone raises ``NonFiniteLoss``.
+  A signal saves every run still training and raises ``Interrupted`` naming them all."""
+  loop = _Loop(members, trainer, log, emit, progress)
+  with contextlib.ExitStack() as guard:
+    for m in members:  # a storage failure names the last good checkpoint of its run
+      guard.enter_context(checkpoint.storage_failures(m.run_dir))
+    _run(loop, resume)
+
+
+def _run(loop: _Loop, resume: bool) -> None:
+  members = loop.members
   try:
-    state, first, before, metrics_out = _start(s, objective, ckpts, state, run_dir, resume,
-                                               log, emit)
-    with deferred_signals() as received:
-      loop = _Loop(s, objective, ckpts, metrics_out, run_dir, log, emit, received)
-      state, last, after = _steps(loop, step_fn, state, first, progress)
-    ckpts.wait()
-    latest = ckpts.latest_step()
-    stored = None if latest is None else ckpts.stored_bytes(latest)
+    states = []
+    for m in members:
+      m.ckpts = checkpoint.Checkpoints(checkpoint.directory(m.run_dir), keep=m.s.cfg.train.keep)
+      fresh = train_step.init_state(m.s.trainable, m.s.tx, m.s.mesh)
+      m.s.trainable = None  # the state owns (and donates) them now
+      m.template = checkpoint.abstract(fresh)
+      states.append(_restore(loop, m, fresh, resume))
+    step_fn, state = loop.trainer.build(members, states)
+    del states, fresh
+    _before(loop, state, [j for j, m in enumerate(members) if m.metrics_out is None])
+    step_fn, state, active = _leave(loop, step_fn, state, list(members),
+                                    [j for j, m in enumerate(members) if m.n >= m.steps])
+    if active:
+      with deferred_signals() as received:
+        loop.received = received
+        _steps(loop, step_fn, state, active)
+    for m in members:
+      m.ckpts.wait()
+      latest = m.ckpts.latest_step()
+      m.stored_bytes = None if latest is None else m.ckpts.stored_bytes(latest)
   finally:  # each closes even if another fails (a full disk fails the metrics' flush)
     with contextlib.ExitStack() as closing:
-      closing.callback(ckpts.close)  # waits for saves in flight, whatever stopped the loop
-      closing.callback(objective.batches.close)
-      if metrics_out is not None:
-        closing.callback(metrics_out.close)
-  if not after:
-    after = objective.evaluate(state["trainable"])
-  return Result(state, first, before, after, last, stored)
+      for m in members:
+        if m.ckpts is not None:
+          closing.callback(m.ckpts.close)  # waits for saves in flight, whatever stopped it
+        closing.callback(m.batches.close)
+        if m.metrics_out is not None:
+          closing.callback(m.metrics_out.close)
+        if m.bar is not None:
+          closing.callback(m.bar.close)
 
 
-def _steps(loop: _Loop, step_fn, state, first: int, progress: bool):
-  """The step loop proper: (state, last logged row, held-out metrics after the final
-  step or {})."""
-  s, objective, ckpts = loop.s, loop.objective, loop.ckpts
-  t = s.cfg.train
-  bar = _progress(t.steps, first, progress)
-  begin, seen_tokens, last, after, good = time.perf_counter(), 0, None, {}, first
+def _restore(loop: _Loop, m: Member, fresh, resume: bool):
+  """A member's state: from its latest checkpoint (with its batch source's position and
+  its held-out metrics before training), or ``fresh``."""
+  if resume and m.ckpts.latest_step() is not None:
+    state, data_state, meta = m.ckpts.restore(m.template)
+    m.batches.set_state(checkpoint.own_positions(data_state))
+    m.first = m.n = m.good = int(meta["step"])
+    m.before = fs.read_json(fs.join(m.run_dir, "start.json"))
+    m.metrics_out = metrics_lib.Metrics(m.run_dir, m.first, _fields(m.fields))
+    loop.log(f"resumed {m.run_dir} at step {m.first}")
+    return state
+  if resume:
+    loop.log(f"{m.run_dir} has no checkpoint yet: starting from step 0")
+    if multihost.primary():
+      rundir.clear_start(m.run_dir)  # what the start that saved nothing logged
+  return fresh
+
+
+def _before(loop: _Loop, state, fresh: list[int]) -> None:
+  """Held-out metrics before training of the members starting from step 0 (one batched
+  evaluation): start.json and metrics row 0."""
+  if not fresh:
+    return
+  loop.emit(events.phase("evaluation"))
+  loop.log("evaluating before training")
+  begin = time.perf_counter()
+  found = loop.trainer.evaluate(state["trainable"], fresh, True)
+  took = time.perf_counter() - begin
+  for j, before in zip(fresh, found):
+    m = loop.members[j]
+    m.before = before
+    m.metrics_out = metrics_lib.Metrics(m.run_dir, None, _fields(m.fields))
+    if multihost.primary():
+      fs.write_json(fs.join(m.run_dir, "start.json"), before)
+    m.metrics_out.write({"step": 0, **before})
+    loop.emit_row(m, {"step": 0, **before})
+    loop.say(m, "before training: " + (", ".join(f"{k} {v:.4g}" for k, v in before.items())
+                                       or "no held-out data") + f" ({took:.1f} s)")
+
+
+def _leave(loop: _Loop, step_fn, state, active: list[Member], leaving: list[int]):
+  """Members ``leaving`` (indices into ``active``: finished or diverged) leave the step;
+  the step is rebuilt for the rest. Returns (step, state, the members still training)."""
+  if not leaving:
+    return step_fn, state, active
+  owned = [loop.trainer.own(state, j) for j in range(len(active))]
+  for j in leaving:
+    m = active[j]
+    if m.error is None:
+      m.state = owned[j]
+      if not m.after:  # resumed at its last step: nothing ran, nothing evaluated yet
+        m.after = loop.trainer.evaluate(state["trainable"], [j], True)[0]
+  keep = [j for j in range(len(active)) if j not in leaving]
+  if not keep:
+    return None, state, []
+  rest = [active[j] for j in keep]
+  step_fn, state = loop.trainer.build(rest, [owned[j] for j in keep])
+  return step_fn, state, rest
+
+
+def _steps(loop: _Loop, step_fn, state, active: list[Member]) -> None:
+  """The step loop proper, until every member has left it."""
+  for j, m in enumerate(active):
+    m.bar = _progress(m.steps, m.first, loop.progress,
+                      os.path.basename(m.run_dir.rstrip("/")) if loop.group else None, j)
   timer = _Timer()
-  try:
-    for step in range(first, t.steps):
-      ckpts.poll()  # a checkpoint that failed in the background stops the run here
-      fetch = time.perf_counter()
-      batch = objective.batches.next(state)
-      timer.batch(time.perf_counter() - fetch)
-      if step == first:
-        step_fn = _compile(loop, step_fn, state, batch)
-      state, metrics = step_fn(state, s.frozen, batch)
-      n = step + 1
-      if step == first:  # throughput counts from here: the first step includes compilation
-        jax.block_until_ready(metrics)
-        begin = time.perf_counter()
-      else:
-        seen_tokens += batch["inputs"].size if "inputs" in batch else 0
-      final = n == t.steps
-      logged = final or not (n % t.log_every and n % t.checkpoint_every)
-      stop = _stop_here(loop.received, logged, final)
-      if not logged and not stop:
-        continue  # no host sync: the next step is dispatched right away
-      m = multihost.to_host(metrics)
-      _check_finite(m, n, good, ckpts)
-      good = n
-      row = _row(n, m, optim.lr_at(s.lr_schedule, step), seen_tokens,
-                 time.perf_counter() - begin)
-      row.update(timer.take(), **objective.batches.metrics())
-      after = _evaluate(loop, state, n, final, row) or after
-      if n % t.checkpoint_every == 0 or final or stop:
-        _save(loop, n, state, row)
-      loop.metrics_out.write(row)
-      loop.emit(events.row(row))
-      last = row
-      _show(bar, n, row)
-      if stop:
-        # run() waits for the save to commit; a process without a signal of its own stops
-        # as for SIGTERM (another process's)
-        raise Interrupted(loop.received[0] if loop.received else signal.SIGTERM, n,
-                          loop.run_dir)
-  finally:
-    bar.close()
-  return state, last, after
+  begin, compiled_at, fresh_build = None, 0.0, True
+  while active:
+    for m in active:
+      m.ckpts.poll()  # a checkpoint that failed in the background stops the run here
+    fetch = time.perf_counter()
+    batch = loop.trainer.next(state)
+    timer.batch(time.perf_counter() - fetch)
+    if fresh_build:
+      compiled_at = time.perf_counter()
+      step_fn = _compile(loop, step_fn, state, batch)
+    state, metrics = step_fn(state, active[0].s.frozen, batch)
+    if begin is None:  # throughput counts from here: the first step includes compilation
+      jax.block_until_ready(metrics)
+      begin = time.perf_counter()
+    else:
+      if fresh_build:  # the step rebuilt for the runs left: its compilation is not training
+        begin += time.perf_counter() - compiled_at
+      for j, m in enumerate(active):
+        m.seen_tokens += loop.trainer.tokens(batch, j)
+    fresh_build = False
+    for m in active:
+      m.n += 1
+    final = [m.n == m.steps for m in active]
+    logged = [f or not (m.n % m.s.cfg.train.log_every and m.n % m.s.cfg.train.checkpoint_every)
+              for f, m in zip(final, active)]
+    stop = _stop_here(loop.received, any(logged), all(final))
+    if not any(logged) and not stop:
+      continue  # no host sync: the next step is dispatched right away
+    rows, leaving = _rows(loop, active, metrics, logged, stop, timer.take(), begin)
+    _evaluate(loop, state, active, rows, final)
+    for j, row in rows.items():
+      m = active[j]
+      if m.n % m.s.cfg.train.checkpoint_every == 0 or final[j] or stop:
+        _save(loop, m, loop.trainer.own(state, j), row)
+      m.metrics_out.write(row)
+      loop.emit_row(m, row)
+      m.last = row
+      _show(m.bar, m.n, row)
+    if stop:
+      # run_members waits for the saves to commit; a process without a signal of its own
+      # stops as for SIGTERM (another process's)
+      saved = [(m.n, m.run_dir) for j, m in enumerate(active) if j in rows]
+      raise Interrupted(loop.received[0] if loop.received else signal.SIGTERM, *saved[0],
+                        others=tuple(saved[1:]))
+    leaving += [j for j in rows if final[j]]
+    if leaving:
+      for j in leaving:
+        active[j].bar.close()
+      step_fn, state, active = _leave(loop, step_fn, state, active, sorted(leaving))
+      fresh_build = True
+
+
+def _progress(total: int, initial: int, enabled: bool, name: str | None = None,
+              position: int = 0):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, disable=not enabled, unit="step", desc=name,
+              position=position, dynamic_ncols=True)
+
+
+def _rows(loop: _Loop, active: list[Member], metrics, logged: list[bool], stop: bool,
+          timing: dict, begin: float) -> tuple[dict[int, dict], list[int]]:
+  """The metrics rows of the members that log at this step ({index: row}), and those
+  whose loss, gradient or parameters went non-finite (a run alone raises)."""
+  host = multihost.to_host(metrics)
+  elapsed = time.perf_counter() - begin
+  rows, diverged = {}, []
+  for j, m in enumerate(active):
+    if not (logged[j] or stop):
+      continue
+    picked = loop.trainer.pick(host, j)
+    try:
+      _check_finite(picked, m.n, m.good, m.ckpts)
+    except NonFiniteLoss as e:
+      if not loop.group:
+        raise
+      m.error = e  # it leaves the group; its last good checkpoint stays
+      loop.say(m, f"stopped: {e}")
+      diverged.append(j)
+      continue
+    m.good = m.n
+    row = _row(m.n, picked, optim.lr_at(m.s.lr_schedule, m.n - 1), m.seen_tokens, elapsed)
+    row.update(timing, **m.batches.metrics())
+    rows[j] = row
+  return rows, diverged
 
 
 def _compile(loop: _Loop, step_fn, state, batch):
-  """The step compiled for the first batch's shapes, ahead of its first call."""
+  """The step compiled for the batch's shapes, ahead of its first call."""
   loop.emit(events.phase("compilation"))
   begin = time.perf_counter()
-  compiled = train_step.compile_step(step_fn, state, loop.s.frozen, batch)
+  compiled = train_step.compile_step(step_fn, state, loop.members[0].s.frozen, batch)
   loop.log(f"compiled the train step in {time.perf_counter() - begin:.1f} s")
   loop.emit(events.phase("steps"))
   return compiled
@@ -340,27 +557,32 @@ def _check_finite(m: dict, n: int, good: int, ckpts) -> None:
       f"in {ckpts.directory}")
 
 
-def _evaluate(loop: _Loop, state, n: int, final: bool, row: dict) -> dict:
-  """Held-out metrics into ``row``: all of them after the final step (returned), the
-  cheaper ``eval_loss`` every ``eval.every`` steps ({} returned)."""
-  every = loop.s.cfg.eval.every
-  if final:
+def _evaluate(loop: _Loop, state, active: list[Member], rows: dict[int, dict],
+              final: list[bool]) -> None:
+  """Held-out metrics into the rows, batched over the members that need them: all of them
+  after a member's final step (kept as its ``after``), the cheaper ``eval_loss`` every
+  ``eval.every`` steps."""
+  full = [j for j in rows if final[j]]
+  cheap = [j for j in rows if not final[j] and active[j].s.cfg.eval.every
+           and active[j].n % active[j].s.cfg.eval.every == 0]
+  if full:
     loop.emit(events.phase("final evaluation"))
     loop.log("evaluating after training")
-    after = loop.objective.evaluate(state["trainable"])
-    row.update(after)
-    return after
-  if every and n % every == 0:
-    row.update(loop.objective.eval_loss(state["trainable"]))
-  return {}
+    for j, found in zip(full, loop.trainer.evaluate(state["trainable"], full, True)):
+      rows[j].update(found)
+      active[j].after = found
+  if cheap:
+    for j, found in zip(cheap, loop.trainer.evaluate(state["trainable"], cheap, False)):
+      rows[j].update(found)
 
 
-def _save(loop: _Loop, n: int, state, row: dict) -> None:
-  """Checkpoint step ``n``: the state, every process's batch-source position, meta."""
-  loop.emit(events.checkpoint(n))
-  loop.ckpts.save(n, state, checkpoint.positions(loop.objective.batches.get_state()),
-                  {"step": n, "seed": loop.s.cfg.train.seed, "loss": row["loss"]},
-                  eval_loss=row.get("eval_loss"))
+def _save(loop: _Loop, m: Member, state, row: dict) -> None:
+  """Checkpoint step ``m.n`` of a member: its state, every process's batch-source
+  position, meta."""
+  loop.emit(events.checkpoint(m.n, m.run_dir if loop.group else None))
+  m.ckpts.save(m.n, state, checkpoint.positions(m.batches.get_state()),
+               {"step": m.n, "seed": m.s.cfg.train.seed, "loss": row["loss"]},
+               eval_loss=row.get("eval_loss"))
 
 
 def _show(bar, n: int, row: dict) -> None:

@@ -77,7 +77,7 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int
     The step. Metrics: ``loss`` (total / count), ``tokens`` (count), ``grad_norm``,
     ``finite`` (the updated parameters are all finite: a checkpoint of them is usable),
     and the objective's aux metrics under their own names. With ``adapter_axes``,
-    ``loss``, ``tokens`` and ``grad_norm`` are ``[N]``, one per adapter.
+    ``loss``, ``tokens``, ``grad_norm`` and ``finite`` are ``[N]``, one per adapter.
   """
   if grad_accum < 1:
     raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
@@ -106,8 +106,13 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int
       grad_norm = jnp.sqrt(stack.sq_norms(grads["lora"], adapter_axes, count.shape[0]))
     updates, opt_state = tx.update(grads, state["opt_state"], trainable)
     new_trainable = optax.apply_updates(trainable, updates)
-    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x))
-                                  for x in jax.tree_util.tree_leaves(new_trainable)] or [True]))
+    if adapter_axes is None:
+      finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in
+                                    jax.tree_util.tree_leaves(new_trainable)] or [True]))
+    else:  # per adapter: one that diverges does not stop the others
+      finite = stack.sq_norms(jax.tree_util.tree_map(
+          lambda x: jnp.where(jnp.isfinite(x), 0.0, 1.0), new_trainable["lora"]),
+          adapter_axes, count.shape[0]) == 0
     new_state = {"step": state["step"] + 1, "trainable": new_trainable, "opt_state": opt_state}
     aux = {k: v if k[-4:] in _AUX_START else v / count for k, v in aux.items()}
     return new_state, {**aux, "loss": total / count, "tokens": count,
@@ -118,7 +123,7 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int
 
 def build(loss_fn: LossFn, tx: optax.GradientTransformation, trainable: Any, frozen: Any,
           mesh=None, grad_accum: int = 1, example_batch: Any = None,
-          adapter_axes: Any = None) -> tuple[Callable, dict]:
+          adapter_axes: Any = None, state: Any = None) -> tuple[Callable, dict]:
   """The one way to get a train step: ``(step, state)``, where ``step(state, frozen,
   batch) -> (state, metrics)`` is ``make_step``'s step jitted with the state's and the
   frozen base's shardings, batches split over data x fsdp and the state donated, and
@@ -126,8 +131,14 @@ def build(loss_fn: LossFn, tx: optax.GradientTransformation, trainable: Any, fro
   ``example_batch`` the step is compiled ahead for its shapes (``compile_step``).
   ``trainable`` / ``frozen`` of ``jax.ShapeDtypeStruct`` leaves (with shardings) give an
   abstract state: a step to lower or export, not to run. ``mesh=None``: one device.
-  ``adapter_axes``: stacked adapters, one loss per adapter (``make_step``)."""
-  state = init_state(trainable, tx, mesh)
+  ``adapter_axes``: stacked adapters, one loss per adapter (``make_step``). ``state``: a
+  state to go on from instead (a restored one: ``init_state``'s layout, ``trainable`` its
+  own), placed with the shardings a fresh one would have."""
+  if state is None:
+    state = init_state(trainable, tx, mesh)
+  else:
+    state = jax.device_put(state, sharding_lib.state_shardings(
+        tx, trainable, mesh_lib.single_device_mesh() if mesh is None else mesh))
   step = jit_step(make_step(loss_fn, tx, grad_accum, adapter_axes), state, frozen, mesh)
   if example_batch is not None:
     step = compile_step(step, state, frozen, example_batch)

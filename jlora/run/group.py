@@ -1,0 +1,132 @@
+"""Several runs over one base in one step (``jlora train A.toml B.toml ...``): what they
+must share (``check``), how an objective trains its runs together (``Group``), and the
+trainer that stacks their adapters (``Stacked``: ``jlora.core.stack``).
+
+Each run keeps everything a solo run has: its own directory, config, metrics,
+checkpoints (its own state as its solo run holds it: ``stack.solo_state``), summary and
+adapters, so ``jlora export`` / ``merge`` / ``generate`` / ``--resume`` work on it alone.
+What they share is the base and everything that shapes the base's computation
+(``SHARED``). Where this sits in a run: docs/ARCHITECTURE.md, "Many adapters, one base".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from jlora import models
+from jlora.core import sharding, stack
+from jlora.infra import fs
+from jlora.run import config as config_lib, loop, train_step
+
+# The keys every run of a group shares: the base model and what shapes its computation
+# (and the batch's layout). Each run may differ in the rest: LoRA rank, alpha, targets,
+# LR and schedule, steps, data source and seed, batch rows, lora.init, evaluation.
+SHARED = ("model", "mesh", "data.seq_len", "data.pack", "train.loss_chunk",
+          "train.grad_accum")
+
+
+def _value(values: dict, key: str) -> Any:
+  for part in key.split("."):
+    values = values[part]
+  return values
+
+
+def _flat(values: Any, key: str) -> dict[str, Any]:
+  if not isinstance(values, dict):
+    return {key: values}
+  return {k: v for name, inner in values.items() for k, v in _flat(inner, f"{key}.{name}").items()}
+
+
+def check(cfgs: Sequence[config_lib.RunConfig], names: Sequence[str]) -> None:
+  """One-line ValueError naming the run and the key when runs cannot train together: a
+  shared key (``SHARED``) that differs, full fine-tuning, ``lora.full``, two runs in one
+  directory. Reads nothing but the configs."""
+  first = {k: v for key in SHARED for k, v in _flat(_value(cfgs[0].to_dict(), key), key).items()}
+  dirs: dict[str, str] = {}
+  for cfg, name in zip(cfgs, names):
+    if cfg.train.method != "lora":
+      raise ValueError(f"{name}: train.method = {cfg.train.method!r}: only LoRA runs train "
+                       "together (their adapters share one base); train it alone")
+    if cfg.lora.full:
+      raise ValueError(f"{name}: lora.full = {list(cfg.lora.full)} trains parameters in "
+                       "full, which each run would need its own copy of; train it alone")
+    for key in SHARED:
+      for k, v in _flat(_value(cfg.to_dict(), key), key).items():
+        if v != first[k]:
+          raise ValueError(f"{name}: {k} = {v!r}, but {names[0]} has {first[k]!r}: runs "
+                           f"trained together share {', '.join(SHARED)}")
+    run_dir = fs.absolute(cfg.run_dir)
+    if run_dir in dirs:
+      raise ValueError(f"{name}: run_dir {cfg.run_dir!r} is also {dirs[run_dir]}'s: each run "
+                       "needs its own directory")
+    dirs[run_dir] = name
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """How an objective trains several runs in one step (``driver.Kind.group``).
+
+  Attributes:
+    batches: a run's ``build.Setup`` -> its own batch source (``loop.DataBatches``: its
+      rows, its position).
+    make: (setups, ``stack.Stack``, their sources) -> the group's ``loop.Objective``: a
+      loss with one total and count per adapter over rows grouped by run
+      (``loop.GroupBatches``), and ``evaluate`` / ``eval_loss`` taking (trainable, which
+      runs) and returning one dict per run asked, computed in one batch.
+  """
+  batches: Callable[[Any], loop.DataBatches]
+  make: Callable[[list, stack.Stack, list], loop.Objective]
+
+
+class Stacked:
+  """The runs' adapters stacked over the one base they share (``stack.stack``), trained by
+  one step with a per-adapter optimizer (``stack.optimizer``: each run's LR schedule,
+  clipping, weight decay, LoRA+ ratio and step count): each run's trajectory is its solo
+  run's (tests/run/test_train_step.py). The adapter axis is replicated, each factor
+  sharded like its kernel (``sharding.stacked_adapter_shardings``)."""
+
+  def __init__(self, group: Group):
+    self.group = group
+    self.members: list[loop.Member] = []
+    self.st: stack.Stack | None = None
+    self.objective: loop.Objective | None = None
+
+  def build(self, members, states):
+    s = members[0].s
+    self.members = members
+    self.st = stack.stack(s.frozen, [m.s.plan for m in members])
+    self.objective = self.group.make([m.s for m in members], self.st,
+                                     [m.batches for m in members])
+    trains = [m.s.cfg.train for m in members]
+    tx = stack.optimizer(self.st, [m.s.lr_schedule for m in members],
+                         b_lr_ratios=[t.b_lr_ratio for t in trains],
+                         weight_decays=[t.weight_decay for t in trains],
+                         max_grad_norms=[t.grad_clip or None for t in trains])
+    state = stack.stacked_state(states, self.st)
+    specs = sharding.logical_specs(models.abstract_params(s.model))
+    lora = jax.device_put(state["trainable"]["lora"],
+                          sharding.stacked_adapter_shardings(self.st, specs, s.mesh))
+    state = {**state, "trainable": {"lora": lora, "full": {}}}
+    return train_step.build(self.objective.loss, tx, state["trainable"], s.frozen, s.mesh,
+                            s.cfg.train.grad_accum, adapter_axes=stack.adapter_axes(self.st),
+                            state=state)
+
+  def next(self, state):
+    return self.objective.batches.next(state)
+
+  def own(self, state, j):
+    return stack.solo_state(state, self.st, j, self.members[j].template["opt_state"])
+
+  def pick(self, metrics, j):
+    return {k: np.asarray(v)[j] if np.ndim(v) else v for k, v in metrics.items()}
+
+  def tokens(self, batch, j):
+    return self.members[j].s.cfg.data.batch_size * batch["inputs"].shape[1]
+
+  def evaluate(self, trainable, which, full):
+    found = (self.objective.evaluate if full else self.objective.eval_loss)(trainable, which)
+    return list(found)
