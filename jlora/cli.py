@@ -51,14 +51,12 @@ def _parser() -> argparse.ArgumentParser:
 def _run_parsers(sub) -> None:
   """A command per registered objective (``jlora train``, ``jlora rl``, ...): a recipe,
   overrides, resume, processes."""
-  from jlora.run import driver
+  from jlora.run import driver, group
   for kind in driver.KINDS.values():
     run = sub.add_parser(kind.command, help=kind.help)
-    group = " several: trained together over one base" if kind.group else ""
-    run.add_argument("config", nargs="+",
-                     help=f"recipe file, e.g. {kind.example};{group or ' one'}" +
-                     (" (jlora.run.group: they share model.*, mesh.*, data.seq_len, "
-                      "data.pack, train.loss_chunk and train.grad_accum)" if group else ""))
+    together = (f"; several: trained together over one base, sharing "
+                f"{', '.join(group.SHARED)} (jlora.run.group)" if kind.group else "; one")
+    run.add_argument("config", nargs="+", help=f"recipe file, e.g. {kind.example}{together}")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, e.g. --set train.steps=50 (repeatable; "
                           "with several recipes, of every one)")

@@ -212,6 +212,9 @@ def run_group(cfgs: list[config_lib.RunConfig], objective: Kind, names: list[str
       if s.spec.full:  # a lora.init adapter with modules_to_save
         raise ValueError(f"lora.init's adapter trains {', '.join(s.spec.full)} in full, "
                          "which each run would need its own copy of; train it alone")
+      if experts := [p for p, t in s.plan.targets.items() if "e" in t.layout]:
+        raise ValueError(f"adapters on MoE experts ({experts[0]}) do not train in a group "
+                         "yet; train it alone, or leave the experts out of lora.targets")
       findings = objective.advise(cfgs[i], s.model_cfg, pre.stats, s.plan)
       log(f"{names[i]}: " + advisor.report(findings))
       if advisor.has_error(findings) and not force:
