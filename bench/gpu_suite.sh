@@ -6,6 +6,8 @@
 #           SmolLM2-135M and the Llama-3.2-1B shape (8 x 2048 tokens, bf16), and a profile
 #           (jax.profiler, Perfetto trace) of the slowest LoRA step
 #   peft    the same steps in PEFT + torch (SDPA, bf16 autocast), in a process of its own
+#   group   bench.group_step: 64 adapters x 4 rows stacked in one step vs the solo step
+#           (issue 35), SmolLM2-135M shape, 512 tokens, bf16
 # Results land in $OUT (default bench/gpu_out): env.txt (versions, then one line per part
 # with its exit code and seconds, also printed), kernel/jlora/peft .txt logs and .json rows,
 # profile.tgz: 8 files, the most the device tool brings back.
@@ -46,6 +48,7 @@ if [ "$mode" = "--smoke" ]; then
   part jlora 300 $PY -m bench.train_step --gpu --smoke --profile "$OUT/profile" \
     --json "$OUT/jlora.json"
   part peft 300 $PY -m bench.train_step --gpu --smoke --who peft --json "$OUT/peft.json"
+  part group 300 $PY -m bench.group_step --smoke --json "$OUT/group.json"
 else
   part kernel 100 $PY -m bench.kernel --ms 2048,8192 --ranks 16,64 --repeats 20 \
     --json "$OUT/kernel.json"
@@ -53,6 +56,8 @@ else
     --profile "$OUT/profile" --json "$OUT/jlora.json"
   XLA_PYTHON_CLIENT_PREALLOCATE=false part peft 90 $PY -m bench.train_step --gpu --who peft \
     --repeats 10 --peak-tflops 989 --json "$OUT/peft.json"
+  part group 90 $PY -m bench.group_step --adapters 64 --rows 4 --seq 512 --layers 30 \
+    --dtype bfloat16 --repeats 3 --json "$OUT/group.json"
 fi
 $PY -m bench.gpu_summary "$OUT" | tee -a "$OUT/env.txt"
 if [ -d "$OUT/profile" ]; then

@@ -1,4 +1,4 @@
-"""Issue 22's targets against what ``bench/gpu_suite.sh`` measured (its .json files).
+"""Issue 22's (and issue 35's group step) targets against what ``bench/gpu_suite.sh`` measured (its .json files).
 
     python -m bench.gpu_summary bench/gpu_out
 """
@@ -46,6 +46,11 @@ def checks(out: str) -> list[str]:
       vs = lora["tokens_per_s"] / peft["tokens_per_s"]
       lines.append(f"{model}: jlora LoRA tokens/s {vs:.2f}x PEFT LoRA's (>= 1.3: "
                    f"{mark(vs >= 1.3)})")
+  group = _load(out, "group")
+  if group:
+    lines.append(f"{group['adapters']} adapters x {group['rows']} rows together: "
+                 f"{group['ratio']:.2f}x the solo step's tokens/s (>= 5: "
+                 f"{mark(group['ratio'] >= 5)})")
   return lines
 
 

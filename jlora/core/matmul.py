@@ -26,7 +26,8 @@ import jax.numpy as jnp
 
 from jlora import kernels
 from jlora.core import quant
-from jlora.kernels.reference import lora_down, lora_term, lora_term_rows, lora_up
+from jlora.kernels.reference import (lora_down, lora_down_rows, lora_term, lora_up,
+                                     lora_up_rows)
 
 __all__ = ["adapter_rows", "einsum_layout", "lora_dense", "lora_dense_multi", "lora_einsum",
            "lora_ragged_dot", "lora_term"]
@@ -98,7 +99,7 @@ def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0,
       ``x W`` and the halves of ``lora_term``, one ``lora_down`` shared by all adapters.
       Stacked factors (A [N, K, r], B [N, r, N_i] pre-scaled: ``jlora.core.stack``) take
       the XLA path whatever ``impl`` says: each adapter's term on its rows
-      (``adapter_rows``, ``lora_term_rows``).
+      (``adapter_rows``; ``lora_down_rows`` shared by the projections, ``lora_up_rows``).
   Returns:
     One [..., N_i] output per projection, in x's dtype.
   """
@@ -119,10 +120,15 @@ def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0,
   y_MN = jnp.dot(x_MK, _concat([w for w, _, _ in projections], x.dtype),
                  preferred_element_type=jnp.float32)
   outs = jnp.split(y_MN, cuts, axis=1)
-  if stacked:  # B pre-scaled per adapter (stack.with_adapters)
+  if stacked:  # B pre-scaled per adapter (stack.with_adapters); one x A for all of them
     sizes = _row_sizes(lead)
-    for i, a, b in adapted:
-      outs[i] = outs[i] + lora_term_rows(x_MK, a, b, sizes)
+    a_NKR = jnp.concatenate([a for _, a, _ in adapted], axis=-1) if len(adapted) > 1 \
+        else adapted[0][1]
+    t_MR = lora_down_rows(x_MK, a_NKR, sizes)
+    ranks = [a.shape[-1] for _, a, _ in adapted]
+    for (i, _, b), t in zip(adapted, jnp.split(t_MR, list(itertools.accumulate(ranks))[:-1],
+                                               axis=1)):
+      outs[i] = outs[i] + lora_up_rows(t, b, sizes)
   elif adapted:
     t_MR = lora_down(x_MK, _concat([a for _, a, _ in adapted], x.dtype))
     ranks = [a.shape[-1] for _, a, _ in adapted]

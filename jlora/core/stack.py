@@ -162,6 +162,25 @@ def with_adapters(params: PyTree, adapters: PyTree, st: Stack) -> dict:
   return unflatten(flat)
 
 
+def with_adapter(params: PyTree, adapters: PyTree, st: Stack, i: jax.Array) -> dict:
+  """params with adapter ``i``'s slice of the stacked factors beside each kernel (A, and B
+  times its scale), as ``lora.with_adapters`` places one adapter: the model then runs the
+  plain LoRA path, for a batch that holds only adapter i's rows. ``i`` may be traced (the
+  micro-batches of one step each hold another adapter's rows). Its factors keep the stack's
+  rank (zero-padded past its own) and its zeros where it has no target: exact."""
+  flat = flatten(params)
+  factors = lora.adapter_leaves(adapters)
+  for path, t in st.targets.items():
+    f = factors[path]
+    ax = adapter_axis(t)
+    take = lambda x: jax.lax.dynamic_index_in_dim(x, i, axis=ax, keepdims=False)  # noqa: E731
+    scale = jnp.asarray(st.scales[path], f["b"].dtype)[i]
+    scope, _, _ = path.rpartition("/")
+    flat[f"{scope}/{LORA_A}"] = take(f["a"])
+    flat[f"{scope}/{LORA_B}"] = take(f["b"]) * scale
+  return unflatten(flat)
+
+
 def adapter_axes(st: Stack) -> dict:
   """The adapter axis of every stacked factor, as a tree shaped like the adapters."""
   return unflatten({path: {"a": adapter_axis(t), "b": adapter_axis(t)}

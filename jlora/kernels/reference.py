@@ -43,20 +43,38 @@ def lora_term(x_MK: jax.Array, a_KR: jax.Array, b_RN: jax.Array, scale: float) -
 
 
 
+def _by_rows(x_MK: jax.Array, w_NAB: jax.Array, sizes: tuple[int, ...], dtype) -> jax.Array:
+  """Row block i of ``x`` times ``w[i]``, f32: one batched matmul when the blocks are equal
+  (a group's batch: every run the same rows), else one matmul per block."""
+  if sum(sizes) != x_MK.shape[0] or len(sizes) != w_NAB.shape[0]:
+    raise ValueError(f"adapter row groups {sizes} do not cover {x_MK.shape[0]} rows of "
+                     f"{w_NAB.shape[0]} adapters")
+  w = w_NAB.astype(dtype)
+  if len(set(sizes)) == 1:
+    x = x_MK.reshape(len(sizes), sizes[0], x_MK.shape[-1])
+    return jnp.einsum("nmk,nkr->nmr", x, w,
+                      preferred_element_type=jnp.float32).reshape(x_MK.shape[0], -1)
+  ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+  return jnp.concatenate([jnp.dot(x_MK[e - n:e], w[i], preferred_element_type=jnp.float32)
+                          for i, (n, e) in enumerate(zip(sizes, ends))])
+
+
+def lora_down_rows(x_MK: jax.Array, a_NKR: jax.Array, sizes: tuple[int, ...]) -> jax.Array:
+  """``lora_down`` of many adapters over rows grouped by adapter: the first ``sizes[0]``
+  rows through A_0, the next ``sizes[1]`` through A_1, ... (``sizes`` static), f32 [M, R]."""
+  return _by_rows(x_MK, a_NKR, sizes, x_MK.dtype)
+
+
+def lora_up_rows(t_MR: jax.Array, b_NRN: jax.Array, sizes: tuple[int, ...]) -> jax.Array:
+  """``lora_up`` (B pre-scaled) of many adapters over rows grouped as ``lora_down_rows``."""
+  return _by_rows(t_MR, b_NRN, sizes, jnp.float32)
+
+
 def lora_term_rows(x_MK: jax.Array, a_NKR: jax.Array, b_NRN: jax.Array,
                    sizes: tuple[int, ...]) -> jax.Array:
   """Many adapters' LoRA terms over rows grouped by adapter: the first ``sizes[0]`` rows
   through adapter 0 (``(x A_0) B_0``, B pre-scaled), the next ``sizes[1]`` through adapter 1,
-  and so on; ``sizes`` are static. One ``lora_term`` per adapter on its own rows: exact
-  FLOPs, and on CPU faster than ``jax.lax.ragged_dot`` (16-35x), a one-hot mask (2-3.5x)
-  or a per-row gather (bench/grouped_lora.py; bench/RESULTS.md "Grouped LoRA matmul").
-  f32 [M, N]."""
-  if sum(sizes) != x_MK.shape[0] or len(sizes) != a_NKR.shape[0]:
-    raise ValueError(f"adapter row groups {sizes} do not cover {x_MK.shape[0]} rows of "
-                     f"{a_NKR.shape[0]} adapters")
-  out, start = [], 0
-  for i, n in enumerate(sizes):
-    if n:
-      out.append(lora_term(x_MK[start:start + n], a_NKR[i], b_NRN[i], 1.0))
-    start += n
-  return jnp.concatenate(out) if len(out) > 1 else out[0]
+  and so on; ``sizes`` are static. Each adapter's term on its own rows: exact FLOPs, and on
+  CPU faster than ``jax.lax.ragged_dot`` (16-35x), a one-hot mask (2-3.5x) or a per-row
+  gather (bench/grouped_lora.py; bench/RESULTS.md "Grouped LoRA matmul"). f32 [M, N]."""
+  return lora_up_rows(lora_down_rows(x_MK, a_NKR, sizes), b_NRN, sizes)

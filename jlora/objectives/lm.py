@@ -81,8 +81,21 @@ def stacked_lm_loss(model, st, rows: tuple[int, ...], loss_chunk: int | None = N
   """``lm_loss`` for stacked adapters (``jlora.core.stack``): a step's batch holds
   ``rows[i]`` rows for adapter i, grouped in adapter order (a micro-batch of it the same
   shares); returns each adapter's token cross-entropy sum and masked-in token count, ``[N]``
-  each (``make_step`` with ``adapter_axes`` divides each adapter by its own count)."""
+  each (``make_step`` with ``adapter_axes`` divides each adapter by its own count).
+
+  A batch with ``"adapter"`` (int [B]) holds one adapter's rows only, that adapter's id on
+  every row: the micro-batches of a step whose runs have equal rows, laid out so that each
+  is one run's (``loop.GroupBatches(micro=...)``). Each then runs adapter i alone through
+  the plain LoRA path (``stack.with_adapter``): a solo run's batch and work, one
+  micro-batch's activations at a time."""
   def loss(trainable, frozen, batch):
+    if "adapter" in batch:
+      i = batch["adapter"][0]
+      params = stack.with_adapter(optim.combine(trainable["full"], frozen),
+                                  trainable["lora"], st, i)
+      total, count = token_loss_sum(model, params, batch, loss_chunk)
+      one = jax.nn.one_hot(i, st.n, dtype=jnp.float32)
+      return one * total, one * count
     B = batch["mask"].shape[0]
     if any((B * r) % sum(rows) for r in rows):
       raise ValueError(f"a batch of {B} rows does not split as {rows}")

@@ -47,37 +47,29 @@ def sft_batches(s: build.Setup) -> loop.DataBatches:
   return loop.DataBatches(iter(data.dataset(s.cfg.data, s.tok)), s.mesh)
 
 
-def sft_group(setups: list[build.Setup], st: stack.Stack,
-              sources: list[loop.DataBatches]) -> loop.Objective:
+def sft_group(setups: list[build.Setup], st: stack.Stack, sources: list[loop.DataBatches],
+              micro: int) -> loop.Objective:
   """``sft_objective`` for runs trained together (``jlora.run.group``): the stacked loss
-  over each run's rows, and held-out metrics of any of the runs in one batch: the k-th
-  held-out batch of every run asked in one forward (each adapter on its own rows), their
-  greedy answers in one decode."""
-  s0, n = setups[0], len(setups)
-  rows = tuple(s.cfg.data.batch_size for s in setups)
-  chunk = s0.cfg.train.loss_chunk
-  held_out = [evaluate.eval_batches(s.cfg, s.tok) for s in setups]
+  over micro-batches of one run each (``loop.GroupBatches``); held out, each run's loss on
+  its own batches through the same one-adapter program, and the greedy answers of every
+  run asked in shared decodes (``evaluate.group_answers``)."""
+  s0 = setups[0]
+  loss = lm.stacked_lm_loss(s0.model, st, tuple(s.cfg.data.batch_size for s in setups),
+                            s0.cfg.train.loss_chunk)
+  loss_fn = jax.jit(mesh_lib.traced_in(loss, s0.mesh))
+  held_out = [[mesh_lib.global_batch({**b, "adapter": np.full(len(b["inputs"]), j, np.int32)},
+                                     s0.mesh)
+               for b in evaluate.eval_batches(s.cfg, s.tok)] for j, s in enumerate(setups)]
   tasks = [evaluate.task_records(s.cfg) for s in setups]
-  losses = {}  # one jitted loss per split of the rows
-
-  def loss_for(sizes: tuple[int, ...]):
-    if sizes not in losses:
-      losses[sizes] = jax.jit(mesh_lib.traced_in(
-          lm.stacked_lm_loss(s0.model, st, sizes, chunk), s0.mesh))
-    return losses[sizes]
 
   def eval_loss(trainable, which) -> list[dict]:
-    sums, counts = np.zeros(n), np.zeros(n)
-    for k in range(max((len(held_out[j]) for j in which), default=0)):
-      part = [j for j in which if k < len(held_out[j])]
-      sizes = tuple(len(held_out[j][k]["inputs"]) if j in part else 0 for j in range(n))
-      batch = {key: np.concatenate([held_out[j][k][key] for j in part])
-               for key in held_out[part[0]][k]}
-      total, count = loss_for(sizes)(trainable, s0.frozen,
-                                     mesh_lib.global_batch(batch, s0.mesh))
-      sums, counts = sums + np.asarray(total), counts + np.asarray(count)
-    return [{"eval_loss": float(sums[j] / max(counts[j], 1.0))} if held_out[j] else {}
-            for j in which]
+    out = []
+    for j in which:
+      sums = [loss_fn(trainable, s0.frozen, b) for b in held_out[j]]
+      total = sum(float(x[j]) for x, _ in sums)
+      out.append({"eval_loss": total / max(sum(float(n[j]) for _, n in sums), 1.0)}
+                 if held_out[j] else {})
+    return out
 
   def held_out_metrics(trainable, which) -> list[dict]:
     out = eval_loss(trainable, which)
@@ -96,9 +88,8 @@ def sft_group(setups: list[build.Setup], st: stack.Stack,
                                    for text, r in zip(said[j], records)) / len(records)
     return out
 
-  batches = loop.GroupBatches(sources, s0.mesh)
-  return loop.Objective(lm.stacked_lm_loss(s0.model, st, rows, chunk), batches,
-                        held_out_metrics, eval_loss)
+  return loop.Objective(loss, loop.GroupBatches(sources, s0.mesh, micro), held_out_metrics,
+                        eval_loss)
 
 
 SFT = driver.register(driver.Kind(

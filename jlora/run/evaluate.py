@@ -65,12 +65,32 @@ def answers(model, params, tok, dcfg: data.DataConfig, records: list[dict],
   return _answers(model, params, tok, [(dcfg, records, max_new_tokens)], stacked=False)[0]
 
 
-def group_answers(model, params, tok, runs: list) -> list[list[str]]:
-  """``answers`` of the adapters stacked in ``params`` (``jlora.core.stack``), in one
-  batch: ``runs[i]`` = (data config, records, max_new_tokens) of adapter i, or None for an
-  adapter not asked (it gets no rows). Greedy decoding to the longest ``max_new_tokens``,
-  each run's cut to its own: the same tokens a shorter decode gives."""
-  return _answers(model, params, tok, runs, stacked=True)
+# Prompts per decode of a group's answers: a KV cache for this many rows at most (plus one
+# run's own count where that is larger), so a group's evaluation holds about what one
+# run's does (8 quickstart runs in one decode held a 1.1 GB cache: bench/RESULTS.md).
+GROUP_ROWS = 128
+
+
+def group_answers(model, params, tok, runs: list, max_rows: int = GROUP_ROWS
+                  ) -> list[list[str]]:
+  """``answers`` of the adapters stacked in ``params`` (``jlora.core.stack``), batched:
+  ``runs[i]`` = (data config, records, max_new_tokens) of adapter i, or None for an
+  adapter not asked (it gets no rows). Consecutive runs share a decode up to ``max_rows``
+  prompts. Greedy decoding to the longest ``max_new_tokens`` of a decode, each run's cut to
+  its own: the same tokens a shorter decode gives."""
+  out, chunk, rows = [[] for _ in runs], [], 0
+  asked = [i for i, run in enumerate(runs) if run]
+  for n, i in enumerate(asked):
+    chunk.append(i)
+    rows += len(runs[i][1])
+    following = asked[n + 1] if n + 1 < len(asked) else None
+    if following is None or rows + len(runs[following][1]) > max_rows:
+      said = _answers(model, params, tok, [runs[j] if j in chunk else None
+                                           for j in range(len(runs))], stacked=True)
+      for j in chunk:
+        out[j] = said[j]
+      chunk, rows = [], 0
+  return out
 
 
 def _answers(model, params, tok, runs: list, stacked: bool) -> list[list[str]]:

@@ -73,13 +73,14 @@ class Group:
   Attributes:
     batches: a run's ``build.Setup`` -> its own batch source (``loop.DataBatches``: its
       rows, its position).
-    make: (setups, ``stack.Stack``, their sources) -> the group's ``loop.Objective``: a
-      loss with one total and count per adapter over rows grouped by run
-      (``loop.GroupBatches``), and ``evaluate`` / ``eval_loss`` taking (trainable, which
-      runs) and returning one dict per run asked, computed in one batch.
+    make: (setups, ``stack.Stack``, their sources, micro) -> the group's
+      ``loop.Objective``: a loss with one total and count per adapter over the micro-batches
+      of ``loop.GroupBatches(sources, mesh, micro)`` (``lm.stacked_lm_loss``), and
+      ``evaluate`` / ``eval_loss`` taking (trainable, which runs) and returning one dict
+      per run asked.
   """
   batches: Callable[[Any], loop.DataBatches]
-  make: Callable[[list, stack.Stack, list], loop.Objective]
+  make: Callable[[list, stack.Stack, list, int], loop.Objective]
 
 
 class Stacked:
@@ -87,7 +88,17 @@ class Stacked:
   one step with a per-adapter optimizer (``stack.optimizer``: each run's LR schedule,
   clipping, weight decay, LoRA+ ratio and step count): each run's trajectory is its solo
   run's (tests/run/test_train_step.py). The adapter axis is replicated, each factor
-  sharded like its kernel (``sharding.stacked_adapter_shardings``)."""
+  sharded like its kernel (``sharding.stacked_adapter_shardings``).
+
+  The step accumulates N x ``train.grad_accum`` micro-batches of one run each
+  (``loop.GroupBatches``; a run with fewer rows padded with masked rows), each a solo
+  step's rows through one adapter (``stack.with_adapter``), so the step holds one
+  micro-batch's activations and does a solo step's work per token. Why not every run's rows
+  through the model at once (``matmul.adapter_rows``, which the functional API and the
+  group's answers use): on 2 CPU cores 32 rows through 8 stacked adapters at once ran 10%
+  slower per token than 4 rows through one and held 8 batches' activations
+  (bench/RESULTS.md "Many adapters, one base"), and on a sharded batch the row blocks
+  need collective permutes that XLA:CPU's threaded runtime deadlocked on (8 host devices)."""
 
   def __init__(self, group: Group):
     self.group = group
@@ -99,8 +110,9 @@ class Stacked:
     s = members[0].s
     self.members = members
     self.st = stack.stack(s.frozen, [m.s.plan for m in members])
+    micro = len(members) * s.cfg.train.grad_accum
     self.objective = self.group.make([m.s for m in members], self.st,
-                                     [m.batches for m in members])
+                                     [m.batches for m in members], micro)
     trains = [m.s.cfg.train for m in members]
     tx = stack.optimizer(self.st, [m.s.lr_schedule for m in members],
                          b_lr_ratios=[t.b_lr_ratio for t in trains],
@@ -112,7 +124,7 @@ class Stacked:
                           sharding.stacked_adapter_shardings(self.st, specs, s.mesh))
     state = {**state, "trainable": {"lora": lora, "full": {}}}
     return train_step.build(self.objective.loss, tx, state["trainable"], s.frozen, s.mesh,
-                            s.cfg.train.grad_accum, adapter_axes=stack.adapter_axes(self.st),
+                            micro, adapter_axes=stack.adapter_axes(self.st),
                             state=state)
 
   def next(self, state):

@@ -104,16 +104,23 @@ class DataBatches:
 
 class GroupBatches:
   """The batches of runs trained together (``jlora.run.group``): each run's rows from its
-  own source, in run order, as one global batch. Positions stay with the runs' sources
-  (each run's checkpoints hold its own)."""
+  own source, as one global batch of ``micro`` micro-batches (a multiple of the runs),
+  micro-batch m (rows m, m + micro, ...: ``train_step.make_step``) holding only run
+  m % N's rows, with ``"adapter"`` = its index on every row. A run with fewer rows than the
+  most is padded with rows of weight 0 (``mask`` 0: exact, paid in compute). Positions stay
+  with the runs' sources (each run's checkpoints hold its own)."""
 
-  def __init__(self, sources: list[DataBatches], mesh):
-    self.sources, self._mesh = sources, mesh
+  def __init__(self, sources: list[DataBatches], mesh, micro: int):
+    self.sources, self._mesh, self.micro = sources, mesh, micro
 
   def next(self, state) -> dict:
     del state
     parts = [source.rows() for source in self.sources]
-    return mesh_lib.global_batch({k: np.concatenate([p[k] for p in parts]) for k in parts[0]},
+    most = max(len(p["inputs"]) for p in parts)
+    parts = [{**_padded(p, most), "adapter": np.full(most, i, np.int32)}
+             for i, p in enumerate(parts)]
+    per = self.micro // len(parts)
+    return mesh_lib.global_batch({k: _interleave([p[k] for p in parts], per) for k in parts[0]},
                                  self._mesh)
 
   def metrics(self) -> dict:
@@ -128,6 +135,27 @@ class GroupBatches:
 
   def close(self) -> None:
     pass  # each run closes its own source
+
+
+def _padded(batch: dict, rows: int) -> dict:
+  """``batch`` grown to ``rows`` rows by repeating its rows with ``mask`` 0."""
+  have = len(batch["inputs"])
+  if have == rows:
+    return batch
+  take = np.arange(rows) % have
+  out = {k: v[take] for k, v in batch.items()}
+  out["mask"] = np.where((np.arange(rows) < have)[:, None], out["mask"], 0).astype(
+      batch["mask"].dtype)
+  return out
+
+
+def _interleave(runs: list[np.ndarray], per: int) -> np.ndarray:
+  """Runs' rows (each [rows, ...], rows divisible by ``per``) laid out for ``N * per``
+  micro-batches of one run each: run i's row j * rows / per + q goes to global row
+  q * N * per + j * N + i, which ``make_step`` puts in micro-batch j * N + i."""
+  rows, rest = runs[0].shape[0], runs[0].shape[1:]
+  x = np.stack([r.reshape(per, rows // per, *rest) for r in runs], axis=1)  # [j, i, q, ...]
+  return np.moveaxis(x, 2, 0).reshape(len(runs) * rows, *rest)  # [q, j, i, ...]
 
 
 @dataclasses.dataclass
@@ -470,10 +498,14 @@ def _steps(loop: _Loop, step_fn, state, active: list[Member]) -> None:
       continue  # no host sync: the next step is dispatched right away
     rows, leaving = _rows(loop, active, metrics, logged, stop, timer.take(), begin)
     _evaluate(loop, state, active, rows, final)
+    saving = None
     for j, row in rows.items():
       m = active[j]
       if m.n % m.s.cfg.train.checkpoint_every == 0 or final[j] or stop:
+        if saving is not None:  # a group's saves one at a time: one run's state copy held
+          saving.ckpts.wait()
         _save(loop, m, loop.trainer.own(state, j), row)
+        saving = m
       m.metrics_out.write(row)
       loop.emit_row(m, row)
       m.last = row

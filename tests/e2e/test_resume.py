@@ -166,10 +166,10 @@ def test_a_group_resumes_after_sigkill_and_sigterm_bit_exact(model_dir, tmp_path
   done = _worker(",".join(group("ref")), "none", 0)
   assert done.returncode == 0, done.stderr[-2000:]
   want = {n: _final_adapters(tmp_path / "ref" / n) for n in "ab"}
-  # global_batch calls: 2 held-out batches (one per k, every run's rows), then one per step
+  # global_batch calls: each run's 2 held-out batches (4), then one per step: 9 is step 5's
   for mode in ("step", "sigterm"):
     tomls = group(mode)
-    stopped = _worker(",".join(tomls), mode, 7)
+    stopped = _worker(",".join(tomls), mode, 9)
     assert stopped.returncode == {"sigterm": 0}.get(mode, -9), stopped.stderr[-2000:]
     for n in "ab":
       saved = sorted(int(d) for d in os.listdir(tmp_path / mode / n / "checkpoints")

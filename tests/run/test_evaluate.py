@@ -27,6 +27,8 @@ def test_group_answers_are_each_adapters_own_answers(model_dir):
   want = [evaluate.answers(model, lora.with_adapters(params, solos[i], st.plans[i]), tok,
                            *run) if run else [] for i, run in enumerate(runs)]
   assert got == want
+  # in decodes of at most 3 prompts (runs 0 and 3 alone, run 1 with none after it)
+  assert evaluate.group_answers(model, stacked, tok, runs, max_rows=3) == want
   assert [len(x) for x in got] == [3, 1, 0, 3]
   other = evaluate.answers(model, lora.with_adapters(params, solos[1], st.plans[1]), tok,
                            dcfg, records[:3], 5)
