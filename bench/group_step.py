@@ -11,7 +11,7 @@ weights and ``--layers`` layers; every adapter has LoRA r=16 on all 7 projection
 8 and 16 alternate with ``--mixed-ranks``), its own LR, AdamW, the trainer's chunked loss;
 both steps come from ``train_step.build`` (jitted, donated, compiled ahead), timed as the
 median of ``--repeats`` after two warm-ups. The group's batch is laid out as ``jlora
-train`` lays out runs of equal rows (``loop.GroupBatches(micro=N)``: micro-batches of one
+train`` lays out runs of equal rows (``group.GroupBatches(micro=N)``: micro-batches of one
 run each); ``--at-once`` runs all rows in one pass instead (``lm.stacked_lm_loss`` over
 rows grouped by adapter, the functional API's layout).
 """
@@ -34,7 +34,7 @@ from jlora.data import pipeline
 from jlora.infra import mesh as mesh_lib
 from jlora.models import ModelConfig, Transformer
 from jlora.objectives import lm
-from jlora.run import loop, train_step
+from jlora.run import group, train_step
 
 
 def _batch(rows: int, seq: int, vocab: int, seed: int) -> dict:
@@ -52,7 +52,7 @@ def _timed(step, state, frozen, batch, repeats: int) -> float:
 
 
 class _Rows:
-  """A batch source that gives the same host rows every step (``loop.GroupBatches``'s)."""
+  """A batch source that gives the same host rows every step (``group.GroupBatches``'s)."""
 
   def __init__(self, batch: dict):
     self.batch = batch
@@ -96,7 +96,7 @@ def measure(adapters: int, rows: int, seq: int, layers: int, dtype: str, repeats
   mesh = mesh_lib.single_device_mesh()
   group_batch = (mesh_lib.global_batch({k: np.concatenate([b[k] for b in host])
                                         for k in host[0]}, mesh) if at_once else
-                 loop.GroupBatches([_Rows(b) for b in host], mesh, micro).next(None))
+                 group.GroupBatches([_Rows(b) for b in host], mesh, micro).next(None))
   step, state = train_step.build(
       lm.stacked_lm_loss(model, st, tuple([rows] * adapters), LOSS_CHUNK),
       stack.optimizer(st, lrs), trainable, frozen, grad_accum=micro or 1,

@@ -85,7 +85,7 @@ def stacked_lm_loss(model, st, rows: tuple[int, ...], loss_chunk: int | None = N
 
   A batch with ``"adapter"`` (int [B]) holds one adapter's rows only, that adapter's id on
   every row: the micro-batches of a step whose runs have equal rows, laid out so that each
-  is one run's (``loop.GroupBatches(micro=...)``). Each then runs adapter i alone through
+  is one run's (``group.GroupBatches(micro=...)``). Each then runs adapter i alone through
   the plain LoRA path (``stack.with_adapter``): a solo run's batch and work, one
   micro-batch's activations at a time."""
   def loss(trainable, frozen, batch):

@@ -50,7 +50,7 @@ def sft_batches(s: build.Setup) -> loop.DataBatches:
 def sft_group(setups: list[build.Setup], st: stack.Stack, sources: list[loop.DataBatches],
               micro: int) -> loop.Objective:
   """``sft_objective`` for runs trained together (``jlora.run.group``): the stacked loss
-  over micro-batches of one run each (``loop.GroupBatches``); held out, each run's loss on
+  over micro-batches of one run each (``group.GroupBatches``); held out, each run's loss on
   its own batches through the same one-adapter program, and the greedy answers of every
   run asked in shared decodes (``evaluate.group_answers``)."""
   s0 = setups[0]
@@ -88,7 +88,7 @@ def sft_group(setups: list[build.Setup], st: stack.Stack, sources: list[loop.Dat
                                    for text, r in zip(said[j], records)) / len(records)
     return out
 
-  return loop.Objective(loss, loop.GroupBatches(sources, s0.mesh, micro), held_out_metrics,
+  return loop.Objective(loss, group.GroupBatches(sources, s0.mesh, micro), held_out_metrics,
                         eval_loss)
 
 

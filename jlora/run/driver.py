@@ -139,12 +139,7 @@ def run(cfg: config_lib.RunConfig, objective: Kind, *, resume: bool = False,
   rundir.check(cfg, resume)
   emit(events.phase("load"))
   s = build.build(cfg, pre, log, base, emit)
-  findings = objective.advise(cfg, s.model_cfg, pre.stats, s.plan)
-  log(advisor.report(findings))
-  if advisor.has_error(findings) and not force:
-    raise ValueError("the advisor found an error (ERROR line above): fix the config, or "
-                     "pass --force to train anyway")
-  log(f"model {cfg.model.path}: {build.describe(s)}")
+  _advise_setup(objective, s, pre, force, log)
   made = objective.make(s)
   run_dir, lock = rundir.create(cfg, resume)
   try:
@@ -195,36 +190,57 @@ def run_group(cfgs: list[config_lib.RunConfig], objective: Kind, names: list[str
       out[i] = done
     else:
       todo.append(i)
+  if todo:
+    setups = _group_setups([cfgs[i] for i in todo], objective, [names[i] for i in todo],
+                           resume, force, log, emit)
+    out.update(zip(todo, _train_group(setups, objective, resume, progress, log, emit)))
+  return [out[i] for i in range(len(cfgs))]
+
+
+def _advise_setup(objective: Kind, s: build.Setup, pre: build.Preflight, force: bool,
+                  log: Callable[[str], None]) -> None:
+  """The advisor's report on what will train; an error stops here unless ``force``."""
+  findings = objective.advise(s.cfg, s.model_cfg, pre.stats, s.plan)
+  log(advisor.report(findings))
+  if advisor.has_error(findings) and not force:
+    raise ValueError("the advisor found an error (ERROR line above): fix the config, or "
+                     "pass --force to train anyway")
+  log(f"model {s.cfg.model.path}: {build.describe(s)}")
+
+
+def _group_setups(cfgs, objective: Kind, names, resume: bool, force: bool, log,
+                  emit) -> list[build.Setup]:
+  """Every run's preflight and run-directory check, then the base loaded once and each run
+  built on it and advised: steps 1-4 of a run for a group, writing nothing."""
   pres = []
-  for i in todo:
-    with _naming(names[i]):
-      pres.append(build.preflight(cfgs[i], objective.rules))
-      log(f"{names[i]}: data: {pres[-1].stats}")
-      rundir.check(cfgs[i], resume)
-  if not todo:
-    return [out[i] for i in range(len(cfgs))]
+  for cfg, name in zip(cfgs, names):
+    with _naming(name):
+      pres.append(build.preflight(cfg, objective.rules))
+      log(f"{name}: data: {pres[-1].stats}")
+      rundir.check(cfg, resume)
   emit(events.phase("load"))
-  base = build.load_base(cfgs[todo[0]], pres[0], log, shared=True)
+  base = build.load_base(cfgs[0], pres[0], log, shared=True)
   setups = []
-  for i, pre in zip(todo, pres):
-    with _naming(names[i]):
-      s = build.build(cfgs[i], pre, log, base, emit if not setups else events.ignore)
+  for cfg, name, pre in zip(cfgs, names, pres):
+    with _naming(name):
+      s = build.build(cfg, pre, log, base, emit if not setups else events.ignore)
       if s.spec.full:  # a lora.init adapter with modules_to_save
         raise ValueError(f"lora.init's adapter trains {', '.join(s.spec.full)} in full, "
                          "which each run would need its own copy of; train it alone")
       if experts := [p for p, t in s.plan.targets.items() if "e" in t.layout]:
         raise ValueError(f"adapters on MoE experts ({experts[0]}) do not train in a group "
                          "yet; train it alone, or leave the experts out of lora.targets")
-      findings = objective.advise(cfgs[i], s.model_cfg, pre.stats, s.plan)
-      log(f"{names[i]}: " + advisor.report(findings))
-      if advisor.has_error(findings) and not force:
-        raise ValueError("the advisor found an error (ERROR line above): fix the config, or "
-                         "pass --force to train anyway")
-      log(f"{names[i]}: model {cfgs[i].model.path}: {build.describe(s)}")
+      _advise_setup(objective, s, pre, force, lambda text, name=name: log(f"{name}: {text}"))
       setups.append(s)
-  locks = []
+  return setups
+
+
+def _train_group(setups: list[build.Setup], objective: Kind, resume: bool, progress: bool,
+                 log, emit) -> list[dict | loop.NonFiniteLoss | None]:
+  """The runs' directories created and locked, trained together, each finished run's
+  adapters and summary written (however the group stopped): each run's outcome."""
+  locks, members = [], []
   try:
-    members = []
     for s in setups:
       run_dir, lock = rundir.create(s.cfg, resume)
       locks.append(lock)
@@ -234,13 +250,16 @@ def run_group(cfgs: list[config_lib.RunConfig], objective: Kind, names: list[str
                        progress=progress, emit=emit)
     finally:  # the runs that finished keep their summary and adapters however it stopped
       emit(events.phase("finish"))
-      for i, m in zip(todo, members):
+      outcomes = []
+      for m in members:
         if m.error is not None:
-          out[i] = m.error
+          outcomes.append(m.error)
         elif m.state is not None:
           with checkpoint.storage_failures(m.run_dir):
-            out[i] = _finish(m.s, m.run_dir, m.result())
-    return [out[i] for i in range(len(cfgs))]
+            outcomes.append(_finish(m.s, m.run_dir, m.result()))
+        else:
+          outcomes.append(None)
+    return outcomes
   finally:
     for lock in locks:
       lock.release()

@@ -34,7 +34,6 @@ import time
 from typing import Any, Callable, Iterator, Protocol
 
 import jax
-import numpy as np
 
 from jlora.core import optim
 from jlora.infra import fs, mesh as mesh_lib, multihost
@@ -100,62 +99,6 @@ class DataBatches:
   def close(self) -> None:
     if hasattr(self._it, "close"):
       self._it.close()
-
-
-class GroupBatches:
-  """The batches of runs trained together (``jlora.run.group``): each run's rows from its
-  own source, as one global batch of ``micro`` micro-batches (a multiple of the runs),
-  micro-batch m (rows m, m + micro, ...: ``train_step.make_step``) holding only run
-  m % N's rows, with ``"adapter"`` = its index on every row. A run with fewer rows than the
-  most is padded with rows of weight 0 (``mask`` 0: exact, paid in compute). Positions stay
-  with the runs' sources (each run's checkpoints hold its own)."""
-
-  def __init__(self, sources: list[DataBatches], mesh, micro: int):
-    self.sources, self._mesh, self.micro = sources, mesh, micro
-
-  def next(self, state) -> dict:
-    del state
-    parts = [source.rows() for source in self.sources]
-    most = max(len(p["inputs"]) for p in parts)
-    parts = [{**_padded(p, most), "adapter": np.full(most, i, np.int32)}
-             for i, p in enumerate(parts)]
-    per = self.micro // len(parts)
-    return mesh_lib.global_batch({k: _interleave([p[k] for p in parts], per) for k in parts[0]},
-                                 self._mesh)
-
-  def metrics(self) -> dict:
-    return {}
-
-  def get_state(self) -> dict:
-    return {"runs": [source.get_state() for source in self.sources]}
-
-  def set_state(self, state: dict) -> None:
-    for source, own in zip(self.sources, state["runs"]):
-      source.set_state(own)
-
-  def close(self) -> None:
-    pass  # each run closes its own source
-
-
-def _padded(batch: dict, rows: int) -> dict:
-  """``batch`` grown to ``rows`` rows by repeating its rows with ``mask`` 0."""
-  have = len(batch["inputs"])
-  if have == rows:
-    return batch
-  take = np.arange(rows) % have
-  out = {k: v[take] for k, v in batch.items()}
-  out["mask"] = np.where((np.arange(rows) < have)[:, None], out["mask"], 0).astype(
-      batch["mask"].dtype)
-  return out
-
-
-def _interleave(runs: list[np.ndarray], per: int) -> np.ndarray:
-  """Runs' rows (each [rows, ...], rows divisible by ``per``) laid out for ``N * per``
-  micro-batches of one run each: run i's row j * rows / per + q goes to global row
-  q * N * per + j * N + i, which ``make_step`` puts in micro-batch j * N + i."""
-  rows, rest = runs[0].shape[0], runs[0].shape[1:]
-  x = np.stack([r.reshape(per, rows // per, *rest) for r in runs], axis=1)  # [j, i, q, ...]
-  return np.moveaxis(x, 2, 0).reshape(len(runs) * rows, *rest)  # [q, j, i, ...]
 
 
 @dataclasses.dataclass

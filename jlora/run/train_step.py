@@ -55,6 +55,28 @@ def _accumulate(loss_and_grads, trainable, frozen, batch, k: int):
   return jax.lax.scan(body, zeros, micro)[0]
 
 
+def _normalised(grads, count, adapter_axes):
+  """(gradients divided by the token count, their norm): one count, or with stacked
+  adapters one per adapter (each adapter's slices by its own count, a norm each)."""
+  if adapter_axes is None:
+    grads = jax.tree_util.tree_map(lambda g: g / count, grads)
+    return grads, optax.tree.norm(grads)
+  lora = jax.tree_util.tree_map(lambda g, ax: g / stack.along(count, ax, g.ndim),
+                                grads["lora"], adapter_axes)
+  return ({"full": grads["full"], "lora": lora},
+          jnp.sqrt(stack.sq_norms(lora, adapter_axes, count.shape[0])))
+
+
+def _finite(trainable, adapter_axes, count) -> jax.Array:
+  """Whether the updated parameters are all finite; per adapter with stacked adapters (one
+  that diverges does not stop the others)."""
+  if adapter_axes is None:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x))
+                                for x in jax.tree_util.tree_leaves(trainable)] or [True]))
+  bad = jax.tree_util.tree_map(lambda x: jnp.where(jnp.isfinite(x), 0.0, 1.0), trainable["lora"])
+  return stack.sq_norms(bad, adapter_axes, count.shape[0]) == 0
+
+
 def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int = 1,
               adapter_axes: Any = None) -> Callable:
   """The one training step: ``step(state, frozen, batch) -> (state, metrics)``, pure and
@@ -97,22 +119,10 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int
       total, count, aux, grads = _accumulate(loss_and_grads, trainable, frozen, batch,
                                              grad_accum)
     count = jnp.maximum(count, 1.0)
-    if adapter_axes is None:
-      grads = jax.tree_util.tree_map(lambda g: g / count, grads)
-      grad_norm = optax.tree.norm(grads)
-    else:
-      grads = {"full": grads["full"], "lora": jax.tree_util.tree_map(
-          lambda g, ax: g / stack.along(count, ax, g.ndim), grads["lora"], adapter_axes)}
-      grad_norm = jnp.sqrt(stack.sq_norms(grads["lora"], adapter_axes, count.shape[0]))
+    grads, grad_norm = _normalised(grads, count, adapter_axes)
     updates, opt_state = tx.update(grads, state["opt_state"], trainable)
     new_trainable = optax.apply_updates(trainable, updates)
-    if adapter_axes is None:
-      finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in
-                                    jax.tree_util.tree_leaves(new_trainable)] or [True]))
-    else:  # per adapter: one that diverges does not stop the others
-      finite = stack.sq_norms(jax.tree_util.tree_map(
-          lambda x: jnp.where(jnp.isfinite(x), 0.0, 1.0), new_trainable["lora"]),
-          adapter_axes, count.shape[0]) == 0
+    finite = _finite(new_trainable, adapter_axes, count)
     new_state = {"step": state["step"] + 1, "trainable": new_trainable, "opt_state": opt_state}
     aux = {k: v if k[-4:] in _AUX_START else v / count for k, v in aux.items()}
     return new_state, {**aux, "loss": total / count, "tokens": count,

@@ -12,7 +12,7 @@ from jlora.core import optim
 from jlora.core import sharding as shd
 from jlora.infra import mesh as mesh_lib
 from jlora.objectives import lm
-from jlora.run import loop, train_step
+from jlora.run import group as group_lib, train_step
 from tests.helpers import (
   CFG,
   max_abs_diff,
@@ -156,13 +156,13 @@ def test_stacked_adapters_train_like_their_solo_runs(shape):
     assert q["a"].sharding.spec == P(None, None, "fsdp", None)  # [layers, N, in, r]
     assert q["b"].sharding.spec == P(None, None, None, "tensor")  # [layers, N, r, out]
   # one device: every adapter's rows at once (the functional API's layout); 8 devices: the
-  # CLI's, micro-batches of one adapter each (loop.GroupBatches; 2 per adapter)
+  # CLI's, micro-batches of one adapter each (group_lib.GroupBatches; 2 per adapter)
   micro = 6 if shape == (2, 2, 2) else None
   step, state = train_step.build(lm.stacked_lm_loss(model, st, (8, 8, 8)), tx, trainable,
                                  base, group_mesh, grad_accum=micro or 2,
                                  adapter_axes=stack.adapter_axes(st))
   if micro:
-    group = loop.GroupBatches([_Rows(b) for b in batches], group_mesh, micro).next(None)
+    group = group_lib.GroupBatches([_Rows(b) for b in batches], group_mesh, micro).next(None)
   else:
     group = mesh_lib.global_batch(group, group_mesh)
   losses, norms = [], []
