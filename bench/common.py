@@ -83,6 +83,21 @@ def machine_line(m: dict | None = None) -> str:
   return (f"{m['cpu']}, {m['usable_cores']} of {m['cores']} cores{memory}{devices}; "
           f"jax {m['versions']['jax']}")
 
+def stamped(result: dict) -> dict:
+  """``result`` with the ``machine()`` it was measured on, whose line is printed: a
+  bench's first line of output."""
+  result["machine"] = machine()
+  print(machine_line(result["machine"]))
+  return result
+
+
+def save_json(result: dict, path: str | None) -> dict:
+  """``result`` written to ``path`` as indented JSON when one is given; returns it."""
+  if path:
+    with open(path, "w") as f:
+      json.dump(result, f, indent=1)
+  return result
+
 # --- memory probes (Linux) ------------------------------------------------------------
 
 _peak_before_reset_mb = 0.0  # the high-water mark ``reset_peak`` cleared, highest so far

@@ -19,14 +19,13 @@ rows grouped by adapter, the functional API's layout).
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from bench.common import block, machine, machine_line, median_ms
+from bench.common import block, median_ms, save_json, stamped
 from bench.train_step import LOSS_CHUNK, SMOL
 from jlora import models
 from jlora.core import lora, optim, stack
@@ -129,16 +128,12 @@ def main(argv=None) -> dict:
     args.adapters, args.rows, args.seq, args.layers, args.repeats = 4, 2, 32, 2, 1
   result = measure(args.adapters, args.rows, args.seq, args.layers, args.dtype,
                    args.repeats, args.mixed_ranks, args.smoke, args.at_once)
-  result["machine"] = machine()
-  print(machine_line(result["machine"]))
+  stamped(result)
   print(f"{args.adapters} adapters x {args.rows} rows x {args.seq} tokens, {args.layers} "
         f"layers, {args.dtype}, {result['layout']}: solo step {result['solo_ms']:.1f} ms "
         f"({result['solo_tokens_per_s']:,.0f} tok/s), group step {result['group_ms']:.1f} ms "
         f"({result['group_tokens_per_s']:,.0f} tok/s): {result['ratio']:.2f}x the tokens/s")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
-  return result
+  return save_json(result, args.json)
 
 
 if __name__ == "__main__":

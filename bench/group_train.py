@@ -104,10 +104,7 @@ def main(argv=None) -> dict:
       f"run{i} {q['eval_loss_after'][0]:.4f}/{q['eval_loss_after'][1]:.4f}, "
       f"{q['accuracy_after'][0]:.3f}/{q['accuracy_after'][1]:.3f}"
       for i, q in enumerate(quality)))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
-  return result
+  return common.save_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -80,8 +80,9 @@ def _run_parsers(sub) -> None:
 
 def _trained_parsers(sub) -> None:
   """What reads a trained run (``generate``, ``export``, ``merge``) or a PEFT adapter."""
-  gen = sub.add_parser("generate", help="sample from a run's base model + adapters")
-  gen.add_argument("run_dir")
+  gen = sub.add_parser("generate", help="sample from a run's base model + adapters; with "
+                       "several runs over one base, each answers, all in one batch")
+  gen.add_argument("run_dir", nargs="+")
   gen.add_argument("--prompt", required=True)
   gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
   gen.add_argument("--temperature", type=float, default=0.0)
@@ -123,6 +124,10 @@ def _study_parser(study: argparse.ArgumentParser) -> None:
                      " rerunning continues it")
   study.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting of every arm, e.g. --set data.seq_len=128")
+  study.add_argument("--seeds", type=_positive_int, default=1, metavar="K",
+                     help="train every arm at K seeds (seed k moves train.seed and the data "
+                          "order by k; the base and held-out set stay): an arm per seed in "
+                          "results.csv; a rerun with more seeds reuses the finished ones")
 
 
 def _interop(args) -> None:
@@ -271,7 +276,7 @@ def _study(args) -> int:
   from jlora.run import loop
   try:
     study.run(args.name, budget=args.budget, out=args.out, model=args.model,
-              overrides=args.set, argv=["jlora"] + sys.argv[1:])
+              overrides=args.set, argv=["jlora"] + sys.argv[1:], seeds=args.seeds)
   except loop.Interrupted as e:
     print(f"jlora: {e}; the study continues where it stopped when run again with the same "
           "command", file=sys.stderr)
@@ -310,9 +315,14 @@ def _run(args) -> int:
     return 1 if failed else 0
   elif args.command == "generate":
     from jlora.run import trained
-    print(trained.generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, seed=args.seed, step=args.step,
-                           chat=not args.no_chat))
+    said = trained.generate_each(args.run_dir, args.prompt,
+                                 max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, seed=args.seed, step=args.step,
+                                 chat=not args.no_chat)
+    for run_dir, text in zip(args.run_dir, said):
+      if len(said) > 1:
+        print(f"== {run_dir}")
+      print(text)
   return 0
 
 

@@ -26,14 +26,16 @@ import jax.numpy as jnp
 
 from jlora import kernels
 from jlora.core import quant
-from jlora.kernels.reference import (lora_down, lora_down_rows, lora_term, lora_up,
-                                     lora_up_rows)
+from jlora.kernels.reference import (lora_down, lora_down_ids, lora_down_rows, lora_term,
+                                     lora_up, lora_up_ids, lora_up_rows)
 
-__all__ = ["adapter_rows", "einsum_layout", "lora_dense", "lora_dense_multi", "lora_einsum",
+__all__ = ["adapter_ids", "adapter_rows", "einsum_layout", "lora_dense", "lora_dense_multi", "lora_einsum",
            "lora_ragged_dot", "lora_term"]
 
-# How many batch rows each stacked adapter owns while a model runs (``adapter_rows``).
+# How many batch rows each stacked adapter owns while a model runs (``adapter_rows``), or
+# each row's adapter (``adapter_ids``).
 _ROWS: contextvars.ContextVar = contextvars.ContextVar("adapter_rows", default=None)
+_IDS: contextvars.ContextVar = contextvars.ContextVar("adapter_ids", default=None)
 
 
 @contextlib.contextmanager
@@ -50,12 +52,46 @@ def adapter_rows(sizes: tuple[int, ...]):
     _ROWS.reset(token)
 
 
+@contextlib.contextmanager
+def adapter_ids(ids_B: jax.Array):
+  """Within this context, stacked adapter factors apply adapter ``ids_B[b]`` to row b of
+  every activation ``[B, ...]``: any mix of adapters in any order. ``ids_B`` is data (int
+  [B], traced under jit), so one compiled program serves every mix: what mixed-adapter
+  generation uses (``models.sample(adapter_ids=...)``). Each row's factors are gathered
+  ([B, K, r] per projection): cheap for decoding's few rows; a training batch whose rows
+  are grouped by adapter takes ``adapter_rows`` (one matmul per adapter, no gather)."""
+  token = _IDS.set(ids_B)
+  try:
+    yield
+  finally:
+    _IDS.reset(token)
+
+
+def _stacked_terms(x_MK: jax.Array, lead: tuple[int, ...], a_NKR: jax.Array, bs: list,
+                   ranks: list[int]) -> list[jax.Array]:
+  """Stacked adapters' terms ``(x A_i) B_i`` (B pre-scaled), f32 [M, N_i] each, one
+  ``x A`` shared by the projections, per row by ``adapter_ids`` or by row blocks
+  (``adapter_rows``)."""
+  cuts = list(itertools.accumulate(ranks))[:-1]
+  ids = _IDS.get()
+  if ids is not None:
+    if not lead or ids.shape != (lead[0],):
+      raise ValueError(f"adapter ids of shape {ids.shape} for activations {lead}")
+    t = lora_down_ids(x_MK.reshape(lead[0], -1, x_MK.shape[-1]), a_NKR, ids)
+    return [lora_up_ids(t_i, b, ids).reshape(x_MK.shape[0], -1)
+            for t_i, b in zip(jnp.split(t, cuts, axis=-1), bs)]
+  sizes = _row_sizes(lead)
+  t = lora_down_rows(x_MK, a_NKR, sizes)
+  return [lora_up_rows(t_i, b, sizes) for t_i, b in zip(jnp.split(t, cuts, axis=1), bs)]
+
+
 def _row_sizes(lead: tuple[int, ...]) -> tuple[int, ...]:
   """Each adapter's flattened tokens in activations with leading dims ``lead``."""
   sizes = _ROWS.get()
   if sizes is None:
     raise ValueError("stacked adapters (a leading adapter axis) need each adapter's rows: "
-                     "run the model inside jlora.core.matmul.adapter_rows(sizes)")
+                     "run the model inside jlora.core.matmul.adapter_rows(sizes) or "
+                     "adapter_ids(ids)")
   if not lead or lead[0] != sum(sizes):
     raise ValueError(f"adapter rows {sizes} for activations {lead}")
   per_row = math.prod(lead[1:])
@@ -98,8 +134,9 @@ def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0,
       dropped). Otherwise ("xla") the XLA matmuls below, differentiated by JAX: one
       ``x W`` and the halves of ``lora_term``, one ``lora_down`` shared by all adapters.
       Stacked factors (A [N, K, r], B [N, r, N_i] pre-scaled: ``jlora.core.stack``) take
-      the XLA path whatever ``impl`` says: each adapter's term on its rows
-      (``adapter_rows``; ``lora_down_rows`` shared by the projections, ``lora_up_rows``).
+      the XLA path whatever ``impl`` says: each adapter's term on its rows (row blocks,
+      ``adapter_rows``, or an id per row, ``adapter_ids``; one ``x A`` shared by the
+      projections).
   Returns:
     One [..., N_i] output per projection, in x's dtype.
   """
@@ -121,14 +158,12 @@ def lora_dense_multi(x: jax.Array, projections, scale: float = 1.0,
                  preferred_element_type=jnp.float32)
   outs = jnp.split(y_MN, cuts, axis=1)
   if stacked:  # B pre-scaled per adapter (stack.with_adapters); one x A for all of them
-    sizes = _row_sizes(lead)
     a_NKR = jnp.concatenate([a for _, a, _ in adapted], axis=-1) if len(adapted) > 1 \
         else adapted[0][1]
-    t_MR = lora_down_rows(x_MK, a_NKR, sizes)
-    ranks = [a.shape[-1] for _, a, _ in adapted]
-    for (i, _, b), t in zip(adapted, jnp.split(t_MR, list(itertools.accumulate(ranks))[:-1],
-                                               axis=1)):
-      outs[i] = outs[i] + lora_up_rows(t, b, sizes)
+    terms = _stacked_terms(x_MK, lead, a_NKR, [b for _, _, b in adapted],
+                           [a.shape[-1] for _, a, _ in adapted])
+    for (i, _, _), term in zip(adapted, terms):
+      outs[i] = outs[i] + term
   elif adapted:
     t_MR = lora_down(x_MK, _concat([a for _, a, _ in adapted], x.dtype))
     ranks = [a.shape[-1] for _, a, _ in adapted]

@@ -162,6 +162,40 @@ def with_adapters(params: PyTree, adapters: PyTree, st: Stack) -> dict:
   return unflatten(flat)
 
 
+def swap(params: PyTree, st: Stack, i: int, adapter: PyTree, own: Plan) -> dict:
+  """Model params that hold the stack (``with_adapters``: factors beside the kernels, B
+  pre-scaled) with slot ``i`` now holding ``adapter`` (a solo adapter tree, resolved as
+  ``own``: its targets, ranks and scales), zero-padded to the slot's rank and zero where
+  it targets nothing. The shapes stay, so a program compiled for the stack (mixed-adapter
+  sampling: ``models.sample(adapter_ids=...)``) runs it without recompiling. One line
+  naming the kernel when the adapter does not fit the slots: a target the stack lacks, or
+  a rank above the stack's there."""
+  if not 0 <= i < st.n:
+    raise ValueError(f"slot {i} is not one of the stack's {st.n}")
+  for path, t in own.targets.items():
+    if path not in st.targets:
+      raise ValueError(f"adapter targets '{path}', which the stack's slots do not hold")
+    if t.rank > st.targets[path].rank:
+      raise ValueError(f"adapter has rank {t.rank} at '{path}', above the slots' "
+                       f"{st.targets[path].rank}")
+  flat = flatten(params)
+  solo = lora.adapter_leaves(adapter)
+  for path, t in st.targets.items():
+    ax = adapter_axis(t)
+    target = own.targets.get(path)
+    factors = solo.get(path, {}) if target is not None else {}
+    scope, _, _ = path.rpartition("/")
+    b_rank = sum(c in "be" for c in t.layout)
+    for leaf, name, shape, rank_axis in ((LORA_A, "a", t.a_shape, len(t.a_shape) - 1),
+                                         (LORA_B, "b", t.b_shape, b_rank)):
+      slots = flat[f"{scope}/{leaf}"]
+      x = _padded(factors.get(name), shape, rank_axis, slots.dtype)
+      if name == "b" and target is not None:
+        x = x * jnp.asarray(target.scale, x.dtype)
+      flat[f"{scope}/{leaf}"] = slots.at[(slice(None),) * ax + (i,)].set(x)
+  return unflatten(flat)
+
+
 def with_adapter(params: PyTree, adapters: PyTree, st: Stack, i: jax.Array) -> dict:
   """params with adapter ``i``'s slice of the stacked factors beside each kernel (A, and B
   times its scale), as ``lora.with_adapters`` places one adapter: the model then runs the

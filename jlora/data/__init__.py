@@ -7,9 +7,10 @@ completion rendering with loss masks, and the grain pipeline that packs, shards 
     print(data.stats(cfg, tok))
 """
 
-from jlora.data.pipeline import DataConfig, Stats, dataset, examples, open_source, stats
+from jlora.data.pipeline import (DataConfig, Stats, dataset, examples, open_source, order_seed,
+                                  stats)
 from jlora.data.render import Fields, encode, encode_chat, prompt_ids, render_chat
 from jlora.data.tokenizer import Tokenizer
 
 __all__ = ["DataConfig", "Fields", "Stats", "Tokenizer", "dataset", "encode", "encode_chat",
-           "examples", "open_source", "prompt_ids", "render_chat", "stats"]
+           "examples", "open_source", "order_seed", "prompt_ids", "render_chat", "stats"]

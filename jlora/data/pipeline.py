@@ -46,7 +46,8 @@ class DataConfig:
   pack: bool = True
   overflow: str = "truncate"
   shuffle: bool = True
-  seed: int = 0
+  seed: int = 0  # a task: source's content (its records), and by default the order
+  shuffle_seed: int | None = None  # the order alone (example shuffle, packing); None: seed
   epochs: int | None = None  # None: repeat forever (the trainer counts steps)
   separator: str = "\n\n"
   data_dir: str | None = None
@@ -103,6 +104,14 @@ class _Encode:
 def _where(source):
   locate = getattr(source, "where", None)
   return locate if callable(locate) else (lambda i: f"record {i}")
+
+
+def order_seed(cfg: DataConfig) -> int:
+  """The seed of the data's order (the example shuffle, packing, RL's prompt order):
+  ``data.shuffle_seed``, else ``data.seed``. Apart from ``data.seed`` because a ``task:``
+  source's records come from ``data.seed``: a study's seeds vary the order and keep the
+  records and the held-out set (``jlora study --seeds``)."""
+  return cfg.seed if cfg.shuffle_seed is None else cfg.shuffle_seed
 
 
 def open_source(cfg: DataConfig):
@@ -164,7 +173,7 @@ def dataset(cfg: DataConfig, tok: Tokenizer, *, process_index: int | None = None
   _check_some_fit(ds, cfg)
   ds = ds.filter(lambda x: x is not None)
   if cfg.shuffle:
-    ds = ds.seed(cfg.seed).shuffle()
+    ds = ds.seed(order_seed(cfg)).shuffle()
   ds = ds.repeat(cfg.epochs)  # shuffled anew each epoch
   n_streams = cfg.row_streams or cfg.batch_size
   per = cfg.batch_size // n_streams  # consecutive rows of a batch from one stream
@@ -203,7 +212,7 @@ def _stream(ds: grain.MapDataset, cfg: DataConfig) -> grain.IterDataset:
   lengths = {k: cfg.seq_len for k in ("inputs", "targets", "mask")}
   return grain_exp.FirstFitPackIterDataset(
       it, length_struct=lengths, num_packing_bins=cfg.packing_bins or PACKING_BINS,
-      seed=cfg.seed, shuffle_bins=cfg.shuffle).map(_rename_packed)
+      seed=order_seed(cfg), shuffle_bins=cfg.shuffle).map(_rename_packed)
 
 
 class _Rows(grain.IterDataset):

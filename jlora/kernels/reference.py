@@ -78,3 +78,18 @@ def lora_term_rows(x_MK: jax.Array, a_NKR: jax.Array, b_NRN: jax.Array,
   CPU faster than ``jax.lax.ragged_dot`` (16-35x), a one-hot mask (2-3.5x) or a per-row
   gather (bench/grouped_lora.py; bench/RESULTS.md "Grouped LoRA matmul"). f32 [M, N]."""
   return lora_up_rows(lora_down_rows(x_MK, a_NKR, sizes), b_NRN, sizes)
+
+
+def lora_down_ids(x_BTK: jax.Array, a_NKR: jax.Array, ids_B: jax.Array) -> jax.Array:
+  """``lora_down`` of many adapters with one adapter id per row (``ids`` may be traced:
+  any mix of adapters runs one program): row b's tokens through ``A[ids[b]]``, f32
+  [B, T, R]. Each row's factor is gathered ([B, K, R]: a row's, not a token's), then one
+  batched matmul."""
+  a = jnp.take(a_NKR, ids_B, axis=0).astype(x_BTK.dtype)
+  return jnp.einsum("btk,bkr->btr", x_BTK, a, preferred_element_type=jnp.float32)
+
+
+def lora_up_ids(t_BTR: jax.Array, b_NRN: jax.Array, ids_B: jax.Array) -> jax.Array:
+  """``lora_up`` (B pre-scaled) with one adapter id per row, as ``lora_down_ids``."""
+  b = jnp.take(b_NRN, ids_B, axis=0).astype(jnp.float32)
+  return jnp.einsum("btr,brn->btn", t_BTR, b, preferred_element_type=jnp.float32)

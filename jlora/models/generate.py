@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jlora.core import matmul
+from jlora.core import matmul, stack
 from jlora.core.lora import with_adapters
 from jlora.models.transformer import Transformer, init_cache
 
@@ -82,25 +82,22 @@ def _prefill(model: Transformer, params, tokens_UP, prompt_mask_UP, group: int,
 
 
 @functools.partial(jax.jit, static_argnames=("model", "group", "max_new_tokens",
-                                             "temperature", "top_p", "eos_id", "pad",
-                                             "adapter_rows"))
-def _sample(model: Transformer, params, tokens_UP, prompt_mask_UP, key, *, group: int,
-            max_new_tokens: int, temperature: float, top_p: float, eos_id: int | None,
-            pad: int, adapter_rows: tuple[int, ...] | None) -> Samples:
-  # stacked adapters: prompt rows grouped by adapter, and so are their samples (row
-  # u * group + g): each adapter owns group times its prompts' rows in the decode
-  with _rows(adapter_rows, 1):
+                                             "temperature", "top_p", "eos_id", "pad"))
+def _sample(model: Transformer, params, tokens_UP, prompt_mask_UP, key, adapter_ids_U, *,
+            group: int, max_new_tokens: int, temperature: float, top_p: float,
+            eos_id: int | None, pad: int) -> Samples:
+  # stacked adapters: each prompt's rows through its own adapter, its samples (rows
+  # u * group + g) through the same; the ids are data, so any mix runs this one program
+  with _ids(adapter_ids_U):
     prefilled = _prefill(model, params, tokens_UP, prompt_mask_UP, group,
                          tokens_UP.shape[1] + max_new_tokens)
-  with _rows(adapter_rows, group):
+  with _ids(None if adapter_ids_U is None else jnp.repeat(adapter_ids_U, group)):
     return _decode(model, params, prefilled, key, max_new_tokens, temperature, top_p,
                    eos_id, pad)
 
 
-def _rows(adapter_rows: tuple[int, ...] | None, group: int):
-  if adapter_rows is None:
-    return contextlib.nullcontext()
-  return matmul.adapter_rows(tuple(n * group for n in adapter_rows))
+def _ids(ids):
+  return contextlib.nullcontext() if ids is None else matmul.adapter_ids(ids)
 
 
 def _decode(model, params, prefilled, key, max_new_tokens: int, temperature: float,
@@ -138,8 +135,7 @@ def _decode(model, params, prefilled, key, max_new_tokens: int, temperature: flo
 
 def sample(model: Transformer, params, tokens_UP, prompt_mask_UP, key, *,
            max_new_tokens: int, group: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-           eos_id: int | None = None, pad: int = 0,
-           adapter_rows: tuple[int, ...] | None = None) -> Samples:
+           eos_id: int | None = None, pad: int = 0, adapter_ids=None) -> Samples:
   """Continue each left-padded prompt ``group`` times by up to ``max_new_tokens`` tokens.
 
   Args:
@@ -152,8 +148,11 @@ def sample(model: Transformer, params, tokens_UP, prompt_mask_UP, key, *,
     key: PRNG key (unused at temperature 0).
     temperature: 0 for greedy; top_p: nucleus mass (1: off).
     eos_id: a row stops after sampling it; the loop ends when every row has stopped.
-    adapter_rows: with stacked adapters in ``params`` (``jlora.core.stack``), how many
-      prompts each adapter owns, in adapter order (``matmul.adapter_rows``).
+    adapter_ids: with stacked adapters in ``params`` (``jlora.core.stack.with_adapters``),
+      int [U]: the adapter each prompt (and its group of samples) runs through, in any mix
+      and order (``matmul.adapter_ids``). Data, not a static argument: one compiled program
+      for every mix of the stack's adapters, and for new adapters swapped into its slots
+      (``stack.swap``).
   Returns:
     ``Samples``. Log-probs are the policy's (temperature 1, no top-p): what the learner
     recomputes, so on-policy importance ratios are 1 up to float rounding whatever the
@@ -167,16 +166,20 @@ def sample(model: Transformer, params, tokens_UP, prompt_mask_UP, key, *,
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   if group < 1:
     raise ValueError(f"group must be >= 1, got {group}")
+  if adapter_ids is not None:
+    adapter_ids = jnp.asarray(adapter_ids, jnp.int32)
+    if adapter_ids.shape != (len(tokens_UP),):
+      raise ValueError(f"adapter_ids must have one id per prompt ({len(tokens_UP)}), got "
+                       f"shape {adapter_ids.shape}")
   return _sample(model, params, jnp.asarray(tokens_UP, jnp.int32),
-                 jnp.asarray(prompt_mask_UP, bool), key, group=group,
+                 jnp.asarray(prompt_mask_UP, bool), key, adapter_ids, group=group,
                  max_new_tokens=max_new_tokens,
-                 temperature=float(temperature), top_p=float(top_p), eos_id=eos_id, pad=pad,
-                 adapter_rows=None if adapter_rows is None else tuple(map(int, adapter_rows)))
+                 temperature=float(temperature), top_p=float(top_p), eos_id=eos_id, pad=pad)
 
 
 def generate(model: Transformer, params, tokens_BP, *, max_new_tokens: int,
              temperature: float = 0.0, rng: jax.Array | None = None,
-             prompt_mask_BP=None, adapters=None, spec=None) -> jax.Array:
+             prompt_mask_BP=None, adapters=None, spec=None, adapter_ids=None) -> jax.Array:
   """Continue each prompt by ``max_new_tokens`` tokens (no stop at EOS).
 
   Args:
@@ -186,7 +189,10 @@ def generate(model: Transformer, params, tokens_BP, *, max_new_tokens: int,
     temperature: 0 for greedy, else softmax sampling at this temperature.
     rng: PRNG key for sampling (required when temperature > 0).
     prompt_mask_BP: 1 for real prompt tokens, 0 for left padding (default: all real).
-    adapters, spec: sample from base + LoRA adapters.
+    adapters, spec: sample from base + LoRA adapters; with a ``jlora.core.stack.Stack``
+      as ``spec``, stacked adapters, each row through adapter ``adapter_ids[row]``.
+    adapter_ids: int [B], with stacked adapters (in ``adapters``, or already in ``params``:
+      ``stack.with_adapters``): the adapter of each prompt, any mix (``sample``).
   Returns:
     [B, max_new_tokens] sampled token ids.
   """
@@ -195,7 +201,8 @@ def generate(model: Transformer, params, tokens_BP, *, max_new_tokens: int,
   tokens_BP = jnp.asarray(tokens_BP, jnp.int32)
   mask = jnp.ones_like(tokens_BP, bool) if prompt_mask_BP is None else prompt_mask_BP
   if adapters is not None:
-    params = with_adapters(params, adapters, spec)
+    params = (stack.with_adapters(params, adapters, spec) if isinstance(spec, stack.Stack)
+              else with_adapters(params, adapters, spec))
   key = rng if rng is not None else jax.random.PRNGKey(0)
   return sample(model, params, tokens_BP, mask, key, max_new_tokens=max_new_tokens,
-                temperature=temperature).tokens
+                temperature=temperature, adapter_ids=adapter_ids).tokens

@@ -164,14 +164,17 @@ def _naming(name: str):
 def run_group(cfgs: list[config_lib.RunConfig], objective: Kind, names: list[str], *,
               resume: bool = False, progress: bool = True,
               log: Callable[[str], None] = print, force: bool = False,
-              on_event: events.Listener | None = None) -> list[dict | loop.NonFiniteLoss]:
+              on_event: events.Listener | None = None, base: build.Base | None = None
+              ) -> list[dict | loop.NonFiniteLoss]:
   """Train the runs ``cfgs`` (named ``names`` in messages: their recipe files) together:
   one base loaded once, their adapters stacked in one step (``group.Stacked``). Each run's
   directory ends as its solo run's would (``run``); a run that finishes early leaves the
   step, and one whose loss goes non-finite stops alone (its ``NonFiniteLoss`` is its
   entry in the result) while the others go on. Returns each run's summary, in order.
   Every check of every run (the group's shared keys, preflight, run directory, advice) is
-  done before any run directory is created: a mistake is one ValueError naming the run."""
+  done before any run directory is created: a mistake is one ValueError naming the run.
+  ``base``: the model already loaded (``build.load_base(..., shared=True)``: a study's arms),
+  not read again."""
   for cfg, name in zip(cfgs, names):
     with _naming(name):
       _check_kind(cfg, objective)
@@ -192,7 +195,7 @@ def run_group(cfgs: list[config_lib.RunConfig], objective: Kind, names: list[str
       todo.append(i)
   if todo:
     setups = _group_setups([cfgs[i] for i in todo], objective, [names[i] for i in todo],
-                           resume, force, log, emit)
+                           resume, force, log, emit, base)
     out.update(zip(todo, _train_group(setups, objective, resume, progress, log, emit)))
   return [out[i] for i in range(len(cfgs))]
 
@@ -209,7 +212,7 @@ def _advise_setup(objective: Kind, s: build.Setup, pre: build.Preflight, force: 
 
 
 def _group_setups(cfgs, objective: Kind, names, resume: bool, force: bool, log,
-                  emit) -> list[build.Setup]:
+                  emit, base: build.Base | None = None) -> list[build.Setup]:
   """Every run's preflight and run-directory check, then the base loaded once and each run
   built on it and advised: steps 1-4 of a run for a group, writing nothing."""
   pres = []
@@ -219,17 +222,12 @@ def _group_setups(cfgs, objective: Kind, names, resume: bool, force: bool, log,
       log(f"{name}: data: {pres[-1].stats}")
       rundir.check(cfg, resume)
   emit(events.phase("load"))
-  base = build.load_base(cfgs[0], pres[0], log, shared=True)
+  base = base or build.load_base(cfgs[0], pres[0], log, shared=True)
   setups = []
   for cfg, name, pre in zip(cfgs, names, pres):
     with _naming(name):
       s = build.build(cfg, pre, log, base, emit if not setups else events.ignore)
-      if s.spec.full:  # a lora.init adapter with modules_to_save
-        raise ValueError(f"lora.init's adapter trains {', '.join(s.spec.full)} in full, "
-                         "which each run would need its own copy of; train it alone")
-      if experts := [p for p, t in s.plan.targets.items() if "e" in t.layout]:
-        raise ValueError(f"adapters on MoE experts ({experts[0]}) do not train in a group "
-                         "yet; train it alone, or leave the experts out of lora.targets")
+      group_lib.stackable(s, "train")
       _advise_setup(objective, s, pre, force, lambda text, name=name: log(f"{name}: {text}"))
       setups.append(s)
   return setups

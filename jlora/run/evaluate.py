@@ -104,7 +104,8 @@ def _answers(model, params, tok, runs: list, stacked: bool) -> list[list[str]]:
   longest = max(run[2] for run in runs if run)
   out = models.sample(model, params, tokens, mask, jax.random.PRNGKey(0),
                       max_new_tokens=longest, temperature=0.0,
-                      adapter_rows=tuple(rows) if stacked else None).tokens
+                      adapter_ids=np.repeat(np.arange(len(rows)), rows) if stacked
+                      else None).tokens
   out = np.asarray(multihost.to_host(out))  # whole on every process
   said, start = [], 0
   for run, n in zip(runs, rows):

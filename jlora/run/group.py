@@ -29,7 +29,9 @@ SHARED = ("model", "mesh", "data.seq_len", "data.pack", "train.loss_chunk",
           "train.grad_accum")
 
 
-def _value(values: dict, key: str) -> Any:
+def shared_values(values: dict, key: str) -> Any:
+  """The value of a dotted key (``SHARED``'s ``"data.seq_len"``, a section's ``"model"``)
+  in a config's nested dict."""
   for part in key.split("."):
     values = values[part]
   return values
@@ -41,29 +43,45 @@ def _flat(values: Any, key: str) -> dict[str, Any]:
   return {k: v for name, inner in values.items() for k, v in _flat(inner, f"{key}.{name}").items()}
 
 
-def check(cfgs: Sequence[config_lib.RunConfig], names: Sequence[str]) -> None:
-  """One-line ValueError naming the run and the key when runs cannot train together: a
-  shared key (``SHARED``) that differs, full fine-tuning, ``lora.full``, two runs in one
-  directory. Reads nothing but the configs."""
-  first = {k: v for key in SHARED for k, v in _flat(_value(cfgs[0].to_dict(), key), key).items()}
+def check(cfgs: Sequence[config_lib.RunConfig], names: Sequence[str],
+          keys: Sequence[str] = SHARED, doing: str = "train") -> None:
+  """One-line ValueError naming the run and the key when runs cannot be ``doing``
+  ("train", "generate") together: a shared key (``keys``: ``SHARED`` for training, the
+  model for answering) that differs, full fine-tuning, ``lora.full``, and for training
+  two runs in one directory. Reads nothing but the configs."""
+  values = cfgs[0].to_dict()
+  first = {k: v for key in keys for k, v in _flat(shared_values(values, key), key).items()}
   dirs: dict[str, str] = {}
   for cfg, name in zip(cfgs, names):
     if cfg.train.method != "lora":
-      raise ValueError(f"{name}: train.method = {cfg.train.method!r}: only LoRA runs train "
-                       "together (their adapters share one base); train it alone")
+      raise ValueError(f"{name}: train.method = {cfg.train.method!r}: only LoRA runs "
+                       f"{doing} together (their adapters share one base); {doing} it alone")
     if cfg.lora.full:
       raise ValueError(f"{name}: lora.full = {list(cfg.lora.full)} trains parameters in "
-                       "full, which each run would need its own copy of; train it alone")
-    for key in SHARED:
-      for k, v in _flat(_value(cfg.to_dict(), key), key).items():
+                       f"full, which each run would need its own copy of; {doing} it alone")
+    for key in keys:
+      for k, v in _flat(shared_values(cfg.to_dict(), key), key).items():
         if v != first[k]:
           raise ValueError(f"{name}: {k} = {v!r}, but {names[0]} has {first[k]!r}: runs "
-                           f"trained together share {', '.join(SHARED)}")
+                           f"that {doing} together share {', '.join(keys)}")
     run_dir = fs.absolute(cfg.run_dir)
-    if run_dir in dirs:
+    if run_dir in dirs and doing == "train":
       raise ValueError(f"{name}: run_dir {cfg.run_dir!r} is also {dirs[run_dir]}'s: each run "
                        "needs its own directory")
     dirs[run_dir] = name
+
+
+def stackable(s, doing: str) -> None:
+  """One-line ValueError when a built run's adapters cannot join a stack over the shared
+  base (``doing`` them together: "train", "generate"): a ``lora.init`` adapter with
+  modules_to_save (parameters of its own in full), adapters on MoE experts (not yet)."""
+  if s.spec.full:
+    raise ValueError(f"lora.init's adapter trains {', '.join(s.spec.full)} in full, "
+                     f"which each run would need its own copy of; {doing} it alone")
+  if experts := [p for p, t in s.plan.targets.items() if "e" in t.layout]:
+    raise ValueError(f"adapters on MoE experts ({experts[0]}) do not {doing} with other "
+                     f"runs' yet; {doing} it alone, or leave the experts out of "
+                     "lora.targets")
 
 
 class GroupBatches:

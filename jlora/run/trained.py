@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import models
-from jlora.core import lora as lora_lib, optim
+from jlora.core import lora as lora_lib, optim, stack
 from jlora.infra import fs, mesh as mesh_lib
 from jlora.interop import merged, peft
 from jlora.models import hub
 from jlora.data import render
-from jlora.run import build, checkpoint, config as config_lib, evaluate
+from jlora.run import build, checkpoint, config as config_lib, evaluate, group
 
 
 @dataclasses.dataclass
@@ -38,16 +38,13 @@ def load_trained(run_dir: str, step: int | None = None, base=None) -> Trained:
   """A finished or checkpointed run (``step``: default the latest), for generation and
   export. A step that is not on disk is a one-line error listing the ones that are.
   ``base``: the run's model already loaded (``build.load_base``), not read again."""
-  path = fs.join(run_dir, "config.json")
-  if not fs.is_file(path):
-    raise ValueError(f"{run_dir}: not a run directory (no config.json)")
+  cfg = _run_config(run_dir)
   steps = checkpoint.steps(run_dir)
   if not steps:
     raise ValueError(f"{run_dir}: no checkpoint yet")
   if step is not None and step not in steps:
     raise ValueError(f"{run_dir}: no checkpoint at step {step}; there are steps "
                      f"{', '.join(map(str, steps))}")
-  cfg = config_lib.load(path)
   s = build.build(cfg, build.reading(cfg), log=lambda _: None, base=base)
   trainable, step = checkpoint.restore_trainable(run_dir, s, step)
   return Trained(s, trainable, step)
@@ -85,12 +82,50 @@ def merge_run(run_dir: str, out: str, step: int | None = None,
 
 def generate(run_dir: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
              seed: int = 0, step: int | None = None, chat: bool = True) -> str:
-  """``jlora generate``: sample from a run's base + adapters (no merge)."""
-  run = load_trained(run_dir, step)
-  s = run.setup
+  """``jlora generate RUN_DIR``: sample from a run's base + adapters (no merge)."""
+  return generate_each([run_dir], prompt, max_new_tokens=max_new_tokens,
+                       temperature=temperature, seed=seed, step=step, chat=chat)[0]
+
+
+def generate_each(run_dirs: list[str], prompt: str, *, max_new_tokens: int = 64,
+                  temperature: float = 0.0, seed: int = 0, step: int | None = None,
+                  chat: bool = True) -> list[str]:
+  """``jlora generate RUN_A RUN_B ...``: the prompt answered by each run. Several runs
+  share one base (checked on their configs before anything loads: one line naming the run
+  and the key that differs), loaded once; their adapters are stacked
+  (``jlora.core.stack``) and every run's answer comes from one batch, a row per run
+  (``models.sample(adapter_ids=...)``): what each run alone answers (greedy: token for
+  token; sampled: row i's own key stream, not run i's alone). ``step``: one checkpoint
+  step for every run (default: each run's latest)."""
+  cfgs = [_run_config(d) for d in run_dirs]
+  if len(run_dirs) > 1:
+    group.check(cfgs, run_dirs, keys=("model",), doing="generate")
+  base = (build.load_base(cfgs[0], build.reading(cfgs[0]), log=lambda _: None, shared=True)
+          if len(run_dirs) > 1 else None)
+  runs = [load_trained(d, step, base) for d in run_dirs]
+  s = runs[0].setup
   ids = render.prompt_ids({"prompt": prompt}, s.tok, chat=chat, system=s.cfg.data.system)
-  params = optim.model_params(run.trainable, s.frozen, s.plan)
+  if len(runs) == 1:
+    params, adapter_ids = optim.model_params(runs[0].trainable, s.frozen, s.plan), None
+  else:
+    for d, run in zip(run_dirs, runs):
+      try:
+        group.stackable(run.setup, "generate")
+      except ValueError as e:
+        raise ValueError(f"{d}: {e}") from None
+    st = stack.stack(s.frozen, [run.setup.plan for run in runs])
+    params = stack.with_adapters(s.frozen, stack.stack_adapters(
+        [run.trainable["lora"] for run in runs], st), st)
+    adapter_ids = np.arange(len(runs))
+  prompts = jnp.tile(jnp.asarray(ids, jnp.int32)[None], (len(runs), 1))
   out = mesh_lib.traced_in(models.generate, s.mesh)(
-      s.model, params, jnp.asarray(ids)[None], max_new_tokens=max_new_tokens,
-      temperature=temperature, rng=jax.random.PRNGKey(seed))
-  return s.tok.decode(evaluate.until_eos(np.asarray(out[0]), s.tok.eos_id))
+      s.model, params, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+      rng=jax.random.PRNGKey(seed), adapter_ids=adapter_ids)
+  return [s.tok.decode(evaluate.until_eos(row, s.tok.eos_id)) for row in np.asarray(out)]
+
+
+def _run_config(run_dir: str) -> config_lib.RunConfig:
+  path = fs.join(run_dir, "config.json")
+  if not fs.is_file(path):
+    raise ValueError(f"{run_dir}: not a run directory (no config.json)")
+  return config_lib.load(path)

@@ -26,7 +26,7 @@ from jlora import models
 from jlora.infra import fs
 from jlora.run import config as config_lib, parsing, rundir
 from jlora.study import report
-from jlora.study.registry import BUDGETS, STUDIES, Context, StudyPlan
+from jlora.study.registry import BUDGETS, STUDIES, Context, StudyPlan, first_seed
 
 STUDY_FILE = "study.json"  # what makes a directory a study's: name, budget, invocations
 
@@ -92,10 +92,14 @@ def _take_out(out: str, name: str, budget: str, prepare: Callable[[], StudyPlan 
 
 def run(name: str, *, budget: str = "small", out: str | None = None, model: str | None = None,
         overrides: Sequence[str] = (), log: Callable[[str], None] = print,
-        argv: Sequence[str] | None = None) -> dict:
+        argv: Sequence[str] | None = None, seeds: int = 1) -> dict:
   """Run study ``name`` (resuming what ``out`` holds); returns {"verdict", "report", ...}.
-  Raises ValueError, before writing anything, for an unknown study or budget, a bad
-  ``--set``, a model that does not exist, or an output directory in use."""
+  ``seeds``: every training arm at this many seeds (``runner.seeded``: seed k moves
+  ``train.seed`` and the data's order by k; seed 0 is the arm itself, so a rerun with more
+  seeds reuses the arms it finished); the table and verdict read seed 0, results.csv holds
+  every seed's rows. Raises ValueError, before writing anything, for an unknown study or
+  budget, a bad ``--set`` or ``--seeds``, a model that does not exist, or an output
+  directory in use."""
   _load_all()
   if name not in STUDIES:
     raise ValueError(f"unknown study {name!r}; known: {', '.join(STUDIES)}")
@@ -104,13 +108,16 @@ def run(name: str, *, budget: str = "small", out: str | None = None, model: str 
   if model is not None and not os.path.exists(models.resolve(model)):  # alias, Hub id
     raise ValueError(f"--model {model}: no such file or directory")
   check_overrides(overrides)
+  if seeds < 1:
+    raise ValueError(f"--seeds must be >= 1, got {seeds}")
   if argv is None:  # called from Python (a notebook): the command line that does the same
     argv = ["jlora", "study", name, "--budget", budget] + (["--out", out] if out else []) + \
-        (["--model", model] if model else []) + [a for o in overrides for a in ("--set", o)]
+        (["--model", model] if model else []) + [a for o in overrides for a in ("--set", o)] + \
+        (["--seeds", str(seeds)] if seeds > 1 else [])
   out = os.path.abspath(out or os.path.join("studies", f"{name}-{budget}"))
   _check_out(out, name, budget)
   study = STUDIES[name]
-  ctx = Context(name, budget, out, model, tuple(overrides), log)
+  ctx = Context(name, budget, out, model, tuple(overrides), log, seeds)
   lock, plan = _take_out(out, name, budget, lambda: study.prepare(ctx))
   try:
     # a full disk (arms, results, plots, report) is one line; files are written whole
@@ -119,7 +126,12 @@ def run(name: str, *, budget: str = "small", out: str | None = None, model: str 
       start = time.perf_counter()
       try:
         results = ctx.train(plan) if plan is not None else []
-        outcome = study.analyse(ctx, plan, results)
+        outcome = study.analyse(ctx, plan, first_seed(results))
+        if seeds > 1:
+          outcome.notes.append(
+              f"{seeds} seeds trained (seed k: train.seed and data.shuffle_seed moved by k; "
+              "the base and the held-out set fixed); the table and verdict above read seed "
+              "0, and results.csv holds every seed's rows (column `seed`).")
       except BaseException:  # killed by a signal, an error: the time spent is still recorded
         report.record_end(out, record, time.perf_counter() - start)
         raise

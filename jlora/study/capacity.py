@@ -23,7 +23,7 @@ import math
 import os
 
 from jlora.study import assets, report, runner
-from jlora.study.registry import Context, Outcome, StudyPlan, Study, register
+from jlora.study.registry import first_seed, Context, Outcome, StudyPlan, Study, register
 from jlora.study import verdicts
 
 BITS = math.log2(100)
@@ -69,7 +69,8 @@ def capacity_prepare(ctx: Context) -> StudyPlan:
   model = ctx.model or assets.tiny_model(os.path.join(ctx.out, "model"), hidden=b["hidden"],
                                          words=_words(b["facts"]))
   arm = runner.Arm("format", "format", None, {"train": {"method": "full", "lr": 3e-3}})
-  return ctx.plan(_values(ctx, model, 1, b["format_steps"]), [arm], keep_checkpoints=True)
+  return ctx.plan(_values(ctx, model, 1, b["format_steps"]), [arm], keep_checkpoints=True,
+                  seeded=False)  # one format model, whatever --seeds
 
 
 def _plots(ctx: Context, best: dict, full_bits, threshold: float, measured_arms) -> list:
@@ -103,8 +104,9 @@ def capacity_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
                       {"lora": {"rank": r}, "train": {"method": "lora", "lr": lr}})
            for r in b["ranks"] for lr in b["lr_lora"]]
   stage2 = ctx.plan(_values(ctx, fmt, 0, b["steps"]), arms)
-  measured_arms = ctx.train(stage2)
-  runner.write_results("capacity", list(results) + measured_arms, ctx.out)
+  every_seed = ctx.train(stage2)
+  runner.write_results("capacity", list(results) + every_seed, ctx.out)
+  measured_arms = first_seed(every_seed)
   tok = data.Tokenizer.from_model(fmt)
   per_answer = len(tok.tok.encode("42", add_special_tokens=False).ids) + 1  # value + <eos>
   to_bits = lambda nats: None if nats is None else nats * per_answer / math.log(2)  # noqa

@@ -22,9 +22,9 @@ import time
 from typing import Any, Callable, Sequence
 
 from jlora.infra import fs
-from jlora.run import build, checkpoint, config as config_lib, driver, loop
+from jlora.run import build, checkpoint, config as config_lib, driver, group, loop
 
-LEAD = ("study", "arm", "series", "x", "status", "step")
+LEAD = ("study", "arm", "series", "x", "seed", "status", "step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,29 @@ class Arm:
   series: str
   x: float | None
   overrides: dict
+  seed: int = 0  # ``seeded``: seed k > 0 varies the adapter init and the data order
+
+
+def seeded(arms: Sequence[Arm], values: dict, seeds: int) -> list[Arm]:
+  """``arms`` at ``seeds`` seeds: seed 0 is each arm itself (so a study rerun with more
+  seeds reuses what it finished), seed k its copy ``NAME-seedK`` with ``train.seed`` and
+  the data's order seed (``data.shuffle_seed``: the example order, RL's prompt order)
+  moved by k. The base model, the data's records (``data.seed``) and the held-out set stay:
+  the seeds measure the noise of the init and the order."""
+  if seeds < 1:
+    raise ValueError(f"--seeds must be >= 1, got {seeds}")
+  out = []
+  for arm in arms:
+    cfg = merge(values, arm.overrides)
+    train_seed = cfg.get("train", {}).get("seed", 0)
+    data = cfg.get("data", {})
+    order = data.get("shuffle_seed")
+    order = data.get("seed", 0) if order is None else order
+    out.append(arm)
+    out += [dataclasses.replace(arm, name=f"{arm.name}-seed{k}", seed=k, overrides=merge(
+        arm.overrides, {"train": {"seed": train_seed + k}, "data": {"shuffle_seed": order + k}}))
+            for k in range(1, seeds)]
+  return out
 
 
 @dataclasses.dataclass
@@ -88,7 +111,11 @@ def arm_config(values: dict, arm: Arm, out: str) -> tuple[config_lib.RunConfig, 
   cfg = config_lib.from_dict({**values, "run_dir": "."})
   # "rl": null: how configs without an objective section were written when the arms of
   # studies on disk were hashed; kept so those studies continue instead of retraining
-  text = json.dumps({"rl": None, **cfg.to_dict(), "run_dir": None}, sort_keys=True)
+  # data.shuffle_seed likewise: left out while unset (None), as before it existed
+  resolved = cfg.to_dict()
+  if resolved["data"].get("shuffle_seed") is None:
+    resolved["data"].pop("shuffle_seed", None)
+  text = json.dumps({"rl": None, **resolved, "run_dir": None}, sort_keys=True)
   digest = hashlib.sha256(text.encode()).hexdigest()[:10]
   run_dir = os.path.join(out, "arms", f"{arm.name}-{digest}")
   return dataclasses.replace(cfg, run_dir=run_dir), digest
@@ -111,12 +138,16 @@ def _load(arm: Arm, digest: str, run_dir: str) -> ArmResult | None:
 
 
 def run_arms(study: str, arms: Sequence[Arm], values: dict, out: str, *,
-             log: Callable[[str], None] = print, keep_checkpoints: bool = False
-             ) -> list[ArmResult]:
-  """Run every arm not yet finished (``driver.run`` with the objective its config is for),
-  the base model loaded once for all of them; returns every arm's result, in order. A
+             log: Callable[[str], None] = print, keep_checkpoints: bool = False,
+             together: bool = True) -> list[ArmResult]:
+  """Run every arm not yet finished, the base model loaded once for all of them; returns
+  every arm's result, in order. Arms that can train together (``_together``: LoRA arms of
+  an objective that trains groups, sharing what a group shares) run as one group
+  (``driver.run_group``: one step over their stacked adapters, each arm's trajectory its
+  solo run's); the rest, FullFT arms among them, one after another (``driver.run``). A
   finished arm's checkpoints are deleted unless ``keep_checkpoints`` (its metrics, summary
-  and adapters stay): a FullFT arm's hold the whole model and both Adam moments."""
+  and adapters stay): a FullFT arm's hold the whole model and both Adam moments.
+  ``together=False`` runs every arm alone (bench/study_group.py's baseline)."""
   configs = [(arm, *arm_config(values, arm, out)) for arm in arms]
   names = [arm.name for arm in arms]
   if len(set(names)) != len(names):
@@ -124,22 +155,69 @@ def run_arms(study: str, arms: Sequence[Arm], values: dict, out: str, *,
   shared = {(c.model, c.mesh) for _, c, _ in configs}
   if len(shared) > 1:
     raise ValueError(f"study {study}: arms must share the model and mesh sections")
-  base, results = None, []
+  base, results, todo = None, {}, []
   os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-  for i, (arm, cfg, digest) in enumerate(configs, 1):
+  for i, (arm, cfg, digest) in enumerate(configs):
     done = _load(arm, digest, cfg.run_dir)
     if done is not None:
-      log(f"[{i}/{len(configs)}] {arm.name}: finished earlier ({done.status}), skipped")
-      results.append(done)
-      continue
+      log(f"[{i + 1}/{len(configs)}] {arm.name}: finished earlier ({done.status}), skipped")
+      results[i] = done
+    else:
+      todo.append(i)
+  batches = _together(todo, [c for _, c, _ in configs]) if together else [[i] for i in todo]
+  for batch in batches:
+    arms_cfgs = [configs[i] for i in batch]
+    cfg = arms_cfgs[0][1]
     if base is None:
       base = build.load_base(cfg, build.reading(cfg), log, shared=True)
-    results.append(_run_arm(arm, cfg, digest, base, out, log, f"{i}/{len(configs)}"))
-    if not keep_checkpoints:
-      checkpoint.remove(cfg.run_dir)
-    write_results(study, results, out)
-  write_results(study, results, out)
-  return results
+    count = ",".join(f"{i + 1}" for i in batch) + f"/{len(configs)}"
+    ran = (_run_arms_together(arms_cfgs, base, out, log, count) if len(batch) > 1 else
+           [_run_arm(*arms_cfgs[0], base, out, log, count)])
+    for i, result in zip(batch, ran):
+      results[i] = result
+      if not keep_checkpoints:
+        checkpoint.remove(configs[i][1].run_dir)
+    write_results(study, [results[i] for i in sorted(results)], out)
+  ordered = [results[i] for i in range(len(configs))]
+  write_results(study, ordered, out)
+  return ordered
+
+
+def _together(todo: list[int], cfgs: list[config_lib.RunConfig]) -> list[list[int]]:
+  """The arms ``todo`` as batches to run: arms that can train as a group (LoRA, an
+  objective with a group, no ``lora.full`` / ``lora.init`` / MoE-expert targets, equal
+  ``group.SHARED`` keys, all fresh or all resuming) and have the same rows per step (a
+  group pads a run's rows to the most: the batch study's batch-1 arm beside its batch-64
+  one would cost 64 times its own work) in one batch each, every other arm alone; in the
+  order of their first arm."""
+  batches: dict = {}
+  for i in todo:
+    cfg = cfgs[i]
+    key = ("alone", i)
+    if (driver.kind_of(cfg).group is not None and cfg.train.method == "lora"
+        and not cfg.lora.full and cfg.lora.init is None and not _on_experts(cfg)):
+      values = cfg.to_dict()
+      key = (driver.kind_of(cfg).command, fs.is_file(fs.join(cfg.run_dir, "config.json")),
+             cfg.data.batch_size,
+             json.dumps([group.shared_values(values, k) for k in group.SHARED],
+                        sort_keys=True))
+    batches.setdefault(key, []).append(i)
+  return list(batches.values())
+
+
+def _on_experts(cfg: config_lib.RunConfig) -> bool:
+  """Whether the arm's adapters reach MoE experts (a group cannot stack those yet)."""
+  plan = build.abstract_plan(cfg, build.reading(cfg).model_cfg)
+  return any("e" in t.layout for t in plan.targets.values())
+
+
+def _arm_log(out: str, names: Sequence[str]):
+  """A log that appends each line to every named arm's ``logs/NAME.log``."""
+  def log(line: str) -> None:
+    for name in names:
+      with open(os.path.join(out, "logs", f"{name}.log"), "a") as f:
+        f.write(line + "\n")
+  return log
 
 
 def _run_arm(arm, cfg, digest, base, out, log, count) -> ArmResult:
@@ -148,18 +226,47 @@ def _run_arm(arm, cfg, digest, base, out, log, count) -> ArmResult:
       f"({json.dumps(arm.overrides, sort_keys=True)})")
   start = time.perf_counter()
   status, summary, message = "done", {}, ""
-  with open(os.path.join(out, "logs", f"{arm.name}.log"), "a") as f:
-    arm_log = lambda line: (f.write(line + "\n"), f.flush())  # noqa: E731
-    try:
-      summary = driver.run(cfg, driver.kind_of(cfg), resume=resume, progress=False,
-                           log=arm_log, force=True, base=base)
-    except loop.NonFiniteLoss as e:
-      status, message = "diverged", str(e)
-      arm_log(message)
+  arm_log = _arm_log(out, [arm.name])
+  try:
+    summary = driver.run(cfg, driver.kind_of(cfg), resume=resume, progress=False,
+                         log=arm_log, force=True, base=base)
+  except loop.NonFiniteLoss as e:
+    status, message = "diverged", str(e)
+    arm_log(message)
+  return _record(arm, cfg, digest, status, summary, message, time.perf_counter() - start, log,
+                 count)
+
+
+def _run_arms_together(arms_cfgs, base, out, log, count) -> list[ArmResult]:
+  """Arms as one group (``driver.run_group``); each arm's wall time is its share of the
+  group's (the group's own is in arm.json as ``group_wall_s``)."""
+  cfgs = [cfg for _, cfg, _ in arms_cfgs]
+  names = [arm.name for arm, _, _ in arms_cfgs]
+  resume = fs.is_file(fs.join(cfgs[0].run_dir, "config.json"))
+  log(f"[{count}] {', '.join(names)}: {'resuming' if resume else 'training'} together, "
+      "one step over their stacked adapters")
+  start = time.perf_counter()
+  outcomes = driver.run_group(cfgs, driver.kind_of(cfgs[0]), names, resume=resume,
+                              progress=False, log=_arm_log(out, names), force=True, base=base)
   wall = time.perf_counter() - start
+  out_results = []
+  for (arm, cfg, digest), outcome in zip(arms_cfgs, outcomes):
+    diverged = isinstance(outcome, loop.NonFiniteLoss)
+    message = str(outcome) if diverged else ""
+    if diverged:
+      _arm_log(out, [arm.name])(message)
+    out_results.append(_record(arm, cfg, digest, "diverged" if diverged else "done",
+                               {} if diverged else outcome, message, wall / len(cfgs), log,
+                               count, {"group": names, "group_wall_s": wall}))
+  return out_results
+
+
+def _record(arm, cfg, digest, status, summary, message, wall, log, count, extra=None
+            ) -> ArmResult:
+  """arm.json (what makes the arm finished) and the arm's result."""
   fs.write_json(os.path.join(cfg.run_dir, "arm.json"),
-                    {"arm": dataclasses.asdict(arm), "hash": digest, "status": status,
-                     "summary": summary, "wall_s": wall, "message": message})
+                {"arm": dataclasses.asdict(arm), "hash": digest, "status": status,
+                 "summary": summary, "wall_s": wall, "message": message, **(extra or {})})
   result = ArmResult(arm, digest, status, summary, _read_rows(cfg.run_dir), wall, message)
   final = result.final()
   log(f"[{count}] {arm.name}: {status}" + (f", held-out loss {final:.4f}" if final else "") +
@@ -173,7 +280,7 @@ def rows(study: str, results: Sequence[ArmResult]) -> list[dict]:
   for r in results:
     for row in r.rows:
       out.append({"study": study, "arm": r.arm.name, "series": r.arm.series, "x": r.arm.x,
-                  "status": r.status, "hash": r.hash, **row})
+                  "seed": r.arm.seed, "status": r.status, "hash": r.hash, **row})
   return out
 
 

@@ -57,32 +57,53 @@ def _check_smoke(name, out, done):
 
 
 @pytest.mark.slow
-def test_a_killed_study_continues_with_the_same_results(tmp_path):
+def test_a_killed_study_continues_with_the_same_results_and_seeds_are_arms(tmp_path):
+  """The rank study's LoRA arms train as one group; killed after a checkpoint, it resumes
+  to the uninterrupted study's results; rerun with --seeds 2 it keeps the finished arms and
+  trains each arm's seed 1, whose rows are those of the study run at that seed alone."""
+  every = ("--set", "train.checkpoint_every=2")
   whole_dir = tmp_path / "whole"  # uninterrupted: also the rank study's smoke check
-  _check_smoke("rank", whole_dir, _study("rank", "--budget", "smoke", "--out", str(whole_dir)))
+  whole = _study("rank", "--budget", "smoke", "--out", str(whole_dir), *every)
+  _check_smoke("rank", whole_dir, whole)
+  assert "r1, r4: training together" in whole.stdout
   out = tmp_path / "killed"
   proc = subprocess.Popen([sys.executable, "-m", "jlora.cli", "study", "rank", "--budget",
-                           "smoke", "--out", str(out)], stdout=subprocess.PIPE,
+                           "smoke", "--out", str(out), *every], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 600
-  while time.time() < deadline:  # kill once the first arm is finished and the second began
-    first = list(out.glob("arms/r1-*/arm.json"))
-    second = list(out.glob("arms/r4-*/config.json"))
-    if first and second:
+  while time.time() < deadline:  # kill once the group saved its first checkpoint
+    if list(out.glob("arms/r1-*/checkpoints/2")):
       break
     assert proc.poll() is None, proc.stdout.read()
-    time.sleep(0.05)
+    time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (out / "report.md").exists()
-  again = _study("rank", "--budget", "smoke", "--out", str(out))
+  again = _study("rank", "--budget", "smoke", "--out", str(out), *every)
   assert again.returncode == 0, again.stderr[-2000:]
-  assert "r1: finished earlier (done), skipped" in again.stdout
+  assert "r1, r4: resuming together" in again.stdout
   # Timings differ, and so does the hash: it covers the model's path (each DIR makes its own
   # tiny model). Losses, steps and everything else must be identical.
   strip = lambda r: {k: v for k, v in r.items()  # noqa: E731
                      if k not in ("elapsed_s", "step_s", "data_s", "tokens_per_s", "hash")}
   load = lambda d: [strip(json.loads(line)) for line in open(d / "results.jsonl")]  # noqa
   assert load(out) == load(whole_dir)
+  more = _study("rank", "--budget", "smoke", "--out", str(out), *every, "--seeds", "2")
+  assert more.returncode == 0, more.stderr[-2000:]
+  assert "r1: finished earlier (done), skipped" in more.stdout
+  assert "r4: finished earlier (done), skipped" in more.stdout
+  assert "r1-seed1, r4-seed1: training together" in more.stdout
+  assert "2 seeds trained" in (out / "report.md").read_text()
+  alone_dir = tmp_path / "seed1"  # seed 1 alone: train.seed and the data order moved by 1
+  alone = _study("rank", "--budget", "smoke", "--out", str(alone_dir), *every,
+                 "--set", "train.seed=1", "--set", "data.shuffle_seed=1")
+  assert alone.returncode == 0, alone.stderr[-2000:]
+  rows = load(out)
+  assert {r["seed"] for r in rows} == {0, 1}
+  for arm in ("r1", "r4"):
+    seed1 = [{**r, "arm": arm, "seed": 0} for r in rows if r["arm"] == f"{arm}-seed1"]
+    assert seed1 and seed1 == [r for r in load(alone_dir) if r["arm"] == arm], arm
+    seed0 = [r for r in rows if r["arm"] == arm]
+    assert [r.get("loss") for r in seed0] != [r.get("loss") for r in seed1]  # seeds differ
   record = json.loads((out / "study.json").read_text())
-  assert len(record["invocations"]) == 2
+  assert len(record["invocations"]) == 3

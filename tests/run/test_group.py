@@ -63,7 +63,21 @@ def test_each_run_of_a_group_ends_where_its_solo_run_ends(model_dir, trained_run
   # a group's run directory is a solo run's: export, generate and resume work on it alone
   out_dir = trained.export_run(str(tmp_path / "b"), str(tmp_path / "peft"))
   assert json.load(open(os.path.join(out_dir, "adapter_config.json")))["r"] == 2
-  assert isinstance(trained.generate(str(tmp_path / "c"), "1+1=", max_new_tokens=2), str)
+  # `jlora generate a b c`: each run's answer from one batch is what the run alone answers
+  dirs = [str(tmp_path / n) for n in "abc"]
+  alone = [trained.generate(d, "1+1=", max_new_tokens=5) for d in dirs]
+  assert cli.main(["generate", *dirs, "--prompt", "1+1=", "--max-new-tokens", "5"]) == 0
+  assert capsys.readouterr().out == "".join(f"== {d}\n{t}\n" for d, t in zip(dirs, alone))
+  assert len(set(alone)) > 1  # the adapters answer differently
+  other = tmp_path / "other"  # a run on another base: one line, before anything loads
+  other.mkdir()
+  saved = json.load(open(tmp_path / "b" / "config.json"))
+  json.dump({**saved, "model": {**saved["model"], "path": "/another/base"}},
+            open(other / "config.json", "w"))
+  assert cli.main(["generate", dirs[0], str(other), "--prompt", "1+1="]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"jlora: error: {other}: model.path = '/another/base', but {dirs[0]} has "
+                 f"{saved['model']['path']!r}: runs that generate together share model"], err
   longer = {**runs["c"], "train": {**runs["c"]["train"], "steps": 10}}
   assert cli.main(["train", write_toml(tmp_path / "c10.toml", longer), "--resume",
                    "--no-progress"]) == 0

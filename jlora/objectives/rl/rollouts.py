@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from jlora import models
+from jlora import data, models
 from jlora.core import optim
 from jlora.infra import mesh as mesh_lib, multihost
 from jlora.run import evaluate
@@ -124,13 +124,14 @@ class Rollouts:
   # --- pieces --------------------------------------------------------------------------
   def _records(self, n: int) -> list[dict]:
     """The next ``n`` records: epoch e visits the source in a permutation seeded by
-    (data.seed, e)."""
+    (the data's order seed, e): ``pipeline.order_seed``."""
     size = len(self.source)
     out = []
     for i in range(self.used, self.used + n):
       epoch, j = divmod(i, size)
       if self._order is None or self._order[0] != epoch:
-        perm = np.random.default_rng([self.s.cfg.data.seed, epoch]).permutation(size)
+        perm = np.random.default_rng([data.order_seed(self.s.cfg.data), epoch]
+                                     ).permutation(size)
         self._order = (epoch, perm if self.s.cfg.data.shuffle else np.arange(size))
       out.append(dict(self.source[int(self._order[1][j])], _index=int(self._order[1][j])))
     self.used += n
