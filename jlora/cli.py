@@ -55,7 +55,8 @@ def _run_parsers(sub) -> None:
   for kind in driver.KINDS.values():
     run = sub.add_parser(kind.command, help=kind.help)
     together = (f"; several: trained together over one base, sharing "
-                f"{', '.join(group.SHARED)} (jlora.run.group)" if kind.group else "; one")
+                f"{', '.join(group.SHARED + kind.group.shared)} (jlora.run.group)"
+                if kind.group else "; one")
     run.add_argument("config", nargs="+", help=f"recipe file, e.g. {kind.example}{together}")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, e.g. --set train.steps=50 (repeatable; "
@@ -303,7 +304,8 @@ def _run(args) -> int:
     from jlora.run import group
     cfgs = [config.load(path, args.set) for path in args.config]
     if len(cfgs) > 1:
-      group.check(cfgs, args.config)
+      kind = driver.kind_of(cfgs[0])
+      group.check(cfgs, args.config, group.SHARED + (kind.group.shared if kind.group else ()))
     failed = False
     for path, cfg in zip(args.config, cfgs):
       findings, stats = driver.advise(cfg, driver.kind_of(cfg))

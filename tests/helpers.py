@@ -76,8 +76,8 @@ PROMPT_LENS, N = [5, 3, 7, 4], 6  # four prompts of different lengths, 6 new tok
 
 
 def jlora_rl(toml, *args, env=None):
-  """``jlora rl TOML --no-progress ARGS`` in a child process."""
-  return jlora_cli("rl", toml, "--no-progress", *args, env=env, timeout=900)
+  """``jlora rl TOML ARGS --no-progress`` in a child process (ARGS: more recipes too)."""
+  return jlora_cli("rl", toml, *args, "--no-progress", env=env, timeout=900)
 
 
 def write_jsonl(path, records):

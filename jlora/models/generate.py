@@ -40,10 +40,11 @@ def bucket(width: int, multiple: int = 16) -> int:
   return -(-width // multiple) * multiple
 
 
-def _pick(logits_BV, temperature: float, top_p: float, key):
+def _pick(logits_BV, temperature: float, top_p: float, keys_B):
   """(token, its log-prob under softmax(logits)) per row: greedy at temperature 0, else
   softmax sampling at ``temperature`` over the smallest set of tokens whose probability
-  reaches ``top_p`` (nucleus sampling; the most likely token is always kept)."""
+  reaches ``top_p`` (nucleus sampling; the most likely token is always kept), row b with
+  its own key ``keys_B[b]``."""
   logits_BV = logits_BV.astype(jnp.float32)
   logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
   if temperature == 0.0:
@@ -57,7 +58,7 @@ def _pick(logits_BV, temperature: float, top_p: float, key):
       kept = jnp.sum(before < top_p, axis=-1)  # >= 1
       threshold = jnp.take_along_axis(desc, kept[:, None] - 1, axis=-1)
       scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-    token = jax.random.categorical(key, scaled, axis=-1)
+    token = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys_B, scaled)
   token = token.astype(jnp.int32)
   return token, jnp.take_along_axis(logp_BV, token[:, None], axis=-1)[:, 0]
 
@@ -86,13 +87,16 @@ def _prefill(model: Transformer, params, tokens_UP, prompt_mask_UP, group: int,
 def _sample(model: Transformer, params, tokens_UP, prompt_mask_UP, key, adapter_ids_U, *,
             group: int, max_new_tokens: int, temperature: float, top_p: float,
             eos_id: int | None, pad: int) -> Samples:
+  B = tokens_UP.shape[0] * group
+  keys = key if key.ndim == 2 else jax.vmap(lambda r: jax.random.fold_in(key, r))(
+      jnp.arange(B))
   # stacked adapters: each prompt's rows through its own adapter, its samples (rows
   # u * group + g) through the same; the ids are data, so any mix runs this one program
   with _ids(adapter_ids_U):
     prefilled = _prefill(model, params, tokens_UP, prompt_mask_UP, group,
                          tokens_UP.shape[1] + max_new_tokens)
   with _ids(None if adapter_ids_U is None else jnp.repeat(adapter_ids_U, group)):
-    return _decode(model, params, prefilled, key, max_new_tokens, temperature, top_p,
+    return _decode(model, params, prefilled, keys, max_new_tokens, temperature, top_p,
                    eos_id, pad)
 
 
@@ -100,11 +104,17 @@ def _ids(ids):
   return contextlib.nullcontext() if ids is None else matmul.adapter_ids(ids)
 
 
-def _decode(model, params, prefilled, key, max_new_tokens: int, temperature: float,
+def _split(keys_B):
+  """Each row's key split in two: (the keys carried on, the keys used now)."""
+  both = jax.vmap(jax.random.split)(keys_B)
+  return both[:, 0], both[:, 1]
+
+
+def _decode(model, params, prefilled, keys, max_new_tokens: int, temperature: float,
             top_p: float, eos_id: int | None, pad: int) -> Samples:
   logits, cache, position = prefilled
   B = logits.shape[0]
-  key, sub = jax.random.split(key)
+  keys, sub = _split(keys)
   first, first_logp = _pick(logits, temperature, top_p, sub)
   tokens = jnp.full((B, max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
   logps = jnp.zeros((B, max_new_tokens), jnp.float32).at[:, 0].set(first_logp)
@@ -116,8 +126,8 @@ def _decode(model, params, prefilled, key, max_new_tokens: int, temperature: flo
     return (i < max_new_tokens) & ~jnp.all(done)
 
   def body(carry):
-    i, tokens, logps, lengths, cache, position, done, key = carry
-    key, sub = jax.random.split(key)
+    i, tokens, logps, lengths, cache, position, done, keys = carry
+    keys, sub = _split(keys)
     last = jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1)
     logits, cache = model.apply({"params": params}, last, position[:, None], None, cache)
     token, logp = _pick(logits[:, -1], temperature, top_p, sub)
@@ -126,9 +136,9 @@ def _decode(model, params, prefilled, key, max_new_tokens: int, temperature: flo
     lengths = lengths + ~done
     if eos_id is not None:
       done = done | (token == eos_id)
-    return i + 1, tokens, logps, lengths, cache, position + 1, done, key
+    return i + 1, tokens, logps, lengths, cache, position + 1, done, keys
 
-  carry = (jnp.ones((), jnp.int32), tokens, logps, lengths, cache, position, done, key)
+  carry = (jnp.ones((), jnp.int32), tokens, logps, lengths, cache, position, done, keys)
   _, tokens, logps, lengths, *_ = jax.lax.while_loop(cond, body, carry)
   return Samples(tokens, logps, lengths)
 
@@ -145,7 +155,9 @@ def sample(model: Transformer, params, tokens_UP, prompt_mask_UP, key, *,
       Put them on the mesh's batch sharding and the whole decode runs data-parallel.
     group: samples per prompt: B = U * group rows, row u * group + g continuing prompt u
       (each prompt is prefilled once and its KV cache copied to its group).
-    key: PRNG key (unused at temperature 0).
+    key: PRNG key (unused at temperature 0): row r samples with ``fold_in(key, r)``'s
+      stream, so what a row samples does not depend on the other rows of the batch; or
+      one key per row ([B, 2]: rows of several runs sampled together, each with its own).
     temperature: 0 for greedy; top_p: nucleus mass (1: off).
     eos_id: a row stops after sampling it; the loop ends when every row has stopped.
     adapter_ids: with stacked adapters in ``params`` (``jlora.core.stack.with_adapters``),
@@ -166,6 +178,9 @@ def sample(model: Transformer, params, tokens_UP, prompt_mask_UP, key, *,
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   if group < 1:
     raise ValueError(f"group must be >= 1, got {group}")
+  key = jnp.asarray(key)
+  if key.ndim == 2 and key.shape[0] != len(tokens_UP) * group:
+    raise ValueError(f"{key.shape[0]} keys for {len(tokens_UP) * group} rows")
   if adapter_ids is not None:
     adapter_ids = jnp.asarray(adapter_ids, jnp.int32)
     if adapter_ids.shape != (len(tokens_UP),):

@@ -8,6 +8,8 @@ takes ``token_logprobs`` (``jlora.objectives.rl.losses``). A batch is
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,6 +79,28 @@ def lm_loss(model, spec, loss_chunk: int | None = None) -> LossFn:
 
 
 
+def one_adapter(fn: Callable, st) -> LossFn:
+  """A stacked loss (``make_step(adapter_axes=...)``) for batches of one adapter's rows
+  (``"adapter"``: its index on every row; ``group.GroupBatches``' micro-batches):
+  ``fn(params, batch) -> (total, count[, aux])`` runs the batch through that adapter alone
+  (``stack.with_adapter``, the plain LoRA path), and its total, count and aux sums come
+  back as ``[N]`` vectors holding them at the adapter's index (``_min`` / ``_max`` aux:
+  +-inf elsewhere, so the step's min / max leave the other adapters' alone)."""
+  def loss(trainable, frozen, batch):
+    i = batch["adapter"][0]
+    params = stack.with_adapter(optim.combine(trainable["full"], frozen), trainable["lora"],
+                                st, i)
+    total, count, *aux = fn(params, batch)
+    one = jax.nn.one_hot(i, st.n, dtype=jnp.float32)
+    def spread(k, v):
+      if k.endswith(("_min", "_max")):
+        return jnp.where(one > 0, v, jnp.inf if k.endswith("_min") else -jnp.inf)
+      return one * v
+    return (one * total, one * count) + tuple({k: spread(k, v) for k, v in a.items()}
+                                              for a in aux)
+  return loss
+
+
 def stacked_lm_loss(model, st, rows: tuple[int, ...], loss_chunk: int | None = None) -> LossFn:
   """``lm_loss`` for stacked adapters (``jlora.core.stack``): a step's batch holds
   ``rows[i]`` rows for adapter i, grouped in adapter order (a micro-batch of it the same
@@ -88,14 +112,12 @@ def stacked_lm_loss(model, st, rows: tuple[int, ...], loss_chunk: int | None = N
   is one run's (``group.GroupBatches(micro=...)``). Each then runs adapter i alone through
   the plain LoRA path (``stack.with_adapter``): a solo run's batch and work, one
   micro-batch's activations at a time."""
+  micro = one_adapter(lambda params, batch: token_loss_sum(model, params, batch, loss_chunk),
+                      st)
+
   def loss(trainable, frozen, batch):
     if "adapter" in batch:
-      i = batch["adapter"][0]
-      params = stack.with_adapter(optim.combine(trainable["full"], frozen),
-                                  trainable["lora"], st, i)
-      total, count = token_loss_sum(model, params, batch, loss_chunk)
-      one = jax.nn.one_hot(i, st.n, dtype=jnp.float32)
-      return one * total, one * count
+      return micro(trainable, frozen, batch)
     B = batch["mask"].shape[0]
     if any((B * r) % sum(rows) for r in rows):
       raise ValueError(f"a batch of {B} rows does not split as {rows}")

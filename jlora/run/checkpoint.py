@@ -151,6 +151,13 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def drop_after(self, step: int) -> None:
+    """Delete every checkpoint after ``step``: a run resumed from ``step`` saves those
+    steps anew (a group resumes from the last step all its runs saved)."""
+    for later in self.all_steps():
+      if later > step:
+        self._manager.delete(later)
+
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, dict]:
     """``(state, data_state, meta)`` of ``step`` (default: latest), arrays placed with the
     shardings of ``abstract_state`` (a tree of ``jax.ShapeDtypeStruct``)."""

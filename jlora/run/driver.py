@@ -184,7 +184,7 @@ def run_group(cfgs: list[config_lib.RunConfig], objective: Kind, names: list[str
   if multihost.processes() > 1:
     raise ValueError("runs trained together run in one process for now: train a group "
                      "without --distributed, or each run alone with it")
-  group_lib.check(cfgs, names)
+  group_lib.check(cfgs, names, group_lib.SHARED + objective.group.shared)
   emit = on_event or events.ignore
   out: dict[int, dict | loop.NonFiniteLoss] = {}
   todo = []

@@ -97,13 +97,7 @@ class GroupBatches:
 
   def next(self, state) -> dict:
     del state
-    parts = [source.rows() for source in self.sources]
-    most = max(len(p["inputs"]) for p in parts)
-    parts = [{**_padded(p, most), "adapter": np.full(most, i, np.int32)}
-             for i, p in enumerate(parts)]
-    per = self.micro // len(parts)
-    return mesh_lib.global_batch({k: _interleave([p[k] for p in parts], per) for k in parts[0]},
-                                 self._mesh)
+    return combine([source.rows() for source in self.sources], self._mesh, self.micro)
 
   def metrics(self) -> dict:
     return {}
@@ -117,6 +111,18 @@ class GroupBatches:
 
   def close(self) -> None:
     pass  # each run closes its own source
+
+
+def combine(parts: list[dict], mesh, micro: int) -> dict:
+  """Runs' host batches (``parts[i]``: run i's rows, every field the same width across
+  runs) as one global batch of ``micro`` micro-batches of one run each (``GroupBatches``):
+  each run padded to the most rows with masked rows, ``"adapter"`` set, rows interleaved."""
+  most = max(len(p["inputs"]) for p in parts)
+  parts = [{**_padded(p, most), "adapter": np.full(most, i, np.int32)}
+           for i, p in enumerate(parts)]
+  per = micro // len(parts)
+  return mesh_lib.global_batch({k: _interleave([p[k] for p in parts], per) for k in parts[0]},
+                               mesh)
 
 
 def _padded(batch: dict, rows: int) -> dict:
@@ -152,9 +158,13 @@ class Group:
       of ``GroupBatches(sources, mesh, micro)`` (``lm.stacked_lm_loss``), and
       ``evaluate`` / ``eval_loss`` taking (trainable, which runs) and returning one dict
       per run asked.
+    shared: the objective's own keys its runs must share (RL: one decode, one loss).
+    rows: a run's rows per step (a run's tokens in the metrics).
   """
   batches: Callable[[Any], loop.DataBatches]
   make: Callable[[list, stack.Stack, list, int], loop.Objective]
+  shared: tuple[str, ...] = ()  # keys the objective's runs share besides SHARED
+  rows: Callable[[config_lib.RunConfig], int] = lambda cfg: cfg.data.batch_size
 
 
 class Stacked:
@@ -211,7 +221,7 @@ class Stacked:
     return {k: np.asarray(v)[j] if np.ndim(v) else v for k, v in metrics.items()}
 
   def tokens(self, batch, j):
-    return self.members[j].s.cfg.data.batch_size * batch["inputs"].shape[1]
+    return self.group.rows(self.members[j].s.cfg) * batch["inputs"].shape[1]
 
   def evaluate(self, trainable, which, full):
     found = (self.objective.evaluate if full else self.objective.eval_loss)(trainable, which)

@@ -316,10 +316,12 @@ def _run(loop: _Loop, resume: bool) -> None:
     states = []
     for m in members:
       m.ckpts = checkpoint.Checkpoints(checkpoint.directory(m.run_dir), keep=m.s.cfg.train.keep)
+    at = _common_step(members) if resume else None
+    for m in members:
       fresh = train_step.init_state(m.s.trainable, m.s.tx, m.s.mesh)
       m.s.trainable = None  # the state owns (and donates) them now
       m.template = checkpoint.abstract(fresh)
-      states.append(_restore(loop, m, fresh, resume))
+      states.append(_restore(loop, m, fresh, resume, at))
     step_fn, state = loop.trainer.build(members, states)
     del states, fresh
     _before(loop, state, [j for j, m in enumerate(members) if m.metrics_out is None])
@@ -345,11 +347,31 @@ def _run(loop: _Loop, resume: bool) -> None:
           closing.callback(m.bar.close)
 
 
-def _restore(loop: _Loop, m: Member, fresh, resume: bool):
-  """A member's state: from its latest checkpoint (with its batch source's position and
-  its held-out metrics before training), or ``fresh``."""
-  if resume and m.ckpts.latest_step() is not None:
-    state, data_state, meta = m.ckpts.restore(m.template)
+def _common_step(members: list[Member]) -> int | None:
+  """A group's step to resume from: the last checkpoint step every run has (None: one run
+  alone, or runs without a common one: each resumes from its own latest). A group killed
+  while saving leaves some runs a step ahead; resuming them all from the step they share
+  repeats the steps they took together, so each run continues exactly as it would have
+  (RL runs sample in one decode: a run continuing in other company would sample other
+  floats)."""
+  if len(members) < 2:
+    return None
+  steps = [set(m.ckpts.all_steps()) for m in members]
+  common = set.intersection(*steps)
+  return max(common) if common else None
+
+
+def _restore(loop: _Loop, m: Member, fresh, resume: bool, at: int | None = None):
+  """A member's state: from its latest checkpoint, or step ``at`` (``_common_step``; later
+  ones deleted), with its batch source's position and its held-out metrics before
+  training; or ``fresh``."""
+  latest = m.ckpts.latest_step()
+  if resume and latest is not None:
+    if at is not None and at < latest:
+      m.ckpts.drop_after(at)
+      loop.say(m, f"resuming at step {at}, the last step every run of the group saved "
+                  f"(step {latest} dropped: the runs repeat the steps they took together)")
+    state, data_state, meta = m.ckpts.restore(m.template, at)
     m.batches.set_state(checkpoint.own_positions(data_state))
     m.first = m.n = m.good = int(meta["step"])
     m.before = fs.read_json(fs.join(m.run_dir, "start.json"))

@@ -71,31 +71,65 @@ def test_nf4_resume_is_bit_exact_and_merge_writes_the_dequantised_base(quant_mod
 
 
 @pytest.mark.slow
-def test_rl_resume_after_sigkill_is_bit_exact(model_dir, tmp_path):
-  from safetensors.numpy import load_file
-  ref = write_toml(tmp_path / "ref.toml", rl_recipe(model_dir, tmp_path / "ref"))
-  assert jlora_rl(ref).returncode == 0
-  want = load_file(tmp_path / "ref" / "adapters.safetensors")
-  # global_batch calls: held-out prompts (1), then 2 per step (prompts, training batch):
-  # call 10 is step 5's prompts, after the step-4 checkpoint.
-  toml = write_toml(tmp_path / "kill.toml", rl_recipe(model_dir, tmp_path / "kill"))
+def test_rl_runs_together_are_their_solo_runs_and_resume_bit_exact(model_dir, tmp_path):
+  """``jlora rl A B``: two RL runs that differ in rank, LR, seeds and prompts x group,
+  sampled in one decode and trained in one step: each run's rewards per step are its solo
+  run's and its adapters its solo run's within float noise. Killed (SIGKILL) sampling step
+  5, with the step-4 saves done or still in flight (a group's runs save one after
+  another), the group resumes from the last step both runs saved (``loop._common_step``)
+  to the bits of the uninterrupted group, rewards included (each run's prompt position
+  and sampling key come back; a run resumed a step ahead of the other would sample in
+  other company, other floats)."""
+  from jlora.objectives import rl
+
+  def runs(name):
+    a = rl_recipe(model_dir, tmp_path / name / "a")
+    b = rl_recipe(model_dir, tmp_path / name / "b", group_size=2, prompts_per_step=4)
+    b["lora"] = {"rank": 2}
+    b["train"] = {**b["train"], "lr": 3e-2, "seed": 3}
+    b["data"] = {**b["data"], "seed": 2}
+    (tmp_path / name).mkdir()
+    return {"a": a, "b": b}, [write_toml(tmp_path / name / f"{n}.toml", v)
+                              for n, v in (("a", a), ("b", b))]
+
+  values, ref = runs("ref")
+  done = jlora_rl(*ref)
+  assert done.returncode == 0, done.stderr[-2000:]
+  want = {n: _final_adapters(tmp_path / "ref" / n) for n in "ab"}
+  rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa
+  for n in "ab":  # each run alone
+    rl.run(config.from_dict({**values[n], "run_dir": str(tmp_path / f"solo_{n}")}),
+           progress=False, log=lambda _: None)
+    got, alone = rows(tmp_path / "ref" / n), rows(tmp_path / f"solo_{n}")
+    assert [r.get("reward_mean") for r in got] == [r.get("reward_mean") for r in alone], n
+    np.testing.assert_allclose([r.get("loss") or 0 for r in got],
+                               [r.get("loss") or 0 for r in alone], atol=1e-6, err_msg=n)
+    solo = _final_adapters(tmp_path / f"solo_{n}")
+    assert want[n].keys() == solo.keys()
+    for k in solo:
+      np.testing.assert_allclose(want[n][k], solo[k], rtol=0, atol=1e-4, err_msg=f"{n} {k}")
+  assert {k: v.shape for k, v in want["a"].items()} != {k: v.shape for k, v in want["b"].items()}
+  assert any(np.abs(v).max() > 0 for k, v in want["b"].items() if k.endswith("/b"))
+  # global_batch calls: each run's held-out prompts (2), then 2 per step (the prompts of
+  # every run, the training batch): call 11 is step 5's prompts
+  _, kill = runs("kill")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
          "JLORA_WORKER_COMMAND": "rl"}
-  killed = subprocess.run([sys.executable, "-m", "tests.train_worker", toml, "step", "10"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  killed = subprocess.run([sys.executable, "-m", "tests.train_worker", ",".join(kill), "step",
+                           "11"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
   assert killed.returncode == -9, killed.stderr[-2000:]
-  assert not (tmp_path / "kill" / "adapters.safetensors").exists()
-  resumed = jlora_rl(toml, "--resume")
+  assert not (tmp_path / "kill" / "a" / "adapters.safetensors").exists()
+  resumed = jlora_rl(*kill, "--resume")
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "resumed" in resumed.stdout + resumed.stderr
-  got = load_file(tmp_path / "kill" / "adapters.safetensors")
-  for k in want:
-    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-  assert any(np.abs(v).max() > 0 for k, v in want.items() if k.endswith("/b"))
-  rows = [json.loads(x) for x in (tmp_path / "kill" / "metrics.jsonl").read_text().splitlines()]
-  ref_rows = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows] == list(range(7))
-  assert [r.get("reward_mean") for r in rows] == [r.get("reward_mean") for r in ref_rows]
+  for n in "ab":
+    got = _final_adapters(tmp_path / "kill" / n)
+    for k in want[n]:
+      np.testing.assert_array_equal(got[k], want[n][k], err_msg=f"{n} {k}")
+    assert [r["step"] for r in rows(tmp_path / "kill" / n)] == list(range(7))
+    assert [r.get("reward_mean") for r in rows(tmp_path / "kill" / n)] == \
+        [r.get("reward_mean") for r in rows(tmp_path / "ref" / n)]
 
 
 def _final_adapters(run_dir):

@@ -117,7 +117,7 @@ def test_a_failing_reward_is_one_line_and_keeps_the_checkpoints(model_dir, tmp_p
 def test_rl_mistakes_are_caught_before_the_run_dir_exists_and_resume_keeps_rl(model_dir,
                                                                              tmp_path):
   from jlora.objectives import rl
-  from jlora.run import config, rundir
+  from jlora.run import config, driver, rundir
   values = rl_recipe(model_dir, tmp_path / "run", max_new_tokens=100000)
   with pytest.raises(ValueError, match=r"prompts of up to \d+ tokens \(padded to rl.bucket\) "
                                        r"\+ rl.max_new_tokens=100000 exceed the model's 256 "
@@ -132,6 +132,15 @@ def test_rl_mistakes_are_caught_before_the_run_dir_exists_and_resume_keeps_rl(mo
   with pytest.raises(ValueError, match=r"changed since it started: rl.group_size: 2 -> 4$"):
     rundir.check(changed, resume=True)
   rundir.check(cfg, resume=True)
+  # RL runs trained together share one decode and one loss: a differing rl.temperature
+  # (or a group's shared key) is one line naming the recipe, before any run directory
+  a = write_toml(tmp_path / "a.toml", rl_recipe(model_dir, tmp_path / "ga"))
+  b = write_toml(tmp_path / "b.toml", rl_recipe(model_dir, tmp_path / "gb", temperature=0.7))
+  with pytest.raises(ValueError, match=r"b.toml: rl.temperature = 0.7, but .*a.toml has 1.0: "
+                                       r"runs that train together share model, .*rl.loss"):
+    driver.run_group([config.load(a), config.load(b)], rl.RL, [a, b], progress=False,
+                     log=lambda _: None)
+  assert not (tmp_path / "ga").exists() and not (tmp_path / "gb").exists()
 
 
 def test_a_reward_failing_before_training_leaves_nothing_that_blocks_a_rerun(

@@ -19,11 +19,11 @@ import jax
 import numpy as np
 
 from jlora import data, models
-from jlora.core import optim
+from jlora.core import optim, stack
 from jlora.data import render
 from jlora.findings import advisor, hparams
-from jlora.run import build, config as config_lib, driver, evaluate, loop
-from jlora.objectives.rl import losses, rewards, section
+from jlora.run import build, config as config_lib, driver, evaluate, group, loop
+from jlora.objectives.rl import losses, rewards, rollouts, section
 from jlora.objectives.rl.rollouts import Rollouts
 from jlora.objectives.rl.section import RLSection
 
@@ -126,13 +126,42 @@ def _advise(cfg: config_lib.RunConfig, model_cfg, stats, plan) -> list:
   return advisor.advise_rl(cfg, model_cfg, plan, cfg.rl.rows, bits)
 
 
+def rl_batches(s: build.Setup) -> Rollouts:
+  """A run's own rollouts (its prompts' order, its sampling key, its reward) in a group."""
+  return Rollouts(s, data.open_source(s.cfg.data), reference(s))
+
+
+def rl_group(setups: list[build.Setup], st: stack.Stack, runs: list[Rollouts], micro: int
+             ) -> loop.Objective:
+  """``objective`` for RL runs trained together (``jlora rl A.toml B.toml``): every run's
+  step sampled in one decode (``rollouts.GroupRollouts``), the stacked policy loss over
+  micro-batches of one run each (``losses.stacked_policy_loss``); held out, each run's
+  greedy answers through its own adapter (its solo ``held_out``)."""
+  s0, rl = setups[0], setups[0].cfg.rl
+  loss = losses.stacked_policy_loss(s0.model, st, kind=rl.loss, clip=rl.clip,
+                                    kl_coef=rl.kl_coef, chunk=s0.cfg.train.loss_chunk)
+  held = [held_out(s, run) for s, run in zip(setups, runs)]
+
+  def evaluate_fn(trainable, which) -> list[dict]:
+    return [held[j]({"lora": stack.unstack(trainable["lora"], st, j), "full": {}})
+            for j in which]
+
+  return loop.Objective(loss, rollouts.GroupRollouts(runs, st, micro), evaluate_fn,
+                        evaluate_fn, FIELDS)
+
+
+# What RL runs trained together share besides group.SHARED: one decode samples every run
+# (its length, temperature, nucleus) and one loss trains them (its kind, clip, KL).
+RL_SHARED = ("rl.max_new_tokens", "rl.temperature", "rl.top_p", "rl.loss", "rl.clip",
+             "rl.kl_coef", "rl.track_kl")
+
 # A step's rows are prompts x group; the LR rule's absolute values are fit on SFT and
 # measured too high for RL (hparams.RL_LR_FACTOR).
 RL = driver.register(driver.Kind(
     "rl", "rl", "policy-gradient RL on rewards from a TOML recipe with an [rl] section "
     "(rank 1 by default)", "configs/rl_arithmetic.toml",
     build.Rules(_rows, check_data, hparams.RL_LR_FACTOR), objective, section.SECTION,
-    _advise))
+    _advise, group=group.Group(rl_batches, rl_group, RL_SHARED, lambda cfg: cfg.rl.rows)))
 
 
 def load_config(path: str, overrides=()) -> config_lib.RunConfig:

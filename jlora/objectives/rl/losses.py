@@ -72,13 +72,28 @@ def policy_loss(model, plan, *, kind: str = "importance_sampling", clip: float =
   Aux (means over the completion tokens unless named _min/_max): ``ratio_mean``,
   ``ratio_min``, ``ratio_max``, ``clip_frac`` (ppo), ``kl`` (when the batch has
   ``ref_logprobs``)."""
+  terms = _terms(model, kind, clip, kl_coef, chunk)
+  return lambda trainable, frozen, batch: terms(
+      optim.model_params(trainable, frozen, plan), batch)
+
+
+def stacked_policy_loss(model, st, *, kind: str = "importance_sampling", clip: float = 0.2,
+                        kl_coef: float = 0.0, chunk: int | None = None) -> train_step.LossFn:
+  """``policy_loss`` of stacked adapters (``jlora.core.stack``: RL runs trained together)
+  over micro-batches of one run's rows each (``"adapter"``): each through its own
+  adapter, its sum, tokens and aux ``[N]`` (``lm.one_adapter``). The runs share ``kind``,
+  ``clip`` and ``kl_coef`` (``RL_SHARED``)."""
+  return lm.one_adapter(_terms(model, kind, clip, kl_coef, chunk), st)
+
+
+def _terms(model, kind: str, clip: float, kl_coef: float, chunk: int | None):
+  """(params, batch) -> (sum, tokens, aux) of the policy loss (``policy_loss``)."""
   if kind not in LOSSES:
     raise ValueError(f"unknown RL loss {kind!r}; use one of {', '.join(LOSSES)}")
 
-  def loss(trainable, frozen, batch):
+  def terms_of(params, batch):
     mask = batch["mask"].astype(jnp.float32)
-    logp = lm.token_logprobs(model, optim.model_params(trainable, frozen, plan), batch,
-                                chunk, last=mask.shape[1])
+    logp = lm.token_logprobs(model, params, batch, chunk, last=mask.shape[1])
     on = mask > 0
     ratio = jnp.exp(logp - batch["sampler_logprobs"])
     terms, clipped = per_token(ratio, batch["advantages"][:, None], kind, clip)
@@ -96,7 +111,7 @@ def policy_loss(model, plan, *, kind: str = "importance_sampling", clip: float =
       raise ValueError("kl_coef > 0 needs ref_logprobs in the batch")
     return jnp.sum(terms * mask), jnp.sum(mask), aux
 
-  return loss
+  return terms_of
 
 
 def reference_logprobs(model, chunk: int | None = None, mesh=None):

@@ -15,12 +15,13 @@ import dataclasses
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jlora import data, models
-from jlora.core import optim
+from jlora.core import optim, stack
 from jlora.infra import mesh as mesh_lib, multihost
-from jlora.run import evaluate
+from jlora.run import evaluate, group
 from jlora.data import render
 from jlora.objectives.rl import losses, rewards
 
@@ -100,26 +101,37 @@ class Rollouts:
 
   def next(self, state) -> dict:
     begin = time.perf_counter()
+    records, key = self.draw()
+    ep = self.sample(state["trainable"], records, self.rl.group_size, key,
+                     self.rl.temperature)
+    batch = _place_whole(self.host_batch(ep, time.perf_counter() - begin), self.s.mesh)
+    if self.reference is not None:
+      batch["ref_logprobs"] = self._ref_logprobs(self.reference(state["trainable"]), batch)
+    return batch
+
+  def draw(self) -> tuple[list[dict], jax.Array]:
+    """The next step's prompts (``rl.prompts_per_step`` records) and its sampling key:
+    the run's position advanced by one step."""
     records = self._records(self.rl.prompts_per_step)
     self.key, sub = jax.random.split(self.key)
-    ep = self.sample(state["trainable"], records, self.rl.group_size, sub,
-                     self.rl.temperature)
-    sampled = time.perf_counter()
+    return records, sub
+
+  def host_batch(self, ep: Episodes, seconds: float) -> dict:
+    """A step's episodes scored, centred per group and laid out for the loss (host
+    arrays, ``training_batch``); the step's sampling metrics kept for ``metrics``
+    (``seconds``: the time its sampling took)."""
     scores = self.score(ep)
     adv = losses.advantages(scores, self.rl.group_size, self.rl.normalize_std)
     constant = losses.constant_groups(scores, self.rl.group_size)
     keep = ~constant if self.rl.drop_constant_groups else np.ones_like(constant)
-    batch = _place_whole(training_batch(ep, adv, keep), self.s.mesh)
-    if self.reference is not None:
-      batch["ref_logprobs"] = self._ref_logprobs(self.reference(state["trainable"]), batch)
     tokens = int(ep.lengths.sum())
     self.last = {
         "reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
         "correct": float(np.mean([self._correct(t, r) for t, r in zip(ep.texts, ep.records)]))
-        if "answer" in records[0] else None,
+        if "answer" in ep.records[0] else None,
         "completion_tokens": float(ep.lengths.mean()), "constant_groups": float(constant.mean()),
-        "sample_s": sampled - begin, "sampled_tokens_per_s": tokens / (sampled - begin)}
-    return batch
+        "sample_s": seconds, "sampled_tokens_per_s": tokens / seconds}
+    return training_batch(ep, adv, keep)
 
   # --- pieces --------------------------------------------------------------------------
   def _records(self, n: int) -> list[dict]:
@@ -150,24 +162,15 @@ class Rollouts:
     # over the data shards (then every row is a prompt of its own).
     shared = group if len(records) % shards == 0 else 1
     ids = [self.prompt_ids(r) for r in records for _ in range(group // shared)]
-    width = models.bucket(max(len(p) for p in ids), rl.bucket)
-    limit = s.model_cfg.max_position_embeddings
-    if width + rl.max_new_tokens > limit:
-      raise ValueError(f"prompts of {width} tokens + rl.max_new_tokens={rl.max_new_tokens} "
-                       f"exceed the model's {limit} positions")
-    prompts, mask = left_pad(ids, width)
+    prompts, mask = left_pad(ids, _width(ids, rl, s.model_cfg))
     placed = _place_whole({"t": prompts, "m": mask}, s.mesh)
     out = mesh_lib.traced_in(models.sample, s.mesh)(
         s.model, optim.model_params(trainable, s.frozen, s.plan), placed["t"], placed["m"],
         key, group=shared, max_new_tokens=rl.max_new_tokens, temperature=temperature,
         top_p=rl.top_p, eos_id=s.tok.eos_id, pad=s.tok.eos_id or 0)
-    out = multihost.to_host(out)  # every process sees (and scores) every episode
-    texts = [s.tok.decode(evaluate.until_eos(row[:n], s.tok.eos_id))
-             for row, n in zip(out.tokens, out.lengths)]
     prompts, mask = (np.repeat(x, shared, axis=0) for x in (prompts, mask))
-    return Episodes([r for r in records for _ in range(group)], prompts, mask,
-                    np.asarray(out.tokens), np.asarray(out.logprobs),
-                    np.asarray(out.lengths), texts)
+    return _episodes(s.tok, multihost.to_host(out), [r for r in records for _ in range(group)],
+                     prompts, mask)
 
   def score(self, ep: Episodes) -> np.ndarray:
     return np.asarray([
@@ -179,3 +182,110 @@ class Rollouts:
   @staticmethod
   def _correct(text: str, record: dict) -> bool:
     return rewards.correct(text, record["answer"])
+
+
+def _width(ids: list, rl, model_cfg) -> int:
+  """The padded width of prompts ``ids`` (``rl.bucket``); one line if the prompts and
+  ``rl.max_new_tokens`` exceed the model's positions."""
+  width = models.bucket(max(len(p) for p in ids), rl.bucket)
+  limit = model_cfg.max_position_embeddings
+  if width + rl.max_new_tokens > limit:
+    raise ValueError(f"prompts of {width} tokens + rl.max_new_tokens={rl.max_new_tokens} "
+                     f"exceed the model's {limit} positions")
+  return width
+
+
+def _episodes(tok, out, records: list[dict], prompts: np.ndarray, mask: np.ndarray
+              ) -> Episodes:
+  """Sampled rows (``out``: host ``Samples``, every process's copy) as ``Episodes``."""
+  texts = [tok.decode(evaluate.until_eos(row[:n], tok.eos_id))
+           for row, n in zip(out.tokens, out.lengths)]
+  return Episodes(records, prompts, mask, np.asarray(out.tokens), np.asarray(out.logprobs),
+                  np.asarray(out.lengths), texts)
+
+
+def sample_together(runs: list[Rollouts], params, drawn: list[tuple[list[dict], jax.Array]]
+                    ) -> list[Episodes]:
+  """One decode for a step of several runs (``jlora rl A B``): run i's records
+  (``drawn[i]``, with its key), each repeated ``rl.group_size`` times, through adapter i of
+  the stack in ``params`` (``stack.with_adapters``). Row r of run i samples with
+  ``fold_in(its key, r)``, as row r of its solo run does, and its prompt is cut back to the
+  run's own width: each run's episodes are its solo run's (up to the float rounding of a
+  bigger batch). The runs share ``rl.max_new_tokens``, ``temperature`` and ``top_p``
+  (``RL_SHARED``)."""
+  s, rl = runs[0].s, runs[0].rl
+  ids, keys, adapter, widths, expanded = [], [], [], [], []
+  for i, (run, (records, key)) in enumerate(zip(runs, drawn)):
+    own = [run.prompt_ids(r) for r in records for _ in range(run.rl.group_size)]
+    widths.append(_width(own, run.rl, s.model_cfg))
+    ids += own
+    keys.append(jax.vmap(lambda r, key=key: jax.random.fold_in(key, r))(
+        jnp.arange(len(own))))
+    adapter += [i] * len(own)
+    expanded.append([r for r in records for _ in range(run.rl.group_size)])
+  prompts, mask = left_pad(ids, max(widths))
+  placed = _place_whole({"t": prompts, "m": mask, "k": np.asarray(jnp.concatenate(keys)),
+                         "a": np.asarray(adapter, np.int32)}, s.mesh)
+  out = multihost.to_host(mesh_lib.traced_in(models.sample, s.mesh)(
+      s.model, params, placed["t"], placed["m"], placed["k"], max_new_tokens=rl.max_new_tokens,
+      temperature=rl.temperature, top_p=rl.top_p, eos_id=s.tok.eos_id, pad=s.tok.eos_id or 0,
+      adapter_ids=placed["a"]))
+  episodes, start = [], 0
+  for records, width in zip(expanded, widths):
+    rows = slice(start, start + len(records))
+    episodes.append(_episodes(s.tok, jax.tree_util.tree_map(lambda x: x[rows], out), records,
+                              prompts[rows, -width:], mask[rows, -width:]))
+    start += len(records)
+  return episodes
+
+
+def _widened(batch: dict, width: int) -> dict:
+  """A ``training_batch`` whose sequences are left-padded to ``width`` (padding: segment
+  0, position 0, outside every row's attention): the same completion log-probs."""
+  pad = width - batch["inputs"].shape[1]
+  if pad == 0:
+    return batch
+  out = dict(batch)
+  for k in ("inputs", "targets", "positions", "segment_ids"):
+    out[k] = np.pad(batch[k], ((0, 0), (pad, 0)))
+  return out
+
+
+class GroupRollouts:
+  """``loop.Batches`` of RL runs trained together (``jlora.run.group``): each run draws its
+  step's prompts and key from its own ``Rollouts`` (its position, its checkpointed state),
+  all sample in one decode (``sample_together``), each scores and centres its own
+  episodes, and the runs' batches become one batch of micro-batches of one run each
+  (``group.combine``; sequences left-padded to the widest run's)."""
+
+  def __init__(self, runs: list[Rollouts], st, micro: int):
+    self.runs, self.st, self.micro = runs, st, micro
+
+  def next(self, state) -> dict:
+    begin = time.perf_counter()
+    drawn = [run.draw() for run in self.runs]
+    s = self.runs[0].s
+    params = stack.with_adapters(optim.combine(state["trainable"]["full"], s.frozen),
+                                 state["trainable"]["lora"], self.st)
+    episodes = sample_together(self.runs, params, drawn)
+    seconds = time.perf_counter() - begin
+    parts = [run.host_batch(ep, seconds) for run, ep in zip(self.runs, episodes)]
+    width = max(p["inputs"].shape[1] for p in parts)
+    batch = group.combine([_widened(p, width) for p in parts], s.mesh, self.micro)
+    reference = self.runs[0].reference
+    if reference is not None:  # the base, adapters off: one reference for every run
+      batch["ref_logprobs"] = self.runs[0]._ref_logprobs(reference(state["trainable"]), batch)
+    return batch
+
+  def metrics(self) -> dict:
+    return {}  # each run's own (its Rollouts' ``metrics``)
+
+  def get_state(self) -> dict:
+    return {"runs": [run.get_state() for run in self.runs]}
+
+  def set_state(self, state: dict) -> None:
+    for run, own in zip(self.runs, state["runs"]):
+      run.set_state(own)
+
+  def close(self) -> None:
+    pass  # each run closes its own
