@@ -186,21 +186,21 @@ def run_arms(study: str, arms: Sequence[Arm], values: dict, out: str, *,
 def _together(todo: list[int], cfgs: list[config_lib.RunConfig]) -> list[list[int]]:
   """The arms ``todo`` as batches to run: arms that can train as a group (LoRA, an
   objective with a group, no ``lora.full`` / ``lora.init`` / MoE-expert targets, equal
-  ``group.SHARED`` keys, all fresh or all resuming) and have the same rows per step (a
-  group pads a run's rows to the most: the batch study's batch-1 arm beside its batch-64
-  one would cost 64 times its own work) in one batch each, every other arm alone; in the
-  order of their first arm."""
+  ``group.SHARED`` keys and the objective's own, all fresh or all resuming) and have the
+  same rows per step (a group pads a run's rows to the most: the batch study's batch-1 arm
+  beside its batch-64 one would cost 64 times its own work) in one batch each, every other
+  arm alone; in the order of their first arm."""
   batches: dict = {}
   for i in todo:
-    cfg = cfgs[i]
+    cfg, kind = cfgs[i], driver.kind_of(cfgs[i])
     key = ("alone", i)
-    if (driver.kind_of(cfg).group is not None and cfg.train.method == "lora"
-        and not cfg.lora.full and cfg.lora.init is None and not _on_experts(cfg)):
+    if (kind.group is not None and cfg.train.method == "lora" and not cfg.lora.full
+        and cfg.lora.init is None and not _on_experts(cfg)):
       values = cfg.to_dict()
-      key = (driver.kind_of(cfg).command, fs.is_file(fs.join(cfg.run_dir, "config.json")),
-             cfg.data.batch_size,
-             json.dumps([group.shared_values(values, k) for k in group.SHARED],
-                        sort_keys=True))
+      key = (kind.command, fs.is_file(fs.join(cfg.run_dir, "config.json")),
+             kind.group.rows(cfg),
+             json.dumps([group.shared_values(values, k)
+                         for k in group.SHARED + kind.group.shared], sort_keys=True))
     batches.setdefault(key, []).append(i)
   return list(batches.values())
 
