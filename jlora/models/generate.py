@@ -202,7 +202,8 @@ def generate(model: Transformer, params, tokens_BP, *, max_new_tokens: int,
     tokens_BP: int prompts, left-padded to a common length P.
     max_new_tokens: tokens to sample per prompt.
     temperature: 0 for greedy, else softmax sampling at this temperature.
-    rng: PRNG key for sampling (required when temperature > 0).
+    rng: PRNG key for sampling (required when temperature > 0), or one per row
+      (``sample``'s ``key``).
     prompt_mask_BP: 1 for real prompt tokens, 0 for left padding (default: all real).
     adapters, spec: sample from base + LoRA adapters; with a ``jlora.core.stack.Stack``
       as ``spec``, stacked adapters, each row through adapter ``adapter_ids[row]``.

@@ -94,9 +94,9 @@ def generate_each(run_dirs: list[str], prompt: str, *, max_new_tokens: int = 64,
   share one base (checked on their configs before anything loads: one line naming the run
   and the key that differs), loaded once; their adapters are stacked
   (``jlora.core.stack``) and every run's answer comes from one batch, a row per run
-  (``models.sample(adapter_ids=...)``): what each run alone answers (greedy: token for
-  token; sampled: row i's own key stream, not run i's alone). ``step``: one checkpoint
-  step for every run (default: each run's latest)."""
+  (``models.sample(adapter_ids=...)``): what each run alone answers, token for token,
+  sampled ones too (every row gets the key stream a run alone gets). ``step``: one
+  checkpoint step for every run (default: each run's latest)."""
   cfgs = [_run_config(d) for d in run_dirs]
   if len(run_dirs) > 1:
     group.check(cfgs, run_dirs, keys=("model",), doing="generate")
@@ -118,9 +118,11 @@ def generate_each(run_dirs: list[str], prompt: str, *, max_new_tokens: int = 64,
         [run.trainable["lora"] for run in runs], st), st)
     adapter_ids = np.arange(len(runs))
   prompts = jnp.tile(jnp.asarray(ids, jnp.int32)[None], (len(runs), 1))
+  # every row the key stream of a one-row batch's row: each run samples what it samples alone
+  keys = jnp.tile(jax.random.fold_in(jax.random.PRNGKey(seed), 0)[None], (len(runs), 1))
   out = mesh_lib.traced_in(models.generate, s.mesh)(
       s.model, params, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-      rng=jax.random.PRNGKey(seed), adapter_ids=adapter_ids)
+      rng=keys, adapter_ids=adapter_ids)
   return [s.tok.decode(evaluate.until_eos(row, s.tok.eos_id)) for row in np.asarray(out)]
 
 

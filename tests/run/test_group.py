@@ -69,6 +69,12 @@ def test_each_run_of_a_group_ends_where_its_solo_run_ends(model_dir, trained_run
   assert cli.main(["generate", *dirs, "--prompt", "1+1=", "--max-new-tokens", "5"]) == 0
   assert capsys.readouterr().out == "".join(f"== {d}\n{t}\n" for d, t in zip(dirs, alone))
   assert len(set(alone)) > 1  # the adapters answer differently
+  sampled = ["--temperature", "1.0", "--seed", "3"]
+  alone = [trained.generate(d, "1+1=", max_new_tokens=5, temperature=1.0, seed=3)
+           for d in dirs]
+  assert cli.main(["generate", *dirs, "--prompt", "1+1=", "--max-new-tokens", "5",
+                   *sampled]) == 0
+  assert capsys.readouterr().out == "".join(f"== {d}\n{t}\n" for d, t in zip(dirs, alone))
   other = tmp_path / "other"  # a run on another base: one line, before anything loads
   other.mkdir()
   saved = json.load(open(tmp_path / "b" / "config.json"))
