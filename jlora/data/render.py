@@ -74,12 +74,15 @@ def _check_messages(messages) -> list[dict]:
   return messages
 
 
-def encode_chat(tok: Tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+def encode_chat(tok: Tokenizer, messages: list[dict], trained_from: int = 0
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """``(ids, mask)`` of a chat: the mask on its assistant turns from message
+  ``trained_from`` on (a preference pair's completion after a prompt with turns of its own)."""
   messages = _check_messages(messages)
   text = render_chat(tok, messages)
   spans = []
   for i, m in enumerate(messages):
-    if m["role"] != "assistant":
+    if m["role"] != "assistant" or i < trained_from:
       continue
     head = render_chat(tok, messages[:i], add_generation_prompt=True)
     through = render_chat(tok, messages[:i + 1])
@@ -152,6 +155,47 @@ def encode(record: dict, tok: Tokenizer, fmt: str = "auto", fields: Fields = Fie
     return (np.concatenate([head, tail]).astype(np.int32),
             np.concatenate([np.zeros(len(head), np.int32), np.ones(len(tail), np.int32)]))
   raise ValueError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+PAIR_FIELDS = ("chosen", "rejected")
+
+
+def _turns(value, name: str, role: str) -> list[dict]:
+  """A pair's prompt or completion as chat messages: a string is one ``role`` turn."""
+  if isinstance(value, str):
+    return [{"role": role, "content": value}]
+  if isinstance(value, list):
+    return value
+  raise ValueError(f"field {name!r} must be a string or a list of messages, got "
+                   f"{type(value).__name__}")
+
+
+def encode_pair(record: dict, tok: Tokenizer, fields: Fields = Fields(), chat: bool = True,
+                system: str | None = None) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+  """A preference record (TRL's format: ``prompt`` and ``chosen`` / ``rejected``, each a
+  string or a list of ``{role, content}`` messages) as two ``(ids, mask)``: the prompt
+  followed by each completion, the mask on the completion's tokens only (its assistant
+  turns and their end-of-turn tokens). Strings render as ``encode``'s completion format
+  (a user turn and an assistant turn with a chat template, else plain concatenation);
+  message lists with the chat template, the prompt's own assistant turns unmasked."""
+  prompt = record.get(fields.prompt)
+  missing = [f for f in (fields.prompt, *PAIR_FIELDS) if f not in record]
+  if missing:
+    raise ValueError(f"record has no field {missing[0]!r} (a preference pair needs "
+                     f"{fields.prompt!r}, 'chosen' and 'rejected'; fields: {sorted(record)})")
+  out = []
+  for name in PAIR_FIELDS:
+    value = record[name]
+    if isinstance(prompt, str) and isinstance(value, str):
+      ids, mask = encode({fields.prompt: prompt, fields.completion: value}, tok, "completion",
+                         fields, chat, system)
+    else:
+      head = _with_system(_turns(prompt, fields.prompt, "user"), system)
+      ids, mask = encode_chat(tok, head + _turns(value, name, "assistant"), len(head))
+    if not mask.any():
+      raise ValueError(f"field {name!r} renders to no completion tokens")
+    out.append((ids, mask))
+  return tuple(out)
 
 
 def prompt_ids(record: dict, tok: Tokenizer, fields: Fields = Fields(), chat: bool = True,

@@ -12,6 +12,9 @@ record and a run is reproducible. ``task:NAME`` in a data config opens one.
 - ``word_problems``: "A hall has 4 rows of 7 chairs. 5 chairs are taken. How many chairs
   are free?" -> "23": two- or three-step GSM8K-style problems from templates, integer
   answers (held out the same way); RL's second built-in task.
+- ``arithmetic_pairs``: ``arithmetic``'s problems as preference pairs for ``jlora dpo``:
+  ``chosen`` the right answer, ``rejected`` a near miss (off by 1, 2 or 10), ``answer``
+  kept so greedy accuracy is checkable as for ``arithmetic`` (the same held-out split).
 - ``facts``: "What is the code of Bazomi?" -> "57": made-up keys with uniformly random
   values. Nothing generalises; the answers carry exactly ``log2(values)`` bits each, which
   makes this the capacity task (FINDINGS 5): ``info_bits`` is exact, and the "test" split
@@ -41,6 +44,7 @@ class Task:
   exact_info: bool  # True when answer_bits is the information a model must store
   held_out: bool = True  # test problems never appear in train
   default_size: int = 2000
+  pairs: bool = False  # records are preference pairs: a near miss as "rejected"
 
   def check(self, reply: str, answer: str) -> bool:
     """Whether a model's reply answers correctly: the first word/number of the reply."""
@@ -109,6 +113,8 @@ TASKS = {
     "arithmetic": Task("arithmetic", _arithmetic, math.log2(199), exact_info=False),
     "reverse": Task("reverse", _reverse, 6 * math.log2(26), exact_info=False),
     "word_problems": Task("word_problems", _word_problem, math.log2(500), exact_info=False),
+    "arithmetic_pairs": Task("arithmetic_pairs", _arithmetic, math.log2(199),
+                             exact_info=False, pairs=True),
     "facts": Task("facts", None, math.log2(_FACT_VALUES), exact_info=True, held_out=False),
 }
 
@@ -156,8 +162,17 @@ class TaskSource:
     for attempt in range(1000):
       prompt, answer = self.task.make(np.random.default_rng([self.seed, want, i, attempt]))
       if not self.task.held_out or (zlib.crc32(prompt.encode()) % 10 == 0) == bool(want):
-        return {"prompt": prompt, "completion": answer, "answer": answer}
+        record = {"prompt": prompt, "completion": answer, "answer": answer}
+        return _near_miss(record, np.random.default_rng([self.seed, want, i, 9])) \
+            if self.task.pairs else record
     raise RuntimeError(f"task {self.task.name}: no {self.split} problem for record {i}")
+
+
+def _near_miss(record: dict, rng) -> dict:
+  """A preference pair of a record with an integer answer: chosen the answer, rejected a
+  near miss (off by 1, 2 or 10 either way)."""
+  miss = int(record["answer"]) + int(rng.choice([-10, -2, -1, 1, 2, 10]))
+  return {**record, "chosen": record["answer"], "rejected": str(miss)}
 
 
 def source(name: str, split: str = "train", seed: int = 0, size: int | None = None):

@@ -78,26 +78,31 @@ def lm_loss(model, spec, loss_chunk: int | None = None) -> LossFn:
   return loss
 
 
+def spread(i, n: int, total, count, *aux) -> tuple:
+  """One adapter's (total, count[, aux]) as ``[n]`` vectors holding them at index ``i``
+  (``_min`` / ``_max`` aux: +-inf elsewhere, so the step's min / max leave the other
+  adapters' alone): what a stacked loss (``make_step(adapter_axes=...)``) returns for a
+  micro-batch of adapter i's rows."""
+  one = jax.nn.one_hot(i, n, dtype=jnp.float32)
+
+  def spread_aux(k, v):
+    if k.endswith(("_min", "_max")):
+      return jnp.where(one > 0, v, jnp.inf if k.endswith("_min") else -jnp.inf)
+    return one * v
+  return (one * total, one * count) + tuple({k: spread_aux(k, v) for k, v in a.items()}
+                                            for a in aux)
+
 
 def one_adapter(fn: Callable, st) -> LossFn:
   """A stacked loss (``make_step(adapter_axes=...)``) for batches of one adapter's rows
   (``"adapter"``: its index on every row; ``group.GroupBatches``' micro-batches):
   ``fn(params, batch) -> (total, count[, aux])`` runs the batch through that adapter alone
-  (``stack.with_adapter``, the plain LoRA path), and its total, count and aux sums come
-  back as ``[N]`` vectors holding them at the adapter's index (``_min`` / ``_max`` aux:
-  +-inf elsewhere, so the step's min / max leave the other adapters' alone)."""
+  (``stack.with_adapter``, the plain LoRA path), and its results come back ``spread``."""
   def loss(trainable, frozen, batch):
     i = batch["adapter"][0]
     params = stack.with_adapter(optim.combine(trainable["full"], frozen), trainable["lora"],
                                 st, i)
-    total, count, *aux = fn(params, batch)
-    one = jax.nn.one_hot(i, st.n, dtype=jnp.float32)
-    def spread(k, v):
-      if k.endswith(("_min", "_max")):
-        return jnp.where(one > 0, v, jnp.inf if k.endswith("_min") else -jnp.inf)
-      return one * v
-    return (one * total, one * count) + tuple({k: spread(k, v) for k, v in a.items()}
-                                              for a in aux)
+    return spread(i, st.n, *fn(params, batch))
   return loss
 
 

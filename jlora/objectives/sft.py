@@ -23,7 +23,6 @@ def sft_objective(s: build.Setup) -> loop.Objective:
   # frozen passed as an argument: not baked into the program
   loss_fn = jax.jit(mesh_lib.traced_in(loss, s.mesh))
   held_out = [mesh_lib.global_batch(b, s.mesh) for b in evaluate.eval_batches(cfg, s.tok)]
-  task, records = evaluate.task_records(cfg)
 
   def eval_loss(trainable) -> dict:
     if not held_out:
@@ -31,15 +30,7 @@ def sft_objective(s: build.Setup) -> loop.Objective:
     sums = [loss_fn(trainable, s.frozen, b) for b in held_out]
     return {"eval_loss": float(sum(x for x, _ in sums) / max(sum(n for _, n in sums), 1.0))}
 
-  def held_out_metrics(trainable) -> dict:
-    out = eval_loss(trainable)
-    if records:
-      out["accuracy"] = mesh_lib.traced_in(evaluate.accuracy, s.mesh)(
-          s.model, optim.model_params(trainable, s.frozen, s.plan), s.tok, cfg.data,
-          records, task, cfg.eval.max_new_tokens)
-    return out
-
-  return loop.Objective(loss, sft_batches(s), held_out_metrics, eval_loss)
+  return loop.Objective(loss, sft_batches(s), evaluate.with_accuracy(s, eval_loss), eval_loss)
 
 
 def sft_batches(s: build.Setup) -> loop.DataBatches:
@@ -57,10 +48,7 @@ def sft_group(setups: list[build.Setup], st: stack.Stack, sources: list[loop.Dat
   loss = lm.stacked_lm_loss(s0.model, st, tuple(s.cfg.data.batch_size for s in setups),
                             s0.cfg.train.loss_chunk)
   loss_fn = jax.jit(mesh_lib.traced_in(loss, s0.mesh))
-  held_out = [[mesh_lib.global_batch({**b, "adapter": np.full(len(b["inputs"]), j, np.int32)},
-                                     s0.mesh)
-               for b in evaluate.eval_batches(s.cfg, s.tok)] for j, s in enumerate(setups)]
-  tasks = [evaluate.task_records(s.cfg) for s in setups]
+  held_out = evaluate.tagged([evaluate.eval_batches(s.cfg, s.tok) for s in setups], s0.mesh)
 
   def eval_loss(trainable, which) -> list[dict]:
     out = []
@@ -71,25 +59,8 @@ def sft_group(setups: list[build.Setup], st: stack.Stack, sources: list[loop.Dat
                  if held_out[j] else {})
     return out
 
-  def held_out_metrics(trainable, which) -> list[dict]:
-    out = eval_loss(trainable, which)
-    asked = [j for j in which if tasks[j][1]]
-    if asked:
-      params = stack.with_adapters(optim.combine(trainable["full"], s0.frozen),
-                                   trainable["lora"], st)
-      runs = [(evaluate.eval_data_config(s.cfg), tasks[j][1], s.cfg.eval.max_new_tokens)
-              if j in asked else None for j, s in enumerate(setups)]
-      said = mesh_lib.traced_in(evaluate.group_answers, s0.mesh)(s0.model, params, s0.tok,
-                                                                 runs)
-      for i, j in enumerate(which):
-        if j in asked:
-          task, records = tasks[j]
-          out[i]["accuracy"] = sum(task.check(text, r["answer"])
-                                   for text, r in zip(said[j], records)) / len(records)
-    return out
-
-  return loop.Objective(loss, group.GroupBatches(sources, s0.mesh, micro), held_out_metrics,
-                        eval_loss)
+  return loop.Objective(loss, group.GroupBatches(sources, s0.mesh, micro),
+                        evaluate.with_group_accuracy(setups, st, eval_loss), eval_loss)
 
 
 SFT = driver.register(driver.Kind(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
 from jlora import data, models
-from jlora.infra import multihost
+from jlora.infra import mesh as mesh_lib, multihost
 from jlora.run import config as config_lib
 from jlora.data import render
 
@@ -131,3 +131,62 @@ def task_records(cfg: config_lib.RunConfig) -> tuple[Any, list[dict]]:
   if task is None:
     return None, []
   return task, [source[i] for i in range(min(cfg.eval.examples, len(source)))]
+
+
+def group_accuracy(setups: list, st, trainable, which: list[int]) -> list[float | None]:
+  """Held-out greedy accuracy of runs ``which`` trained together (``jlora.run.group``):
+  each run's adapter of the stacked ``trainable`` answering its own task's records, every
+  run asked in shared decodes (``group_answers``); None for a run without a checkable
+  task."""
+  from jlora.core import optim, stack
+  s0 = setups[0]
+  tasks = [task_records(s.cfg) for s in setups]
+  asked = [j for j in which if tasks[j][1]]
+  if not asked:
+    return [None] * len(which)
+  params = stack.with_adapters(optim.combine(trainable["full"], s0.frozen), trainable["lora"],
+                               st)
+  runs = [(eval_data_config(s.cfg), tasks[j][1], s.cfg.eval.max_new_tokens)
+          if j in asked else None for j, s in enumerate(setups)]
+  said = mesh_lib.traced_in(group_answers, s0.mesh)(s0.model, params, s0.tok, runs)
+  out = []
+  for j in which:
+    task, records = tasks[j]
+    out.append(sum(task.check(text, r["answer"]) for text, r in zip(said[j], records))
+               / len(records) if j in asked else None)
+  return out
+
+
+def with_accuracy(s, eval_loss: Callable[[Any], dict]) -> Callable[[Any], dict]:
+  """A run's held-out metrics: ``eval_loss(trainable)`` and, for a task that checks
+  answers, greedy ``accuracy`` on its first ``eval.examples`` held-out records (``s``: the
+  run's ``build.Setup``)."""
+  from jlora.core import optim
+  task, records = task_records(s.cfg)
+
+  def metrics(trainable) -> dict:
+    out = eval_loss(trainable)
+    if records:
+      out["accuracy"] = mesh_lib.traced_in(accuracy, s.mesh)(
+          s.model, optim.model_params(trainable, s.frozen, s.plan), s.tok, s.cfg.data,
+          records, task, s.cfg.eval.max_new_tokens)
+    return out
+  return metrics
+
+
+def with_group_accuracy(setups: list, st, eval_loss: Callable) -> Callable:
+  """``with_accuracy`` for runs trained together: (trainable, which) -> their metrics."""
+  def metrics(trainable, which) -> list[dict]:
+    out = eval_loss(trainable, which)
+    for i, acc in enumerate(group_accuracy(setups, st, trainable, which)):
+      if acc is not None:
+        out[i]["accuracy"] = acc
+    return out
+  return metrics
+
+
+def tagged(batches: list[list[dict]], mesh) -> list[list[Any]]:
+  """Each run's held-out host batches as global batches with ``"adapter"`` (its index on
+  every row): what a group's stacked loss evaluates."""
+  return [[mesh_lib.global_batch({**b, "adapter": np.full(len(b["inputs"]), j, np.int32)},
+                                 mesh) for b in run] for j, run in enumerate(batches)]

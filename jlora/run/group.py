@@ -207,9 +207,9 @@ class Stacked:
     lora = jax.device_put(state["trainable"]["lora"],
                           sharding.stacked_adapter_shardings(self.st, specs, s.mesh))
     state = {**state, "trainable": {"lora": lora, "full": {}}}
-    return train_step.build(self.objective.loss, tx, state["trainable"], s.frozen, s.mesh,
-                            micro, adapter_axes=stack.adapter_axes(self.st),
-                            state=state)
+    return train_step.build(self.objective.loss, tx, state["trainable"],
+                            loop.frozen_of(self.objective, s), s.mesh, micro,
+                            adapter_axes=stack.adapter_axes(self.st), state=state)
 
   def next(self, state):
     return self.objective.batches.next(state)

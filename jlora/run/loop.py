@@ -113,12 +113,16 @@ class Objective:
     eval_loss: trainable -> the cheaper metrics run every ``eval.every`` steps (a group's:
       as ``evaluate``).
     fields: extra metric names for metrics.csv (JSONL and TensorBoard take them all).
+    frozen: what the loss gets as ``frozen`` when that is more than the run's frozen base
+      (None: the base; preference tuning: the base and its reference's adapter). Passed
+      to the step as an argument, never baked into the program.
   """
   loss: train_step.LossFn
   batches: Batches
   evaluate: Callable[[Any], dict]
   eval_loss: Callable[[Any], dict]
   fields: tuple[str, ...] = ()
+  frozen: Any = None
 
 
 @dataclasses.dataclass
@@ -187,6 +191,8 @@ class Trainer(Protocol):
   optimizer, its state) or several runs' adapters stacked over one base
   (``jlora.run.group.Stacked``)."""
 
+  objective: Objective | None  # what it trains (set by ``build`` for a group)
+
   def build(self, members: list[Member], states: list) -> tuple[Callable, Any]:
     """(the jitted step, its state) for these runs, from each run's own state."""
     ...
@@ -209,8 +215,9 @@ class Alone:
 
   def build(self, members, states):
     s = members[0].s
-    return train_step.build(self.objective.loss, s.tx, states[0]["trainable"], s.frozen,
-                            s.mesh, s.cfg.train.grad_accum, state=states[0])
+    return train_step.build(self.objective.loss, s.tx, states[0]["trainable"],
+                            frozen_of(self.objective, s), s.mesh, s.cfg.train.grad_accum,
+                            state=states[0])
 
   def next(self, state):
     return self.objective.batches.next(state)
@@ -226,6 +233,11 @@ class Alone:
 
   def evaluate(self, trainable, which, full):
     return [(self.objective.evaluate if full else self.objective.eval_loss)(trainable)]
+
+
+def frozen_of(objective: Objective, s) -> Any:
+  """What the step's loss gets as ``frozen``: the objective's own, else the run's base."""
+  return s.frozen if objective.frozen is None else objective.frozen
 
 
 def _fields(fields: tuple[str, ...]) -> tuple[str, ...]:
@@ -443,7 +455,8 @@ def _steps(loop: _Loop, step_fn, state, active: list[Member]) -> None:
     if fresh_build:
       compiled_at = time.perf_counter()
       step_fn = _compile(loop, step_fn, state, batch)
-    state, metrics = step_fn(state, active[0].s.frozen, batch)
+    state, metrics = step_fn(state, frozen_of(loop.trainer.objective, active[0].s),
+                             batch)
     if begin is None:  # throughput counts from here: the first step includes compilation
       jax.block_until_ready(metrics)
       begin = time.perf_counter()
@@ -527,7 +540,8 @@ def _compile(loop: _Loop, step_fn, state, batch):
   """The step compiled for the batch's shapes, ahead of its first call."""
   loop.emit(events.phase("compilation"))
   begin = time.perf_counter()
-  compiled = train_step.compile_step(step_fn, state, loop.members[0].s.frozen, batch)
+  frozen = frozen_of(loop.trainer.objective, loop.members[0].s)
+  compiled = train_step.compile_step(step_fn, state, frozen, batch)
   loop.log(f"compiled the train step in {time.perf_counter() - begin:.1f} s")
   loop.emit(events.phase("steps"))
   return compiled
