@@ -48,7 +48,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jlora import data
 from jlora.core import optim, stack
@@ -195,15 +194,26 @@ def reference(s: build.Setup) -> dict:
   if s.cfg.dpo.loss in REFERENCE_FREE:
     return {"lora": {}, "full": {}}
   copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)  # noqa: E731
-  fresh = s.cfg.lora.init is None or s.cfg.train.method != "lora"
-  return {"lora": {} if fresh else copy(s.trainable["lora"]), "full": copy(s.trainable["full"])}
+  return {"lora": copy(s.trainable["lora"]) if _starts_trained(s.cfg) else {},
+          "full": copy(s.trainable["full"])}
+
+
+def _starts_trained(cfg: config_lib.RunConfig) -> bool:
+  """Whether the reference holds a starting adapter: ``lora.init``, for a loss with a
+  reference."""
+  return (cfg.lora.init is not None and cfg.train.method == "lora"
+          and cfg.dpo.loss not in REFERENCE_FREE)
 
 
 class PairBatches(loop.DataBatches):
-  """A run's preference batches (``jlora.data.pairs``) on its mesh."""
+  """A run's preference batches (``jlora.data.pairs``) on its mesh. In a group it also
+  keeps the run's starting adapter (``start``: a copy, taken before the step owns the
+  run's state) and whether it came from ``lora.init``, for the group's reference."""
 
-  def __init__(self, cfg: data.DataConfig, tok, mesh, blocks: int = 1):
+  def __init__(self, cfg: data.DataConfig, tok, mesh, blocks: int = 1, start=None,
+               initialised: bool = False):
     super().__init__(iter(pairs.dataset(cfg, tok, blocks=blocks)), mesh)
+    self.start, self.initialised = start, initialised
 
 
 def held_out_batches(cfg: config_lib.RunConfig, tok) -> list[dict]:
@@ -243,8 +253,11 @@ def objective(s: build.Setup) -> loop.Objective:
 
 
 def dpo_batches(s: build.Setup) -> PairBatches:
-  """A run's own pairs in a group: blocks of the group's contiguous micro-batches."""
-  return PairBatches(s.cfg.data, s.tok, s.mesh, blocks=s.cfg.train.grad_accum)
+  """A run's own pairs in a group: blocks of the group's contiguous micro-batches; its
+  starting adapter kept for the group's reference (``dpo_group``)."""
+  start = jax.tree_util.tree_map(jnp.copy, s.trainable["lora"])
+  return PairBatches(s.cfg.data, s.tok, s.mesh, blocks=s.cfg.train.grad_accum, start=start,
+                     initialised=_starts_trained(s.cfg))
 
 
 def dpo_group(setups: list[build.Setup], st: stack.Stack, sources: list[PairBatches],
@@ -255,9 +268,11 @@ def dpo_group(setups: list[build.Setup], st: stack.Stack, sources: list[PairBatc
   (``evaluate.group_accuracy``)."""
   s0 = setups[0]
   loss = stacked_dpo_loss(s0.model, st, **_section_kwargs(s0.cfg))
-  starts = [reference(s)["lora"] for s in setups]
-  ref = stack.stack_adapters([x or s.trainable["lora"] for x, s in zip(starts, setups)], st) \
-      if any(starts) else {}
+
+  # every run's reference is the base, or (a run from lora.init in the group) each run's
+  # starting adapter stacked: a fresh run's (B = 0) leaves the base exactly
+  ref = stack.stack_adapters([b.start for b in sources], st) \
+      if any(b.initialised for b in sources) else {}
   frozen = {"base": s0.frozen, "ref": {"lora": ref, "full": {}}}
   loss_fn = jax.jit(mesh_lib.traced_in(loss, s0.mesh))
   held = evaluate.tagged([held_out_batches(s.cfg, s.tok) for s in setups], s0.mesh)
