@@ -205,21 +205,22 @@ def rl_capacity(steps: int, episodes_per_step: int, bits_per_episode: float,
   return Finding("rl", "warn", line + ": more than the adapters can hold; raise the rank", 6)
 
 
-def _rl_learning_rate(cfg, lr, steps, method) -> Finding:
-  """The LR finding for an RL run: ``_learning_rate``'s where the model has no published
-  fit, else the LR against the SFT rule (RL's default is ``hparams.RL_LR_FACTOR`` x the
-  rule), a warning above half of it. Why a tenth: bench/RESULTS.md, "RL with LoRA"."""
+def _factored_learning_rate(cfg, lr, steps, method, factor: float, who: str) -> Finding:
+  """The LR finding for an objective whose default LR is ``factor`` x the SFT rule (RL,
+  preference tuning: ``who``): ``_learning_rate``'s where the model has no published fit,
+  else the LR against the rule, a warning above half of it. Why a tenth: bench/RESULTS.md,
+  "RL with LoRA" and "DPO"."""
   finding = _learning_rate(cfg, lr, steps, method)
   if finding.severity == "error" or "no published fit" in finding.message:
     return finding
   rule = hparams.full_ft_lr(cfg) if method == "full" else hparams.lora_lr(cfg, steps)
-  factor = hparams.RL_LR_FACTOR
   if lr is None:
     return Finding("lr", "ok", f"lr {factor * rule:.3g}: {factor:g}x the SFT rule's "
-                   f"{rule:.3g} (RL's default: the rule's LR collapsed RL runs here)", 2)
+                   f"{rule:.3g} ({who}'s default: the rule's LR collapsed {who} runs here)",
+                   2)
   ratio = lr / rule
   return Finding("lr", "warn" if ratio > 0.5 else "ok",
-                 f"lr {lr:.3g} is {ratio:.2g}x the SFT rule's {rule:.3g}; for RL jlora "
+                 f"lr {lr:.3g} is {ratio:.2g}x the SFT rule's {rule:.3g}; for {who} jlora "
                  f"measured the rule's LR collapsing and {factor:g}x of it stable", 2)
 
 
@@ -238,11 +239,22 @@ def advise_rl(run_cfg, model_cfg: ModelConfig, plan: lora.Plan | None,
     params = sum(math.prod(s) for s in
                  models.param_shapes(models.Transformer(model_cfg)).values())
     out = []
-  out.append(_rl_learning_rate(model_cfg, t.lr, t.steps, t.method))
+  out.append(_factored_learning_rate(model_cfg, t.lr, t.steps, t.method,
+                                     hparams.RL_LR_FACTOR, "RL"))
   out.append(rl_capacity(t.steps, episodes_per_step, bits_per_episode, params, t.method))
   if t.method == "lora":
     out.append(_alpha(plan.spec.alpha, plan.spec.rslora, t.lr))
   return out
+
+
+def advise_preference(run_cfg, model_cfg: ModelConfig, stats=None,
+                      plan: lora.Plan | None = None) -> list[Finding]:
+  """``advise_run`` for preference tuning (``jlora dpo``): its LR against the preference
+  factor on the rule (``hparams.PREFERENCE_LR_FACTOR``), batches of pairs."""
+  t = run_cfg.train
+  lr = _factored_learning_rate(model_cfg, t.lr, t.steps, t.method,
+                               hparams.PREFERENCE_LR_FACTOR, "preference tuning")
+  return [lr if f.rule == "lr" else f for f in advise_run(run_cfg, model_cfg, stats, plan)]
 
 
 def advise_run(run_cfg, model_cfg: ModelConfig, stats=None, plan: lora.Plan | None = None

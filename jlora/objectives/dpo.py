@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from jlora import data
 from jlora.core import optim, stack
 from jlora.data import pairs
-from jlora.findings import advisor
+from jlora.findings import advisor, hparams
 from jlora.infra import mesh as mesh_lib
 from jlora.objectives import lm
 from jlora.run import build, config as config_lib, driver, evaluate, group, loop
@@ -310,7 +310,8 @@ def check_data(cfg: config_lib.RunConfig, tok, model_cfg, limit: int) -> data.St
 DPO = driver.register(driver.Kind(
     "dpo", "dpo", "preference tuning (DPO, IPO, hinge, SimPO, ORPO) on {prompt, chosen, "
     "rejected} pairs from a TOML recipe with a [dpo] section", "configs/dpo_arithmetic.toml",
-    build.Rules(_rows, check_data), objective, SECTION, advisor.advise_run,
+    build.Rules(_rows, check_data, hparams.PREFERENCE_LR_FACTOR), objective, SECTION,
+    advisor.advise_preference,
     group=group.Group(dpo_batches, dpo_group, ("dpo", "data.batch_size"))))
 
 
