@@ -36,8 +36,9 @@ Metrics under TRL's names (means over pairs): ``rewards/chosen`` = beta (pc - rc
 ``rewards/rejected`` = beta (pr - rr) (reference-free losses: beta pc/lc and beta pr/lr for
 simpo, lambda of those for orpo, as TRL's CPO and ORPO trainers), ``rewards/margins``,
 ``rewards/accuracies`` (chosen reward > rejected), ``logps/chosen`` / ``logps/rejected``
-(the policy's summed log-probs). Held out: ``eval_loss``, ``preference_accuracy`` (the
-held-out pairs' ``rewards/accuracies``) and, for tasks that check answers, greedy
+(the policy's summed log-probs); the step's ``tokens`` column counts the loss's pairs.
+Held out: ``eval_loss``, ``preference_accuracy`` (the held-out pairs'
+``rewards/accuracies``), ``eval_rewards/margins`` and, for tasks that check answers, greedy
 ``accuracy`` as SFT's.
 """
 
@@ -61,7 +62,7 @@ from jlora.run import train_step
 LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
 FIELDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-          "logps/chosen", "logps/rejected", "preference_accuracy")
+          "logps/chosen", "logps/rejected", "preference_accuracy", "eval_rewards/margins")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -131,10 +131,16 @@ def test_a_runs_state_moves_between_its_group_and_a_solo_run():
   group = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
   copy = lambda t: jax.tree.map(jnp.copy, t)  # states are donated
 
+  built = {}  # each adapter's solo step, compiled once
+
   def solo_step(i):
+    """(adapter i's solo step, a fresh state, its frozen base)."""
     trainable, frozen = optim.trainable(params, copy(solos[i]), st.plans[i])
-    return (*train_step.build(lm.lm_loss(model, st.plans[i]), _solo_tx(settings[i]),
-                              trainable, frozen, one), frozen)
+    if i not in built:
+      built[i] = train_step.build(lm.lm_loss(model, st.plans[i]), _solo_tx(settings[i]),
+                                  trainable, frozen, one)[0]
+      trainable, frozen = optim.trainable(params, copy(solos[i]), st.plans[i])
+    return built[i], train_step.init_state(trainable, _solo_tx(settings[i]), one), frozen
 
   def run_solo(i, state, n):
     step, _, frozen = solo_step(i)

@@ -2,7 +2,7 @@
 train.grad_accum = 2, one from a lora.init adapter) resume bit-exact after a
 SIGKILL; a run alone stopped by SIGTERM saves, resumes and ends where its group's twin
 ends; its adapters export as PEFT; bad [dpo] values and records missing a field are one
-line before anything is created."""
+line before anything is created; a changed [dpo] is refused on resume."""
 
 import json
 import os
@@ -11,11 +11,13 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from jlora import cli, models
 from jlora.core import lora
 from jlora.interop import peft
+from jlora.run import config, rundir
 from tests.helpers import ROOT, randomize_b, write_jsonl, write_toml
 
 
@@ -113,3 +115,10 @@ def test_bad_dpo_settings_and_records_are_one_line_errors(model_dir, tmp_path, c
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "record has no field 'rejected'" in err[0] and "pairs.jsonl" in err[0]
   assert not (tmp_path / "run").exists()
+  # [dpo] is part of the trajectory: --resume refuses a changed one, naming the key
+  values = _recipe(model_dir, tmp_path / "run")
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "config.json").write_text(config.from_dict(values).to_json())
+  values["dpo"] = {"beta": 0.3}
+  with pytest.raises(ValueError, match=r"changed since it started: dpo.beta: 0.2 -> 0.3$"):
+    rundir.check(config.from_dict(values), resume=True)

@@ -51,10 +51,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_partial(small_disk, trained_
   assert out.stderr.startswith(f"jlora: error: checkpoint step 4 could not be saved in {run}/"
                                "checkpoints: no space left on device (") and\
       "the last good checkpoint is step 2" in out.stderr, out.stderr
-  assert os.listdir(run / "checkpoints") == ["2"]
-  small_disk.empty()
-  assert jlora_cli("train", toml, "--no-progress", "--resume").returncode == 0
-  assert steps_logged(run) == list(range(9))  # (exactness: the test above, in-process)
+  assert os.listdir(run / "checkpoints") == ["2"]  # (its resume: the test above)
 
   # The disk fills while orbax writes (the space check passed): orbax's writer threads give
   # up, the loop finds out at its next poll, and their tracebacks are not shown.
