@@ -74,11 +74,17 @@ def held_out(s: build.Setup, rollouts: Rollouts) -> Callable[[dict], dict]:
   return metrics
 
 
+def loss_settings(cfg: config_lib.RunConfig) -> dict:
+  """``losses.policy_loss``'s keywords from a run's ``[rl]``."""
+  rl = cfg.rl
+  return {"kind": rl.loss, "clip": rl.clip, "kl_coef": rl.kl_coef,
+          "chunk": cfg.train.loss_chunk, "clip_low": rl.clip_low, "clip_high": rl.clip_high,
+          "gspo_clip": (rl.gspo_clip_low, rl.gspo_clip_high)}
+
+
 def objective(s: build.Setup) -> loop.Objective:
   """The RL objective for the shared loop (see the module docstring)."""
-  rl = s.cfg.rl
-  loss = losses.policy_loss(s.model, s.plan, kind=rl.loss, clip=rl.clip,
-                            kl_coef=rl.kl_coef, chunk=s.cfg.train.loss_chunk)
+  loss = losses.policy_loss(s.model, s.plan, **loss_settings(s.cfg))
   rollouts = Rollouts(s, data.open_source(s.cfg.data), reference(s))
   evaluate_fn = held_out(s, rollouts)
   return loop.Objective(loss, rollouts, evaluate_fn, evaluate_fn, FIELDS)
@@ -137,9 +143,8 @@ def rl_group(setups: list[build.Setup], st: stack.Stack, runs: list[Rollouts], m
   step sampled in one decode (``rollouts.GroupRollouts``), the stacked policy loss over
   micro-batches of one run each (``losses.stacked_policy_loss``); held out, each run's
   greedy answers through its own adapter (its solo ``held_out``)."""
-  s0, rl = setups[0], setups[0].cfg.rl
-  loss = losses.stacked_policy_loss(s0.model, st, kind=rl.loss, clip=rl.clip,
-                                    kl_coef=rl.kl_coef, chunk=s0.cfg.train.loss_chunk)
+  s0 = setups[0]
+  loss = losses.stacked_policy_loss(s0.model, st, **loss_settings(s0.cfg))
   held = [held_out(s, run) for s, run in zip(setups, runs)]
 
   def evaluate_fn(trainable, which) -> list[dict]:
@@ -153,6 +158,7 @@ def rl_group(setups: list[build.Setup], st: stack.Stack, runs: list[Rollouts], m
 # What RL runs trained together share besides group.SHARED: one decode samples every run
 # (its length, temperature, nucleus) and one loss trains them (its kind, clip, KL).
 RL_SHARED = ("rl.max_new_tokens", "rl.temperature", "rl.top_p", "rl.loss", "rl.clip",
+             "rl.clip_low", "rl.clip_high", "rl.gspo_clip_low", "rl.gspo_clip_high",
              "rl.kl_coef", "rl.track_kl")
 
 # A step's rows are prompts x group; the LR rule's absolute values are fit on SFT and

@@ -15,6 +15,31 @@ completion more weight than one of a long completion, which biases the update by
 (towards longer wrong answers and shorter right ones); a plain token sum ties the update's
 size, and so the learning rate, to prompts x group x length. Dividing once by the token
 count keeps every token equal and the LR rule's LR meaningful whatever the batch.
+
+The loss family (``kind``; ``sum / count`` is the loss; r = exp(log p - log p_sampler) per
+token, A the row's advantage):
+
+- ``importance_sampling``: -r A per token, token-level mean (above).
+- ``ppo``: -min(r A, clip(r, 1 - clip, 1 + clip) A) per token, token-level mean.
+- ``grpo`` (GRPO; Shao et al. 2024, arXiv:2402.03300, eq. 3): PPO's clipped term, per
+  sequence the mean over its tokens, then the mean over sequences (``count``: sequences
+  with a token). The length bias Dr. GRPO names comes from this per-sequence mean.
+- ``dr_grpo`` (Dr. GRPO; Liu et al. 2025, arXiv:2503.20783, sec. 3.1): PPO's clipped term
+  summed over tokens and divided by a constant, the batch's completion width (its mask
+  columns: ``rl.max_new_tokens``) x rows; no std normalisation (``rl.normalize_std`` off).
+- ``dapo`` (DAPO; Yu et al. 2025, arXiv:2503.14476, eq. 8-10): token-level mean of PPO's
+  term with the asymmetric "clip-higher" range [1 - clip_low, 1 + clip_high], 0.2 / 0.28.
+  DAPO's dynamic sampling is ``rl.drop_constant_groups`` (rows with no tokens here).
+- ``gspo`` (GSPO; Zheng et al. 2025, arXiv:2507.18071, eq. 5-7): the sequence-level ratio
+  s = exp(mean over the sequence's tokens of log r), -min(s A, clip(s, 1 - e_low,
+  1 + e_high) A) per sequence with GSPO's own small range (3e-4 / 4e-4, the paper's), mean
+  over sequences.
+- ``cispo`` (CISPO; MiniMax-M1, arXiv:2506.13585, eq. 4): -sg(min(r, 1 + clip_high)) A
+  log p per token (the IS weight clipped and stop-gradient: every token keeps a gradient),
+  token-level mean.
+
+``policy_loss`` never drops rows itself: a row's weight is its mask. Aux metrics are token
+means whatever the normalisation (scaled to ``count`` for the step's division).
 """
 
 from __future__ import annotations
@@ -27,7 +52,9 @@ from jlora.core import optim
 from jlora.objectives import lm
 from jlora.run import train_step
 
-LOSSES = ("importance_sampling", "ppo")
+LOSSES = ("importance_sampling", "ppo", "grpo", "dr_grpo", "dapo", "gspo", "cispo")
+SEQUENCE_LEVEL = ("grpo", "gspo")  # count: sequences; the others count tokens
+GSPO_CLIP = (3e-4, 4e-4)  # GSPO's sequence-ratio range (its paper's left / right)
 
 
 def advantages(rewards, group_size: int, normalize_std: bool = False) -> np.ndarray:
@@ -55,7 +82,13 @@ def per_token(ratio, adv, kind: str, clip: float):
     return -ratio * adv, jnp.zeros_like(ratio)
   if kind != "ppo":
     raise ValueError(f"unknown RL loss {kind!r}; use one of {', '.join(LOSSES)}")
-  unclipped, clipped = ratio * adv, jnp.clip(ratio, 1.0 - clip, 1.0 + clip) * adv
+  return clipped_surrogate(ratio, adv, clip, clip)
+
+
+def clipped_surrogate(ratio, adv, low: float, high: float):
+  """PPO's clipped surrogate with the range [1 - low, 1 + high]: (-min(ratio A,
+  clip(ratio) A), where the clipped side is the minimum)."""
+  unclipped, clipped = ratio * adv, jnp.clip(ratio, 1.0 - low, 1.0 + high) * adv
   return -jnp.minimum(unclipped, clipped), (clipped < unclipped).astype(jnp.float32)
 
 
@@ -67,27 +100,36 @@ def kl_k3(logp, ref_logp):
 
 
 def policy_loss(model, plan, *, kind: str = "importance_sampling", clip: float = 0.2,
-                kl_coef: float = 0.0, chunk: int | None = None) -> train_step.LossFn:
-  """``loss(trainable, frozen, batch) -> (sum, tokens, aux)`` for ``train_step.make_step``.
-  Aux (means over the completion tokens unless named _min/_max): ``ratio_mean``,
-  ``ratio_min``, ``ratio_max``, ``clip_frac`` (ppo), ``kl`` (when the batch has
+                kl_coef: float = 0.0, chunk: int | None = None, clip_low: float = 0.2,
+                clip_high: float = 0.28, gspo_clip: tuple[float, float] = GSPO_CLIP
+                ) -> train_step.LossFn:
+  """``loss(trainable, frozen, batch) -> (sum, count, aux)`` for ``train_step.make_step``
+  (``kind``: the module docstring; ``clip``: ppo / grpo / dr_grpo's range, ``clip_low`` /
+  ``clip_high``: dapo's, ``clip_high``: cispo's cap, ``gspo_clip``: gspo's). Aux (token
+  means unless named _min/_max): ``ratio_mean``, ``ratio_min``, ``ratio_max``,
+  ``clip_frac`` (clipped kinds; gspo: the sequences' fraction), ``kl`` (when the batch has
   ``ref_logprobs``)."""
-  terms = _terms(model, kind, clip, kl_coef, chunk)
+  terms = _terms(model, kind, clip, kl_coef, chunk, clip_low, clip_high, gspo_clip)
   return lambda trainable, frozen, batch: terms(
       optim.model_params(trainable, frozen, plan), batch)
 
 
 def stacked_policy_loss(model, st, *, kind: str = "importance_sampling", clip: float = 0.2,
-                        kl_coef: float = 0.0, chunk: int | None = None) -> train_step.LossFn:
+                        kl_coef: float = 0.0, chunk: int | None = None, clip_low: float = 0.2,
+                        clip_high: float = 0.28, gspo_clip: tuple[float, float] = GSPO_CLIP
+                        ) -> train_step.LossFn:
   """``policy_loss`` of stacked adapters (``jlora.core.stack``: RL runs trained together)
   over micro-batches of one run's rows each (``"adapter"``): each through its own
-  adapter, its sum, tokens and aux ``[N]`` (``lm.one_adapter``). The runs share ``kind``,
-  ``clip`` and ``kl_coef`` (``RL_SHARED``)."""
-  return lm.one_adapter(_terms(model, kind, clip, kl_coef, chunk), st)
+  adapter, its sum, count and aux ``[N]`` (``lm.one_adapter``). The runs share the loss's
+  settings (``RL_SHARED``)."""
+  return lm.one_adapter(_terms(model, kind, clip, kl_coef, chunk, clip_low, clip_high,
+                               gspo_clip), st)
 
 
-def _terms(model, kind: str, clip: float, kl_coef: float, chunk: int | None):
-  """(params, batch) -> (sum, tokens, aux) of the policy loss (``policy_loss``)."""
+def _terms(model, kind: str, clip: float, kl_coef: float, chunk: int | None,
+           clip_low: float = 0.2, clip_high: float = 0.28,
+           gspo_clip: tuple[float, float] = GSPO_CLIP):
+  """(params, batch) -> (sum, count, aux) of the policy loss (``policy_loss``)."""
   if kind not in LOSSES:
     raise ValueError(f"unknown RL loss {kind!r}; use one of {', '.join(LOSSES)}")
 
@@ -95,21 +137,56 @@ def _terms(model, kind: str, clip: float, kl_coef: float, chunk: int | None):
     mask = batch["mask"].astype(jnp.float32)
     logp = lm.token_logprobs(model, params, batch, chunk, last=mask.shape[1])
     on = mask > 0
-    ratio = jnp.exp(logp - batch["sampler_logprobs"])
-    terms, clipped = per_token(ratio, batch["advantages"][:, None], kind, clip)
-    aux = {"ratio_mean": jnp.sum(ratio * mask),
-           "ratio_min": jnp.min(jnp.where(on, ratio, jnp.inf)),
-           "ratio_max": jnp.max(jnp.where(on, ratio, -jnp.inf))}
-    if kind == "ppo":
-      aux["clip_frac"] = jnp.sum(clipped * mask)
+    log_ratio = logp - batch["sampler_logprobs"]
+    ratio = jnp.exp(log_ratio)
+    adv = batch["advantages"][:, None]
+    tokens = jnp.sum(mask, axis=1)
+    has = (tokens > 0).astype(jnp.float32)
+    kl = None
     if "ref_logprobs" in batch:
       kl = kl_k3(logp, batch["ref_logprobs"])
-      aux["kl"] = jnp.sum(kl * mask)
-      if kl_coef:
-        terms = terms + kl_coef * kl
     elif kl_coef:
       raise ValueError("kl_coef > 0 needs ref_logprobs in the batch")
-    return jnp.sum(terms * mask), jnp.sum(mask), aux
+    penalty = kl_coef * kl if kl_coef else 0.0
+    if kind in ("importance_sampling", "ppo"):
+      per, clipped = per_token(ratio, adv, kind, clip)
+    elif kind in ("grpo", "dr_grpo"):
+      per, clipped = clipped_surrogate(ratio, adv, clip, clip)
+    elif kind == "dapo":
+      per, clipped = clipped_surrogate(ratio, adv, clip_low, clip_high)
+    elif kind == "cispo":
+      weight = jax.lax.stop_gradient(jnp.minimum(ratio, 1.0 + clip_high))
+      per, clipped = -weight * adv * logp, (ratio > 1.0 + clip_high).astype(jnp.float32)
+    if kind == "gspo":
+      seq_ratio = jnp.exp(jnp.sum(log_ratio * mask, axis=1) / jnp.maximum(tokens, 1.0))
+      seq, seq_clipped = clipped_surrogate(seq_ratio, batch["advantages"], *gspo_clip)
+      if kl_coef:
+        seq = seq + jnp.sum(penalty * mask, axis=1) / jnp.maximum(tokens, 1.0)
+      total, count = jnp.sum(seq * has), jnp.sum(has)
+      clipped_sum = jnp.sum(seq_clipped * has)  # sequences: what the count counts
+    else:
+      per = per + penalty
+      if kind == "grpo":  # each sequence's token mean, then over sequences
+        total = jnp.sum(jnp.sum(per * mask, axis=1) / jnp.maximum(tokens, 1.0))
+        count = jnp.sum(has)
+      else:
+        total = jnp.sum(per * mask)
+        count = (jnp.asarray(mask.size, jnp.float32) if kind == "dr_grpo"
+                 else jnp.sum(mask))
+      clipped_sum = jnp.sum(clipped * mask)
+    # aux: token means, as sums the step divides by ``count`` (a token sum where the count
+    # is the tokens)
+    n = jnp.maximum(jnp.sum(mask), 1.0)
+    counts_tokens = kind not in SEQUENCE_LEVEL and kind != "dr_grpo"
+    as_sum = (lambda x: x) if counts_tokens else (lambda x: x / n * count)  # noqa: E731
+    aux = {"ratio_mean": as_sum(jnp.sum(ratio * mask)),
+           "ratio_min": jnp.min(jnp.where(on, ratio, jnp.inf)),
+           "ratio_max": jnp.max(jnp.where(on, ratio, -jnp.inf))}
+    if kind != "importance_sampling":
+      aux["clip_frac"] = clipped_sum if kind == "gspo" else as_sum(clipped_sum)
+    if kl is not None:
+      aux["kl"] = as_sum(jnp.sum(kl * mask))
+    return total, count, aux
 
   return terms_of
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from jlora.objectives.rl.losses import LOSSES
 from jlora.run import config as config_lib
 
 
@@ -20,8 +21,13 @@ class RLSection:
   max_new_tokens: int = 24
   temperature: float = 1.0
   top_p: float = 1.0
-  loss: str = "importance_sampling"  # or "ppo" (clipped ratio)
-  clip: float = 0.2  # ppo: the ratio is clipped to [1 - clip, 1 + clip]
+  # or ppo, grpo, dr_grpo, dapo, gspo, cispo (jlora.objectives.rl.losses: formulas, papers)
+  loss: str = "importance_sampling"
+  clip: float = 0.2  # ppo, grpo, dr_grpo: the ratio is clipped to [1 - clip, 1 + clip]
+  clip_low: float = 0.2  # dapo: [1 - clip_low, 1 + clip_high] ("clip-higher")
+  clip_high: float = 0.28  # dapo; cispo: the IS weight is capped at 1 + clip_high
+  gspo_clip_low: float = 3e-4  # gspo: the sequence ratio's range (the paper's)
+  gspo_clip_high: float = 4e-4
   kl_coef: float = 0.0  # KL penalty to the reference policy (the base, adapters off)
   track_kl: bool = True  # report the KL to the reference each step (one more forward)
   normalize_std: bool = False  # divide advantages by the group's reward std (GRPO)
@@ -38,14 +44,18 @@ class RLSection:
       raise ValueError(f"rl.group_size must be >= 2, got {self.group_size}: advantages "
                        "are rewards minus their group's mean, so a group of one has none "
                        "and the run cannot learn")
-    if self.loss not in ("importance_sampling", "ppo"):
-      raise ValueError(f"rl.loss {self.loss!r} is not 'importance_sampling' or 'ppo'")
+    if self.loss not in LOSSES:
+      raise ValueError(f"rl.loss {self.loss!r} is not one of {', '.join(LOSSES)}")
     if not (math.isfinite(self.temperature) and self.temperature >= 0):
       raise ValueError(f"rl.temperature must be >= 0, got {self.temperature}")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"rl.top_p must be in (0, 1], got {self.top_p}")
-    if not 0 < self.clip < 1:
-      raise ValueError(f"rl.clip must be in (0, 1), got {self.clip}")
+    for name in ("clip", "clip_low", "gspo_clip_low"):
+      if not 0 < getattr(self, name) < 1:
+        raise ValueError(f"rl.{name} must be in (0, 1), got {getattr(self, name)}")
+    for name in ("clip_high", "gspo_clip_high"):
+      if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+        raise ValueError(f"rl.{name} must be > 0, got {getattr(self, name)}")
     if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
       raise ValueError(f"rl.kl_coef must be >= 0, got {self.kl_coef}")
     if not math.isfinite(self.format_reward):

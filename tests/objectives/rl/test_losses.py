@@ -53,8 +53,9 @@ def test_ppo_clip_region_is_exact_at_the_boundaries():
   np.testing.assert_allclose(loss, -2.0 * np.asarray(r))
 
 
-@pytest.mark.parametrize("off_policy", [False, True])
-def test_policy_gradient_equals_an_independent_computation(off_policy):
+def _case(off_policy: bool):
+  """A tiny policy, hand-made episodes with random advantages, and their training batch
+  whose sampler log-probs are the learner's (on-policy) or differ per token (off)."""
   model, plan, trainable, frozen = tiny_policy()
   ep, prompts = hand_episodes()
   adv = np.random.default_rng(1).normal(size=len(prompts)).astype(np.float32)
@@ -63,6 +64,12 @@ def test_policy_gradient_equals_an_independent_computation(off_policy):
   learner = lm.token_logprobs(model, params, batch, chunk=16, last=N)
   shift = np.random.default_rng(2).normal(0, 0.1, learner.shape) if off_policy else 0.0
   batch["sampler_logprobs"] = np.asarray(learner + shift, np.float32) * batch["mask"]
+  return model, plan, trainable, frozen, ep, prompts, adv, batch
+
+
+@pytest.mark.parametrize("off_policy", [False, True])
+def test_policy_gradient_equals_an_independent_computation(off_policy):
+  model, plan, trainable, frozen, ep, prompts, adv, batch = _case(off_policy)
   loss_fn = losses.policy_loss(model, plan, chunk=16)
   total, count, aux = loss_fn(trainable, frozen, batch)
   assert count == sum(ep.lengths)
@@ -107,3 +114,108 @@ def test_kl_to_the_base_is_zero_at_init_and_positive_after():
     _, count, aux = losses.policy_loss(model, plan, kl_coef=0.1)(trainable, frozen, batch)
     kl = float(aux["kl"]) / float(count)
     assert (kl == 0.0) if zero else kl > 1e-4
+
+
+def _family_loss(kind, lps, fixed, adv, width):
+  """The loss of each new kind from its paper's formula, per row (unpadded): ``lps`` the
+  learner's token log-probs, ``fixed`` the sampler's, ``adv`` the advantages; written apart
+  from losses._terms (no masks, no shared normalisation code)."""
+  rows = []
+  for lp, f, a in zip(lps, fixed, adv):
+    r = jnp.exp(lp - f)
+    if kind == "cispo":
+      w = jax.lax.stop_gradient(jnp.minimum(r, 1.28))  # the weight is a constant
+      rows.append(-w * a * lp)
+    elif kind == "gspo":
+      s = jnp.exp(jnp.mean(lp - f))
+      rows.append(-jnp.minimum(s * a, jnp.clip(s, 1 - 3e-4, 1 + 4e-4) * a))
+    else:
+      low, high = (0.2, 0.28) if kind == "dapo" else (0.2, 0.2)
+      rows.append(-jnp.minimum(r * a, jnp.clip(r, 1 - low, 1 + high) * a))
+  if kind == "grpo":
+    return jnp.mean(jnp.stack([jnp.mean(x) for x in rows]))
+  if kind == "gspo":
+    return jnp.mean(jnp.stack(rows))
+  total = sum(jnp.sum(x) for x in rows)
+  return total / (len(rows) * width) if kind == "dr_grpo" else total / sum(len(x) for x in rows)
+
+
+@pytest.mark.parametrize("off_policy", [False, True])
+def test_the_loss_family_and_its_gradients_equal_an_independent_computation(off_policy):
+  """grpo, dr_grpo, dapo, gspo, cispo: value and gradient against each paper's formula
+  (the gradient by the chain rule through the rows' token log-prob Jacobian, computed
+  once), on-policy (ratio 1) and off-policy (a sampler that differs per token)."""
+  model, plan, trainable, frozen, ep, prompts, adv, batch = _case(off_policy)
+  fixed = [np.asarray(batch["sampler_logprobs"][i, :n]) for i, n in enumerate(ep.lengths)]
+  ends = np.cumsum(ep.lengths)
+
+  def flat_logps(tr):
+    return jnp.concatenate(_independent_logprobs(
+        model, optim.model_params(tr, frozen, plan), prompts, ep))
+
+  lps, jac = jax.jit(lambda tr: (flat_logps(tr), jax.jacrev(flat_logps)(tr)))(trainable)
+  kinds = ("grpo", "dr_grpo", "dapo", "gspo", "cispo")
+
+  @jax.jit
+  def jlora(tr):
+    out = {}
+    for kind in kinds:
+      fn = losses.policy_loss(model, plan, kind=kind, chunk=16)
+      out[kind] = jax.value_and_grad(lambda t, fn=fn: (lambda s, c, a: (s / c, (c, a)))(
+          *fn(t, frozen, batch)), has_aux=True)(tr)
+    return out
+
+  got = jlora(trainable)
+  for kind in kinds:
+    (value, (count, aux)), grads = got[kind]
+    want, d_tokens = jax.value_and_grad(lambda x: _family_loss(
+        kind, jnp.split(x, ends[:-1]), fixed, adv, N))(lps)
+    want_grads = jax.tree_util.tree_map(lambda j: jnp.tensordot(d_tokens, j, axes=1), jac)
+    np.testing.assert_allclose(value, want, rtol=1e-4, atol=1e-6, err_msg=kind)
+    assert float(count) == {"grpo": 8, "gspo": 8, "dr_grpo": 8 * N}.get(kind, sum(ep.lengths))
+    scale = max(float(jnp.abs(w).max()) for w in jax.tree_util.tree_leaves(want_grads))
+    assert scale > 1e-5, kind
+    for g, w in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want_grads)):
+      np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4 * scale, err_msg=kind)
+    if not off_policy:
+      assert float(aux["ratio_mean"]) == pytest.approx(float(count), rel=1e-6)
+
+
+def test_clip_bounds_of_dapo_gspo_and_cispo():
+  """DAPO's clip-higher: ratios clipped at 0.8 and 1.28, not 1.2; CISPO: the weight capped
+  at 1 + clip_high and never a zero gradient; GSPO: the sequence ratio clipped to
+  [1 - 3e-4, 1 + 4e-4] (its gradient 0 past the bound in A's favour)."""
+  r = jnp.asarray([0.7, 0.8, 1.0, 1.25, 1.28, 1.4], jnp.float32)
+  loss, was = losses.clipped_surrogate(r, 1.0, 0.2, 0.28)
+  np.testing.assert_allclose(loss, [-0.7, -0.8, -1.0, -1.25, -1.28, -1.28], rtol=1e-6)
+  np.testing.assert_array_equal(was, [0, 0, 0, 0, 0, 1])
+  loss, was = losses.clipped_surrogate(r, -1.0, 0.2, 0.28)
+  np.testing.assert_allclose(loss, [0.8, 0.8, 1.0, 1.25, 1.28, 1.4], rtol=1e-6)
+  np.testing.assert_array_equal(was, [1, 0, 0, 0, 0, 0])
+  # CISPO and GSPO through the loss on one hand-made row: the tiny model, 3 tokens
+  model, plan, trainable, frozen = tiny_policy()
+  ep, _ = hand_episodes()
+  batch = rollouts.training_batch(ep, np.ones(8, np.float32), np.ones(8, bool))
+  learner = lm.token_logprobs(model, optim.model_params(trainable, frozen, plan), batch,
+                              chunk=16, last=N)
+  for shift, capped in ((0.0, False), (-0.5, True)):  # sampler below the learner: r = e^0.5
+    batch["sampler_logprobs"] = np.asarray(learner + shift, np.float32) * batch["mask"]
+    total, count, aux = losses.policy_loss(model, plan, kind="cispo")(trainable, frozen, batch)
+    assert float(aux["clip_frac"]) / float(count) == (1.0 if capped else 0.0)
+    # the value: -min(r, 1.28) A log p summed over tokens
+    w = min(float(np.exp(-shift)), 1.28)
+    want = -w * float(jnp.sum(learner * batch["mask"]))
+    np.testing.assert_allclose(float(total), want, rtol=1e-5)
+    grads = jax.grad(lambda t: losses.policy_loss(model, plan, kind="cispo")(
+        t, frozen, batch)[0])(trainable)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads)) > 0
+  for shift, clipped in ((0.0, 0.0), (-1e-4, 0.0), (-1e-3, 1.0), (1e-3, 0.0)):
+    batch["sampler_logprobs"] = np.asarray(learner + shift, np.float32) * batch["mask"]
+    total, count, aux = losses.policy_loss(model, plan, kind="gspo")(trainable, frozen, batch)
+    s = float(np.exp(-shift))  # every row's sequence ratio; A = 1
+    assert float(aux["clip_frac"]) / float(count) == clipped, shift
+    np.testing.assert_allclose(float(total) / float(count), -min(s, 1 + 4e-4), rtol=1e-5)
+    grads = jax.grad(lambda t: losses.policy_loss(model, plan, kind="gspo")(
+        t, frozen, batch)[0])(trainable)
+    largest = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads))
+    assert (largest == 0.0) if clipped else largest > 0, shift

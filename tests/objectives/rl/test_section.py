@@ -18,8 +18,14 @@ def test_rl_config_defaults_and_errors():
   with pytest.raises(ValueError, match=r"unknown config key 'rl.grup_size' \(did you mean "
                                        r"'rl.group_size'\?\)"):
     config.from_dict({**base, "rl": {"grup_size": 4}})
-  with pytest.raises(ValueError, match="rl.loss 'grpo' is not"):
-    config.from_dict({**base, "rl": {"loss": "grpo"}})
+  with pytest.raises(ValueError, match="rl.loss 'kto' is not one of importance_sampling, "
+                                       "ppo, grpo, dr_grpo, dapo, gspo, cispo$"):
+    config.from_dict({**base, "rl": {"loss": "kto"}})
+  assert config.from_dict({**base, "rl": {"loss": "dapo"}}).rl.clip_high == 0.28
+  with pytest.raises(ValueError, match=r"^rl.clip_high must be > 0, got -0.1$"):
+    config.from_dict({**base, "rl": {"clip_high": -0.1}})
+  with pytest.raises(ValueError, match=r"^rl.gspo_clip_low must be in \(0, 1\), got 2.0$"):
+    config.from_dict({**base, "rl": {"gspo_clip_low": 2.0}})
   with pytest.raises(ValueError, match=r"rl.clip must be in \(0, 1\)"):
     config.from_dict({**base, "rl": {"clip": 1.5}})
   with pytest.raises(ValueError, match="rl.group_size must be >= 2, got 1: advantages are "
