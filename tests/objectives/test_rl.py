@@ -158,3 +158,36 @@ def test_a_reward_failing_before_training_leaves_nothing_that_blocks_a_rerun(
   assert cli.main(["rl", toml, "--no-progress", "--set", "train.steps=2"]) == 0
   rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [0, 1, 2]
+
+
+def test_updates_per_batch_reuse_the_batch_and_resume_mid_batch_exactly(model_dir, tmp_path):
+  """rl.updates_per_batch = 2 (dapo): each sampled batch trains two steps, the second off
+  its sampler (ratio != 1, the clip can act); a run stopped between the two (its
+  checkpoint holds the batch) resumes to the bits of the run that never stopped."""
+  from jlora.objectives import rl
+  from jlora.run import config
+  from safetensors.numpy import load_file
+
+  def values(run, steps):
+    v = rl_recipe(model_dir, tmp_path / run, loss="dapo", updates_per_batch=2)
+    v["train"] = {**v["train"], "steps": steps, "checkpoint_every": 1}
+    return v
+
+  rl.run(config.from_dict(values("straight", 4)), progress=False, log=lambda _: None)
+  rows = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text()
+          .splitlines()][1:]
+  assert rows[0]["reward_mean"] == rows[1]["reward_mean"]  # one batch, two updates
+  assert rows[2]["reward_mean"] == rows[3]["reward_mean"]
+  assert rows[1]["sample_s"] == 0.0 < rows[0]["sample_s"]
+  # the second batch's (the first one's rewards were all equal: no update)
+  first = max(abs(rows[2]["ratio_max"] - 1), abs(rows[2]["ratio_min"] - 1))
+  second = max(abs(rows[3]["ratio_max"] - 1), abs(rows[3]["ratio_min"] - 1))
+  assert rows[2]["grad_norm"] > 0 and first < 1e-4 < 1e-2 < second  # then off-policy
+  rl.run(config.from_dict(values("stopped", 3)), progress=False, log=lambda _: None)
+  rl.run(config.from_dict(values("stopped", 4)), resume=True, progress=False,
+         log=lambda _: None)
+  got = load_file(tmp_path / "stopped" / "adapters.safetensors")
+  want = load_file(tmp_path / "straight" / "adapters.safetensors")
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)

@@ -159,7 +159,7 @@ def rl_group(setups: list[build.Setup], st: stack.Stack, runs: list[Rollouts], m
 # (its length, temperature, nucleus) and one loss trains them (its kind, clip, KL).
 RL_SHARED = ("rl.max_new_tokens", "rl.temperature", "rl.top_p", "rl.loss", "rl.clip",
              "rl.clip_low", "rl.clip_high", "rl.gspo_clip_low", "rl.gspo_clip_high",
-             "rl.kl_coef", "rl.track_kl")
+             "rl.kl_coef", "rl.track_kl", "rl.updates_per_batch")
 
 # A step's rows are prompts x group; the LR rule's absolute values are fit on SFT and
 # measured too high for RL (hparams.RL_LR_FACTOR).

@@ -7,6 +7,13 @@ prompt-width bucket, the rows split over the mesh's data axes), scores them on t
 centres the rewards within each group and returns the training batch for
 ``losses.policy_loss``. Its state for checkpoints is the number of prompts consumed and
 the sampling PRNG key, so a resumed run samples exactly what the uninterrupted one would.
+
+``rl.updates_per_batch`` = K: each sampled batch is trained on K times, K optimizer steps
+over the whole batch (epochs, as TRL's ``num_iterations`` and GRPO's mu: every update sees
+every group, so each keeps the group-centred advantages whole and the step its one shape
+and compiled program), so from the second update the ratio and the clip act. A
+checkpoint between the K updates holds the batch itself (host arrays as JSON: a few
+KB), so a resume mid-batch trains on exactly that batch.
 """
 
 from __future__ import annotations
@@ -64,6 +71,39 @@ def training_batch(ep: Episodes, advantages: np.ndarray, keep: np.ndarray) -> di
           "advantages": advantages.astype(np.float32)}
 
 
+class Reuse:
+  """A sampled host batch trained on ``updates`` times (``rl.updates_per_batch``): ``take``
+  gives it again until it has been used that often (None: sample a new one and ``keep``
+  it); its state carries a batch still in use (JSON: each array's dtype and values)."""
+
+  def __init__(self, updates: int):
+    self.updates, self.batch, self.uses = updates, None, 0
+
+  def take(self):
+    if self.batch is None or self.uses >= self.updates:
+      return None
+    self.uses += 1
+    return self.batch
+
+  def keep(self, batch):
+    self.batch, self.uses = (batch if self.updates > 1 else None), 1
+    return batch
+
+  def get_state(self) -> dict:
+    if self.batch is None or self.uses >= self.updates:
+      return {}
+    return {"batch_uses": self.uses, "batch": {
+        k: {"dtype": str(v.dtype), "shape": list(v.shape), "values": v.ravel().tolist()}
+        for k, v in self.batch.items()}}
+
+  def set_state(self, state: dict) -> None:
+    self.batch, self.uses = None, 0
+    if "batch" in state:
+      self.uses = int(state["batch_uses"])
+      self.batch = {k: np.asarray(v["values"], v["dtype"]).reshape(v["shape"])
+                    for k, v in state["batch"].items()}
+
+
 def _place_whole(batch: dict, mesh) -> dict:
   """A batch every process holds whole, as global arrays: each places its own rows."""
   rows = multihost.local_rows(len(next(iter(batch.values()))))
@@ -82,15 +122,18 @@ class Rollouts:
     self.key = jax.random.PRNGKey(s.cfg.train.seed + 1)
     self._order: tuple[int, np.ndarray] | None = None
     self.last: dict = {}
+    self.reuse = Reuse(self.rl.updates_per_batch)
 
   # --- loop.Batches ------------------------------------------------------------------
   def get_state(self) -> dict:
     return {"prompts_used": self.used,
-            "key": np.asarray(jax.random.key_data(self.key)).tolist()}
+            "key": np.asarray(jax.random.key_data(self.key)).tolist(),
+            **self.reuse.get_state()}
 
   def set_state(self, state: dict) -> None:
     self.used = int(state["prompts_used"])
     self.key = jax.numpy.asarray(np.asarray(state["key"], np.uint32))
+    self.reuse.set_state(state)
 
   def close(self) -> None:
     pass
@@ -100,11 +143,16 @@ class Rollouts:
     return self.last
 
   def next(self, state) -> dict:
-    begin = time.perf_counter()
-    records, key = self.draw()
-    ep = self.sample(state["trainable"], records, self.rl.group_size, key,
-                     self.rl.temperature)
-    batch = _place_whole(self.host_batch(ep, time.perf_counter() - begin), self.s.mesh)
+    host = self.reuse.take()
+    if host is None:
+      begin = time.perf_counter()
+      records, key = self.draw()
+      ep = self.sample(state["trainable"], records, self.rl.group_size, key,
+                       self.rl.temperature)
+      host = self.reuse.keep(self.host_batch(ep, time.perf_counter() - begin))
+    else:
+      self.last = {**self.last, "sample_s": 0.0, "sampled_tokens_per_s": None}
+    batch = _place_whole(host, self.s.mesh)
     if self.reference is not None:
       batch["ref_logprobs"] = self._ref_logprobs(self.reference(state["trainable"]), batch)
     return batch
@@ -262,16 +310,24 @@ class GroupRollouts:
     self.runs, self.st, self.micro = runs, st, micro
 
   def next(self, state) -> dict:
-    begin = time.perf_counter()
-    drawn = [run.draw() for run in self.runs]
     s = self.runs[0].s
-    params = stack.with_adapters(optim.combine(state["trainable"]["full"], s.frozen),
-                                 state["trainable"]["lora"], self.st)
-    episodes = sample_together(self.runs, params, drawn)
-    seconds = time.perf_counter() - begin
-    parts = [run.host_batch(ep, seconds) for run, ep in zip(self.runs, episodes)]
-    width = max(p["inputs"].shape[1] for p in parts)
-    batch = group.combine([_widened(p, width) for p in parts], s.mesh, self.micro)
+    # each run keeps its own part of a batch still in use (its checkpoints hold it); the
+    # runs share rl.updates_per_batch (RL_SHARED) and step together
+    parts = [run.reuse.take() for run in self.runs]
+    if any(p is None for p in parts):
+      begin = time.perf_counter()
+      drawn = [run.draw() for run in self.runs]
+      params = stack.with_adapters(optim.combine(state["trainable"]["full"], s.frozen),
+                                   state["trainable"]["lora"], self.st)
+      episodes = sample_together(self.runs, params, drawn)
+      seconds = time.perf_counter() - begin
+      parts = [run.host_batch(ep, seconds) for run, ep in zip(self.runs, episodes)]
+      width = max(p["inputs"].shape[1] for p in parts)
+      parts = [run.reuse.keep(_widened(p, width)) for run, p in zip(self.runs, parts)]
+    else:
+      for run in self.runs:
+        run.last = {**run.last, "sample_s": 0.0, "sampled_tokens_per_s": None}
+    batch = group.combine(parts, s.mesh, self.micro)
     reference = self.runs[0].reference
     if reference is not None:  # the base, adapters off: one reference for every run
       batch["ref_logprobs"] = self.runs[0]._ref_logprobs(reference(state["trainable"]), batch)

@@ -35,9 +35,10 @@ class RLSection:
   reward: str = "answer"  # "answer" (the record's answer, parsed leniently) or module:function
   format_reward: float = 0.0  # added when the answer is stated explicitly
   bucket: int = 16  # prompts are left-padded to a multiple of this many tokens
+  updates_per_batch: int = 1  # optimizer steps (epochs) on each sampled batch
 
   def __post_init__(self):
-    for name in ("prompts_per_step", "max_new_tokens", "bucket"):
+    for name in ("prompts_per_step", "max_new_tokens", "bucket", "updates_per_batch"):
       if getattr(self, name) < 1:
         raise ValueError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
     if self.group_size < 2:
