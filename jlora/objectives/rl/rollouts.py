@@ -71,6 +71,30 @@ def training_batch(ep: Episodes, advantages: np.ndarray, keep: np.ndarray) -> di
           "advantages": advantages.astype(np.float32)}
 
 
+OVERLONG = ("none", "filter", "penalty")
+
+
+def overlong(scores, lengths, ended, max_new_tokens: int, mode: str = "none",
+             buffer: int = 4) -> tuple[np.ndarray, np.ndarray]:
+  """DAPO's overlong handling (Yu et al. 2025, sec. 3.4), where EOS is known: (rewards,
+  rows kept). ``filter``: a completion cut at ``max_new_tokens`` without EOS trains on
+  nothing (its row's mask 0; its reward still centres its group). ``penalty``: the soft
+  overlong punishment, a reward minus (length - (L - buffer)) / buffer over the last
+  ``buffer`` tokens of L = ``max_new_tokens``, and -1 for a completion cut without EOS."""
+  scores = np.asarray(scores, np.float64)
+  keep = np.ones(len(scores), bool)
+  cut = ~np.asarray(ended, bool)
+  if mode == "filter":
+    keep = ~cut
+  elif mode == "penalty":
+    start = max_new_tokens - buffer
+    over = np.clip((np.asarray(lengths) - start) / max(buffer, 1), 0.0, 1.0)
+    scores = scores - np.where(cut, 1.0, over)
+  elif mode != "none":
+    raise ValueError(f"rl.overlong {mode!r} is not one of {', '.join(OVERLONG)}")
+  return scores, keep
+
+
 class Reuse:
   """A sampled host batch trained on ``updates`` times (``rl.updates_per_batch``): ``take``
   gives it again until it has been used that often (None: sample a new one and ``keep``
@@ -168,10 +192,15 @@ class Rollouts:
     """A step's episodes scored, centred per group and laid out for the loss (host
     arrays, ``training_batch``); the step's sampling metrics kept for ``metrics``
     (``seconds``: the time its sampling took)."""
-    scores = self.score(ep)
+    ended = np.asarray([n > 0 and row[n - 1] == self.s.tok.eos_id
+                        for row, n in zip(ep.tokens, ep.lengths)])
+    scores, overlong_keep = overlong(self.score(ep), ep.lengths, ended,
+                                     self.rl.max_new_tokens, self.rl.overlong,
+                                     self.rl.overlong_buffer)
     adv = losses.advantages(scores, self.rl.group_size, self.rl.normalize_std)
     constant = losses.constant_groups(scores, self.rl.group_size)
-    keep = ~constant if self.rl.drop_constant_groups else np.ones_like(constant)
+    keep = (~constant if self.rl.drop_constant_groups else np.ones_like(constant)) \
+        & overlong_keep
     tokens = int(ep.lengths.sum())
     self.last = {
         "reward_mean": float(scores.mean()), "reward_std": float(scores.std()),

@@ -36,9 +36,12 @@ class RLSection:
   format_reward: float = 0.0  # added when the answer is stated explicitly
   bucket: int = 16  # prompts are left-padded to a multiple of this many tokens
   updates_per_batch: int = 1  # optimizer steps (epochs) on each sampled batch
+  overlong: str = "none"  # or "filter" / "penalty": completions cut without EOS (DAPO)
+  overlong_buffer: int = 4  # penalty: the last tokens of max_new_tokens that cost reward
 
   def __post_init__(self):
-    for name in ("prompts_per_step", "max_new_tokens", "bucket", "updates_per_batch"):
+    for name in ("prompts_per_step", "max_new_tokens", "bucket", "updates_per_batch",
+                 "overlong_buffer"):
       if getattr(self, name) < 1:
         raise ValueError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
     if self.group_size < 2:
@@ -47,6 +50,11 @@ class RLSection:
                        "and the run cannot learn")
     if self.loss not in LOSSES:
       raise ValueError(f"rl.loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+    if self.overlong not in ("none", "filter", "penalty"):
+      raise ValueError(f"rl.overlong {self.overlong!r} is not one of none, filter, penalty")
+    if self.overlong == "penalty" and self.overlong_buffer > self.max_new_tokens:
+      raise ValueError(f"rl.overlong_buffer={self.overlong_buffer} exceeds "
+                       f"rl.max_new_tokens={self.max_new_tokens}")
     if not (math.isfinite(self.temperature) and self.temperature >= 0):
       raise ValueError(f"rl.temperature must be >= 0, got {self.temperature}")
     if not 0 < self.top_p <= 1:

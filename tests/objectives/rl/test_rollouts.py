@@ -4,6 +4,7 @@ sampled log-probabilities equal the training batch's."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jlora import models
 from jlora.core import optim
@@ -39,3 +40,22 @@ def test_sampling_at_temperature_zero_equals_greedy_generate():
   np.testing.assert_allclose(learner, np.asarray(out.logprobs), atol=2e-5)
   full = np.asarray(lm.token_logprobs(model, params, batch, chunk=5))  # every position
   np.testing.assert_allclose(full[:, -N:] * batch["mask"], learner, atol=1e-5)
+
+
+def test_overlong_filter_and_penalty_follow_dapo():
+  """DAPO's overlong handling: ``filter`` keeps the reward of a completion cut without EOS
+  but trains on none of its tokens; ``penalty`` costs (length - (L - buffer)) / buffer in
+  the last ``buffer`` tokens and 1 for a cut completion; ``none`` changes nothing."""
+  scores, lengths = [1.0, 1.0, 0.0, 1.0], [3, 7, 8, 8]
+  ended = [True, True, True, False]  # the last one hit L = 8 without EOS
+  got, keep = rollouts.overlong(scores, lengths, ended, 8, "none")
+  np.testing.assert_array_equal(got, scores)
+  np.testing.assert_array_equal(keep, True)
+  got, keep = rollouts.overlong(scores, lengths, ended, 8, "filter")
+  np.testing.assert_array_equal(got, scores)
+  np.testing.assert_array_equal(keep, [True, True, True, False])
+  got, keep = rollouts.overlong(scores, lengths, ended, 8, "penalty", buffer=4)
+  np.testing.assert_allclose(got, [1.0, 1.0 - 3 / 4, 0.0 - 1.0, 1.0 - 1.0])
+  np.testing.assert_array_equal(keep, True)
+  with pytest.raises(ValueError, match="rl.overlong 'cut' is not one of none, filter, penalty"):
+    rollouts.overlong(scores, lengths, ended, 8, "cut")
