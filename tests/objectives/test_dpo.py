@@ -108,15 +108,14 @@ def test_each_loss_and_its_gradient_equal_an_independent_computation(lora_init):
   def jlora_losses(tr, batch):
     out = {}
     for kind in kinds:
-      loss = dpo.dpo_loss(model, plan, kind=kind, beta=0.3, gamma=0.2, orpo_lambda=0.4,
-                          chunk=8)
+      loss = dpo.dpo_loss(model, plan, kind=kind, beta=0.3, gamma=0.2, orpo_lambda=0.4)
       mean = lambda tr, loss=loss: (lambda t, c, a: (t / c, (c, a)))(*loss(tr, frozen, batch))
       out[kind] = jax.value_and_grad(mean, has_aux=True)(tr)
     return out
 
   got = jlora_losses(trainable, batch)
   # A batch that brings the reference's log-probs (precomputed) gives the same loss.
-  sigmoid = dpo.dpo_loss(model, plan, beta=0.3, chunk=8)
+  sigmoid = dpo.dpo_loss(model, plan, beta=0.3, chunk=8)  # chunked: the same loss
   cached = jax.jit(lambda tr, b: sigmoid(tr, frozen, b))(
       trainable, {**batch, "ref_logps": np.asarray(ref)})
   np.testing.assert_allclose(cached[0] / cached[1], got["sigmoid"][0][0], rtol=1e-6)

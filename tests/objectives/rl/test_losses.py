@@ -160,7 +160,7 @@ def test_the_loss_family_and_its_gradients_equal_an_independent_computation(off_
   def jlora(tr):
     out = {}
     for kind in kinds:
-      fn = losses.policy_loss(model, plan, kind=kind, chunk=16)
+      fn = losses.policy_loss(model, plan, kind=kind)  # unchunked: a smaller program
       out[kind] = jax.value_and_grad(lambda t, fn=fn: (lambda s, c, a: (s / c, (c, a)))(
           *fn(t, frozen, batch)), has_aux=True)(tr)
     return out
@@ -198,24 +198,26 @@ def test_clip_bounds_of_dapo_gspo_and_cispo():
   batch = rollouts.training_batch(ep, np.ones(8, np.float32), np.ones(8, bool))
   learner = lm.token_logprobs(model, optim.model_params(trainable, frozen, plan), batch,
                               chunk=16, last=N)
+  def jitted(kind):  # (value, count, aux) and the gradient, compiled once per kind
+    fn = losses.policy_loss(model, plan, kind=kind)
+    return jax.jit(lambda t, b: jax.value_and_grad(
+        lambda t: (lambda s, c, a: (s, (c, a)))(*fn(t, frozen, b)), has_aux=True)(t))
+
+  cispo, gspo = jitted("cispo"), jitted("gspo")
   for shift, capped in ((0.0, False), (-0.5, True)):  # sampler below the learner: r = e^0.5
     batch["sampler_logprobs"] = np.asarray(learner + shift, np.float32) * batch["mask"]
-    total, count, aux = losses.policy_loss(model, plan, kind="cispo")(trainable, frozen, batch)
+    (total, (count, aux)), grads = cispo(trainable, batch)
     assert float(aux["clip_frac"]) / float(count) == (1.0 if capped else 0.0)
     # the value: -min(r, 1.28) A log p summed over tokens
     w = min(float(np.exp(-shift)), 1.28)
     want = -w * float(jnp.sum(learner * batch["mask"]))
     np.testing.assert_allclose(float(total), want, rtol=1e-5)
-    grads = jax.grad(lambda t: losses.policy_loss(model, plan, kind="cispo")(
-        t, frozen, batch)[0])(trainable)
     assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads)) > 0
   for shift, clipped in ((0.0, 0.0), (-1e-4, 0.0), (-1e-3, 1.0), (1e-3, 0.0)):
     batch["sampler_logprobs"] = np.asarray(learner + shift, np.float32) * batch["mask"]
-    total, count, aux = losses.policy_loss(model, plan, kind="gspo")(trainable, frozen, batch)
+    (total, (count, aux)), grads = gspo(trainable, batch)
     s = float(np.exp(-shift))  # every row's sequence ratio; A = 1
     assert float(aux["clip_frac"]) / float(count) == clipped, shift
     np.testing.assert_allclose(float(total) / float(count), -min(s, 1 + 4e-4), rtol=1e-5)
-    grads = jax.grad(lambda t: losses.policy_loss(model, plan, kind="gspo")(
-        t, frozen, batch)[0])(trainable)
     largest = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads))
     assert (largest == 0.0) if clipped else largest > 0, shift
