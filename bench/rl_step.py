@@ -10,7 +10,8 @@ generation round, f32, 2 threads. Each framework runs in its own subprocess, one
 other, so neither competes with the other for the two cores.
 
 Reported, per framework: the median wall time of a step after the first (jlora: the run
-loop's ``step_s``: sampling with the KV cache, rewards, the jitted update; TRL: its
+loop's ``step_s``: sampling with the KV cache, rewards, the jitted update, in RL's grouped
+layout and, for comparison, the per-row one; TRL: its
 callback's step time: HF ``generate``, rewards, forward + backward, AdamW), and the
 sampled tokens per second of generation alone at batch prompts x group with exactly
 ``new_tokens`` tokens per row (jlora ``models.sample`` with no EOS stop, each row its own
@@ -40,10 +41,16 @@ def _prompts(n: int) -> tuple[list[str], list[str]]:
   return [r["prompt"] for r in records], [r["answer"] for r in records]
 
 
-def jlora_step(model_dir: str, prompts: int, group: int, new_tokens: int, steps: int) -> dict:
-  """``jlora rl`` for ``steps`` steps; the loop's per-step wall times after the first."""
+def jlora_step(model_dir: str, prompts: int, group: int, new_tokens: int, steps: int,
+               per_row: bool = False) -> dict:
+  """``jlora rl`` for ``steps`` steps; the loop's per-step wall times after the first.
+  ``per_row``: the update in the per-row layout (each row its prompt and completion), not
+  the grouped one RL uses (``rollouts.grouped``): what grouping buys, side by side."""
   from jlora.objectives import rl
+  from jlora.objectives.rl import rollouts
   from jlora.run import config
+  if per_row:
+    rollouts.grouped = lambda *args: 1
   run_dir = tempfile.mkdtemp(prefix="jlora_rl_bench_")
   cfg = config.from_dict({
       "run_dir": os.path.join(run_dir, "run"),
@@ -112,9 +119,13 @@ def main(argv=None) -> int:
   result["jlora"] = _call("bench.rl_step", "jlora_step", model_dir=HF_DIR,
                           prompts=args.prompts, group=args.group,
                           new_tokens=args.new_tokens, steps=args.steps)
+  result["jlora_per_row"] = _call("bench.rl_step", "jlora_step", model_dir=HF_DIR,
+                                  prompts=args.prompts, group=args.group,
+                                  new_tokens=args.new_tokens, steps=args.steps, per_row=True)
   result["trl"] = _call("bench.rl_trl", "trl_grpo_step_seconds", model_dir=HF_DIR,
                         prompts=prompts, answers=[int(a) for a in answers], lr=1e-4, **shape)
   result["ratio_step"] = result["jlora"]["step_s"] / result["trl"]["step_s"]
+  result["ratio_step_per_row"] = result["jlora_per_row"]["step_s"] / result["trl"]["step_s"]
   for group in (1, args.group):
     result[f"jlora_generate_group{group}"] = _call(
         "bench.rl_step", "jlora_generate", model_dir=HF_DIR, prompts=prompts[:args.prompts],

@@ -183,11 +183,15 @@ def tiny_policy(seed=0, b_scale=0.3):
   return model, plan, trainable, frozen
 
 
-def hand_episodes(seed=0, group=2):
+def hand_episodes(seed=0, group=2, shared=False):
   """Hand-made episodes: 4 prompts x ``group`` rows, left-padded prompts, completions of
-  lengths 1..N (shorter ones end in EOS = 1 and are padded after it)."""
+  lengths 1..N (shorter ones end in EOS = 1 and are padded after it). ``shared``: a group's
+  rows have one prompt (as rollouts sample them), else each row a prompt of its own."""
   rng = np.random.default_rng(seed)
-  prompts = [rng.integers(2, CFG.vocab_size, n) for n in PROMPT_LENS for _ in range(group)]
+  if shared:
+    prompts = [p for n in PROMPT_LENS for p in [rng.integers(2, CFG.vocab_size, n)] * group]
+  else:
+    prompts = [rng.integers(2, CFG.vocab_size, n) for n in PROMPT_LENS for _ in range(group)]
   tokens_, mask = rollouts.left_pad(prompts, max(PROMPT_LENS) + 1)
   B = len(prompts)
   lengths = rng.integers(1, N + 1, B)

@@ -250,9 +250,11 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
   """Decoder-only LM. ``__call__(tokens, positions=None, segment_ids=None, cache=None)``
-  returns ``(logits [B, T, V] f32, cache)``; ``hidden`` stops before the unembedding."""
+  returns ``(logits [B, T, V] f32, cache)``; ``hidden`` stops before the unembedding.
+  Negative segment ids mark a prefix shared by the segments after it (``_mask``)."""
   cfg: ModelConfig
   dtype: Any = jnp.float32
+  shared_prefix = True  # understands negative segment ids (RL's grouped layout)
 
   def setup(self):
     c = self.cfg
@@ -299,14 +301,19 @@ class Transformer(nn.Module):
 
 def _mask(tokens_BT, segment_ids_BT, cache):
   """[B, T, S] bool: causal over slots, same segment, valid cache slots; None when plain
-  causal attention is all that is needed."""
+  causal attention is all that is needed.
+
+  Segment ids: 0 padding, positive ones documents (packed rows: each sees itself only), a
+  negative one a shared prefix that every later token of its row sees: RL's grouped layout
+  (``rollouts.training_batch``), one prompt followed by its group's completions, each
+  completion seeing the prompt and itself."""
   B, T = tokens_BT.shape
   if cache is None:
     if segment_ids_BT is None:
       return None
     causal = jnp.tril(jnp.ones((T, T), bool))[None]
     same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    return causal & same
+    return causal & (same | (segment_ids_BT[:, None, :] < 0))
   S = cache["k"].shape[2]
   q_slot = cache["end"] + jnp.arange(T)
   causal = jnp.arange(S)[None, :] <= q_slot[:, None]  # [T, S]

@@ -42,9 +42,16 @@ def token_logprobs(model, params, batch, chunk: int | None = None, last: int | N
   h, _ = model.apply({"params": params}, *args, method="hidden")
   if last is not None:
     h, targets = h[:, -last:], targets[:, -last:]
-    if chunk is None:
-      logits = model.apply({"params": params}, h, method="logits")
-      return -optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return hidden_logprobs(model, params, h, targets, chunk)
+
+
+def hidden_logprobs(model, params, h, targets, chunk: int | None = None) -> jax.Array:
+  """[B, T] f32 log-probabilities of ``targets`` [B, T] given final hidden states ``h``
+  [B, T, D] (``model.hidden``'s), unembedded over ``chunk`` tokens at a time under
+  ``jax.checkpoint`` (``token_logprobs``), or at once when ``chunk`` is None."""
+  if chunk is None:
+    logits = model.apply({"params": params}, h, method="logits")
+    return -optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   B, T = targets.shape
   n = B * T
   chunk = min(chunk, n)
@@ -59,6 +66,34 @@ def token_logprobs(model, params, batch, chunk: int | None = None, last: int | N
 
   _, logp = jax.lax.scan(lambda c, xs: (c, chunk_logprobs(params, *xs)), None, (h_c, t_c))
   return logp.reshape(-1)[:n].reshape(B, T)
+
+
+def completion_logprobs(model, params, batch, chunk: int | None = None) -> jax.Array:
+  """Log-probabilities of sampled completions' tokens, shaped like ``batch["mask"]``, in
+  either of RL's layouts (``rollouts.training_batch``):
+
+  - per row (``mask`` [B, N]): each row a prompt and one completion; the completion's
+    tokens are the last N targets (``token_logprobs(last=N)``);
+  - grouped (``mask`` [G, S, N]): each of the G rows one prompt (width P) followed by its
+    S completions' first N - 1 tokens each (``inputs`` [G, P + S (N - 1)], the prompt a
+    shared prefix: negative segment ids), ``targets`` [G, S, N] the completions' tokens.
+    Completion s's token k is read from the prompt's last position (k = 0) or from its
+    own token k - 1: the same log-probability as the per-row layout, with each prompt's
+    forward and backward done once for its group instead of S times.
+  """
+  mask = batch["mask"]
+  N = mask.shape[-1]
+  if mask.ndim == 2:
+    return token_logprobs(model, params, batch, chunk, last=N)
+  G, S = mask.shape[:2]
+  h, _ = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                     batch["segment_ids"], method="hidden")
+  P = h.shape[1] - S * (N - 1)
+  k = np.arange(N)
+  index = np.where(k[None, :] == 0, P - 1, P + np.arange(S)[:, None] * (N - 1) + k - 1)
+  h = jnp.take(h, index.reshape(-1), axis=1).reshape(G * S, N, h.shape[-1])
+  return hidden_logprobs(model, params, h, batch["targets"].reshape(G * S, N),
+                         chunk).reshape(G, S, N)
 
 
 def token_loss_sum(model, params, batch, chunk: int | None = None

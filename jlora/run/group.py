@@ -132,8 +132,8 @@ def _padded(batch: dict, rows: int) -> dict:
     return batch
   take = np.arange(rows) % have
   out = {k: v[take] for k, v in batch.items()}
-  out["mask"] = np.where((np.arange(rows) < have)[:, None], out["mask"], 0).astype(
-      batch["mask"].dtype)
+  kept = (np.arange(rows) < have).reshape(-1, *[1] * (batch["mask"].ndim - 1))
+  out["mask"] = np.where(kept, out["mask"], 0).astype(batch["mask"].dtype)
   return out
 
 

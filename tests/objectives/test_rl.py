@@ -160,17 +160,23 @@ def test_a_reward_failing_before_training_leaves_nothing_that_blocks_a_rerun(
   assert [r["step"] for r in rows] == [0, 1, 2]
 
 
-def test_updates_per_batch_reuse_the_batch_and_resume_mid_batch_exactly(model_dir, tmp_path):
-  """rl.updates_per_batch = 2 (dapo): each sampled batch trains two steps, the second off
-  its sampler (ratio != 1, the clip can act); a run stopped between the two (its
-  checkpoint holds the batch) resumes to the bits of the run that never stopped."""
+def test_updates_per_batch_reuse_the_batch_and_resume_mid_batch_exactly(model_dir, tmp_path,
+                                                                       monkeypatch):
+  """rl.updates_per_batch = 2 (dapo), in the grouped layout (2 data shards, 2 prompts: each
+  prompt once per group): each sampled batch trains two steps, the first on-policy (the
+  trainer's log-probs are the sampler's: ratio 1, which a misaligned layout breaks), the
+  second off its sampler (ratio != 1, the clip can act); a run stopped between the two
+  (its checkpoint holds the batch) resumes to the bits of the run that never stopped."""
   from jlora.objectives import rl
   from jlora.run import config
   from safetensors.numpy import load_file
+  layouts, build = [], rollouts.training_batch
+  monkeypatch.setattr(rollouts, "training_batch", lambda *a: layouts.append(a[3]) or build(*a))
 
   def values(run, steps):
     v = rl_recipe(model_dir, tmp_path / run, loss="dapo", updates_per_batch=2)
     v["train"] = {**v["train"], "steps": steps, "checkpoint_every": 1}
+    v["mesh"] = {"data": 2, "tensor": 4}
     return v
 
   rl.run(config.from_dict(values("straight", 4)), progress=False, log=lambda _: None)
@@ -183,6 +189,7 @@ def test_updates_per_batch_reuse_the_batch_and_resume_mid_batch_exactly(model_di
   first = max(abs(rows[2]["ratio_max"] - 1), abs(rows[2]["ratio_min"] - 1))
   second = max(abs(rows[3]["ratio_max"] - 1), abs(rows[3]["ratio_min"] - 1))
   assert rows[2]["grad_norm"] > 0 and first < 1e-4 < 1e-2 < second  # then off-policy
+  assert layouts == [4, 4]  # group_size: grouped
   rl.run(config.from_dict(values("stopped", 3)), progress=False, log=lambda _: None)
   rl.run(config.from_dict(values("stopped", 4)), resume=True, progress=False,
          log=lambda _: None)

@@ -1,12 +1,15 @@
 """Policy-gradient objectives over sampled completions, as ``train_step.make_step`` losses.
 
-A batch holds ``prompts x group`` rows, each a left-padded prompt followed by its sampled
-completion (``rollouts.training_batch`` builds it): ``inputs``/``targets``/``positions``/
-``segment_ids`` [B, T] as for SFT; over the completion, the last N targets: ``mask`` [B, N]
-on its tokens (through EOS), ``sampler_logprobs`` [B, N] (the sampling policy's log-prob of
-each token, recorded when it was sampled, held fixed) and, when tracked, ``ref_logprobs``
-(the reference policy: the base with adapters off); ``advantages`` [B]. Only those N
-positions are unembedded (``lm.token_logprobs(last=N)``).
+A batch holds ``prompts x group`` episodes (``rollouts.training_batch`` builds it), per row
+(each row a left-padded prompt followed by its sampled completion: ``inputs``/``targets``/
+``positions``/``segment_ids`` [B, T] as for SFT; over the completion, the last N targets:
+``mask`` [B, N] on its tokens (through EOS), ``sampler_logprobs`` [B, N] (the sampling
+policy's log-prob of each token, recorded when it was sampled, held fixed) and, when
+tracked, ``ref_logprobs`` (the reference policy: the base with adapters off);
+``advantages`` [B]) or grouped (each prompt once, its group's completions after it: the
+per-token fields [prompts, group, N], ``advantages`` [prompts, group]; RL's default where
+the shards allow, the same loss with each prompt's forward and backward done once). Only
+the completions' positions are unembedded (``lm.completion_logprobs``).
 
 Token normalisation: the loss is the sum over every completion token in the batch divided
 by the number of those tokens (one mean over the batch's tokens, as DAPO and Dr. GRPO
@@ -134,17 +137,20 @@ def _terms(model, kind: str, clip: float, kl_coef: float, chunk: int | None,
     raise ValueError(f"unknown RL loss {kind!r}; use one of {', '.join(LOSSES)}")
 
   def terms_of(params, batch):
-    mask = batch["mask"].astype(jnp.float32)
-    logp = lm.token_logprobs(model, params, batch, chunk, last=mask.shape[1])
+    N = batch["mask"].shape[-1]
+    rows = lambda x: x.reshape(-1, N)  # noqa: E731  (the grouped layout's [G, S, N] too)
+    mask = rows(batch["mask"]).astype(jnp.float32)
+    logp = rows(lm.completion_logprobs(model, params, batch, chunk))
     on = mask > 0
-    log_ratio = logp - batch["sampler_logprobs"]
+    log_ratio = logp - rows(batch["sampler_logprobs"])
     ratio = jnp.exp(log_ratio)
-    adv = batch["advantages"][:, None]
+    advantages = batch["advantages"].reshape(-1)
+    adv = advantages[:, None]
     tokens = jnp.sum(mask, axis=1)
     has = (tokens > 0).astype(jnp.float32)
     kl = None
     if "ref_logprobs" in batch:
-      kl = kl_k3(logp, batch["ref_logprobs"])
+      kl = kl_k3(logp, rows(batch["ref_logprobs"]))
     elif kl_coef:
       raise ValueError("kl_coef > 0 needs ref_logprobs in the batch")
     penalty = kl_coef * kl if kl_coef else 0.0
@@ -159,7 +165,7 @@ def _terms(model, kind: str, clip: float, kl_coef: float, chunk: int | None,
       per, clipped = -weight * adv * logp, (ratio > 1.0 + clip_high).astype(jnp.float32)
     if kind == "gspo":
       seq_ratio = jnp.exp(jnp.sum(log_ratio * mask, axis=1) / jnp.maximum(tokens, 1.0))
-      seq, seq_clipped = clipped_surrogate(seq_ratio, batch["advantages"], *gspo_clip)
+      seq, seq_clipped = clipped_surrogate(seq_ratio, advantages, *gspo_clip)
       if kl_coef:
         seq = seq + jnp.sum(penalty * mask, axis=1) / jnp.maximum(tokens, 1.0)
       total, count = jnp.sum(seq * has), jnp.sum(has)
@@ -192,11 +198,14 @@ def _terms(model, kind: str, clip: float, kl_coef: float, chunk: int | None,
 
 
 def reference_logprobs(model, chunk: int | None = None, mesh=None):
-  """A jitted ``(params, batch) -> [B, N]`` log-probs of the completion's targets (the
-  batch's ``mask`` width): the reference policy's, given the reference's parameters (no
-  gradient); rows split over the mesh's data axes like the batch they join."""
+  """A jitted ``(params, batch) ->`` log-probs of the completion's targets, shaped like
+  the batch's ``mask`` (``lm.completion_logprobs``, either layout): the reference policy's,
+  given the reference's parameters (no gradient); rows split over the mesh's data axes
+  like the batch they join."""
   from jlora.infra import mesh as mesh_lib
   mesh = mesh_lib.single_device_mesh() if mesh is None else mesh
-  return jax.jit(mesh_lib.traced_in(lambda params, batch: lm.token_logprobs(
-      model, params, batch, chunk, last=batch["mask"].shape[1]), mesh),
-      out_shardings=mesh_lib.batch_sharding(mesh))
+  fn = mesh_lib.traced_in(lambda params, batch: lm.completion_logprobs(
+      model, params, batch, chunk), mesh)
+  jitted = {ndim: jax.jit(fn, out_shardings=mesh_lib.batch_sharding(mesh, ndim))
+            for ndim in (2, 3)}
+  return lambda params, batch: jitted[batch["mask"].ndim](params, batch)

@@ -53,22 +53,64 @@ def left_pad(prompts: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndar
   return tokens, mask
 
 
-def training_batch(ep: Episodes, advantages: np.ndarray, keep: np.ndarray) -> dict:
-  """The ``losses.policy_loss`` batch: prompt + completion rows shifted by one
-  (``inputs``/``targets``/``positions``/``segment_ids`` [B, P + N - 1]); the per-token
-  fields cover the completion only, the last N targets (target P - 1 + k is the
-  completion's token k): ``mask`` [B, N] on its tokens through EOS (rows in ``keep``),
-  ``sampler_logprobs`` [B, N]; ``advantages`` [B]."""
-  N = ep.tokens.shape[1]
+def training_batch(ep: Episodes, advantages: np.ndarray, keep: np.ndarray, group: int = 1
+                   ) -> dict:
+  """The ``losses.policy_loss`` batch (``lm.completion_logprobs`` reads either layout).
+
+  ``group`` 1, per row: prompt + completion rows shifted by one (``inputs``/``targets``/
+  ``positions``/``segment_ids`` [B, P + N - 1]); the per-token fields cover the
+  completion only, the last N targets (target P - 1 + k is the completion's token k):
+  ``mask`` [B, N] on its tokens through EOS (rows in ``keep``), ``sampler_logprobs``
+  [B, N]; ``advantages`` [B].
+
+  ``group`` S > 1, grouped (rows ``g * S ...`` one prompt's group, identical prompts): one
+  row per prompt, the prompt once and then each completion's first N - 1 tokens
+  (``inputs``/``positions``/``segment_ids`` [B / S, P + S (N - 1)]; the prompt's segment
+  id -1, a prefix every completion sees, completion s's s + 1, positions continuing from
+  the prompt's for each), and the per-row fields grouped: ``targets`` (the completions'
+  tokens), ``mask``, ``sampler_logprobs`` [B / S, S, N], ``advantages`` [B / S, S]. Every
+  field leads with the prompts, so shards and micro-batches split whole groups. Each
+  prompt's forward and backward then run once for its group, not S times."""
+  B, N = ep.tokens.shape
+  completion = np.arange(N)[None, :] < ep.lengths[:, None]
+  mask = (completion & keep[:, None]).astype(np.float32)
+  sampler = np.where(completion, ep.logprobs, 0.0).astype(np.float32)
+  advantages = advantages.astype(np.float32)
+  if group > 1:
+    G = B // group
+    prompts, real = ep.prompts[::group], ep.prompt_mask[::group]
+    body = ep.tokens[:, :N - 1].reshape(G, group * (N - 1))
+    after = np.tile(np.arange(N - 1), group)[None, :] + real.sum(axis=1, keepdims=True)
+    segments = np.repeat(np.arange(1, group + 1, dtype=np.int32), N - 1)
+    return {"inputs": np.concatenate([prompts, body], axis=1),
+            "positions": np.concatenate([np.maximum(np.cumsum(real, axis=1) - 1, 0), after],
+                                        axis=1),
+            "segment_ids": np.concatenate([-real.astype(np.int32),
+                                           np.broadcast_to(segments, (G, len(segments)))],
+                                          axis=1),
+            "targets": ep.tokens.reshape(G, group, N), "mask": mask.reshape(G, group, N),
+            "sampler_logprobs": sampler.reshape(G, group, N),
+            "advantages": advantages.reshape(G, group)}
   seq = np.concatenate([ep.prompts, ep.tokens], axis=1)
   real = np.concatenate([ep.prompt_mask, np.ones_like(ep.tokens)], axis=1)
-  completion = np.arange(N)[None, :] < ep.lengths[:, None]
   positions = np.maximum(np.cumsum(real, axis=1) - 1, 0)
   return {"inputs": seq[:, :-1], "targets": seq[:, 1:], "positions": positions[:, :-1],
-          "segment_ids": real[:, :-1].astype(np.int32),
-          "mask": (completion & keep[:, None]).astype(np.float32),
-          "sampler_logprobs": np.where(completion, ep.logprobs, 0.0).astype(np.float32),
-          "advantages": advantages.astype(np.float32)}
+          "segment_ids": real[:, :-1].astype(np.int32), "mask": mask,
+          "sampler_logprobs": sampler, "advantages": advantages}
+
+
+def grouped(ep: Episodes, group: int, divisor: int, model) -> int:
+  """The group size ``training_batch`` may lay ``ep`` out by: ``group`` where each group's
+  prompt rows are identical, the prompts split over ``divisor`` (data shards x
+  micro-batches) and the model reads shared prefixes (``shared_prefix``: jlora's
+  ``Transformer``); 1 (per row) otherwise."""
+  B, P = ep.prompts.shape
+  if group <= 1 or B % group or (B // group) % divisor or ep.tokens.shape[1] < 1 \
+      or not getattr(model, "shared_prefix", False):
+    return 1
+  same = all(np.array_equal(x.reshape(-1, group, P), np.repeat(x[::group, None], group, 1))
+             for x in (ep.prompts, ep.prompt_mask))
+  return group if same else 1
 
 
 OVERLONG = ("none", "filter", "penalty")
@@ -128,6 +170,22 @@ class Reuse:
                     for k, v in state["batch"].items()}
 
 
+class Placed:
+  """The device batch of the host batch in use, kept while ``Reuse`` gives that batch
+  again: placed once, its reference log-probs computed once (the reference, the base with
+  adapters off or the start of leaves trained in full, does not change)."""
+
+  def __init__(self):
+    self.host, self.batch = None, None
+
+  def get(self, host: dict, place, reference, ref_logprobs, state) -> dict:
+    if host is not self.host:
+      self.host, self.batch = host, place()
+      if reference is not None:
+        self.batch["ref_logprobs"] = ref_logprobs(reference(state["trainable"]), self.batch)
+    return dict(self.batch)
+
+
 def _place_whole(batch: dict, mesh) -> dict:
   """A batch every process holds whole, as global arrays: each places its own rows."""
   rows = multihost.local_rows(len(next(iter(batch.values()))))
@@ -147,6 +205,7 @@ class Rollouts:
     self._order: tuple[int, np.ndarray] | None = None
     self.last: dict = {}
     self.reuse = Reuse(self.rl.updates_per_batch)
+    self.placed = Placed()
 
   # --- loop.Batches ------------------------------------------------------------------
   def get_state(self) -> dict:
@@ -176,10 +235,8 @@ class Rollouts:
       host = self.reuse.keep(self.host_batch(ep, time.perf_counter() - begin))
     else:
       self.last = {**self.last, "sample_s": 0.0, "sampled_tokens_per_s": None}
-    batch = _place_whole(host, self.s.mesh)
-    if self.reference is not None:
-      batch["ref_logprobs"] = self._ref_logprobs(self.reference(state["trainable"]), batch)
-    return batch
+    return self.placed.get(host, lambda: _place_whole(host, self.s.mesh), self.reference,
+                           self._ref_logprobs, state)
 
   def draw(self) -> tuple[list[dict], jax.Array]:
     """The next step's prompts (``rl.prompts_per_step`` records) and its sampling key:
@@ -188,10 +245,16 @@ class Rollouts:
     self.key, sub = jax.random.split(self.key)
     return records, sub
 
-  def host_batch(self, ep: Episodes, seconds: float) -> dict:
+  def layout(self, ep: Episodes) -> int:
+    """``training_batch``'s ``group`` for this run's episodes ``ep`` (``grouped``)."""
+    s = self.s
+    divisor = s.mesh.shape["data"] * s.mesh.shape["fsdp"] * s.cfg.train.grad_accum
+    return grouped(ep, self.rl.group_size, divisor, s.model)
+
+  def host_batch(self, ep: Episodes, seconds: float, group: int | None = None) -> dict:
     """A step's episodes scored, centred per group and laid out for the loss (host
-    arrays, ``training_batch``); the step's sampling metrics kept for ``metrics``
-    (``seconds``: the time its sampling took)."""
+    arrays, ``training_batch`` by ``group``, by default ``layout``'s); the step's sampling
+    metrics kept for ``metrics`` (``seconds``: the time its sampling took)."""
     ended = np.asarray([n > 0 and row[n - 1] == self.s.tok.eos_id
                         for row, n in zip(ep.tokens, ep.lengths)])
     scores, overlong_keep = overlong(self.score(ep), ep.lengths, ended,
@@ -208,7 +271,7 @@ class Rollouts:
         if "answer" in ep.records[0] else None,
         "completion_tokens": float(ep.lengths.mean()), "constant_groups": float(constant.mean()),
         "sample_s": seconds, "sampled_tokens_per_s": tokens / seconds}
-    return training_batch(ep, adv, keep)
+    return training_batch(ep, adv, keep, self.layout(ep) if group is None else group)
 
   # --- pieces --------------------------------------------------------------------------
   def _records(self, n: int) -> list[dict]:
@@ -324,7 +387,8 @@ def _widened(batch: dict, width: int) -> dict:
     return batch
   out = dict(batch)
   for k in ("inputs", "targets", "positions", "segment_ids"):
-    out[k] = np.pad(batch[k], ((0, 0), (pad, 0)))
+    if batch[k].ndim == 2:  # not the grouped layout's targets [G, S, N]
+      out[k] = np.pad(batch[k], ((0, 0), (pad, 0)))
   return out
 
 
@@ -350,17 +414,19 @@ class GroupRollouts:
                                    state["trainable"]["lora"], self.st)
       episodes = sample_together(self.runs, params, drawn)
       seconds = time.perf_counter() - begin
-      parts = [run.host_batch(ep, seconds) for run, ep in zip(self.runs, episodes)]
+      # one layout for all: grouped where every run's is, with one group size
+      layouts = {run.layout(ep) for run, ep in zip(self.runs, episodes)}
+      layout = layouts.pop() if len(layouts) == 1 else 1
+      parts = [run.host_batch(ep, seconds, layout) for run, ep in zip(self.runs, episodes)]
       width = max(p["inputs"].shape[1] for p in parts)
       parts = [run.reuse.keep(_widened(p, width)) for run, p in zip(self.runs, parts)]
     else:
       for run in self.runs:
         run.last = {**run.last, "sample_s": 0.0, "sampled_tokens_per_s": None}
-    batch = group.combine(parts, s.mesh, self.micro)
-    reference = self.runs[0].reference
-    if reference is not None:  # the base, adapters off: one reference for every run
-      batch["ref_logprobs"] = self.runs[0]._ref_logprobs(reference(state["trainable"]), batch)
-    return batch
+    # the base, adapters off: one reference for every run
+    first = self.runs[0]
+    return first.placed.get(parts[0], lambda: group.combine(parts, s.mesh, self.micro),
+                            first.reference, first._ref_logprobs, state)
 
   def metrics(self) -> dict:
     return {}  # each run's own (its Rollouts' ``metrics``)

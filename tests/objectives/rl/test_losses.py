@@ -221,3 +221,56 @@ def test_clip_bounds_of_dapo_gspo_and_cispo():
     np.testing.assert_allclose(float(total) / float(count), -min(s, 1 + 4e-4), rtol=1e-5)
     largest = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads))
     assert (largest == 0.0) if clipped else largest > 0, shift
+
+
+def test_the_grouped_layout_gives_the_per_row_layouts_log_probs_loss_and_gradient():
+  """Each prompt once, its group's completions after it (``training_batch(group=S)``): the
+  completions' log-probs equal each row alone through the model (independent: no masks,
+  no padding), and every kind's loss, KL and gradient equal the per-row layout's, off-
+  policy, with rows masked out (a kept-False row, completions ending in EOS)."""
+  model, plan, trainable, frozen = tiny_policy()
+  S = 3
+  ep, prompts = hand_episodes(group=S, shared=True)
+  B = len(prompts)
+  assert rollouts.grouped(ep, S, 2, model) == S and rollouts.grouped(ep, S, 3, model) == 1
+  other, _ = hand_episodes(group=S)  # a prompt per row: never grouped
+  assert rollouts.grouped(other, S, 1, model) == 1
+  rng = np.random.default_rng(3)
+  adv = rng.normal(size=B).astype(np.float32)
+  keep = np.arange(B) != 4
+  row, grp = (rollouts.training_batch(ep, adv, keep, g) for g in (1, S))
+  assert grp["inputs"].shape == (4, ep.prompts.shape[1] + S * (N - 1))
+  assert grp["mask"].shape == (4, S, N) and grp["advantages"].shape == (4, S)
+  params = optim.model_params(trainable, frozen, plan)
+  got = np.asarray(lm.completion_logprobs(model, params, grp, chunk=16)).reshape(B, N)
+  for i, want in enumerate(_independent_logprobs(model, params, prompts, ep)):
+    np.testing.assert_allclose(got[i, :ep.lengths[i]], want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      got, np.asarray(lm.completion_logprobs(model, params, row)), rtol=1e-5, atol=1e-5)
+  sampler = got + rng.normal(0, 0.1, got.shape)  # off-policy
+  reference = losses.reference_logprobs(model)
+  for batch in (row, grp):
+    batch["sampler_logprobs"] = (sampler * row["mask"]).astype(np.float32).reshape(
+        batch["mask"].shape)
+    batch["ref_logprobs"] = reference(optim.combine(trainable["full"], frozen), batch)
+  assert grp["ref_logprobs"].shape == (4, S, N)
+
+  @jax.jit
+  def both(tr):
+    out = {}
+    for kind in ("grpo", "dr_grpo", "gspo"):  # sequence means, a constant count, seq. ratios
+      fn = losses.policy_loss(model, plan, kind=kind, kl_coef=0.05)
+      out[kind] = [jax.value_and_grad(lambda t, fn=fn, b=b: (lambda s, c, a: (s / c, a))(
+          *fn(t, frozen, b)), has_aux=True)(tr) for b in (row, grp)]
+    return out
+
+  for kind, ((v1, aux1), g1), ((v2, aux2), g2) in ((k, *v) for k, v in both(
+      trainable).items()):
+    np.testing.assert_allclose(v2, v1, rtol=1e-5, atol=1e-7, err_msg=kind)
+    for name in aux1:
+      np.testing.assert_allclose(aux2[name], aux1[name], rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{kind} {name}")
+    scale = max(float(jnp.abs(x).max()) for x in jax.tree_util.tree_leaves(g1))
+    assert scale > 1e-5, kind
+    for x, y in zip(jax.tree_util.tree_leaves(g2), jax.tree_util.tree_leaves(g1)):
+      np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4 * scale, err_msg=kind)
