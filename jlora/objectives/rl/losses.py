@@ -141,60 +141,74 @@ def _terms(model, kind: str, clip: float, kl_coef: float, chunk: int | None,
     rows = lambda x: x.reshape(-1, N)  # noqa: E731  (the grouped layout's [G, S, N] too)
     mask = rows(batch["mask"]).astype(jnp.float32)
     logp = rows(lm.completion_logprobs(model, params, batch, chunk))
-    on = mask > 0
     log_ratio = logp - rows(batch["sampler_logprobs"])
-    ratio = jnp.exp(log_ratio)
     advantages = batch["advantages"].reshape(-1)
-    adv = advantages[:, None]
-    tokens = jnp.sum(mask, axis=1)
-    has = (tokens > 0).astype(jnp.float32)
     kl = None
     if "ref_logprobs" in batch:
       kl = kl_k3(logp, rows(batch["ref_logprobs"]))
     elif kl_coef:
       raise ValueError("kl_coef > 0 needs ref_logprobs in the batch")
-    penalty = kl_coef * kl if kl_coef else 0.0
-    if kind in ("importance_sampling", "ppo"):
-      per, clipped = per_token(ratio, adv, kind, clip)
-    elif kind in ("grpo", "dr_grpo"):
-      per, clipped = clipped_surrogate(ratio, adv, clip, clip)
-    elif kind == "dapo":
-      per, clipped = clipped_surrogate(ratio, adv, clip_low, clip_high)
-    elif kind == "cispo":
-      weight = jax.lax.stop_gradient(jnp.minimum(ratio, 1.0 + clip_high))
-      per, clipped = -weight * adv * logp, (ratio > 1.0 + clip_high).astype(jnp.float32)
+    penalty = kl_coef * kl if kl_coef else jnp.zeros_like(mask)
     if kind == "gspo":
-      seq_ratio = jnp.exp(jnp.sum(log_ratio * mask, axis=1) / jnp.maximum(tokens, 1.0))
-      seq, seq_clipped = clipped_surrogate(seq_ratio, advantages, *gspo_clip)
-      if kl_coef:
-        seq = seq + jnp.sum(penalty * mask, axis=1) / jnp.maximum(tokens, 1.0)
-      total, count = jnp.sum(seq * has), jnp.sum(has)
-      clipped_sum = jnp.sum(seq_clipped * has)  # sequences: what the count counts
+      total, count, clipped = _gspo(log_ratio, advantages, penalty, mask, gspo_clip)
     else:
-      per = per + penalty
-      if kind == "grpo":  # each sequence's token mean, then over sequences
-        total = jnp.sum(jnp.sum(per * mask, axis=1) / jnp.maximum(tokens, 1.0))
-        count = jnp.sum(has)
-      else:
-        total = jnp.sum(per * mask)
-        count = (jnp.asarray(mask.size, jnp.float32) if kind == "dr_grpo"
-                 else jnp.sum(mask))
-      clipped_sum = jnp.sum(clipped * mask)
-    # aux: token means, as sums the step divides by ``count`` (a token sum where the count
-    # is the tokens)
-    n = jnp.maximum(jnp.sum(mask), 1.0)
-    counts_tokens = kind not in SEQUENCE_LEVEL and kind != "dr_grpo"
-    as_sum = (lambda x: x) if counts_tokens else (lambda x: x / n * count)  # noqa: E731
-    aux = {"ratio_mean": as_sum(jnp.sum(ratio * mask)),
-           "ratio_min": jnp.min(jnp.where(on, ratio, jnp.inf)),
-           "ratio_max": jnp.max(jnp.where(on, ratio, -jnp.inf))}
-    if kind != "importance_sampling":
-      aux["clip_frac"] = clipped_sum if kind == "gspo" else as_sum(clipped_sum)
-    if kl is not None:
-      aux["kl"] = as_sum(jnp.sum(kl * mask))
-    return total, count, aux
+      per, clipped = _token_terms(kind, logp, jnp.exp(log_ratio), advantages[:, None],
+                                  clip, clip_low, clip_high)
+      total, count = _reduce(kind, per + penalty, mask)
+      clipped = jnp.sum(clipped * mask)
+    return total, count, _aux(kind, jnp.exp(log_ratio), kl, clipped, mask, count)
 
   return terms_of
+
+
+def _token_terms(kind: str, logp, ratio, adv, clip: float, clip_low: float,
+                 clip_high: float):
+  """(per-token loss, clipped indicator) of a token-level kind (all but gspo)."""
+  if kind in ("importance_sampling", "ppo"):
+    return per_token(ratio, adv, kind, clip)
+  if kind in ("grpo", "dr_grpo"):
+    return clipped_surrogate(ratio, adv, clip, clip)
+  if kind == "dapo":
+    return clipped_surrogate(ratio, adv, clip_low, clip_high)
+  weight = jax.lax.stop_gradient(jnp.minimum(ratio, 1.0 + clip_high))  # cispo
+  return -weight * adv * logp, (ratio > 1.0 + clip_high).astype(jnp.float32)
+
+
+def _reduce(kind: str, per, mask):
+  """(sum, count) of per-token losses by the kind's normalisation (module docstring)."""
+  if kind == "grpo":  # each sequence's token mean, then over sequences
+    tokens = jnp.sum(mask, axis=1)
+    return (jnp.sum(jnp.sum(per * mask, axis=1) / jnp.maximum(tokens, 1.0)),
+            jnp.sum((tokens > 0).astype(jnp.float32)))
+  count = jnp.asarray(mask.size, jnp.float32) if kind == "dr_grpo" else jnp.sum(mask)
+  return jnp.sum(per * mask), count
+
+
+def _gspo(log_ratio, advantages, penalty, mask, bounds):
+  """(sum, count, clipped sequences) of GSPO: the sequence ratio's clipped surrogate (and
+  the KL penalty's token mean) per sequence, over the sequences with a token."""
+  tokens = jnp.sum(mask, axis=1)
+  has = (tokens > 0).astype(jnp.float32)
+  mean = lambda x: jnp.sum(x * mask, axis=1) / jnp.maximum(tokens, 1.0)  # noqa: E731
+  seq, clipped = clipped_surrogate(jnp.exp(mean(log_ratio)), advantages, *bounds)
+  return jnp.sum((seq + mean(penalty)) * has), jnp.sum(has), jnp.sum(clipped * has)
+
+
+def _aux(kind: str, ratio, kl, clipped, mask, count) -> dict:
+  """The loss's aux metrics: token means (``ratio_mean``, ``clip_frac``, ``kl``; gspo's
+  ``clip_frac`` a fraction of sequences), as sums the step divides by ``count``."""
+  n = jnp.maximum(jnp.sum(mask), 1.0)
+  counts_tokens = kind not in SEQUENCE_LEVEL and kind != "dr_grpo"
+  as_sum = (lambda x: x) if counts_tokens else (lambda x: x / n * count)  # noqa: E731
+  on = mask > 0
+  aux = {"ratio_mean": as_sum(jnp.sum(ratio * mask)),
+         "ratio_min": jnp.min(jnp.where(on, ratio, jnp.inf)),
+         "ratio_max": jnp.max(jnp.where(on, ratio, -jnp.inf))}
+  if kind != "importance_sampling":
+    aux["clip_frac"] = clipped if kind == "gspo" else as_sum(clipped)
+  if kl is not None:
+    aux["kl"] = as_sum(jnp.sum(kl * mask))
+  return aux
 
 
 def reference_logprobs(model, chunk: int | None = None, mesh=None):
