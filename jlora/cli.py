@@ -91,16 +91,22 @@ def _trained_parsers(sub) -> None:
   gen.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   gen.add_argument("--no-chat", action="store_true",
                    help="feed the prompt as plain text, not a chat user turn")
-  exp = sub.add_parser("export", help="a run's adapters as a Hugging Face PEFT adapter")
+  exp = sub.add_parser("export", help="a run's adapters as a Hugging Face PEFT adapter or "
+                       "a llama.cpp LoRA adapter (GGUF)")
   exp.add_argument("run_dir")
-  exp.add_argument("--format", choices=["peft"], default="peft")
-  exp.add_argument("--out", required=True, help="new directory for the adapter")
+  exp.add_argument("--format", choices=["peft", "gguf"], default="peft",
+                   help="peft: a PEFT adapter directory; gguf: one llama.cpp LoRA adapter "
+                        "file (llama-cli --lora, ollama ADAPTER)")
+  exp.add_argument("--out", required=True,
+                   help="new directory for the adapter (gguf: a new .gguf file)")
+  exp.add_argument("--dtype", choices=["f32", "f16"], default="f32",
+                   help="--format gguf: the factors' type (default f32)")
   exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   exp.add_argument("--moe-layout", choices=["per-expert", "fused"], default="per-expert",
                    help="MoE experts: 2-D factors per expert (serving engines) or PEFT's "
                         "target_parameters on the fused expert tensors")
-  imp = sub.add_parser("import-peft", help="check a PEFT LoRA adapter against a base model "
-                       "(and convert it for lora.init)")
+  imp = sub.add_parser("import-peft", help="check a PEFT LoRA adapter (or a llama.cpp one, "
+                       "a .gguf file) against a base model (and convert it for lora.init)")
   imp.add_argument("adapter_dir")
   imp.add_argument("--model", required=True,
                    help="the base: HF model dir, .gguf file, Hub id or smollm2")
@@ -134,8 +140,11 @@ def _study_parser(study: argparse.ArgumentParser) -> None:
 def _interop(args) -> None:
   from jlora.run import trained
   if args.command == "export":
-    out = trained.export_run(args.run_dir, args.out, args.step, moe_layout=args.moe_layout)
-    print(f"PEFT adapter -> {out} (load with peft.PeftModel.from_pretrained)")
+    out = trained.export_run(args.run_dir, args.out, args.step, moe_layout=args.moe_layout,
+                             format=args.format, dtype=args.dtype)
+    print(f"PEFT adapter -> {out} (load with peft.PeftModel.from_pretrained)"
+          if args.format == "peft" else
+          f"llama.cpp LoRA adapter -> {out} (llama-cli -m BASE.gguf --lora {out})")
   elif args.command == "merge":
     out = trained.merge_run(args.run_dir, args.out, args.step, args.max_shard_size,
                             dtype=args.dtype)

@@ -193,3 +193,27 @@ def staging(out: str) -> Iterator[str]:
       os.replace(tmp, out)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staging_file(out: str) -> Iterator[str]:
+  """A temporary file name beside ``out``, renamed to ``out`` only if the block succeeds
+  (``staging`` for one file). ``out`` must not exist (checked before anything is
+  written); a storage failure removes the partial file and is a ``StorageError``."""
+  out = os.path.abspath(out)
+  if os.path.exists(out):
+    raise ValueError(f"output {out} already exists")
+  parent = os.path.dirname(out)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", dir=parent)
+    os.close(fd)
+  except OSError as e:
+    raise ValueError(f"cannot write to {parent}: {e.strerror}") from None
+  try:
+    with writing(f"cannot write {out} (nothing was written)"):
+      yield tmp
+      os.replace(tmp, out)
+  finally:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)

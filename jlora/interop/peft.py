@@ -147,6 +147,14 @@ def _pattern_value(patterns: dict, module: str, default):
   return default
 
 
+def module_scale(config: dict, module: str, rank: int) -> float:
+  """PEFT's scale of ``module``'s factors of ``rank`` under adapter config ``config``: its
+  alpha (``alpha_pattern`` or ``lora_alpha``) over the rank (rsLoRA: its square root)."""
+  alpha = float(_pattern_value(config.get("alpha_pattern"), module,
+                               config.get("lora_alpha", 8)))
+  return alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
+
+
 def _read_tensors(path: str) -> tuple[str, dict[str, np.ndarray]]:
   file = os.path.join(path, ADAPTER_FILE)
   if not os.path.isfile(file):
@@ -228,7 +236,8 @@ def _stack(file: str, path: str, slices: dict, target: lora_lib.Target, names: d
 
 
 def load_peft(path: str, params, cfg: ModelConfig):
-  """A PEFT LoRA adapter directory -> ``(adapters, spec, params)`` for this base model.
+  """A PEFT LoRA adapter directory (or a llama.cpp LoRA adapter, a ``.gguf`` file:
+  ``gguf_adapter``) -> ``(adapters, spec, params)`` for this base model.
 
   ``params`` (the base's, any array type) come back with ``modules_to_save`` tensors put
   in (as numpy arrays; every other leaf is the one passed in); ``spec`` carries each
@@ -237,11 +246,19 @@ def load_peft(path: str, params, cfg: ModelConfig):
   are zero-padded to the largest rank and the scale difference is folded into B: exact
   for the forward pass.
   """
-  from jlora import models
+  if path.endswith(".gguf"):  # a llama.cpp LoRA adapter, read as the PEFT one it is
+    from jlora.interop import gguf_adapter
+    return from_tensors(*gguf_adapter.read(path, cfg), params, cfg)
   path = hub.resolve(path, adapter=True)
   config = read_config(path)
   file, stored = _read_tensors(path)
-  stored = peft_moe.unfuse(file, stored, config, cfg)
+  return from_tensors(file, config, peft_moe.unfuse(file, stored, config, cfg), params, cfg)
+
+
+def from_tensors(file: str, config: dict, stored: dict, params, cfg: ModelConfig):
+  """``load_peft`` of tensors ``stored`` under PEFT's names (read from ``file``) with PEFT
+  config fields ``config``."""
+  from jlora import models
   modules, names = {}, {}  # HF module -> (entry, index); (jlora path, index) -> HF name
   for entry, index, name in hf.tensor_names(cfg):
     modules[hf.module_name(name)] = entry, index

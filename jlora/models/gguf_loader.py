@@ -84,6 +84,49 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
+def permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """llama.cpp's q/k row permutation of a Llama weight's rows (HF rotate-half ->
+  interleaved RoPE, its ``convert_hf_to_gguf`` ``LlamaModel.permute``): ``_unpermute``'s
+  inverse."""
+  out, inp = w.shape
+  return w.reshape(n_heads, 2, out // n_heads // 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+def permuted_heads(hf_name: str, cfg: ModelConfig) -> int | None:
+  """The head count whose rows llama.cpp permutes in tensor ``hf_name`` (Llama's q and k
+  projections: query heads, KV heads), None for every other tensor and architecture."""
+  if cfg.model_type != "llama":
+    return None
+  if hf_name.endswith("q_proj.weight"):
+    return cfg.num_heads
+  return cfg.num_kv_heads if hf_name.endswith("k_proj.weight") else None
+
+
+def hf_name(gguf_name: str) -> str | None:
+  """The HF tensor name of a GGUF tensor name (``blk.3.attn_q.weight`` ->
+  ``model.layers.3.self_attn.q_proj.weight``); None for tensors jlora computes instead
+  (e.g. ``rope_freqs``)."""
+  if gguf_name in _GLOBAL_NAMES:
+    return _GLOBAL_NAMES[gguf_name]
+  parts = gguf_name.split(".")
+  if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _LAYER_NAMES:
+    return None
+  return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+
+
+def gguf_name(hf: str) -> str | None:
+  """``hf_name``'s inverse; None for a name llama.cpp has no tensor for."""
+  for g, h in _GLOBAL_NAMES.items():
+    if h == hf:
+      return g
+  parts = hf.split(".")
+  if len(parts) < 5 or parts[:2] != ["model", "layers"]:
+    return None
+  module = ".".join(parts[3:-1])
+  short = {v: k for k, v in _LAYER_NAMES.items()}.get(module)
+  return None if short is None else f"blk.{parts[2]}.{short}.{parts[-1]}"
+
+
 class _Tensors(dict):
   """HF name -> GGUF tensor record; ``[name]`` dequantises that one tensor to f32 in HF's
   layout (read one at a time by the loader: the whole model is never held in f32)."""
@@ -97,9 +140,8 @@ class _Tensors(dict):
     t = super().__getitem__(name)
     x = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
     x = x.reshape(tuple(int(d) for d in reversed(t.shape)))
-    if self.cfg.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-      x = _unpermute(x, self.cfg.num_heads if "q_proj" in name else self.cfg.num_kv_heads)
-    return x
+    heads = permuted_heads(name, self.cfg)
+    return x if heads is None else _unpermute(x, heads)
 
   def items(self):
     return ((name, self[name]) for name in self)
@@ -112,16 +154,8 @@ def hf_tensors(path: str, cfg: ModelConfig, reader=None) -> _Tensors:
   """The tensors of a GGUF file by HF name, each dequantised to f32 and laid out as in HF
   when read."""
   reader = reader or open_reader(path)
-  records = {}
-  for t in reader.tensors:
-    if t.name in _GLOBAL_NAMES:
-      name = _GLOBAL_NAMES[t.name]
-    else:
-      parts = t.name.split(".")
-      if parts[0] != "blk" or parts[2] not in _LAYER_NAMES:
-        continue  # e.g. rope_freqs: computed from the config instead
-      name = f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    records[name] = t
+  records = {hf_name(t.name): t for t in reader.tensors}
+  records.pop(None, None)  # e.g. rope_freqs: computed from the config instead
   return _Tensors(records, cfg)
 
 

@@ -1,5 +1,6 @@
 """A trained run read back, and what it gives: ``jlora generate`` (base + adapters, no
-merge), ``jlora export`` (a PEFT adapter, ``jlora.interop.peft``) and ``jlora merge`` (an
+merge), ``jlora export`` (a PEFT adapter, ``jlora.interop.peft``, or a llama.cpp one,
+``jlora.interop.gguf_adapter``) and ``jlora merge`` (an
 HF model directory, ``jlora.interop.merged``). Reading a run needs its config and a
 checkpoint, never its training data or an objective's plug-ins (an RL reward).
 """
@@ -7,6 +8,7 @@ checkpoint, never its training data or an objective's plug-ins (an RL reward).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -51,15 +53,28 @@ def load_trained(run_dir: str, step: int | None = None, base=None) -> Trained:
 
 
 def export_run(run_dir: str, out: str, step: int | None = None, base=None,
-               moe_layout: str = "per-expert") -> str:
+               moe_layout: str = "per-expert", format: str = "peft", dtype: str = "f32"
+               ) -> str:
   """``jlora export RUN_DIR --format peft --out DIR [--moe-layout fused]`` (``base``: the
-  model already loaded, as in ``load_trained``; ``moe_layout``: ``peft.MOE_LAYOUTS``)."""
+  model already loaded, as in ``load_trained``; ``moe_layout``: ``peft.MOE_LAYOUTS``), or
+  ``--format gguf --out FILE.gguf [--dtype f16]``: a llama.cpp LoRA adapter
+  (``gguf_adapter``)."""
+  if format not in ("peft", "gguf"):
+    raise ValueError(f"--format {format!r} is not peft or gguf")
+  if format == "gguf" and os.path.exists(out):
+    raise ValueError(f"--out {out} already exists")
   run = load_trained(run_dir, step, base)
   s, trainable = run.setup, run.trainable
   if s.cfg.train.method == "full":
     raise ValueError(f"{run_dir} is a full fine-tuning run: it has no adapters to export "
                      "(use `jlora merge`)")
   full = lora_lib.flatten(trainable["full"]) if trainable["full"] else None
+  if format == "gguf":
+    if full:
+      raise ValueError(f"{run_dir} trains {', '.join(sorted(full))} in full: a llama.cpp "
+                       "LoRA adapter holds LoRA factors only (use `jlora merge`)")
+    from jlora.interop import gguf_adapter
+    return gguf_adapter.save(out, trainable["lora"], s.spec, s.model_cfg, dtype)
   name, revision = hub.base_name(s.cfg.model.path)  # a Hub id where jlora knows one
   return peft.save_peft(out, trainable["lora"], s.spec, s.model_cfg, full=full,
                         base_model=name, revision=revision, moe_layout=moe_layout)
