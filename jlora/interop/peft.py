@@ -31,11 +31,11 @@ from jlora.models import hf
 from jlora.models.config import ModelConfig
 
 PREFIX = peft_moe.PREFIX  # every PEFT key starts with it
+_pattern_value, module_scale = peft_moe.pattern_value, peft_moe.module_scale
 ADAPTER_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
 MOE_LAYOUTS = ("per-expert", "fused")
 # PEFT options whose adapters do not compute W + s B A on nn.Linear weights.
 UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "use_qalora": "QALoRA",
-               "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern",
                "trainable_token_indices": "trainable tokens", "megatron_config": "Megatron",
                "alora_invocation_tokens": "aLoRA"}
 
@@ -138,23 +138,6 @@ def read_config(path: str) -> dict:
   return config
 
 
-def _pattern_value(patterns: dict, module: str, default):
-  """PEFT's rule (``peft.utils.other.get_pattern_key``): the first key that matches the
-  end of the module name, else the default."""
-  for key, value in (patterns or {}).items():
-    if re.match(rf"(.*\.)?({key})$", module):
-      return value
-  return default
-
-
-def module_scale(config: dict, module: str, rank: int) -> float:
-  """PEFT's scale of ``module``'s factors of ``rank`` under adapter config ``config``: its
-  alpha (``alpha_pattern`` or ``lora_alpha``) over the rank (rsLoRA: its square root)."""
-  alpha = float(_pattern_value(config.get("alpha_pattern"), module,
-                               config.get("lora_alpha", 8)))
-  return alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
-
-
 def _read_tensors(path: str) -> tuple[str, dict[str, np.ndarray]]:
   file = os.path.join(path, ADAPTER_FILE)
   if not os.path.isfile(file):
@@ -202,13 +185,16 @@ def _stack(file: str, path: str, slices: dict, target: lora_lib.Target, names: d
            config: dict, layouts: lora_lib.LoraSpec) -> tuple[dict, int, float]:
   """One jlora path's per-layer (per-expert) PEFT factors stacked as jlora's A and B:
   ``({"a", "b"}, rank, alpha)``. Ranks are zero-padded to the largest and each slice's
-  scale difference folded into its B (exact: s_i B_i A_i = s (B_i s_i / s) A_i)."""
+  scale difference folded into its B (exact: s_i B_i A_i = s (B_i s_i / s) A_i); layers
+  an adapter that chooses layers (``peft_moe.partial_layers``) leaves out get zeros."""
   stack = tuple(d for d, c in zip(target.shape, target.layout) if c in "be")
   per_slice = {}
   for index in np.ndindex(*stack):
     name = names[(path, index)]
     module = hf.module_name(name)
     got = slices.get(index, {})
+    if not got and peft_moe.partial_layers(config):
+      continue  # a layer the adapter leaves alone (layers_to_transform, ...): zero factors
     for which in "AB":
       if which not in got:
         raise ValueError(f"{file}: '{PREFIX}{module}.lora_{which}.weight' is missing "

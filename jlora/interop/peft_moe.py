@@ -22,6 +22,41 @@ PREFIX = "base_model.model."
 GATE_UP, DOWN = "mlp.experts.gate_up_proj", "mlp.experts.down_proj"
 
 
+def pattern_value(patterns: dict, module: str, default):
+  """PEFT's rule (``peft.utils.other.get_pattern_key``): the first key that matches the
+  end of the module name, else the default."""
+  for key, value in (patterns or {}).items():
+    if re.match(rf"(.*\.)?({key})$", module):
+      return value
+  return default
+
+
+def module_scale(config: dict, module: str, rank: int) -> float:
+  """PEFT's scale of ``module``'s factors of ``rank`` under adapter config ``config``: its
+  alpha (``alpha_pattern`` or ``lora_alpha``) over the rank (rsLoRA: its square root)."""
+  alpha = float(pattern_value(config.get("alpha_pattern"), module,
+                              config.get("lora_alpha", 8)))
+  return alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
+
+
+def targets(name: str, entries) -> bool:
+  """PEFT's ``target_parameters`` rule (``BaseTuner._inject_parameters``): a parameter is
+  targeted by an entry equal to its name or a dotted suffix of it (``gate_up_proj``,
+  ``mlp.experts.gate_up_proj``, ``model.layers.3.mlp.experts.gate_up_proj``)."""
+  return any(name == e or name.endswith("." + e) for e in entries)
+
+
+def partial_layers(config: dict) -> bool:
+  """Whether an adapter may cover a module in some layers only, as PEFT writes it where
+  ``layers_to_transform``, a regex ``target_modules`` or per-layer target names choose
+  layers (the missing layers' factors are zero: exact)."""
+  names = list(config.get("target_parameters") or [])
+  modules = config.get("target_modules")
+  names += modules if isinstance(modules, list) else []
+  return bool(config.get("layers_to_transform")) or isinstance(modules, str) or any(
+      re.search(r"(^|\.)layers\.\d+\.", n) for n in names)
+
+
 _FUSED = re.compile(r"(.+\.mlp\.experts)((?:\.base_layer)*)\.lora_([AB])(?:\.[\w-]+)?\.weight")
 
 
@@ -38,9 +73,12 @@ def unfuse(file: str, stored: dict, config: dict, cfg: ModelConfig) -> dict:
   if not params:
     return stored
   E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-  if not E or not set(params) <= {GATE_UP, DOWN}:
-    raise ValueError(f"{file}: target_parameters {params} are not the fused MoE expert "
-                     "tensors jlora reads (mlp.experts.gate_up_proj, mlp.experts.down_proj)")
+  fused = [f"model.layers.{i}.{n}" for i in range(cfg.num_layers) for n in (GATE_UP, DOWN)]
+  for entry in params:
+    if not E or not any(targets(name, [entry]) for name in fused):
+      raise ValueError(f"{file}: target_parameters entry {entry!r} matches none of the fused "
+                       f"MoE expert tensors jlora reads (model.layers.N.{GATE_UP}, "
+                       f"model.layers.N.{DOWN})")
   pairs: dict[tuple, dict] = {}
   out = {}
   for key, value in stored.items():
@@ -59,17 +97,23 @@ def unfuse(file: str, stored: dict, config: dict, cfg: ModelConfig) -> dict:
     a_e = a.reshape(E, r, a.shape[1])  # expert-major rows
     b_e = b.reshape(b.shape[0], r, E).transpose(2, 0, 1)  # rank-major columns -> [E, out, r]
     if (a.shape[1], b.shape[0]) == (H, 2 * I):
-      parts = {"gate_proj": (a_e, b_e[:, :I]), "up_proj": (a_e, b_e[:, I:])}
+      param, parts = "gate_up_proj", {"gate_proj": (a_e, b_e[:, :I]),
+                                      "up_proj": (a_e, b_e[:, I:])}
     elif (a.shape[1], b.shape[0]) == (I, H):
-      parts = {"down_proj": (a_e, b_e)}
+      param, parts = "down_proj", {"down_proj": (a_e, b_e)}
     else:
       raise ValueError(f"{file}: '{key_a}' fits neither gate_up_proj [{2 * I}, {H}] nor "
                        f"down_proj [{H}, {I}] of this model's experts")
+    # PEFT scales by the alpha its patterns give the fused tensor's name; jlora's reader
+    # (``peft._stack``) matches the patterns against the per-expert names: the ratio is
+    # folded into B (exact)
+    scale = module_scale(config, f"{module}.{param}", r)
     for name, (pa, pb) in parts.items():
       for e in range(E):
         stem = f"{PREFIX}{module}.{e}.{name}"
+        fold = scale / module_scale(config, stem[len(PREFIX):], r)
         out[f"{stem}.lora_A.weight"] = pa[e]
-        out[f"{stem}.lora_B.weight"] = np.ascontiguousarray(pb[e])
+        out[f"{stem}.lora_B.weight"] = np.ascontiguousarray(pb[e] * np.float32(fold))
   return out
 
 
