@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import linen as nn
 
 from jlora import kernels
@@ -232,6 +233,13 @@ class Embed(nn.Module):
     """The whole table in ``dtype`` (the tied unembedding)."""
     return quant.dense(self.embedding, dtype)
 
+  def rows(self, start, size: int, dtype):
+    """Rows ``start .. start + size`` of the table in ``dtype`` (a quantised table
+    dequantises only those); ``start`` may be traced, rows past the end are zeros."""
+    pad = lambda x: jnp.pad(x, [(0, -x.shape[0] % size)] + [(0, 0)] * (x.ndim - 1))  # noqa
+    cut = lambda x: jax.lax.dynamic_slice_in_dim(pad(x), start, size, 0)  # noqa: E731
+    return quant.dense(jax.tree.map(cut, self.embedding), dtype)
+
 
 class Block(nn.Module):
   cfg: ModelConfig
@@ -294,9 +302,40 @@ class Transformer(nn.Module):
                                  (((h_BTD.ndim - 1,), (1,)), ((), ())))
     return self.lm_head(h_BTD).astype(jnp.float32)
 
+  def target_logprobs(self, h_NTD, targets_NT):
+    """log p(targets) in f32 from final hidden states: the unembedding's log-softmax at
+    each target. A quantised tied table is dequantised ``VOCAB_BLOCK`` rows at a time
+    (an online logsumexp over the blocks, each recomputed in the backward pass), so its
+    f32 copy ([vocab, d]: 113 MB on SmolLM2, 1 GB at a 1B model's) never exists whole;
+    otherwise the full logits (as ``logits``)."""
+    if not (self.cfg.tie_embeddings and quant.is_quantized(self.embed.embedding)):
+      return -optax.softmax_cross_entropy_with_integer_labels(self.logits(h_NTD), targets_NT)
+    h = h_NTD.astype(jnp.float32)
+    V, size = self.cfg.vocab_size, min(VOCAB_BLOCK, self.cfg.vocab_size)
+
+    @jax.checkpoint
+    def block(carry, i):
+      top, total, picked = carry
+      ids = i * size + jnp.arange(size)
+      logits = jax.lax.dot_general(h, self.embed.rows(i * size, size, jnp.float32),
+                                   (((h.ndim - 1,), (1,)), ((), ())))
+      logits = jnp.where(ids < V, logits, -jnp.inf)
+      new = jnp.maximum(top, jnp.max(logits, axis=-1))
+      total = total * jnp.exp(top - new) + jnp.sum(jnp.exp(logits - new[..., None]), -1)
+      picked = picked + jnp.sum(jnp.where(ids == targets_NT[..., None], logits, 0.0), -1)
+      return (new, total, picked), None
+
+    zeros = jnp.zeros(targets_NT.shape, jnp.float32)
+    (top, total, picked), _ = jax.lax.scan(block, (zeros - jnp.inf, zeros, zeros),
+                                           jnp.arange(-(-V // size)))
+    return picked - top - jnp.log(total)
+
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
     h, cache = self.hidden(tokens_BT, positions_BT, segment_ids_BT, cache)
     return self.logits(h), cache
+
+
+VOCAB_BLOCK = 8192  # rows of a quantised tied table dequantised at a time (target_logprobs)
 
 
 def _mask(tokens_BT, segment_ids_BT, cache):

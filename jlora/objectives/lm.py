@@ -50,8 +50,7 @@ def hidden_logprobs(model, params, h, targets, chunk: int | None = None) -> jax.
   [B, T, D] (``model.hidden``'s), unembedded over ``chunk`` tokens at a time under
   ``jax.checkpoint`` (``token_logprobs``), or at once when ``chunk`` is None."""
   if chunk is None:
-    logits = model.apply({"params": params}, h, method="logits")
-    return -optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return _unembedded(model, params, h, targets)
   B, T = targets.shape
   n = B * T
   chunk = min(chunk, n)
@@ -59,13 +58,19 @@ def hidden_logprobs(model, params, h, targets, chunk: int | None = None) -> jax.
   h_c = jnp.pad(h.reshape(n, -1), ((0, pad), (0, 0))).reshape(-1, chunk, h.shape[-1])
   t_c = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)
 
-  @jax.checkpoint
-  def chunk_logprobs(params, h, t):
-    logits = model.apply({"params": params}, h, method="logits")
-    return -optax.softmax_cross_entropy_with_integer_labels(logits, t)
-
+  chunk_logprobs = jax.checkpoint(lambda params, h, t: _unembedded(model, params, h, t))
   _, logp = jax.lax.scan(lambda c, xs: (c, chunk_logprobs(params, *xs)), None, (h_c, t_c))
   return logp.reshape(-1)[:n].reshape(B, T)
+
+
+def _unembedded(model, params, h, targets):
+  """log p(targets) from hidden states: the model's own ``target_logprobs`` where it has
+  one (jlora's: a quantised tied table is read a vocabulary block at a time), else its
+  logits' log-softmax."""
+  if hasattr(model, "target_logprobs"):
+    return model.apply({"params": params}, h, targets, method="target_logprobs")
+  logits = model.apply({"params": params}, h, method="logits")
+  return -optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
 def completion_logprobs(model, params, batch, chunk: int | None = None) -> jax.Array:

@@ -68,3 +68,34 @@ def test_remat_gives_the_same_steps():
   for x, y in zip(jax.tree_util.tree_leaves(s1["trainable"]),
                   jax.tree_util.tree_leaves(s2["trainable"])):
     np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_a_quantised_tied_table_unembeds_a_vocabulary_block_at_a_time(tmp_path, monkeypatch,
+                                                                    fmt):
+  """``target_logprobs`` over a quantised tied table, in blocks of 48 rows of a 320-token
+  vocabulary (the last block partly past the end): the log-softmax of h against the whole
+  dequantised table (numpy, float64), and its gradient w.r.t. h (by the softmax's
+  formula)."""
+  import jax.numpy as jnp
+  from jlora.models import transformer
+  from tests.helpers import QUANT_SIZES, tiny_model_dir
+  monkeypatch.setattr(transformer, "VOCAB_BLOCK", 48)
+  path = tiny_model_dir(str(tmp_path), "llama_tied", **QUANT_SIZES)
+  model, params, cfg = models.load(path, quantize="nf4", quantize_embeddings=fmt)
+  assert cfg.tie_embeddings and cfg.vocab_size % 48  # the last block partly past the end
+  table = np.asarray(params["embed"]["embedding"].dequantize(jnp.float32), np.float64)
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.normal(size=(2, 5, cfg.hidden_size)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 5)))
+  fn = jax.jit(lambda h: model.apply({"params": params}, h, targets,
+                                     method="target_logprobs"))
+  logits = np.asarray(h, np.float64) @ table.T
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                         keepdims=True)) - logits.max(-1, keepdims=True)
+  want = np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0]
+  np.testing.assert_allclose(fn(h), want, rtol=1e-5, atol=1e-5)
+  # d sum(log p(t)) / dh = E[t] - softmax(h E^T) E, per position
+  grad = np.asarray(jax.grad(lambda h: jnp.sum(fn(h)))(h))
+  want_grad = table[np.asarray(targets)] - np.exp(logp) @ table
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-5)
