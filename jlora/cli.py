@@ -152,9 +152,9 @@ def _interop(args) -> None:
   else:
     from jlora import models
     from jlora.core import lora
-    from jlora.interop import peft
+    from jlora.interop import adapters as adapters_lib
     _, params, cfg = models.load(args.model)
-    adapters, spec, _ = peft.load_peft(args.adapter_dir, params, cfg)
+    adapters, spec, _ = adapters_lib.load(args.adapter_dir, params, cfg)
     print(lora.describe(params, spec))
     print(f"{args.adapter_dir}: {lora.count_params(adapters):,} adapter params fit "
           f"{args.model}; train from it with lora.init = \"{args.adapter_dir}\"")

@@ -28,7 +28,7 @@ SMALL = {
     "functional_api": {"STEPS": 20, "EXAMPLES": 128, "BATCH": 32},
     "findings": {"STUDY": "compute", "BUDGET": "smoke"},
     "rl": {"SFT_STEPS": 2, "RL_STEPS": 2, "PROMPTS": 2, "GROUP": 2, "MAX_NEW_TOKENS": 4,
-           "EVAL_EXAMPLES": 4, "EVAL_EVERY": 1, "SHOW": 2},
+           "EVAL_EXAMPLES": 4, "EVAL_EVERY": 2, "SHOW": 2},
 }
 
 # Metadata that changes on every execution: papermill's record and nbclient's timings.

@@ -13,8 +13,9 @@ are not (NeoX RoPE).
 Written from the PEFT tensors (``peft.peft_tensors``: one name table, one orientation):
 each module's PEFT scale becomes ``alpha / r`` with one alpha for the file (the first
 module's scale x rank), any other module's difference folded into its ``lora_b`` (exact).
-Read back through ``peft.from_tensors``: the tensors renamed to PEFT's, Llama's q/k rows
-un-permuted, and PEFT's rank-from-shape and alpha rules give llama.cpp's scale.
+Read back (``adapters.load``) through ``peft.from_tensors``: the tensors renamed to
+PEFT's, Llama's q/k rows un-permuted, and PEFT's rank-from-shape and alpha rules give
+llama.cpp's scale.
 """
 
 from __future__ import annotations
@@ -82,20 +83,25 @@ def save(out: str, adapters, spec, cfg: ModelConfig, dtype: str = "f32") -> str:
   return out
 
 
-def read(path: str, cfg: ModelConfig) -> tuple[str, dict, dict]:
-  """A llama.cpp LoRA adapter as ``(file, PEFT config fields, PEFT-named tensors)`` for
-  ``peft.from_tensors``; a file that is not one, or is for another architecture, is one
-  line."""
+def header(path: str):
+  """(reader, architecture, alpha) of a llama.cpp LoRA adapter file; a file that is not
+  one is one line."""
   reader = gguf_loader.open_reader(path)
   field = lambda key: gguf_loader._field(reader, key)  # noqa: E731
   if field("general.type") != "adapter" or field("adapter.type") != "lora":
     raise ValueError(f"{path}: not a llama.cpp LoRA adapter (general.type "
                      f"{field('general.type')!r}, adapter.type {field('adapter.type')!r})")
-  arch = field("general.architecture")
+  return reader, field("general.architecture"), float(field("adapter.lora.alpha") or 0.0)
+
+
+def read(path: str, cfg: ModelConfig) -> tuple[str, dict, dict]:
+  """A llama.cpp LoRA adapter as ``(file, PEFT config fields, PEFT-named tensors)`` for
+  ``peft.from_tensors``; a file that is not one, or is for another architecture, is one
+  line."""
+  reader, arch, alpha = header(path)
   if arch != ARCHITECTURES.get(cfg.model_type):
     raise ValueError(f"{path}: an adapter for {arch!r} models; the base is a "
                      f"{cfg.model_type} model")
-  alpha = float(field("adapter.lora.alpha") or 0.0)
   stored, ranks = {}, {}
   for t in reader.tensors:
     base, _, which = t.name.rpartition(".")

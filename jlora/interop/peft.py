@@ -222,8 +222,8 @@ def _stack(file: str, path: str, slices: dict, target: lora_lib.Target, names: d
 
 
 def load_peft(path: str, params, cfg: ModelConfig):
-  """A PEFT LoRA adapter directory (or a llama.cpp LoRA adapter, a ``.gguf`` file:
-  ``gguf_adapter``) -> ``(adapters, spec, params)`` for this base model.
+  """A PEFT LoRA adapter directory -> ``(adapters, spec, params)`` for this base model
+  (``adapters.load`` reads a llama.cpp one too).
 
   ``params`` (the base's, any array type) come back with ``modules_to_save`` tensors put
   in (as numpy arrays; every other leaf is the one passed in); ``spec`` carries each
@@ -232,9 +232,6 @@ def load_peft(path: str, params, cfg: ModelConfig):
   are zero-padded to the largest rank and the scale difference is folded into B: exact
   for the forward pass.
   """
-  if path.endswith(".gguf"):  # a llama.cpp LoRA adapter, read as the PEFT one it is
-    from jlora.interop import gguf_adapter
-    return from_tensors(*gguf_adapter.read(path, cfg), params, cfg)
   path = hub.resolve(path, adapter=True)
   config = read_config(path)
   file, stored = _read_tensors(path)

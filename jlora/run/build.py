@@ -22,7 +22,7 @@ from jlora import data, kernels, models
 from jlora.core import lora, optim, quant, sharding
 from jlora.findings import hparams
 from jlora.infra import mesh as mesh_lib
-from jlora.interop import peft
+from jlora.interop import adapters as adapters_lib
 from jlora.run import config as config_lib, events
 
 
@@ -117,7 +117,7 @@ def preflight(cfg: config_lib.RunConfig, rules: Rules = Rules(), stats_limit: in
                      f"({model_cfg.max_position_embeddings})")
   _learning_rate(cfg, model_cfg, rules.lr_factor)  # no LR fit and no train.lr: say so now
   if cfg.lora.init is not None and cfg.train.method == "lora":
-    peft.read_config(cfg.lora.init)
+    adapters_lib.check(cfg.lora.init)
   tok = data.Tokenizer.from_model(path)
   stats = rules.check_data(cfg, tok, model_cfg, stats_limit)
   return Preflight(path, model_cfg, stats, rules.lr_factor)
@@ -209,7 +209,7 @@ def build(cfg: config_lib.RunConfig, pre: Preflight | None = None,
   emit(events.phase("set-up"))
   model, params, model_cfg, mesh = base.model, base.params, base.model_cfg, base.mesh
   if cfg.lora.init is not None and cfg.train.method == "lora":
-    adapters, spec, new_params = peft.load_peft(cfg.lora.init, params, model_cfg)
+    adapters, spec, new_params = adapters_lib.load(cfg.lora.init, params, model_cfg)
     plan = lora.plan(params, spec)
     adapters = jax.device_put(adapters, _adapter_shardings(model, plan, mesh))
     params = sharding.place_like(new_params, params)

@@ -12,7 +12,7 @@ import pytest
 
 from jlora import cli, models
 from jlora.core import lora
-from jlora.interop import gguf_adapter, peft
+from jlora.interop import adapters as adapters_lib, gguf_adapter
 from tests.helpers import randomize_b, tiny_model_dir
 
 gguf = pytest.importorskip("gguf")
@@ -142,7 +142,7 @@ def test_a_llama_adapter_applied_as_llama_cpp_does_gives_jloras_logits(tmp_path)
                              _forward(_applied(base, f32, rounded), cfg, TOKENS[0], True),
                              rtol=0, atol=1e-9)
   # read back (``lora.init`` / ``import-peft`` of the .gguf): jlora's forward again
-  back, back_spec, _ = peft.load_peft(f32, params, cfg)
+  back, back_spec, _ = adapters_lib.load(f32, params, cfg)
   np.testing.assert_allclose(_jlora(model, params, back, back_spec), want, rtol=0, atol=1e-4)
 
 
