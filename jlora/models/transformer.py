@@ -344,7 +344,7 @@ def _mask(tokens_BT, segment_ids_BT, cache):
 
   Segment ids: 0 padding, positive ones documents (packed rows: each sees itself only), a
   negative one a shared prefix that every later token of its row sees: RL's grouped layout
-  (``rollouts.training_batch``), one prompt followed by its group's completions, each
+  (``layout.training_batch``), one prompt followed by its group's completions, each
   completion seeing the prompt and itself."""
   B, T = tokens_BT.shape
   if cache is None:

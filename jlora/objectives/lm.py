@@ -75,7 +75,7 @@ def _unembedded(model, params, h, targets):
 
 def completion_logprobs(model, params, batch, chunk: int | None = None) -> jax.Array:
   """Log-probabilities of sampled completions' tokens, shaped like ``batch["mask"]``, in
-  either of RL's layouts (``rollouts.training_batch``):
+  either of RL's layouts (``layout.training_batch``):
 
   - per row (``mask`` [B, N]): each row a prompt and one completion; the completion's
     tokens are the last N targets (``token_logprobs(last=N)``);

@@ -1,6 +1,6 @@
 """Policy-gradient objectives over sampled completions, as ``train_step.make_step`` losses.
 
-A batch holds ``prompts x group`` episodes (``rollouts.training_batch`` builds it), per row
+A batch holds ``prompts x group`` episodes (``layout.training_batch`` builds it), per row
 (each row a left-padded prompt followed by its sampled completion: ``inputs``/``targets``/
 ``positions``/``segment_ids`` [B, T] as for SFT; over the completion, the last N targets:
 ``mask`` [B, N] on its tokens (through EOS), ``sampler_logprobs`` [B, N] (the sampling
