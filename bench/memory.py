@@ -2,7 +2,7 @@
 
     python -m bench.memory [--steps 3]
     python -m bench.memory --only jlora-lora jlora-lora-bf16 jlora-lora-int8 jlora-lora-nf4 \
-        jlora-lora-nf4all     # QLoRA: the frozen base stored f32 / bf16 / int8 / nf4
+        jlora-lora-nf4all jlora-lora-nf4dq  # QLoRA: the base f32 / bf16 / int8 / nf4 / + double
     python -m bench.memory --model llama1b --steps 0 --only ...   # XLA's plan, no steps
 
 Environment knobs for experiments (results in RESULTS.md): JLORA_BENCH_CHUNK=N (loss
@@ -34,7 +34,8 @@ from bench import common
 BATCH, SEQ, RANK = 8, 128, 16
 CHUNK = int(os.environ.get("JLORA_BENCH_CHUNK", 256))
 CONFIGS = ("jax-runtime", "jlora-lora", "jlora-full", "jlora-lora-bf16", "jlora-lora-plain",
-           "jlora-lora-int8", "jlora-lora-nf4", "jlora-lora-nf4all", "peft-lora", "peft-full")
+           "jlora-lora-int8", "jlora-lora-nf4", "jlora-lora-nf4all", "jlora-lora-nf4dq",
+           "peft-lora", "peft-full")
 # Llama-3.2-1B's shapes (its config.json), for the QLoRA rows at a scale where the base
 # dominates: 16 layers, d=2048, FFN 8192, 32/8 heads, vocab 128256, tied embeddings.
 LLAMA_1B = dict(model_type="llama", vocab_size=128256, hidden_size=2048,
@@ -90,11 +91,12 @@ def _jlora(kind: str, steps: int, model_name: str = "smollm2") -> dict:
   # stored as the loader stores it (models.store: cast, or quantised for QLoRA).
   rng = np.random.default_rng(0)
   base_dtype = jnp.bfloat16 if kind.endswith("bf16") else jnp.float32  # the frozen base's
-  fmt = kind.rsplit("-", 1)[-1] if kind.endswith(("int8", "nf4", "nf4all")) else "none"
-  fmt, embeddings = ("nf4", "nf4") if fmt == "nf4all" else (fmt, None)  # nf4all: table nf4
+  fmt = kind.rsplit("-", 1)[-1] if kind.endswith(("int8", "nf4", "nf4all", "nf4dq")) else "none"
+  double = fmt == "nf4dq"  # nf4 with its scales double-quantised (model.double_quant)
+  fmt, embeddings = ("nf4", "nf4") if fmt == "nf4all" else ("nf4" if double else fmt, None)
   params = jlora.core.lora.unflatten({
       p: jax.tree.map(jnp.asarray, models.store(
-          p, 0.02 * rng.standard_normal(shape, np.float32), base_dtype, fmt, embeddings))
+          p, 0.02 * rng.standard_normal(shape, np.float32), base_dtype, fmt, embeddings, double))
       for p, shape in models.param_shapes(model).items()})
   if kind == "jlora-full":  # as `jlora train` with train.method = "full"
     plan, adapters = jlora.core.lora.plan(params, jlora.LoraSpec.full_fine_tuning()), {}
@@ -202,7 +204,7 @@ def _quant_ratios(results: dict) -> None:
   """QLoRA's targets: nf4 frozen bytes <= 0.3x and peak RSS <= 0.7x the bf16 base's; step
   time against the f32 base (the dequantisation's cost)."""
   bf16, f32 = results.get("jlora-lora-bf16"), results.get("jlora-lora")
-  for fmt in ("int8", "nf4", "nf4all"):
+  for fmt in ("int8", "nf4", "nf4all", "nf4dq"):
     r = results.get(f"jlora-lora-{fmt}")
     if r is None:
       continue

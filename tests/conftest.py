@@ -98,6 +98,15 @@ def gguf_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def gguf_small(gguf_model, tmp_path_factory):
+  """``gguf_model``'s smaller twin for training tests: only the 32-weight block kinds
+  (d=64, FFN 128), two stacks still mixing kinds per layer."""
+  from tests.helpers import SMALL_GGUF_KINDS, tiny_gguf
+  return tiny_gguf(tmp_path_factory.mktemp("gguf") / "small.gguf", SMALL_GGUF_KINDS,
+                   hidden=64, ff=128)
+
+
+@pytest.fixture(scope="session")
 def trained_run(model_dir, tmp_path_factory):
   """A finished 8-step run (checkpoints kept: 6 and 8) and its config file."""
   tmp = tmp_path_factory.mktemp("trained")

@@ -359,6 +359,7 @@ def stack_case():
 TINY_GGUF_KINDS = {"token_embd": ["Q8_0"], "attn_q": ["Q4_0"], "attn_k": ["Q4_1"],
                    "attn_v": ["Q4_K", "Q6_K"], "attn_output": ["Q5_0"], "ffn_gate": ["Q5_1"],
                    "ffn_up": ["Q5_K"], "ffn_down": ["Q8_0", "Q4_0"]}
+SMALL_GGUF_KINDS = {**TINY_GGUF_KINDS, "attn_v": ["Q5_1", "Q4_1"], "ffn_up": ["Q5_0"]}
 
 
 def tiny_gguf(path, kinds=TINY_GGUF_KINDS, layers=2, hidden=256, ff=512, heads=4, kv_heads=2,

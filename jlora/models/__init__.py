@@ -59,7 +59,8 @@ def param_shapes(model: Transformer, abstract=None) -> dict[str, tuple[int, ...]
 
 
 def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None,
-         lora_impl: str = "xla", quantize: str = "none", quantize_embeddings: str = "auto"):
+         lora_impl: str = "xla", quantize: str = "none", quantize_embeddings: str = "auto",
+         double_quant: bool = False):
   """Load an HF model directory or a .gguf file, one parameter at a time (each is cast or
   quantised, and placed on the mesh, before the next is read).
 
@@ -78,6 +79,7 @@ def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None,
       only): keep the file's own blocks where it quantises them (``jlora.core.ggml``).
     quantize_embeddings: the embedding table's and LM head's format
       (``quant.embedding_format``: "auto" is int8 under nf4).
+    double_quant: nf4's block scales quantised too (``quant.double_quantize``).
   Returns:
     (model, params, config).
   """
@@ -101,7 +103,7 @@ def load(path: str, dtype=jnp.float32, remat: bool = False, mesh=None,
   specs = sharding.logical_specs(abstract) if mesh is not None else {}
   out = {}
   for p, x in hf.assembled(tensors, cfg, shapes, source):
-    x = store(p, x, dtype, quantize, embeddings)
+    x = store(p, x, dtype, quantize, embeddings, double_quant)
     # device_put, not jnp.asarray (which takes a second host copy); uncommitted without a mesh
     out[p] = (jax.tree.map(jax.device_put, x) if mesh is None
               else sharding.place_leaf(x, specs.get(p), mesh))
@@ -138,11 +140,13 @@ def _block_names(cfg: ModelConfig, quantize: str, embeddings: str) -> frozenset[
                     embeddings == "gguf"))
 
 
-def store(path: str, x, dtype, quantize: str = "none", embeddings: str | None = None):
+def store(path: str, x, dtype, quantize: str = "none", embeddings: str | None = None,
+          double: bool = False):
   """A parameter as the model keeps it: quantised (``quant.QTensor`` of host arrays) if
   ``quantize`` covers ``path`` and its shape fits the format, else cast to ``dtype``.
   ``embeddings``: the embedding table's and LM head's format (default: as ``load``). A
-  GGUF's blocks (``ggml.Stack``, under "gguf") are kept as they are."""
+  GGUF's blocks (``ggml.Stack``, under "gguf") are kept as they are; ``double``: nf4's
+  scales quantised too."""
   if isinstance(x, ggml.Stack):
     return quant.from_stack(x, dtype)
   axis = quant_axis(path)
@@ -150,7 +154,7 @@ def store(path: str, x, dtype, quantize: str = "none", embeddings: str | None = 
   if path in ("embed/embedding", "lm_head/kernel"):
     fmt = quant.embedding_format(quantize) if embeddings is None else embeddings
   if fmt not in ("none", "gguf") and axis is not None and quant.fits(x.shape, fmt, axis):
-    return quant.quantize(x, fmt, axis, dtype)
+    return quant.quantize(x, fmt, axis, dtype, double=double and fmt == "nf4")
   return np.asarray(x).astype(jnp.dtype(dtype), copy=False)  # no copy when already dtype
 
 

@@ -238,7 +238,7 @@ class Embed(nn.Module):
     dequantises only those); ``start`` may be traced, rows past the end are zeros."""
     pad = lambda x: jnp.pad(x, [(0, -x.shape[0] % size)] + [(0, 0)] * (x.ndim - 1))  # noqa
     cut = lambda x: jax.lax.dynamic_slice_in_dim(pad(x), start, size, 0)  # noqa: E731
-    return quant.dense(jax.tree.map(cut, self.embedding), dtype)
+    return quant.dense(quant.map_rows(self.embedding, cut), dtype)
 
 
 class Block(nn.Module):

@@ -186,13 +186,16 @@ def load_base(cfg: config_lib.RunConfig, pre: Preflight, log: Callable[[str], No
                                          remat=cfg.model.remat, mesh=mesh,
                                          lora_impl=cfg.model.lora_impl,
                                          quantize=cfg.model.quantize,
-                                         quantize_embeddings=cfg.model.quantize_embeddings)
+                                         quantize_embeddings=cfg.model.quantize_embeddings,
+                                         double_quant=cfg.model.double_quant)
   tok = data.Tokenizer.from_model(pre.model_path)
   models.gguf_loader.release()  # weights and tokenizer are read: the parsed metadata can go
   log(f"loaded in {time.perf_counter() - start:.1f} s")
   if cfg.model.quantize != "none":
     emb = quant.embedding_format(cfg.model.quantize, cfg.model.quantize_embeddings)
-    log(f"base stored as {cfg.model.quantize} (embeddings {emb}, norms {cfg.model.dtype}): "
+    log(f"base stored as {cfg.model.quantize}"
+        f"{' (scales double-quantised)' if cfg.model.double_quant else ''} "
+        f"(embeddings {emb}, norms {cfg.model.dtype}): "
         f"{quant.stored_bytes(params) / 2**20:,.1f} MiB" +
         ("; model.lora_impl selects the Pallas kernel, which takes a dense W: quantised "
          "projections run on XLA" if kernels.selects_pallas(cfg.model.lora_impl) else ""))

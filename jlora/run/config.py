@@ -36,6 +36,8 @@ class ModelSection:
   quantize: str = "none"
   # the embedding table's and LM head's format: auto = int8 under nf4, else as quantize
   quantize_embeddings: str = "auto"
+  # QLoRA's double quantisation: nf4's f32 block scales stored as int8 (0.37 bits/weight)
+  double_quant: bool = False
 
   def __post_init__(self):
     from jlora.core import quant
@@ -47,6 +49,9 @@ class ModelSection:
       raise ValueError(f"model.quantize_embeddings {self.quantize_embeddings!r} needs a "
                        "quantised base (model.quantize = int8, nf4 or gguf); with model.quantize "
                        "= 'none' nothing is quantised")
+    if self.double_quant and "nf4" not in (self.quantize, self.quantize_embeddings):
+      raise ValueError("model.double_quant quantises nf4's block scales: it needs "
+                       "model.quantize = 'nf4'")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"model.dtype {self.dtype!r} is not float32, bfloat16 or float16")
     from jlora.kernels import IMPLS

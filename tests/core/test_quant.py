@@ -136,11 +136,72 @@ def test_sharded_quantised_load_equals_the_unsharded_one(quant_models):
                             "train.method = 'lora'"),
     ("lora.full=['embed']", "lora.full trains 'embed/embedding' in full, but "
                             "model.quantize='nf4' stores it quantised"),
+    ("model.quantize='int8'", "model.double_quant quantises nf4's block scales: it needs "
+                              "model.quantize = 'nf4'"),
 ])
 def test_bad_quantize_configs_are_one_line(quant_models, tmp_path, capsys, override, message):
   values = recipe(quant_models["llama_tied"], tmp_path / "run")
   values["model"]["quantize"] = "nf4"
+  values["model"]["double_quant"] = "double_quant" in message
   assert cli.main(["train", write_toml(tmp_path / "r.toml", values), "--set", override]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and message in err, err
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 128, 40), -2), ((512, 128), -1)])
+def test_double_quantised_scales_match_an_independent_computation(shape, axis):
+  """QLoRA's double quantisation by hand in numpy: nf4 codes chosen with the f32 scales,
+  the scales centred on their per-layer mean, int8 absmax (qwix's calibration: absmax maps
+  to 127.5, codes rounded and clipped to int8) over blocks along the scales' last axis (a kernel's 40
+  outputs: one block; an embedding row's 2 blocks of 64), dequantised with the rounded
+  scales."""
+  x = np.random.default_rng(2).standard_normal(shape).astype(np.float32) * 0.05
+  x[..., 3, :] *= 30  # a few large blocks: a wide range of scales
+  q = quant.quantize(x, "nf4", axis, jnp.float32, double=True)
+  xm = np.moveaxis(x, axis, -1)
+  blocks = xm.reshape(*xm.shape[:-1], -1, 64)
+  s = np.abs(blocks).max(-1)  # [..., channels, K / 64]
+  idx = np.abs(blocks[..., None] / s[..., None, None] - NF4).argmin(-1)
+  s = np.moveaxis(s, -1, axis)  # the kernel's layout: [..., K / 64, N] or [V, D / 64]
+  off = s.mean(axis=(-2, -1), keepdims=True)
+  chan = -1  # the scales' last axis: a kernel's outputs (40), an embedding row's blocks (2)
+  g = 40 if axis == -2 else 2
+  c = np.moveaxis(s - off, chan, -1)
+  cb = c.reshape(*c.shape[:-1], -1, g)
+  step = np.abs(cb).max(-1, keepdims=True) / 127.5  # qwix's int8: absmax -> 127.5,
+  codes = np.clip(np.round(cb / step), -128, 127)  # rounded half to even, clipped
+  # A centred scale on a rounding tie (e.g. every block's largest, at 127.5) may round
+  # either way in f32: there the codes may differ by one; elsewhere they are equal.
+  r = cb / step
+  tie = np.abs(np.abs(r - np.floor(r)) - 0.5) < 1e-3
+  got_codes = np.moveaxis(np.asarray(q.scale), chan, -1).reshape(cb.shape)
+  assert np.array_equal(got_codes[~tie], codes[~tie])
+  assert np.abs(got_codes - codes)[tie].max(initial=0) <= 1
+  codes = np.where(tie, got_codes, codes)
+  s2 = np.moveaxis((codes * step).reshape(c.shape), -1, chan) + off
+  want = NF4[idx] * np.moveaxis(s2, axis, -1)[..., None]
+  want = np.moveaxis(want.reshape(xm.shape), -1, axis)
+  got = np.asarray(jax.tree.map(jnp.asarray, q).dequantize())
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  assert q.scale.dtype == np.int8 and q.scale_offset.shape[-2:] == (1, 1)
+  plain = quant.quantize(x, "nf4", axis, jnp.float32)
+  saved_bits = (plain.nbytes - q.nbytes) * 8 / x.size
+  assert saved_bits == pytest.approx((4 - 1 - 4 / g) * 8 / 64, abs=0.01)
+  # On weights without outlier rows the error it adds is small against nf4's own (with the
+  # 30x rows above, a block's int8 step is set by the outlier's scales: +11% here).
+  y = np.random.default_rng(3).standard_normal(shape).astype(np.float32) * 0.05
+  errors = [np.abs(np.asarray(quant.quantize(y, "nf4", axis, jnp.float32, double=d
+                                             ).dequantize()) - y).mean() for d in (False, True)]
+  assert errors[1] < 1.01 * errors[0], errors
+
+
+def test_double_quant_through_a_run_trains_the_dequantised_twin(quant_models):
+  model, qparams, cfg = models.load(quant_models["llama_tied"], quantize="nf4",
+                                    quantize_embeddings="nf4", double_quant=True)
+  flat = lora.flatten(qparams)
+  assert all(x.scale_scale is not None for x in flat.values() if quant.is_quantized(x))
+  tokens = jnp.arange(24).reshape(2, 12)
+  np.testing.assert_allclose(model.apply({"params": qparams}, tokens)[0],
+                             model.apply({"params": quant.dequantize_tree(qparams)}, tokens)[0],
+                             atol=1e-5)

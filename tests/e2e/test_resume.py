@@ -33,7 +33,7 @@ def _final(run):
 @pytest.mark.parametrize("fmt,other", [("nf4", "int8"), ("gguf", "nf4")])
 def test_quantised_resume_is_bit_exact_and_merge_writes_the_dequantised_base(
     request, tmp_path, capsys, fmt, other):
-  path = (request.getfixturevalue("gguf_model") if fmt == "gguf"
+  path = (request.getfixturevalue("gguf_small") if fmt == "gguf"
           else request.getfixturevalue("quant_models")["llama_tied"])
   values = lambda run, steps: {**recipe(path, run, steps=steps),  # noqa: E731
                                "model": {"path": path, "remat": True, "quantize": fmt}}
