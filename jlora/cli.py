@@ -121,7 +121,8 @@ def _trained_parsers(sub) -> None:
 
 
 def _study_parser(study: argparse.ArgumentParser) -> None:
-  study.add_argument("name", help="layers, lr, rank, batch, capacity, compute or rl")
+  study.add_argument("name", help="layers, lr, rank, batch, capacity, compute, rl, or all "
+                                  "(every study into --out/NAME, then --out/index.md)")
   study.add_argument("--model", default=None,
                      help="HF model dir or .gguf (default: a tiny random model at smoke, "
                           "SmolLM2-135M-Instruct otherwise)")
@@ -285,8 +286,12 @@ def _study(args) -> int:
   from jlora import study
   from jlora.run import loop
   try:
-    study.run(args.name, budget=args.budget, out=args.out, model=args.model,
-              overrides=args.set, argv=["jlora"] + sys.argv[1:], seeds=args.seeds)
+    if args.name == "all":
+      study.run_all(budget=args.budget, out=args.out, model=args.model, overrides=args.set,
+                    argv=["jlora"] + sys.argv[1:], seeds=args.seeds)
+    else:
+      study.run(args.name, budget=args.budget, out=args.out, model=args.model,
+                overrides=args.set, argv=["jlora"] + sys.argv[1:], seeds=args.seeds)
   except loop.Interrupted as e:
     print(f"jlora: {e}; the study continues where it stopped when run again with the same "
           "command", file=sys.stderr)

@@ -15,7 +15,9 @@ def test_study_errors_are_one_line_and_write_nothing(tmp_path, capsys):
                      (["rank", "--budget", "huge"], "unknown budget 'huge'"),
                      (["rank", "--set", "lora.rnak=2"], "lora.rnak"),
                      (["rank", "--model", str(tmp_path / "missing")], "no such file"),
-                     (["rank", "--model", str(notes)], "notes.txt")):
+                     (["rank", "--model", str(notes)], "notes.txt"),
+                     (["all", "--budget", "huge"], "unknown budget 'huge'"),
+                     (["all", "--set", "lora.rnak=2"], "lora.rnak")):
     assert cli.main(["study", *args, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert says in err and len(err.splitlines()) == 1, err
@@ -30,6 +32,13 @@ def test_study_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     assert cli.main(["study", "rank", "--budget", "smoke", "--out", str(where)]) == 2
     assert capsys.readouterr().err == f"jlora: error: {says}\n"
   assert notes.read_text() == "my notes" and os.listdir(mine) == ["thesis.tex"]
+  # study all checks every study's directory before it runs the first
+  (mine / "lr").mkdir()
+  (mine / "lr" / "data.csv").write_text("mine")
+  os.remove(mine / "thesis.tex")
+  assert cli.main(["study", "all", "--budget", "smoke", "--out", str(mine)]) == 2
+  assert "a directory that holds no study" in capsys.readouterr().err
+  assert sorted(os.listdir(mine)) == ["lr"]
 
 
 def test_a_full_disk_while_a_study_writes_its_plot_is_one_line(small_disk, capsys,

@@ -26,7 +26,7 @@ from jlora import models
 from jlora.infra import fs
 from jlora.run import config as config_lib, parsing, rundir
 from jlora.study import report
-from jlora.study.registry import BUDGETS, STUDIES, Context, StudyPlan, first_seed
+from jlora.study.registry import BUDGETS, STUDIES, Context, StudyPlan
 
 STUDY_FILE = "study.json"  # what makes a directory a study's: name, budget, invocations
 
@@ -96,8 +96,8 @@ def run(name: str, *, budget: str = "small", out: str | None = None, model: str 
   """Run study ``name`` (resuming what ``out`` holds); returns {"verdict", "report", ...}.
   ``seeds``: every training arm at this many seeds (``runner.seeded``: seed k moves
   ``train.seed`` and the data's order by k; seed 0 is the arm itself, so a rerun with more
-  seeds reuses the arms it finished); the table and verdict read seed 0, results.csv holds
-  every seed's rows. Raises ValueError, before writing anything, for an unknown study or
+  seeds reuses the arms it finished); the table, plots and verdict read every seed (mean
+  +- standard error, differences seed by seed: ``verdicts``). Raises ValueError, before writing anything, for an unknown study or
   budget, a bad ``--set`` or ``--seeds``, a model that does not exist, or an output
   directory in use."""
   _load_all()
@@ -126,12 +126,7 @@ def run(name: str, *, budget: str = "small", out: str | None = None, model: str 
       start = time.perf_counter()
       try:
         results = ctx.train(plan) if plan is not None else []
-        outcome = study.analyse(ctx, plan, first_seed(results))
-        if seeds > 1:
-          outcome.notes.append(
-              f"{seeds} seeds trained (seed k: train.seed and data.shuffle_seed moved by k; "
-              "the base and the held-out set fixed); the table and verdict above read seed "
-              "0, and results.csv holds every seed's rows (column `seed`).")
+        outcome = study.analyse(ctx, plan, results)
       except BaseException:  # killed by a signal, an error: the time spent is still recorded
         report.record_end(out, record, time.perf_counter() - start)
         raise
@@ -140,10 +135,48 @@ def run(name: str, *, budget: str = "small", out: str | None = None, model: str 
       path = report.write(out, title=study.title, claim=study.claim, figure=study.figure,
                           rule=study.rule, verdict=outcome.verdict, measured=outcome.measured,
                           table=outcome.table, plots=outcome.plots, record=record,
-                          notes=outcome.notes)
+                          notes=outcome.notes, seeds=0 if plan is None else seeds)
   finally:
     lock.release()
   log(outcome.verdict.line().replace("**", ""))
   log(f"report: {path}")
   return {"verdict": outcome.verdict.outcome, "reason": outcome.verdict.reason,
           "report": path, "headline": outcome.headline, "wall_s": record["wall_s"]}
+
+
+ALL = ("layers", "lr", "rank", "batch", "capacity", "rl", "compute")  # `jlora study all`
+INDEX = "index.md"
+
+
+def run_all(*, budget: str = "small", out: str | None = None, model: str | None = None,
+            overrides: Sequence[str] = (), log: Callable[[str], None] = print,
+            argv: Sequence[str] | None = None, seeds: int = 1) -> dict:
+  """``jlora study all``: every study in ``ALL`` order into ``out/NAME`` (each resumes what
+  it holds, so a killed run continues), then ``out/index.md``: one table of finding, the
+  post's figure, jlora's measurement (mean +- s.e.) and verdict. ``compute`` counts FLOPs:
+  one seed whatever ``seeds``. Everything a study checks before writing is checked for
+  all of them first (one line, nothing written)."""
+  _load_all()
+  if budget not in BUDGETS:
+    raise ValueError(f"unknown budget {budget!r}; one of {', '.join(BUDGETS)}")
+  if model is not None and not os.path.exists(models.resolve(model)):
+    raise ValueError(f"--model {model}: no such file or directory")
+  check_overrides(overrides)
+  if seeds < 1:
+    raise ValueError(f"--seeds must be >= 1, got {seeds}")
+  out = os.path.abspath(out or os.path.join("studies", f"all-{budget}"))
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out {out}: exists and is not a directory")
+  for name in ALL:
+    _check_out(os.path.join(out, name), name, budget)
+  argv = list(argv or ["jlora", "study", "all", "--budget", budget])
+  results = {}
+  for name in ALL:
+    log(f"== study {name} ({ALL.index(name) + 1}/{len(ALL)})")
+    results[name] = run(name, budget=budget, out=os.path.join(out, name), model=model,
+                        overrides=overrides, log=log,
+                        seeds=1 if name == "compute" else seeds)
+  path = report.write_index(out, [(STUDIES[n], results[n]) for n in ALL], budget, seeds,
+                            report.command(argv))
+  log(f"index: {path}")
+  return {"index": path, "studies": results}

@@ -36,33 +36,44 @@ def batch_prepare(ctx: Context) -> StudyPlan:
 
 def batch_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
   tol = 0.01
-  final = {(r.arm.series.split()[0], int(r.arm.x)): metric(r) for r in results}
+  final = {(g[0].arm.series.split()[0], int(g[0].arm.x)): runner.per_seed(g, metric)
+           for g in runner.by_arm(results).values()}
   sizes = sorted({b for _, b in final})
-  gaps = {b: (None if final.get(("LoRA", b)) is None or final.get(("FullFT", b)) is None
-              else final[("LoRA", b)] - final[("FullFT", b)]) for b in sizes}
-  verdict = verdicts.batch(gaps, tol)
+  gap_by_seed = {b: {k: (None if v is None or final.get(("FullFT", b), {}).get(k) is None
+                         else v - final[("FullFT", b)][k])
+                     for k, v in final.get(("LoRA", b), {}).items()} for b in sizes}
+  gaps = {b: verdicts.paired(final.get(("LoRA", b), {}), final.get(("FullFT", b), {}))
+          for b in sizes}
+  growth = (verdicts.paired(gap_by_seed[sizes[-1]], gap_by_seed[sizes[0]])
+            if len(sizes) > 1 else None)
+  verdict = verdicts.batch(gaps, growth, tol)
   plt = report.pyplot()
   fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
   for method in ("FullFT", "LoRA"):
-    pts = [(s, final[(method, s)]) for s in sizes if final.get((method, s)) is not None]
+    pts = [(s, e) for s in sizes
+           if (e := verdicts.estimate(list(final.get((method, s), {}).values()))) is not None]
     if pts:
-      a.plot(*zip(*pts), "o-", label=method)
-  report.style(a, "batch size (rows), equal tokens", "loss, last quarter of training", logx=2)
+      a.errorbar([s for s, _ in pts], [e.mean for _, e in pts],
+                 yerr=[e.se or 0 for _, e in pts], fmt="o-", capsize=3, label=method)
+  report.style(a, "batch size (rows), equal tokens", "loss, last quarter of training (+-1 s.e.)",
+               logx=2)
   pts = [(s, g) for s, g in gaps.items() if g is not None]
   if pts:
-    b.plot(*zip(*pts), "o-", color="#c44")
+    b.errorbar([s for s, _ in pts], [g.mean for _, g in pts], yerr=[g.se or 0 for _, g in pts],
+               fmt="o-", capsize=3, color="#c44")
   b.axhline(0, color="gray", lw=0.8)
-  report.style(b, "batch size (rows)", "LoRA minus FullFT (nats)", logx=2)
+  report.style(b, "batch size (rows)", "LoRA minus FullFT (nats, +-1 s.e.)", logx=2)
   plots = [report.save(fig, ctx.out, "batch.png"),
            report.curves(results, ctx.out, "training loss per batch size and method")]
   seq = plan.values["data"]["seq_len"]
   measured = [f"Every arm sees {plan.info['rows']} rows of {seq} tokens (equal tokens); "
               f"LoRA r={plan.info['rank']} at the LoRA rule, FullFT at its rule, constant LR. "
-              "LoRA minus FullFT, loss over the last quarter of training: " + ", ".join(
-                  f"batch {s} {g:+.4f}" for s, g in pts) + "."]
+              "LoRA minus FullFT, loss over the last quarter of training, seed by seed: " +
+              ", ".join(f"batch {s} {g}" for s, g in pts) +
+              (f"; growth from the smallest to the largest batch {growth}." if growth else ".")]
   table = runner.summary_table(results, lambda r: {"method": r.arm.series, "batch": int(r.arm.x),
                                                    "steps": len(r.curve())})
-  headline = "gap " + ", ".join(f"b{s} {g:+.3f}" for s, g in pts)
+  headline = "gap " + ", ".join(f"b{s} {g.format('+.3f')}" for s, g in pts)
   return Outcome(verdict, measured, table, plots, headline)
 
 

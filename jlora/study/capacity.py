@@ -23,7 +23,7 @@ import math
 import os
 
 from jlora.study import assets, report, runner
-from jlora.study.registry import first_seed, Context, Outcome, StudyPlan, Study, register
+from jlora.study.registry import Context, Outcome, StudyPlan, Study, register
 from jlora.study import verdicts
 
 BITS = math.log2(100)
@@ -73,15 +73,25 @@ def capacity_prepare(ctx: Context) -> StudyPlan:
                   seeded=False)  # one format model, whatever --seeds
 
 
+def _best(seeds_of_lrs, to_bits):
+  """Of one rank's arms (every LR, every seed), the seeds of the LR whose mean final bits
+  are lowest; None when none finished at every seed."""
+  means = {name: e.mean for name, seeds in runner.by_arm(seeds_of_lrs).items()
+           if (e := verdicts.estimate([to_bits(r.final()) for r in seeds])) is not None}
+  return runner.by_arm(seeds_of_lrs)[min(means, key=means.get)] if means else None
+
+
 def _plots(ctx: Context, best: dict, full_bits, threshold: float, measured_arms) -> list:
-  """Final bits per answer against rank (FullFT and the threshold marked), and the curves."""
+  """Final bits per answer against rank (FullFT and the threshold marked; +-1 s.e.), and
+  the curves."""
   b = _budget(ctx)
   plt = report.pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
-  ranks = [r for r in sorted(best) if r]
-  ax.plot(ranks, [best[r][0] for r in ranks], "o-", label="LoRA")
+  ranks = [r for r in sorted(best) if r and best[r][0] is not None]
+  ax.errorbar(ranks, [best[r][0].mean for r in ranks], yerr=[best[r][0].se or 0 for r in ranks],
+              fmt="o-", capsize=3, label="LoRA")
   if full_bits is not None:
-    ax.axhline(full_bits, color="k", ls="--", label="FullFT")
+    ax.axhline(full_bits.mean, color="k", ls="--", label="FullFT")
   ax.axvline(threshold, color="g", ls=":", label="2 bits/param threshold")
   report.style(ax, "rank", "final loss on the table (bits/answer)",
                f"{b['facts']} random facts, {b['steps']} steps", logx=2)
@@ -106,16 +116,20 @@ def capacity_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
   stage2 = ctx.plan(_values(ctx, fmt, 0, b["steps"]), arms)
   every_seed = ctx.train(stage2)
   runner.write_results("capacity", list(results) + every_seed, ctx.out)
-  measured_arms = first_seed(every_seed)
   tok = data.Tokenizer.from_model(fmt)
   per_answer = len(tok.tok.encode("42", add_special_tokens=False).ids) + 1  # value + <eos>
   to_bits = lambda nats: None if nats is None else nats * per_answer / math.log(2)  # noqa
-  best: dict[int, tuple[float, float]] = {}
-  for r in measured_arms:
-    bits = to_bits(r.final())
-    if bits is not None and (r.arm.x not in best or bits < best[r.arm.x][0]):
-      best[int(r.arm.x)] = (bits, r.summary.get("lr"))
-  before = to_bits(measured_arms[0].summary.get("eval_loss_before"))
+  by_rank: dict[int, list] = {}
+  for r in every_seed:
+    by_rank.setdefault(int(r.arm.x), []).append(r)
+  # per rank (0: FullFT) the seeds of its best LR (by the mean over seeds)
+  chosen = {rank: seeds for rank, rs in by_rank.items() if (seeds := _best(rs, to_bits))}
+  bits = {rank: runner.per_seed(seeds, lambda r: to_bits(r.final()))
+          for rank, seeds in chosen.items()}
+  best = {rank: (verdicts.estimate(list(v.values())), chosen[rank][0].summary.get("lr"))
+          for rank, v in bits.items()}
+  measured_arms = [r for seeds in chosen.values() for r in seeds]
+  before = to_bits(measured_arms[0].summary.get("eval_loss_before")) if measured_arms else None
   model_cfg = models.read_config(fmt)
   info = b["facts"] * BITS
   params = {r: advisor.plan_for(model_cfg, r, "all", alpha=32.0).adapter_params
@@ -123,16 +137,16 @@ def capacity_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
   full_bits = best.get(0, (None,))[0]
   per_rank = params[b["ranks"][0]] / b["ranks"][0]
   threshold = info / (advisor.BITS_PER_PARAM * per_rank)
-  close = sorted(r for r, (bits, _) in best.items()
-                 if r and full_bits is not None and bits - full_bits <= MARGIN)
-  verdict = (verdicts.capacity(close[0] if close else None, threshold) if full_bits is not None
+  gaps = {rank: verdicts.paired(bits[rank], bits[0]) for rank in bits if rank and 0 in bits}
+  close = sorted(rank for rank, g in gaps.items() if g is not None and g.mean <= MARGIN)
+  verdict = (verdicts.capacity(gaps, threshold, MARGIN) if full_bits is not None
              else verdicts.Verdict(verdicts.INCONCLUSIVE, "full fine-tuning did not finish"))
-  table = [{"method": "FullFT" if r == 0 else "LoRA", "rank": r or None,
+  table = [{"method": "FullFT" if r == 0 else "LoRA", "rank": r or None, "seeds": e.n,
             "params": params.get(r), "capacity bits (2/param)": 2 * params[r] if r else None,
-            "best lr": lr, "final bits/answer": bits,
-            "gap to full": None if full_bits is None else bits - full_bits,
-            "stored bits/param": (BITS - bits) * b["facts"] / params[r] if r else None}
-           for r, (bits, lr) in sorted(best.items())]
+            "best lr": lr, "final bits/answer": e.format(".3f"),
+            "gap to full": None if not r or gaps.get(r) is None else gaps[r].format("+.3f"),
+            "stored bits/param": (BITS - e.mean) * b["facts"] / params[r] if r else None}
+           for r, (e, lr) in sorted(best.items()) if e is not None]
   plots = _plots(ctx, best, full_bits, threshold, measured_arms)
   exposures = b["steps"] * b["batch"] / b["facts"]
   measured = [f"{b['facts']} facts = {info:,.0f} bits; {b['steps']} steps x {b['batch']} "
@@ -150,7 +164,8 @@ register(Study(
     "Networks store ~2 bits per parameter; LoRA matches FullFT while its parameters x 2 "
     "bits exceed the dataset's information, and falls behind beyond it.",
     "The post's capacity argument (random-label memorisation; ~2 bits per parameter).",
-    "The separation rank (smallest rank within 0.5 bits/answer of FullFT) and the "
-    "2-bits-per-parameter threshold rank agree within 2x: reproduced; disagree: not "
-    "reproduced; no rank within the margin: inconclusive.",
+    "The separation rank (smallest rank whose gap to FullFT, seed by seed, is within 0.5 "
+    "bits/answer) and the 2-bits-per-parameter threshold rank agree within 2x: reproduced; "
+    "disagree: not reproduced; no rank within the margin, or a rank's gap within 2 "
+    "standard errors of the margin: inconclusive.",
     capacity_prepare, capacity_analyse))

@@ -38,9 +38,15 @@ def layers_prepare(ctx: Context) -> StudyPlan:
 
 def layers_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
   tol = 0.01
-  best = {s: best_arm(rs) for s, rs in runner.by_series(results).items()}
-  loss = {s: (metric(b) if b else None) for s, b in best.items()}
-  verdict = verdicts.layers(loss.get("attn"), loss.get("mlp"), loss.get("all"), tol)
+  series: dict[str, list] = {}
+  for r in results:
+    series.setdefault(r.arm.series, []).append(r)
+  best = {s: best_arm(rs) for s, rs in series.items()}
+  values = {s: runner.per_seed(b, metric) for s, b in best.items() if b}
+  loss = {s: verdicts.estimate(list(v.values())) for s, v in values.items()}
+  pair = lambda a, b: (verdicts.paired(values[a], values[b])  # noqa: E731
+                       if a in values and b in values else None)
+  verdict = verdicts.layers(pair("attn", "mlp"), pair("mlp", "all"), tol)
   ranks, params = plan.info["ranks"], plan.info["params"]
   table = runner.summary_table(results, lambda r: {
       "targets": r.arm.series, "rank": ranks[r.arm.series],
@@ -48,23 +54,27 @@ def layers_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
   plt = report.pyplot()
   fig, ax = plt.subplots(figsize=(6, 3.8))
   names = [s for s in ("attn", "mlp", "all") if loss.get(s) is not None]
-  ax.bar(names, [loss[s] for s in names], color=["#c44", "#48c", "#4a4"][:len(names)])
+  ax.bar(names, [loss[s].mean for s in names], yerr=[loss[s].se or 0 for s in names],
+         capsize=4, color=["#c44", "#48c", "#4a4"][:len(names)])
   for i, s in enumerate(names):
     count = f"{params[s] / 1e6:.2f}M" if params[s] >= 1e5 else f"{params[s]:,}"
-    ax.text(i, loss[s], f"r={ranks[s]}\n{count} params", ha="center", va="bottom", fontsize=8)
+    ax.text(i, loss[s].mean + (loss[s].se or 0), f"r={ranks[s]}\n{count} params",
+            ha="center", va="bottom", fontsize=8)
   if names:
-    low = min(loss[s] for s in names)
-    ax.set_ylim(low - 0.05 * abs(low), max(loss[s] for s in names) + 0.04 * abs(low))
-  report.style(ax, "LoRA targets", "loss, last quarter of training (nats/token)",
+    low = min(loss[s].mean for s in names)
+    ax.set_ylim(low - 0.05 * abs(low), max(loss[s].mean for s in names) + 0.04 * abs(low))
+  report.style(ax, "LoRA targets", "loss, last quarter of training (+-1 s.e.)",
                "attention-only vs MLP-only vs all layers", legend=False)
   plots = [report.save(fig, ctx.out, "layers.png"),
-           report.curves(results, ctx.out, "training loss by target set")]
+           report.curves([r for b in best.values() if b for r in b], ctx.out,
+                         "training loss by target set (each at its best LR)")]
   measured = [f"Loss over the last quarter of {plan.values['train']['steps']} steps (each "
               "batch scored before it is trained on), best of the LRs tried per condition "
               "(the LoRA rule x " + ", ".join(f"{f:g}" for f in plan.info["factors"]) +
-              "): " + ", ".join(
-                  f"{s} r={ranks[s]} ({params[s]:,} params) {loss[s]:.4f}" for s in names) + "."]
-  headline = ", ".join(f"{s} {loss[s]:.3f}" for s in names) + " (nats)"
+              ", by the mean over seeds): " + ", ".join(
+                  f"{s} r={ranks[s]} ({params[s]:,} params) {loss[s].format('.4f')}"
+                  for s in names) + "."]
+  headline = ", ".join(f"{s} {loss[s].format('.3f')}" for s in names) + " (nats)"
   return Outcome(verdict, measured, table, plots, headline)
 
 
@@ -75,6 +85,7 @@ register(Study(
     "Llama-3.1-8B: attention-only r=256 (0.25B params) loses to MLP-only r=128 (0.24B); "
     "MLP-only ~= all layers (the post's layer-comparison figure).",
     verdicts.layers.__doc__.split("\n\n")[0].replace("\n  ", " ").strip() + f" {METRIC} "
-    "Best of the LRs tried per condition; tolerance 0.01 nats; attention-only gets the "
-    "smallest power-of-two rank with at least MLP-only's parameters.",
+    "Best of the LRs tried per condition (by the mean over seeds); tolerance 0.01 nats; "
+    "attention-only gets the smallest power-of-two rank with at least MLP-only's "
+    "parameters.",
     layers_prepare, layers_analyse))

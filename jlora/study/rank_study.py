@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 from jlora.findings import hparams
 from jlora.study import report, runner, verdicts
 from jlora.study.registry import Context, Outcome, Study, StudyPlan, register
@@ -23,38 +21,48 @@ def rank_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
   steps = plan.values["train"]["steps"]
   early = max(2, steps // 4)
   rel_tol, tol = 0.02, 0.01
-  curves = {int(r.arm.x): r.curve() for r in results if r.status == "done"}
-  final = {int(r.arm.x): metric(r) for r in results}
-  verdict = verdicts.rank(curves, final, early, rel_tol, tol)
+  groups = runner.by_arm(results)
+  rank_of = {name: int(g[0].arm.x) for name, g in groups.items()}
+  curves = {rank_of[n]: runner.mean_curve(g) for n, g in groups.items()
+            if all(r.status == "done" for r in g)}
+  final = {rank_of[n]: runner.per_seed(g, metric) for n, g in groups.items()}
+  drop = verdicts.paired(final[min(final)], final[max(final)]) if final else None
+  verdict = verdicts.rank({r: [(s, m) for s, m, _ in c] for r, c in curves.items()}, drop,
+                          early, rel_tol, tol)
+  est = {r: e for r, v in sorted(final.items())
+         if (e := verdicts.estimate(list(v.values()))) is not None}
   plt = report.pyplot()
   fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-  for r in results:
-    if r.curve():
-      a.plot(*zip(*r.curve()), lw=1.2, label=r.arm.series)
+  for r, points in sorted(curves.items()):
+    if points:
+      report.band(a, points, f"r={r}")
   a.axvline(early, ls=":", color="gray")
-  report.style(a, "step (log)", "training loss (same batches for every rank)",
+  report.style(a, "step (log)", "training loss (smoothed; band +-1 s.e.)",
                f"rank sweep at one LR ({plan.info['lr']:.3g}); dotted: early window", logx=10)
-  pts = sorted((k, v) for k, v in final.items() if v is not None)
-  if pts:
-    b.plot(*zip(*pts), "o-")
-  report.style(b, "rank", "loss, last quarter of training", logx=2)
+  if est:
+    b.errorbar(list(est), [e.mean for e in est.values()],
+               yerr=[e.se or 0 for e in est.values()], fmt="o-", capsize=3)
+  report.style(b, "rank", "loss, last quarter of training (+-1 s.e.)", logx=2)
   plots = [report.save(fig, ctx.out, "rank.png")]
-  measured = [f"{len(results)} ranks at LR {plan.info['lr']:.3g} (the LoRA rule), alpha 32, "
-              f"{steps} steps; loss over the last quarter: " +
-              ", ".join(f"r={k} {v:.4f}" for k, v in pts) + "."]
+  seeds = max((len(g) for g in groups.values()), default=1)
+  measured = [f"{len(groups)} ranks at LR {plan.info['lr']:.3g} (the LoRA rule), alpha 32, "
+              f"{steps} steps, {seeds} seed(s); loss over the last quarter: " +
+              ", ".join(f"r={k} {e.format('.4f')}" for k, e in est.items()) + "."]
   table = runner.summary_table(results, lambda r: {"rank": int(r.arm.x)})
   notes = []
-  order = [v for _, v in pts]
-  if any(b > a for a, b in zip(order, order[1:])):
-    worst = max(pts, key=lambda p: p[1])[0]
-    notes.append(f"The losses are not monotone in rank (r={worst} ends worst): one seed and "
-                 "one LR, so late single-batch spikes (visible in the curves) move a rank's "
-                 "number by more than the ranks differ; more steps or seeds would separate "
-                 "them.")
-  spread = re.search(r"spread \(steps [^)]*\) ([\d.]+%)", verdict.reason)
-  drop = re.search(r"(rank \d+ minus rank \d+: [+-][\d.]+)", verdict.reason)
-  headline = (f"early spread {spread.group(1)}; {drop.group(1)} nats" if spread and drop
-              else verdict.reason)
+  ranks = list(est)
+  for lo, hi in zip(ranks, ranks[1:]):
+    if est[hi].mean > est[lo].mean:  # a higher rank ends worse: noise, or not?
+      d = verdicts.paired(final[hi], final[lo])
+      noise = d is not None and d.se is not None and d.mean <= d.noise
+      notes.append(f"Rank {hi} ends worse than rank {lo} ({d} nats, seed by seed): " +
+                   ("within 2 standard errors of zero, so the order between them is noise."
+                    if noise else "more than 2 standard errors (or one seed: unknown); late "
+                    "single-batch spikes (visible in the curves) can do that at this budget."))
+  spread = verdicts.early_spread({r: [(s, m) for s, m, _ in c] for r, c in curves.items()},
+                                 early)
+  headline = (f"early spread {spread:.2%}; rank {min(final)} minus rank {max(final)}: "
+              f"{drop} nats" if spread is not None and drop is not None else verdict.reason)
   return Outcome(verdict, measured, table, plots, headline, notes)
 
 
@@ -66,7 +74,8 @@ register(Study(
     "OpenThoughts3): early curves overlap.",
     f"{METRIC} Coincide early: over steps 2..steps/4 the spread of training loss across "
     "ranks, (max - min) / mean, stays within 2%. Fall off: the lowest rank's loss is above "
-    "the highest rank's by more than 0.01 nats. Reproduced: both; not reproduced: no early "
-    "coincidence, or the highest rank ends worse by more than 0.01; inconclusive: "
-    "they coincide but no rank falls off within the budget.",
+    "the highest rank's by more than 0.01 nats and not within 2 standard errors of zero "
+    "(seed by seed). Reproduced: both; not reproduced: no early coincidence, or the highest "
+    "rank ends clearly worse by more than 0.01; inconclusive: they coincide but no rank "
+    "clearly falls off within the budget.",
     rank_prepare, rank_analyse))

@@ -42,18 +42,12 @@ class Context:
 
   def train(self, plan: "StudyPlan") -> list[runner.ArmResult]:
     """Every arm of ``plan`` at ``seeds`` seeds (one, where ``plan.info["seeded"]`` is
-    False: a stage that prepares rather than measures); every seed's result, seed 0 first
-    per arm (``first_seed`` keeps those)."""
+    False: a stage that prepares rather than measures); every seed's result
+    (``runner.by_arm`` groups them)."""
     seeds = self.seeds if plan.info.get("seeded", True) else 1
     return runner.run_arms(self.name, runner.seeded(plan.arms, plan.values, seeds),
                            plan.values, self.out, log=self.log,
                            keep_checkpoints=plan.info.get("keep_checkpoints", False))
-
-
-def first_seed(results: Sequence[runner.ArmResult]) -> list[runner.ArmResult]:
-  """The results of seed 0: each arm once, what a study's table and verdict read today
-  (every seed's rows are in results.jsonl/csv)."""
-  return [r for r in results if r.arm.seed == 0]
 
 
 @dataclasses.dataclass

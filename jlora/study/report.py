@@ -48,24 +48,53 @@ def style(ax, xlabel: str, ylabel: str, title: str | None = None, logx: int | No
     ax.legend(fontsize=8)
 
 
+def smooth(values: Sequence[float], window: int) -> list[float]:
+  """A centred moving average over ``window`` points (fewer at the ends)."""
+  half = window // 2
+  return [sum(values[max(0, i - half):i + half + 1]) / len(values[max(0, i - half):i + half + 1])
+          for i in range(len(values))]
+
+
+def band(ax, points, label: str, style: str = "-", color=None):
+  """One arm's curve from ``runner.mean_curve`` points: the raw mean faint, the mean
+  smoothed over ~a tenth of the steps on top, and +-1 standard error (smoothed) as a band
+  where there are several seeds."""
+  steps = [p[0] for p in points]
+  mean = [p[1] for p in points]
+  window = max(1, len(steps) // 10) | 1
+  line, = ax.plot(steps, smooth(mean, window), style, lw=1.4, color=color, label=label)
+  if window > 1:
+    ax.plot(steps, mean, style, lw=0.7, alpha=0.3, color=line.get_color())
+  if all(p[2] is not None for p in points) and len(points) > 1:
+    se = smooth([p[2] for p in points], window)
+    centre = smooth(mean, window)
+    ax.fill_between(steps, [c - e for c, e in zip(centre, se)],
+                    [c + e for c, e in zip(centre, se)], alpha=0.2, color=line.get_color(),
+                    lw=0)
+  return line
+
+
 def curves(results, out: str, title: str, key: str = "loss", name: str = "curves.png",
            ylabel: str = "training loss (nats/token)", label=None) -> str | None:
-  """``key`` against step, one line per arm (diverged arms dashed)."""
+  """``key`` against step, one line per arm: the mean over its seeds smoothed, the raw
+  mean faint behind it, a band of +-1 standard error (diverged arms dashed)."""
+  from jlora.study import runner
   plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.2))
   drawn = False
-  for r in results:
-    points = r.curve(key)
+  for group in runner.by_arm(results).values():
+    points = runner.mean_curve(group, key)
     if points:
-      steps, values = zip(*points)
-      ax.plot(steps, values, "--" if r.status != "done" else "-", lw=1.3,
-              label=(label(r) if label else r.arm.name) + ("" if r.status == "done"
-                                                          else f" ({r.status})"))
+      done = all(r.status == "done" for r in group)
+      band(ax, points, (label(group[0]) if label else group[0].arm.name) +
+           (f" ({len(group)} seeds)" if len(group) > 1 else "") +
+           ("" if done else " (" + "/".join(sorted({r.status for r in group})) + ")"),
+           "-" if done else "--")
       drawn = True
   if not drawn:
     plt.close(fig)
     return None
-  style(ax, "step", ylabel, title)
+  style(ax, "step", ylabel + " (smoothed; band: +-1 s.e. over seeds)", title)
   return save(fig, out, name)
 
 
@@ -144,12 +173,26 @@ def markdown_table(rows: Sequence[dict]) -> list[str]:
   return lines
 
 
+def seeds_line(seeds: int) -> str:
+  """The report's header line on seeds."""
+  if seeds == 0:
+    return "*Deterministic: no seeds (a count, not a training run).*"
+  if seeds == 1:
+    return ("*1 seed: no standard errors; the verdict compares means with the tolerance "
+            "alone.*")
+  return (f"*{seeds} seeds: every number is the mean +- one standard error over them (seed "
+          "k moves the adapter init and the data order; the base and the held-out set are "
+          "fixed); differences are taken seed by seed.*")
+
+
 def write(out: str, *, title: str, claim: str, figure: str, rule: str,
           verdict: verdicts.Verdict, measured: Sequence[str], table: Sequence[dict],
-          plots: Sequence[str | None], record: dict, notes: Sequence[str] = ()) -> str:
-  """report.md; returns its path."""
+          plots: Sequence[str | None], record: dict, notes: Sequence[str] = (),
+          seeds: int = 1) -> str:
+  """report.md; returns its path. ``seeds``: how many seeds each arm trained at (0: the
+  study is deterministic, e.g. a FLOP count)."""
   first = record["invocations"][0]
-  lines = [f"# {title}", "", f"**The finding.** {claim}", "",
+  lines = [f"# {title}", "", seeds_line(seeds), "", f"**The finding.** {claim}", "",
            f"**In the post.** {figure}", "", f"**Verdict rule.** {rule}", "",
            verdict.line(), "", "## Measured", "", *measured, "", *markdown_table(table), ""]
   for p in plots:
@@ -165,5 +208,29 @@ def write(out: str, *, title: str, claim: str, figure: str, rule: str,
             "Versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()) + ".",
             "Per-arm rows: `results.jsonl` / `results.csv`; the record: `study.json`.", ""]
   path = os.path.join(out, "report.md")
+  fs.write_text(path, "\n".join(lines))
+  return path
+
+
+def write_index(out: str, studies: Sequence[tuple[Any, dict]], budget: str, seeds: int,
+                cmd: str) -> str:
+  """``index.md`` of ``jlora study all``: one row per study (finding, the post's figure,
+  jlora's measurement, verdict, seeds, wall time) linking each report."""
+  lines = ["# LoRA Without Regret's findings, measured by jlora", "",
+           f"Budget `{budget}`; {seeds} seed(s) per arm (compute: deterministic). "
+           "Measurements are means +- one standard error over seeds; a verdict is "
+           "\"inconclusive\" where a difference is within 2 standard errors of zero or "
+           "crosses its tolerance (each report states its rule).", "",
+           "| finding | the post | jlora's measurement | verdict | seeds | wall |",
+           "| --- | --- | --- | --- | ---: | ---: |"]
+  for study, result in studies:
+    report_path = os.path.relpath(result["report"], out)
+    cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731
+    n = 0 if study.name == "compute" else seeds
+    lines.append(f"| [{cell(study.title)}]({report_path}) | {cell(study.figure)} | "
+                 f"{cell(result['headline'])} | {result['verdict']} | {n or '-'} | "
+                 f"{result['wall_s'] / 60:.0f} min |")
+  lines += ["", "How it ran:", "", "```", cmd, "```", ""]
+  path = os.path.join(out, "index.md")
   fs.write_text(path, "\n".join(lines))
   return path

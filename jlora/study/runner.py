@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 from jlora.infra import fs
 from jlora.run import build, checkpoint, config as config_lib, driver, group, loop
+from jlora.study import verdicts
 
 LEAD = ("study", "arm", "series", "x", "seed", "status", "step")
 
@@ -36,6 +37,11 @@ class Arm:
   x: float | None
   overrides: dict
   seed: int = 0  # ``seeded``: seed k > 0 varies the adapter init and the data order
+
+  @property
+  def base(self) -> str:
+    """The arm's name at seed 0 (``seeded`` appends ``-seedK``)."""
+    return self.name.removesuffix(f"-seed{self.seed}") if self.seed else self.name
 
 
 def seeded(arms: Sequence[Arm], values: dict, seeds: int) -> list[Arm]:
@@ -303,22 +309,65 @@ def write_results(study: str, results: Sequence[ArmResult], out: str) -> None:
 
 
 def by_series(results: Sequence[ArmResult]) -> dict[str, list[ArmResult]]:
+  """Seed 0's results by series (a plotted line of arms)."""
   out: dict[str, list[ArmResult]] = {}
   for r in results:
-    out.setdefault(r.arm.series, []).append(r)
+    if r.arm.seed == 0:
+      out.setdefault(r.arm.series, []).append(r)
   return out
+
+
+def by_arm(results: Sequence[ArmResult]) -> dict[str, list[ArmResult]]:
+  """Every seed's result of each arm ({the arm's seed-0 name: results by seed}), in the
+  order the arms were declared."""
+  out: dict[str, list[ArmResult]] = {}
+  for r in sorted(results, key=lambda r: r.arm.seed):
+    out.setdefault(r.arm.base, []).append(r)
+  return out
+
+
+def per_seed(group: Sequence[ArmResult], value: Callable[[ArmResult], float | None]
+             ) -> dict[int, float | None]:
+  """{seed: value(result)} of one arm's seeds."""
+  return {r.arm.seed: value(r) for r in group}
+
+
+def mean_curve(group: Sequence[ArmResult], key: str = "loss"
+               ) -> list[tuple[int, float, float | None]]:
+  """(step, mean over seeds, standard error or None) at the steps every seed logged."""
+  curves = [dict(r.curve(key)) for r in group if r.curve(key)]
+  if not curves:
+    return []
+  steps = sorted(set.intersection(*(set(c) for c in curves)))
+  out = []
+  for step in steps:
+    e = verdicts.estimate([c[step] for c in curves])
+    if e is not None:
+      out.append((step, e.mean, e.se))
+  return out
+
+
+def mean_se(seeds: Sequence[ArmResult], value: Callable[[ArmResult], float | None],
+            spec: str = ".4f"):
+  """A table cell: the value at one seed, "mean ± s.e." at several, None if one is
+  missing."""
+  e = verdicts.estimate([value(r) for r in seeds])
+  return None if e is None else (e.mean if e.se is None else e.format(spec))
 
 
 def summary_table(results: Sequence[ArmResult], extra: Callable[[ArmResult], dict] | None
                   = None) -> list[dict[str, Any]]:
-  """One dict per arm for the report: name, series, x, status, tokens, held-out loss
-  before/after, wall time, plus ``extra(result)``."""
+  """One dict per arm for the report: name, seeds, statuses, tokens, held-out loss
+  before/after and the last-quarter loss (mean +- s.e. over seeds), wall time (all seeds),
+  plus ``extra(seed 0's result)``."""
   table = []
-  for r in results:
-    row = {"arm": r.arm.name, "status": r.status, "tokens": r.tokens,
-           "held-out loss before": r.summary.get("eval_loss_before"),
-           "held-out loss after": r.final(), "last-quarter loss": r.late_loss(),
-           "wall s": round(r.wall_s)}
-    row.update(extra(r) if extra else {})
+  for name, seeds in by_arm(results).items():
+    row = {"arm": name, "seeds": len(seeds),
+           "status": "/".join(sorted({r.status for r in seeds})), "tokens": seeds[0].tokens,
+           "held-out loss before": seeds[0].summary.get("eval_loss_before"),
+           "held-out loss after": mean_se(seeds, ArmResult.final),
+           "last-quarter loss": mean_se(seeds, ArmResult.late_loss),
+           "wall s": round(sum(r.wall_s for r in seeds))}
+    row.update(extra(seeds[0]) if extra else {})
     table.append(row)
   return table

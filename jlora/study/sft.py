@@ -86,7 +86,11 @@ def metric(r: runner.ArmResult) -> float | None:
   return value if value is not None and math.isfinite(value) else None
 
 
-def best_arm(results) -> runner.ArmResult | None:
-  """The arm with the lowest loss (the post's minimum over LRs)."""
-  done = [r for r in results if metric(r) is not None]
-  return min(done, key=metric) if done else None
+def best_arm(results) -> list[runner.ArmResult] | None:
+  """Of ``results`` (arms of one condition, every seed), the seeds of the arm with the
+  lowest mean loss over its seeds (the post's minimum over LRs); None when no arm
+  finished at every seed."""
+  from jlora.study import verdicts
+  means = {name: e.mean for name, seeds in runner.by_arm(results).items()
+           if (e := verdicts.estimate([metric(r) for r in seeds])) is not None}
+  return runner.by_arm(results)[min(means, key=means.get)] if means else None

@@ -4,6 +4,21 @@ Pure functions of plain numbers (no JAX, no files), so each rule is tested on sy
 results, including the ones that must not say "reproduced". A verdict is one of
 ``REPRODUCED``, ``NOT_REPRODUCED`` or ``INCONCLUSIVE`` with the reason in one sentence;
 each rule's docstring is the rule the report states.
+
+Noise: a study trains every arm at K seeds (``jlora study --seeds K``: the adapter init and
+the data order move, the base and the held-out set stay). A quantity is an ``Estimate``:
+the mean over seeds and its standard error (the sample standard deviation / sqrt(K); None
+at one seed). A difference between two arms is taken seed by seed (``paired``: arms at
+the same seed see the same batches, so the pairing removes the order's share of the
+noise). The rules then read an estimate in one of four ways, all at 2 standard errors:
+- ``above(d, tol)``: d is larger than ``tol`` and not within 2 s.e. of zero;
+- ``below(d, tol)``: the mirror image;
+- ``equal(d, tol)``: the whole interval d +- 2 s.e. lies within +-tol;
+- ``apart(d, tol)``: the whole interval lies outside +-tol.
+So a difference within 2 standard errors of zero is never "different" (it is what noise
+gives), and "equal" needs the noise to be small against the tolerance. At one seed the
+standard error is unknown and the rules compare the mean with the tolerance alone, as the
+one-seed reports did (they say so).
 """
 
 from __future__ import annotations
@@ -26,6 +41,79 @@ class Verdict:
 
 def _finite(x) -> bool:
   return x is not None and math.isfinite(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  """A quantity measured at ``n`` seeds: the mean and its standard error (None at n = 1)."""
+  mean: float
+  se: float | None
+  n: int
+
+  def __str__(self) -> str:
+    return self.format()
+
+  def format(self, spec: str = "+.4f") -> str:
+    return f"{self.mean:{spec}}" + ("" if self.se is None else
+                                     f" ± {format(self.se, spec.lstrip('+'))}")
+
+  def __sub__(self, other: "Estimate") -> "Estimate":
+    """An unpaired difference (independent errors add in quadrature)."""
+    se = None if self.se is None or other.se is None else math.hypot(self.se, other.se)
+    return Estimate(self.mean - other.mean, se, min(self.n, other.n))
+
+  @property
+  def noise(self) -> float:
+    """Two standard errors (0 when unknown)."""
+    return 2 * self.se if self.se is not None else 0.0
+
+
+def estimate(values: Sequence[float | None]) -> Estimate | None:
+  """Mean and standard error of per-seed values; None when any seed is missing or not
+  finite (a diverged or unfinished arm)."""
+  values = list(values)
+  if not values or not all(_finite(v) for v in values):
+    return None
+  n = len(values)
+  mean = sum(values) / n
+  if n == 1:
+    return Estimate(mean, None, 1)
+  var = sum((v - mean) ** 2 for v in values) / (n - 1)
+  return Estimate(mean, math.sqrt(var / n), n)
+
+
+def paired(a: dict[int, float | None], b: dict[int, float | None]) -> Estimate | None:
+  """``a - b`` seed by seed over the seeds both have ({seed: value}); None when they share
+  none or a shared seed's value is missing."""
+  seeds = sorted(set(a) & set(b))
+  if not seeds or not all(_finite(a[k]) and _finite(b[k]) for k in seeds):
+    return None
+  return estimate([a[k] - b[k] for k in seeds])
+
+
+def above(d: Estimate, tol: float) -> bool:
+  """Larger than ``tol`` and not within 2 standard errors of zero."""
+  return d.mean > tol and d.mean > d.noise
+
+
+def below(d: Estimate, tol: float) -> bool:
+  return d.mean < -tol and -d.mean > d.noise
+
+
+def equal(d: Estimate, tol: float) -> bool:
+  """The interval mean +- 2 s.e. lies within [-tol, tol]."""
+  return abs(d.mean) + d.noise <= tol
+
+
+def apart(d: Estimate, tol: float) -> bool:
+  """The interval mean +- 2 s.e. lies outside [-tol, tol]."""
+  return abs(d.mean) - d.noise > tol
+
+
+def _seeds(*estimates: Estimate) -> str:
+  n = min(e.n for e in estimates)
+  return (f"mean +- s.e. over {n} seeds" if n > 1 else
+          "one seed: no standard error, the tolerance alone decides")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,61 +148,64 @@ def lr_optimum(lrs: Sequence[float], losses: Sequence[float | None]) -> Optimum 
   return Optimum(10 ** vertex, best, bracketed=True, fitted=True)
 
 
-def lr_ratio(lora: dict[str, Optimum | None], full: Optimum | None,
+def lr_ratio(lora: dict[str, Sequence[Optimum | None]], full: Sequence[Optimum | None],
              low: float = 5.0, high: float = 20.0) -> Verdict:
-  """Reproduced when, for every LoRA rank, the optimum LoRA LR over FullFT's optimum is
-  within [low, high] and every optimum is bracketed by the grid; inconclusive when one is
-  not bracketed (or missing); otherwise not reproduced."""
-  if full is None or any(o is None for o in lora.values()):
+  """Per seed, each method's optimum; LoRA's over FullFT's is taken seed by seed and
+  averaged in log10. Reproduced when, for every LoRA rank, the ratio's interval (2 s.e.,
+  in log10) lies within [low, high] and every optimum is bracketed by the grid; not
+  reproduced when a rank's interval lies wholly outside; otherwise (an optimum at the
+  grid's edge, an interval across a bound) inconclusive."""
+  if not full or any(o is None for o in full) or \
+      any(not os or any(o is None for o in os) for os in lora.values()):
     return Verdict(INCONCLUSIVE, "an arm group has no finite loss at any LR")
-  edge = [name for name, o in {**lora, "FullFT": full}.items() if not o.bracketed]
+  edge = [name for name, os in {**lora, "FullFT": full}.items()
+          if not all(o.bracketed for o in os)]
   if edge:
     return Verdict(INCONCLUSIVE, f"the best LR of {', '.join(edge)} is at the edge of the "
                    "grid: widen the sweep")
-  ratios = {name: o.lr / full.lr for name, o in lora.items()}
-  text = ", ".join(f"{name} {r:.1f}x" for name, r in ratios.items())
-  if all(low <= r <= high for r in ratios.values()):
-    return Verdict(REPRODUCED, f"LoRA's optimal LR over FullFT's: {text} (rule: within "
-                   f"[{low:g}, {high:g}])")
-  return Verdict(NOT_REPRODUCED, f"LoRA's optimal LR over FullFT's: {text}, outside "
-                 f"[{low:g}, {high:g}]")
+  logs = {name: estimate([math.log10(o.lr / f.lr) for o, f in zip(os, full)])
+          for name, os in lora.items()}
+  lo, hi = math.log10(low), math.log10(high)
+  text = ", ".join(f"{name} {10 ** e.mean:.1f}x" + (
+      "" if e.se is None else f" (2 s.e.: {10 ** (e.mean - e.noise):.1f}-"
+                              f"{10 ** (e.mean + e.noise):.1f}x)") for name, e in logs.items())
+  said = f"LoRA's optimal LR over FullFT's: {text} ({_seeds(*logs.values())})"
+  if all(lo <= e.mean - e.noise and e.mean + e.noise <= hi for e in logs.values()):
+    return Verdict(REPRODUCED, f"{said}; rule: within [{low:g}, {high:g}]")
+  if any(e.mean + e.noise < lo or e.mean - e.noise > hi for e in logs.values()):
+    return Verdict(NOT_REPRODUCED, f"{said}, outside [{low:g}, {high:g}]")
+  return Verdict(INCONCLUSIVE, f"{said}: an interval crosses [{low:g}, {high:g}]'s bounds")
 
 
-def layers(attn: float | None, mlp: float | None, all_: float | None,
-           tol: float) -> Verdict:
-  """Held-out losses of attention-only, MLP-only and all-layer LoRA (attention-only with at
-  least MLP-only's parameters). Reproduced when attention-only is worse than MLP-only by
-  more than ``tol`` and MLP-only is within ``tol`` of all layers (either way); not
-  reproduced when attention-only is better than MLP-only by more than ``tol``, or MLP-only
-  and all layers differ by more than ``tol``; inconclusive when attention-only and
-  MLP-only are within ``tol`` of each other."""
-  if not all(_finite(x) for x in (attn, mlp, all_)):
+def layers(gap: Estimate | None, diff: Estimate | None, tol: float) -> Verdict:
+  """``gap``: attention-only's held-out loss minus MLP-only's (attention-only with at
+  least MLP-only's parameters); ``diff``: MLP-only's minus all layers'. Reproduced when
+  attention-only is worse by more than ``tol`` (and not within 2 s.e. of zero) and
+  MLP-only equals all layers within ``tol`` (the whole 2-s.e. interval); not reproduced
+  when attention-only is clearly the better one, or clearly worse while MLP-only and all
+  layers clearly differ by more than ``tol``; inconclusive otherwise."""
+  if gap is None or diff is None:
     return Verdict(INCONCLUSIVE, "an arm diverged or did not finish")
-  gap, diff = attn - mlp, mlp - all_
-  said = (f"attention-only minus MLP-only {gap:+.4f} nats, MLP-only minus all layers "
-          f"{diff:+.4f} (tolerance {tol:g})")
-  if gap > tol and abs(diff) <= tol:
+  said = (f"attention-only minus MLP-only {gap} nats, MLP-only minus all layers {diff} "
+          f"(tolerance {tol:g}; {_seeds(gap, diff)})")
+  if above(gap, tol) and equal(diff, tol):
     return Verdict(REPRODUCED, said)
-  if gap < -tol:
+  if below(gap, tol):
     return Verdict(NOT_REPRODUCED, said + ": attention-only is the better one")
-  if gap > tol:
+  if above(gap, tol) and apart(diff, tol):
     return Verdict(NOT_REPRODUCED, said + ": attention-only is worse, as claimed, but "
                    "MLP-only and all layers are not about equal")
-  return Verdict(INCONCLUSIVE, said + ": attention-only and MLP-only are within the "
-                 "tolerance")
+  if not above(gap, tol):
+    return Verdict(INCONCLUSIVE, said + ": attention-only and MLP-only are within the "
+                   "tolerance or within 2 standard errors of each other")
+  return Verdict(INCONCLUSIVE, said + ": MLP-only vs all layers is neither within nor "
+                 "beyond the tolerance at 2 standard errors")
 
 
-def rank(curves: dict[int, Sequence[tuple[int, float]]], final: dict[int, float | None],
-         early_steps: int, rel_tol: float, tol: float) -> Verdict:
-  """Training-loss curves per rank (the same batches for every rank) and final losses.
-  "Coincide early": over the steps 2..early_steps (step 1 is before any update: equal by
-  construction) the spread across ranks, (max - min) / mean, stays within
-  ``rel_tol``. "Fall off later": the lowest rank's final loss is above the highest
-  rank's by more than ``tol``. Reproduced: both; not reproduced: the curves do not
-  coincide early, or the highest rank ends worse than the lowest by more than ``tol``;
-  inconclusive: they coincide early and no rank falls off within this budget."""
-  if len(curves) < 2 or not all(_finite(final.get(r)) for r in curves):
-    return Verdict(INCONCLUSIVE, "fewer than two ranks finished")
+def early_spread(curves: dict[int, Sequence[tuple[int, float]]], early_steps: int
+                 ) -> float | None:
+  """The largest (max - min) / mean across the curves at a step in 2..early_steps that
+  every curve logged; None when there is none."""
   by_step: dict[int, list[float]] = {}
   for points in curves.values():
     for step, loss in points:
@@ -123,36 +214,53 @@ def rank(curves: dict[int, Sequence[tuple[int, float]]], final: dict[int, float 
   spreads = [(max(v) - min(v)) / (sum(v) / len(v)) for v in by_step.values()
              if len(v) == len(curves)]
   if not spreads or not all(math.isfinite(s) for s in spreads):
+    return None
+  return max(spreads)
+
+
+def rank(curves: dict[int, Sequence[tuple[int, float]]], drop: Estimate | None,
+         early_steps: int, rel_tol: float, tol: float) -> Verdict:
+  """Training-loss curves per rank (mean over seeds; the same batches for every rank at a
+  seed) and ``drop``: the lowest rank's final loss minus the highest rank's. "Coincide
+  early": over the steps 2..early_steps (step 1 is before any update: equal by
+  construction) the spread across ranks, (max - min) / mean, stays within ``rel_tol``.
+  "Fall off later": the drop is above ``tol`` and not within 2 s.e. of zero. Reproduced:
+  both; not reproduced: the curves do not coincide early, or the highest rank ends
+  clearly worse (by more than ``tol``); inconclusive: they coincide early and no rank
+  clearly falls off within this budget."""
+  if len(curves) < 2 or drop is None:
+    return Verdict(INCONCLUSIVE, "fewer than two ranks finished")
+  spread = early_spread(curves, early_steps)
+  if spread is None:
     return Verdict(INCONCLUSIVE, f"no common logged steps in 2..{early_steps}")
-  spread = max(spreads)
   low, high = min(curves), max(curves)
-  drop = final[low] - final[high]
   said = (f"largest early spread (steps 2-{early_steps}) {spread:.2%} (tolerance "
-          f"{rel_tol:.0%}); final loss rank {low} minus rank {high}: {drop:+.4f} "
-          f"nats (tolerance {tol:g})")
-  if spread > rel_tol or drop < -tol:
+          f"{rel_tol:.0%}); final loss rank {low} minus rank {high}: {drop} "
+          f"nats (tolerance {tol:g}; {_seeds(drop)})")
+  if spread > rel_tol or below(drop, tol):
     return Verdict(NOT_REPRODUCED, said)
-  if drop > tol:
+  if above(drop, tol):
     return Verdict(REPRODUCED, said)
-  return Verdict(INCONCLUSIVE, said + ": the curves coincide early, but no rank falls off "
-                 "within this budget")
+  return Verdict(INCONCLUSIVE, said + ": the curves coincide early, but no rank clearly "
+                 "falls off within this budget")
 
 
-def batch(gaps: dict[int, float | None], tol: float) -> Verdict:
-  """``gaps``: LoRA's held-out loss minus FullFT's, per batch size, at equal tokens.
-  Reproduced when the gap at the largest batch exceeds the gap at the smallest by more
-  than ``tol``; not reproduced when it is smaller by more than ``tol``; else inconclusive."""
-  if len(gaps) < 2 or not all(_finite(g) for g in gaps.values()):
+def batch(gaps: dict[int, Estimate | None], growth: Estimate | None, tol: float) -> Verdict:
+  """``gaps``: LoRA's held-out loss minus FullFT's, per batch size, at equal tokens;
+  ``growth``: the gap at the largest batch minus the gap at the smallest (seed by seed).
+  Reproduced when the growth is above ``tol`` and not within 2 s.e. of zero; not
+  reproduced when it is clearly below ``-tol``; else inconclusive."""
+  if len(gaps) < 2 or growth is None or any(g is None for g in gaps.values()):
     return Verdict(INCONCLUSIVE, "an arm diverged or did not finish")
   small, large = min(gaps), max(gaps)
-  growth = gaps[large] - gaps[small]
-  said = (f"LoRA minus FullFT: {gaps[small]:+.4f} nats at batch {small}, {gaps[large]:+.4f} "
-          f"at batch {large} (growth {growth:+.4f}, tolerance {tol:g})")
-  if growth > tol:
+  said = (f"LoRA minus FullFT: {gaps[small]} nats at batch {small}, {gaps[large]} "
+          f"at batch {large} (growth {growth}, tolerance {tol:g}; {_seeds(growth)})")
+  if above(growth, tol):
     return Verdict(REPRODUCED, said)
-  if growth < -tol:
+  if below(growth, tol):
     return Verdict(NOT_REPRODUCED, said)
-  return Verdict(INCONCLUSIVE, said + ": the gap does not change by more than the tolerance")
+  return Verdict(INCONCLUSIVE, said + ": the gap does not clearly change by more than the "
+                 "tolerance")
 
 
 def flop_ratio(ratio: float, low: float = 0.67, high: float = 0.72) -> Verdict:
@@ -166,24 +274,48 @@ def flop_ratio(ratio: float, low: float = 0.67, high: float = 0.72) -> Verdict:
                  f"{said} ({'within' if inside else 'outside'} [{low:g}, {high:g}])")
 
 
-def capacity(separation: int | None, threshold: float, factor: float = 2.0) -> Verdict:
-  """``separation``: the smallest rank whose final loss is within the margin of FullFT's;
-  ``threshold``: the rank at which LoRA's parameters x 2 bits hold the data. Reproduced when
-  they agree within ``factor``; inconclusive when no rank reached FullFT; else not."""
-  if separation is None:
+def capacity(gaps: dict[int, Estimate | None], threshold: float, margin: float,
+             factor: float = 2.0) -> Verdict:
+  """``gaps``: per rank, LoRA's final loss minus FullFT's (bits per answer, seed by seed);
+  ``threshold``: the rank at which LoRA's parameters x 2 bits hold the data. The
+  separation rank is the smallest rank whose gap is within ``margin``. Reproduced when it
+  and the threshold agree within ``factor``; inconclusive when no rank is within the
+  margin, or a rank up to the separation is within 2 s.e. of the margin (which rank
+  separates is then noise); else not reproduced."""
+  done = {r: g for r, g in sorted(gaps.items()) if g is not None}
+  within = [r for r, g in done.items() if g.mean <= margin]
+  if not within:
     return Verdict(INCONCLUSIVE, "no rank came within the margin of full fine-tuning")
+  separation = within[0]
+  unsure = [r for r, g in done.items() if r <= separation and g.se is not None and
+            abs(g.mean - margin) <= g.noise]
   ratio = separation / threshold
   said = (f"separation rank {separation} vs the 2-bits-per-parameter threshold "
-          f"{threshold:.1f}: ratio {ratio:.2f}")
+          f"{threshold:.1f}: ratio {ratio:.2f} (gaps to FullFT: " + ", ".join(
+              f"r{r} {g.format('+.2f')}" for r, g in done.items()) +
+          f" bits/answer, margin {margin:g}; {_seeds(*done.values())})")
+  if unsure:
+    return Verdict(INCONCLUSIVE, said + f": rank {unsure[0]}'s gap is within 2 standard "
+                   "errors of the margin")
   inside = 1 / factor <= ratio <= factor
   return Verdict(REPRODUCED if inside else NOT_REPRODUCED,
                  f"{said} ({'within' if inside else 'outside'} {factor:g}x)")
 
 
-def matches(low_rank: float | None, full: float | None, tol: float, what: str) -> Verdict:
-  """RL: rank 1 matches full fine-tuning when its final ``what`` is no more than ``tol``
-  below FullFT's (reproduced); more than ``tol`` below: not reproduced."""
-  if not (_finite(low_rank) and _finite(full)):
+def matches(diff: Estimate | None, tol: float, what: str, low_rank: Estimate | None = None,
+            full: Estimate | None = None) -> Verdict:
+  """RL: ``diff`` is rank 1's final ``what`` minus FullFT's (seed by seed). Reproduced when
+  rank 1 is confidently no more than ``tol`` below FullFT (diff - 2 s.e. >= -tol); not
+  reproduced when it is confidently more than ``tol`` below (diff + 2 s.e. < -tol);
+  inconclusive in between."""
+  if diff is None:
     return Verdict(INCONCLUSIVE, "an arm diverged or did not finish")
-  said = f"{what}: rank 1 {low_rank:.4g}, FullFT {full:.4g} (tolerance {tol:g})"
-  return Verdict(REPRODUCED if low_rank >= full - tol else NOT_REPRODUCED, said)
+  arms = ("" if low_rank is None or full is None else
+          f"rank 1 {low_rank.format('.4g')}, FullFT {full.format('.4g')}; ")
+  said = (f"{what}: {arms}rank 1 minus FullFT {diff.format('+.4g')} (tolerance {tol:g}; "
+          f"{_seeds(diff)})")
+  if diff.mean - diff.noise >= -tol:
+    return Verdict(REPRODUCED, said)
+  if diff.mean + diff.noise < -tol:
+    return Verdict(NOT_REPRODUCED, said)
+  return Verdict(INCONCLUSIVE, said + ": within 2 standard errors of the tolerance")

@@ -1,5 +1,6 @@
-"""``jlora study`` end to end: every study at the smoke budget (results rows, plots, report,
-record) and a killed study continuing with the same results."""
+"""``jlora study`` end to end: ``jlora study all`` at the smoke budget with 2 seeds (every
+study's results rows, plots, report with mean +- s.e., record; the index) and a killed study
+continuing with the same results."""
 
 import json
 import math
@@ -17,10 +18,24 @@ def _study(*args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["layers", "lr", "batch", "capacity", "compute", "rl"])
-def test_every_study_at_the_smoke_budget(name, tmp_path):  # rank: in the kill test below
-  out = tmp_path / name
-  _check_smoke(name, out, _study(name, "--budget", "smoke", "--out", str(out)))
+def test_study_all_at_the_smoke_budget_with_two_seeds(tmp_path):
+  out = tmp_path / "all"
+  done = _study("all", "--budget", "smoke", "--seeds", "2", "--out", str(out))
+  assert done.returncode == 0, done.stderr[-3000:]
+  index = (out / "index.md").read_text()
+  for name in ("layers", "lr", "rank", "batch", "capacity", "rl", "compute"):
+    verdict = _check_smoke(name, out / name, done)
+    row = next(line for line in index.splitlines() if f"]({name}/report.md)" in line)
+    assert f"| {verdict} |" in row and row.endswith(" min |")
+    report = (out / name / "report.md").read_text()
+    if name == "compute":
+      assert "*Deterministic: no seeds" in report and "| - |" in row
+      continue
+    assert report.splitlines()[2].startswith("*2 seeds:") and "| 2 |" in row
+    rows = [json.loads(line) for line in open(out / name / "results.jsonl")]
+    assert {r["seed"] for r in rows} == {0, 1}, name
+    assert " ± " in row or " (x/ " in row or name == "capacity", row  # mean ± s.e.
+  assert "jlora study all --budget smoke --seeds 2" in index
 
 
 def _check_smoke(name, out, done):
@@ -42,7 +57,7 @@ def _check_smoke(name, out, done):
     # weight gradients for frozen weights (with them the ratio would be above 1)
     widest = max(rows, key=lambda r: r["width"])
     assert abs(widest["FLOP ratio"] - widest["formula (2N^2+6Nr)/3N^2"]) < 0.05, widest
-    return
+    return verdict
   arms = {}
   for r in rows:
     arms.setdefault(r["arm"], []).append(r)
@@ -54,6 +69,7 @@ def _check_smoke(name, out, done):
       every = cfg["train"]["log_every"]
       assert [r["step"] for r in rs] == [0] + list(range(every, steps + 1, every)), arm
       assert all(math.isfinite(r["loss"]) for r in rs[1:])
+  return verdict
 
 
 @pytest.mark.slow
@@ -93,7 +109,9 @@ def test_a_killed_study_continues_with_the_same_results_and_seeds_are_arms(tmp_p
   assert "r1: finished earlier (done), skipped" in more.stdout
   assert "r4: finished earlier (done), skipped" in more.stdout
   assert "r1-seed1, r4-seed1: training together" in more.stdout
-  assert "2 seeds trained" in (out / "report.md").read_text()
+  report = (out / "report.md").read_text()
+  assert report.splitlines()[2].startswith("*2 seeds: every number is the mean +- one standard")
+  assert "| r1 | 2 | done |" in report  # one table row per arm, its seeds counted
   alone_dir = tmp_path / "seed1"  # seed 1 alone: train.seed and the data order moved by 1
   alone = _study("rank", "--budget", "smoke", "--out", str(alone_dir), *every,
                  "--set", "train.seed=1", "--set", "data.shuffle_seed=1")

@@ -41,23 +41,64 @@ def _opt(lr, bracketed=True):
   return verdicts.Optimum(lr, 2.0, bracketed, bracketed)
 
 
+def E(mean, se=None, n=None):  # noqa: N802
+  """An estimate: one seed (no s.e.) or three."""
+  return verdicts.Estimate(mean, se, n or (1 if se is None else 3))
+
+
+def test_estimates_and_paired_differences_against_statistics():
+  import statistics
+  values = [3.91, 3.87, 3.95, 3.90]
+  e = verdicts.estimate(values)
+  assert e.mean == pytest.approx(statistics.mean(values))
+  assert e.se == pytest.approx(statistics.stdev(values) / 2)
+  assert verdicts.estimate([2.5]) == verdicts.Estimate(2.5, None, 1)
+  assert verdicts.estimate([2.5, None]) is None and verdicts.estimate([math.nan]) is None
+  a, b = {0: 3.0, 1: 3.2, 2: 2.9}, {0: 2.9, 1: 3.15, 2: 2.7, 3: 9.9}  # seed 3: b only
+  d = verdicts.paired(a, b)
+  diffs = [0.1, 0.05, 0.2]
+  assert (d.n, d.mean) == (3, pytest.approx(statistics.mean(diffs)))
+  assert d.se == pytest.approx(statistics.stdev(diffs) / math.sqrt(3))
+  assert verdicts.paired({0: 1.0}, {1: 1.0}) is None
+  assert str(E(0.1234, 0.0456)) == "+0.1234 ± 0.0456" and str(E(-0.5)) == "-0.5000"
+
+
 def test_lr_ratio_rule():
-  full = _opt(1e-4)
-  assert verdicts.lr_ratio({"r4": _opt(1e-3), "r32": _opt(1.5e-3)}, full).outcome == REPRODUCED
-  assert verdicts.lr_ratio({"r4": _opt(1e-4)}, full).outcome == NOT_REPRODUCED  # 1x
-  assert verdicts.lr_ratio({"r4": _opt(1e-3), "r32": _opt(4e-3)}, full).outcome == \
+  full = [_opt(1e-4)]
+  assert verdicts.lr_ratio({"r4": [_opt(1e-3)], "r32": [_opt(1.5e-3)]}, full).outcome == \
+      REPRODUCED
+  assert verdicts.lr_ratio({"r4": [_opt(1e-4)]}, full).outcome == NOT_REPRODUCED  # 1x
+  assert verdicts.lr_ratio({"r4": [_opt(1e-3)], "r32": [_opt(4e-3)]}, full).outcome == \
       NOT_REPRODUCED  # one rank at 40x
-  assert verdicts.lr_ratio({"r4": _opt(1e-3, False)}, full).outcome == INCONCLUSIVE
-  assert verdicts.lr_ratio({"r4": None}, full).outcome == INCONCLUSIVE
+  assert verdicts.lr_ratio({"r4": [_opt(1e-3, False)]}, full).outcome == INCONCLUSIVE
+  assert verdicts.lr_ratio({"r4": [None]}, full).outcome == INCONCLUSIVE
+  # Three seeds: ratios 9-11x agree (reproduced); 3x, 10x, 30x is noise across a bound
+  # (inconclusive: the geometric mean alone, 9.7x, would say reproduced); 0.9-1.1x is
+  # clearly outside.
+  full3 = [_opt(1e-4), _opt(2e-4), _opt(1e-4)]
+  seeds = lambda *ratios: [_opt(f.lr * r) for f, r in zip(full3, ratios)]  # noqa: E731
+  assert verdicts.lr_ratio({"r4": seeds(9, 10, 11)}, full3).outcome == REPRODUCED
+  noisy = verdicts.lr_ratio({"r4": seeds(3, 10, 30)}, full3)
+  assert noisy.outcome == INCONCLUSIVE and "r4 9.7x (2 s.e.: 2.6-36.5x)" in noisy.reason
+  assert verdicts.lr_ratio({"r4": seeds(0.9, 1.0, 1.1)}, full3).outcome == NOT_REPRODUCED
 
 
 def test_layers_rule():
-  assert verdicts.layers(3.00, 2.90, 2.895, 0.01).outcome == REPRODUCED
-  assert verdicts.layers(2.80, 2.90, 2.90, 0.01).outcome == NOT_REPRODUCED  # attn better
-  assert verdicts.layers(3.00, 2.90, 2.80, 0.01).outcome == NOT_REPRODUCED  # mlp << all
-  assert verdicts.layers(3.00, 2.90, 3.10, 0.01).outcome == NOT_REPRODUCED  # all << mlp
-  assert verdicts.layers(2.905, 2.90, 2.90, 0.01).outcome == INCONCLUSIVE
-  assert verdicts.layers(None, 2.9, 2.9, 0.01).outcome == INCONCLUSIVE
+  # one seed: the tolerance alone
+  assert verdicts.layers(E(0.10), E(0.005), 0.01).outcome == REPRODUCED
+  assert verdicts.layers(E(-0.10), E(0.0), 0.01).outcome == NOT_REPRODUCED  # attn better
+  assert verdicts.layers(E(0.10), E(0.10), 0.01).outcome == NOT_REPRODUCED  # mlp >> all
+  assert verdicts.layers(E(0.10), E(-0.20), 0.01).outcome == NOT_REPRODUCED  # all >> mlp
+  assert verdicts.layers(E(0.005), E(0.0), 0.01).outcome == INCONCLUSIVE
+  assert verdicts.layers(None, E(0.0), 0.01).outcome == INCONCLUSIVE
+  # with noise: the same means decide differently
+  assert verdicts.layers(E(0.10, 0.01), E(0.002, 0.002), 0.01).outcome == REPRODUCED
+  assert verdicts.layers(E(0.10, 0.06), E(0.002, 0.002), 0.01).outcome == INCONCLUSIVE
+  assert verdicts.layers(E(0.10, 0.01), E(0.005, 0.004), 0.01).outcome == INCONCLUSIVE
+  assert verdicts.layers(E(0.10, 0.01), E(0.05, 0.01), 0.01).outcome == NOT_REPRODUCED
+  assert verdicts.layers(E(0.10, 0.01), E(0.05, 0.03), 0.01).outcome == INCONCLUSIVE
+  assert verdicts.layers(E(-0.05, 0.01), E(0.0, 0.001), 0.01).outcome == NOT_REPRODUCED
+  assert verdicts.layers(E(-0.05, 0.03), E(0.0, 0.001), 0.01).outcome == INCONCLUSIVE
 
 
 def _curves(final_by_rank, early_spread=0.0):
@@ -69,30 +110,51 @@ def _curves(final_by_rank, early_spread=0.0):
 
 
 def test_rank_rule():
-  final = {1: 2.6, 4: 2.5, 16: 2.45}
-  assert verdicts.rank(_curves(final), final, 5, 0.02, 0.01).outcome == REPRODUCED
-  wide = _curves(final, early_spread=0.2)  # ranks apart from the first updates
-  assert verdicts.rank(wide, final, 5, 0.02, 0.01).outcome == NOT_REPRODUCED
-  flat = {1: 2.5, 4: 2.5, 16: 2.5}
-  assert verdicts.rank(_curves(flat), flat, 5, 0.02, 0.01).outcome == INCONCLUSIVE
-  backwards = {1: 2.4, 4: 2.5, 16: 2.6}  # the highest rank ends worst
-  assert verdicts.rank(_curves(backwards), backwards, 5, 0.02, 0.01).outcome == \
-      NOT_REPRODUCED
+  ranks = {1: None, 4: None, 16: None}
+  assert verdicts.rank(_curves(ranks), E(0.15), 5, 0.02, 0.01).outcome == REPRODUCED
+  wide = _curves(ranks, early_spread=0.2)  # ranks apart from the first updates
+  assert verdicts.rank(wide, E(0.15), 5, 0.02, 0.01).outcome == NOT_REPRODUCED
+  assert verdicts.rank(_curves(ranks), E(0.0), 5, 0.02, 0.01).outcome == INCONCLUSIVE
+  # the highest rank ends worst
+  assert verdicts.rank(_curves(ranks), E(-0.2), 5, 0.02, 0.01).outcome == NOT_REPRODUCED
   # Step 1 is before any update: a spread there is not held against the rule.
-  c = _curves(final)
+  c = _curves(ranks)
   c[16][0] = (1, 9.0)
-  assert verdicts.rank(c, final, 5, 0.02, 0.01).outcome == REPRODUCED
+  assert verdicts.rank(c, E(0.15), 5, 0.02, 0.01).outcome == REPRODUCED
+  # with noise: a drop within 2 s.e. of zero either way is inconclusive
+  assert verdicts.rank(_curves(ranks), E(0.05, 0.01), 5, 0.02, 0.01).outcome == REPRODUCED
+  assert verdicts.rank(_curves(ranks), E(0.05, 0.03), 5, 0.02, 0.01).outcome == INCONCLUSIVE
+  assert verdicts.rank(_curves(ranks), E(-0.05, 0.03), 5, 0.02, 0.01).outcome == \
+      INCONCLUSIVE
+  assert verdicts.rank(_curves(ranks), E(-0.05, 0.01), 5, 0.02, 0.01).outcome == \
+      NOT_REPRODUCED
+  assert verdicts.early_spread(_curves(ranks, 0.03), 5) == pytest.approx(0.06 / (2.75 + 0.03))  # step 5
 
 
 def test_batch_flops_capacity_and_rl_rules():
-  assert verdicts.batch({2: 0.00, 8: 0.02, 32: 0.08}, 0.01).outcome == REPRODUCED
-  assert verdicts.batch({2: 0.08, 8: 0.02, 32: 0.00}, 0.01).outcome == NOT_REPRODUCED
-  assert verdicts.batch({2: 0.01, 32: 0.015}, 0.01).outcome == INCONCLUSIVE
+  gaps = {2: E(0.0), 32: E(0.08)}
+  assert verdicts.batch(gaps, E(0.08), 0.01).outcome == REPRODUCED
+  assert verdicts.batch(gaps, E(-0.08), 0.01).outcome == NOT_REPRODUCED
+  assert verdicts.batch(gaps, E(0.005), 0.01).outcome == INCONCLUSIVE
+  assert verdicts.batch(gaps, E(0.08, 0.02), 0.01).outcome == REPRODUCED
+  assert verdicts.batch(gaps, E(0.08, 0.05), 0.01).outcome == INCONCLUSIVE
+  assert verdicts.batch(gaps, E(-0.08, 0.05), 0.01).outcome == INCONCLUSIVE
+  assert verdicts.batch({2: E(0.0), 32: None}, E(0.08), 0.01).outcome == INCONCLUSIVE
   assert verdicts.flop_ratio(0.69).outcome == REPRODUCED
   assert verdicts.flop_ratio(0.90).outcome == NOT_REPRODUCED
   assert verdicts.flop_ratio(0.60).outcome == NOT_REPRODUCED
-  assert verdicts.capacity(4, 3.0).outcome == REPRODUCED
-  assert verdicts.capacity(16, 3.0).outcome == NOT_REPRODUCED
-  assert verdicts.capacity(None, 3.0).outcome == INCONCLUSIVE
-  assert verdicts.matches(0.50, 0.52, 0.05, "accuracy").outcome == REPRODUCED
-  assert verdicts.matches(0.30, 0.52, 0.05, "accuracy").outcome == NOT_REPRODUCED
+  curve = {1: E(3.0, 0.1), 2: E(1.5, 0.1), 4: E(0.2, 0.05), 8: E(0.1, 0.05)}
+  assert verdicts.capacity(curve, 3.0, 0.5).outcome == REPRODUCED  # separates at 4
+  assert verdicts.capacity(curve, 12.0, 0.5).outcome == NOT_REPRODUCED  # 4 vs 12: 3x off
+  assert verdicts.capacity({1: E(3.0), 2: E(1.5)}, 3.0, 0.5).outcome == INCONCLUSIVE
+  # rank 4's gap within 2 s.e. of the margin: which rank separates is noise
+  unsure = {**curve, 4: E(0.45, 0.1)}
+  assert verdicts.capacity(unsure, 3.0, 0.5).outcome == INCONCLUSIVE
+  assert verdicts.capacity({**curve, 4: E(0.45)}, 3.0, 0.5).outcome == REPRODUCED  # one seed
+  assert verdicts.matches(E(-0.02), 0.05, "accuracy").outcome == REPRODUCED
+  assert verdicts.matches(E(-0.22), 0.05, "accuracy").outcome == NOT_REPRODUCED
+  assert verdicts.matches(E(-0.01, 0.01), 0.05, "accuracy").outcome == REPRODUCED
+  assert verdicts.matches(E(-0.06, 0.03), 0.05, "accuracy").outcome == INCONCLUSIVE
+  assert verdicts.matches(E(-0.02, 0.03), 0.05, "accuracy").outcome == INCONCLUSIVE
+  assert verdicts.matches(E(-0.20, 0.02), 0.05, "accuracy").outcome == NOT_REPRODUCED
+  assert verdicts.matches(None, 0.05, "accuracy").outcome == INCONCLUSIVE
