@@ -9,13 +9,17 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from jlora.study import report
+
 
 class LivePlot:
   """One panel per metric, redrawn in place each time a row carries one of them.
 
   ``sft.run(cfg, on_row=LivePlot(["loss", "eval_loss"]))`` draws the training loss as
   it is logged; ``rows`` keeps every point for later use. Row 0 (held-out metrics before
-  training) is drawn like any other row.
+  training) is drawn like any other row. A metric with 20 points or more (the per-step
+  training loss) is drawn smoothed over a tenth of its points with the raw points faint
+  behind; sparser ones (held-out evaluations every ``eval.every`` steps) as points.
   """
 
   def __init__(self, keys: Sequence[str | tuple[str, ...]], title: str = "",
@@ -45,8 +49,13 @@ class LivePlot:
       ax.clear()
       for key in panel:
         xy = self.points.get(key, [])
-        if xy:
-          ax.plot(*zip(*xy), marker="." if len(xy) < 40 else None, label=key)
+        if len(xy) >= 20:  # a noisy per-step curve: smoothed, the raw points faint behind
+          steps, values = zip(*xy)
+          line, = ax.plot(steps, report.smooth(values, max(1, len(xy) // 10) | 1),
+                          label=f"{key} (smoothed)")
+          ax.plot(steps, values, lw=0.7, alpha=0.3, color=line.get_color())
+        elif xy:
+          ax.plot(*zip(*xy), marker=".", label=key)
       ax.set_xlabel("step")
       ax.set_title(", ".join(panel))
       ax.grid(alpha=0.3)

@@ -17,7 +17,8 @@ from jlora.run import build, config as config_lib, driver, evaluate, group, loop
 
 def sft_objective(s: build.Setup) -> loop.Objective:
   """Supervised fine-tuning: token cross-entropy over the data's masked-in tokens; held
-  out, the same loss and (for tasks that can check answers) greedy accuracy."""
+  out (before, every ``eval.every`` steps, after), the same loss and (for tasks that can
+  check answers) greedy accuracy."""
   cfg = s.cfg
   loss = lm.lm_loss(s.model, s.plan, cfg.train.loss_chunk)
   # frozen passed as an argument: not baked into the program
@@ -30,7 +31,9 @@ def sft_objective(s: build.Setup) -> loop.Objective:
     sums = [loss_fn(trainable, s.frozen, b) for b in held_out]
     return {"eval_loss": float(sum(x for x, _ in sums) / max(sum(n for _, n in sums), 1.0))}
 
-  return loop.Objective(loss, sft_batches(s), evaluate.with_accuracy(s, eval_loss), eval_loss)
+  # every eval.every steps too: a held-out accuracy curve, not two points
+  metrics = evaluate.with_accuracy(s, eval_loss)
+  return loop.Objective(loss, sft_batches(s), metrics, metrics)
 
 
 def sft_batches(s: build.Setup) -> loop.DataBatches:
@@ -59,8 +62,8 @@ def sft_group(setups: list[build.Setup], st: stack.Stack, sources: list[loop.Dat
                  if held_out[j] else {})
     return out
 
-  return loop.Objective(loss, group.GroupBatches(sources, s0.mesh, micro),
-                        evaluate.with_group_accuracy(setups, st, eval_loss), eval_loss)
+  metrics = evaluate.with_group_accuracy(setups, st, eval_loss)
+  return loop.Objective(loss, group.GroupBatches(sources, s0.mesh, micro), metrics, metrics)
 
 
 SFT = driver.register(driver.Kind(

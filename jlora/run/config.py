@@ -117,7 +117,7 @@ class TrainSection:
 class EvalSection:
   source: str | None = None  # default: the data source's held-out split (tasks, TFDS)
   split: str = "test"
-  every: int = 0  # held-out loss every N steps (0: before and after training only)
+  every: int = 0  # held-out loss (and a task's accuracy) every N steps; 0: before and after
   batches: int = 4  # held-out batches for the loss
   examples: int = 64  # generated answers checked, for sources that can check them (tasks)
   max_new_tokens: int = 12
