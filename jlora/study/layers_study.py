@@ -52,19 +52,20 @@ def layers_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
       "targets": r.arm.series, "rank": ranks[r.arm.series],
       "adapter params": params[r.arm.series], "lr": r.arm.x})
   plt = report.pyplot()
-  fig, ax = plt.subplots(figsize=(6, 3.8))
+  fig, (ax, dx) = plt.subplots(1, 2, figsize=(10, 3.8))
   names = [s for s in ("attn", "mlp", "all") if loss.get(s) is not None]
-  ax.bar(names, [loss[s].mean for s in names], yerr=[loss[s].se or 0 for s in names],
-         capsize=4, color=["#c44", "#48c", "#4a4"][:len(names)])
+  ax.bar(names, [loss[s].mean for s in names], color=["#c44", "#48c", "#4a4"][:len(names)])
   for i, s in enumerate(names):
     count = f"{params[s] / 1e6:.2f}M" if params[s] >= 1e5 else f"{params[s]:,}"
-    ax.text(i, loss[s].mean + (loss[s].se or 0), f"r={ranks[s]}\n{count} params",
-            ha="center", va="bottom", fontsize=8)
+    ax.text(i, loss[s].mean, f"r={ranks[s]}\n{count} params", ha="center", va="bottom",
+            fontsize=8)
   if names:
     low = min(loss[s].mean for s in names)
     ax.set_ylim(low - 0.05 * abs(low), max(loss[s].mean for s in names) + 0.04 * abs(low))
-  report.style(ax, "LoRA targets", "loss, last quarter of training (+-1 s.e.)",
+  report.style(ax, "LoRA targets", "loss, last quarter of training (mean over seeds)",
                "attention-only vs MLP-only vs all layers", legend=False)
+  report.differences(dx, {"attn - mlp": pair("attn", "mlp"), "mlp - all": pair("mlp", "all")},
+                     tol, "nats")
   plots = [report.save(fig, ctx.out, "layers.png"),
            report.curves([r for b in best.values() if b for r in b], ctx.out,
                          "training loss by target set (each at its best LR)")]

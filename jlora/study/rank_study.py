@@ -39,10 +39,11 @@ def rank_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
   a.axvline(early, ls=":", color="gray")
   report.style(a, "step (log)", "training loss (smoothed; band +-1 s.e.)",
                f"rank sweep at one LR ({plan.info['lr']:.3g}); dotted: early window", logx=10)
-  if est:
-    b.errorbar(list(est), [e.mean for e in est.values()],
-               yerr=[e.se or 0 for e in est.values()], fmt="o-", capsize=3)
-  report.style(b, "rank", "loss, last quarter of training (+-1 s.e.)", logx=2)
+  if final:
+    top = max(final)
+    report.differences(b, {f"r{r} - r{top}": verdicts.paired(final[r], final[top])
+                           for r in sorted(final) if r != top}, tol,
+                       "last-quarter loss minus the highest rank's")
   plots = [report.save(fig, ctx.out, "rank.png")]
   seeds = max((len(g) for g in groups.values()), default=1)
   measured = [f"{len(groups)} ranks at LR {plan.info['lr']:.3g} (the LoRA rule), alpha 32, "

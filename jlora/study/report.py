@@ -94,8 +94,21 @@ def curves(results, out: str, title: str, key: str = "loss", name: str = "curves
   if not drawn:
     plt.close(fig)
     return None
-  style(ax, "step", ylabel + " (smoothed; band: +-1 s.e. over seeds)", title)
+  style(ax, "step", ylabel, title + "\n(smoothed, raw mean faint; band: +-1 s.e. over seeds)")
   return save(fig, out, name)
+
+
+def differences(ax, diffs: dict[str, Any], tol: float | None, ylabel: str) -> None:
+  """Paired differences (``verdicts.Estimate`` by label) with 2-s.e. error bars, zero and
+  the +-``tol`` band marked: what the verdict rules read."""
+  names = [k for k, d in diffs.items() if d is not None]
+  ax.errorbar(range(len(names)), [diffs[k].mean for k in names],
+              yerr=[diffs[k].noise for k in names], fmt="o", capsize=5, color="k")
+  ax.axhline(0, color="gray", lw=0.8)
+  if tol is not None:
+    ax.axhspan(-tol, tol, color="#4a4", alpha=0.15, lw=0, label=f"+-tolerance ({tol:g})")
+  ax.set_xticks(range(len(names)), names)
+  style(ax, "", ylabel + " (2 s.e.)", "differences, seed by seed")
 
 
 def cpu_model() -> str:
