@@ -30,10 +30,8 @@ from jlora.infra import mesh as mesh_lib, multihost
 from jlora.run import evaluate, group
 from jlora.data import render
 from jlora.objectives.rl import losses, rewards
+from jlora.objectives.rl.section import OVERLONG
 from jlora.objectives.rl.layout import Episodes, grouped, left_pad, training_batch, widened
-
-
-OVERLONG = ("none", "filter", "penalty")
 
 
 def overlong(scores, lengths, ended, max_new_tokens: int, mode: str = "none",

@@ -9,6 +9,8 @@ import math
 from jlora.objectives.rl.losses import LOSSES
 from jlora.run import config as config_lib
 
+OVERLONG = ("none", "filter", "penalty")  # rl.overlong: DAPO's handling (rollouts.overlong)
+
 
 @dataclasses.dataclass(frozen=True)
 class RLSection:
@@ -50,8 +52,8 @@ class RLSection:
                        "and the run cannot learn")
     if self.loss not in LOSSES:
       raise ValueError(f"rl.loss {self.loss!r} is not one of {', '.join(LOSSES)}")
-    if self.overlong not in ("none", "filter", "penalty"):
-      raise ValueError(f"rl.overlong {self.overlong!r} is not one of none, filter, penalty")
+    if self.overlong not in OVERLONG:
+      raise ValueError(f"rl.overlong {self.overlong!r} is not one of {', '.join(OVERLONG)}")
     if self.overlong == "penalty" and self.overlong_buffer > self.max_new_tokens:
       raise ValueError(f"rl.overlong_buffer={self.overlong_buffer} exceeds "
                        f"rl.max_new_tokens={self.max_new_tokens}")
