@@ -26,7 +26,8 @@ import grain.experimental as grain_exp
 import numpy as np
 
 from jlora.data import render
-from jlora.data.pipeline import DataConfig, Stats, _shard, _where, open_source, order_seed
+from jlora.data.pipeline import (DataConfig, Stats, _shard, _where, open_source, order_seed,
+                                 sample, scale_up)
 from jlora.data.tokenizer import Tokenizer
 
 FIELDS = ("inputs", "targets", "mask")
@@ -127,8 +128,7 @@ def stats(cfg: DataConfig, tok: Tokenizer, *, limit: int | None = None, source=N
   preferred)."""
   source = source if source is not None else open_source(cfg)
   where, n = _where(source), len(source)
-  picks = np.arange(n) if limit is None or limit >= n else \
-      np.unique(np.linspace(0, n - 1, limit).astype(np.int64))
+  picks = sample(n, limit)
   out = Stats(sampled=len(picks))
   for i in picks:
     rows = encode(source[int(i)], tok, cfg, where(int(i)))
@@ -137,8 +137,6 @@ def stats(cfg: DataConfig, tok: Tokenizer, *, limit: int | None = None, source=N
     out.trainable_tokens += sum(int(r["mask"].sum()) for r in rows)
     out.longest = max(out.longest, *(r["length"] + r["cut"] for r in rows))
     out.examples += 1
-  scale = n / len(picks)
-  for name in ("examples", "tokens", "trainable_tokens", "truncated"):
-    setattr(out, name, int(round(getattr(out, name) * scale)))
+  scale_up(out, n)
   out.info_bits, out.info_basis = float(n), "at most 1 bit per preference pair"
   return out

@@ -300,6 +300,18 @@ class Stats:
             f"{self.longest}; information ~{self.info_bits:.3g} bits ({self.info_basis})")
 
 
+def sample(n: int, limit: int | None) -> np.ndarray:
+  """The record indices ``stats`` reads: all ``n``, or ``limit`` evenly spaced ones."""
+  return (np.arange(n) if limit is None or limit >= n else
+          np.unique(np.linspace(0, n - 1, limit).astype(np.int64)))
+
+
+def scale_up(out: Stats, n: int) -> None:
+  """Counts over ``out.sampled`` records scaled to all ``n`` (in place)."""
+  for name in ("examples", "tokens", "trainable_tokens", "truncated", "dropped"):
+    setattr(out, name, int(round(getattr(out, name) * n / out.sampled)))
+
+
 def stats(cfg: DataConfig, tok: Tokenizer, *, limit: int | None = None,
           first_epoch_loss: float | None = None, source=None) -> Stats:
   """Counts over one epoch (of ``limit`` evenly spaced records, scaled up, when given).
@@ -311,8 +323,7 @@ def stats(cfg: DataConfig, tok: Tokenizer, *, limit: int | None = None,
   source = source if source is not None else open_source(cfg)
   encode = _Encode(cfg, tok, _where(source))
   n = len(source)
-  picks = np.arange(n) if limit is None or limit >= n else \
-      np.unique(np.linspace(0, n - 1, limit).astype(np.int64))
+  picks = sample(n, limit)
   out = Stats(sampled=len(picks))
   for i in picks:
     ids, mask = encode.full(int(i), source[int(i)])
@@ -327,9 +338,7 @@ def stats(cfg: DataConfig, tok: Tokenizer, *, limit: int | None = None,
     out.examples += 1
     out.tokens += kept
     out.trainable_tokens += int(mask[1:kept + 1].sum())
-  scale = n / len(picks)
-  for name in ("examples", "tokens", "trainable_tokens", "truncated", "dropped"):
-    setattr(out, name, int(round(getattr(out, name) * scale)))
+  scale_up(out, n)
   task = getattr(source, "task", None)
   if task is not None and task.exact_info:
     out.info_bits, out.info_basis = source.info_bits, f"exact: {task.name} answers"
