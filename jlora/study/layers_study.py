@@ -75,7 +75,9 @@ def layers_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
               ", by the mean over seeds): " + ", ".join(
                   f"{s} r={ranks[s]} ({params[s]:,} params) {loss[s].format('.4f')}"
                   for s in names) + "."]
-  headline = ", ".join(f"{s} {loss[s].format('.3f')}" for s in names) + " (nats)"
+  gap, diff = pair("attn", "mlp"), pair("mlp", "all")
+  headline = (f"attn - mlp {gap.format('+.3f')}, mlp - all {diff.format('+.3f')} nats"
+              if gap and diff else ", ".join(f"{s} {loss[s].format('.3f')}" for s in names))
   return Outcome(verdict, measured, table, plots, headline)
 
 

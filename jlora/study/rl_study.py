@@ -103,7 +103,9 @@ def rl_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
               f"{'-' if before is None else f'{before:.1%}'}; after: {said}." +
               ("" if diff is None else f" Rank 1 minus FullFT, seed by seed: "
                                        f"{_pct(diff, signed=True)} (tolerance {tol:.1%}).")]
-  return Outcome(verdict, measured, table, plots, f"accuracy {said}")
+  headline = f"accuracy {said}" + ("" if diff is None else
+                                    f"; rank 1 - FullFT {_pct(diff, signed=True)}")
+  return Outcome(verdict, measured, table, plots, headline)
 
 
 def _pct(e, signed: bool = False) -> str:
