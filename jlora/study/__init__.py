@@ -164,7 +164,8 @@ def run_all(*, budget: str = "small", out: str | None = None, model: str | None 
   check_overrides(overrides)
   if seeds < 1:
     raise ValueError(f"--seeds must be >= 1, got {seeds}")
-  out = os.path.abspath(out or os.path.join("studies", f"all-{budget}"))
+  given = out or os.path.join("studies", f"all-{budget}")  # as the user wrote it
+  out = os.path.abspath(given)
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f"--out {out}: exists and is not a directory")
   for name in ALL:
@@ -173,9 +174,12 @@ def run_all(*, budget: str = "small", out: str | None = None, model: str | None 
   results = {}
   for name in ALL:
     log(f"== study {name} ({ALL.index(name) + 1}/{len(ALL)})")
+    n = 1 if name == "compute" else seeds
+    sub = (["jlora", "study", name, "--budget", budget, "--out", os.path.join(given, name)] +
+           (["--model", model] if model else []) +
+           [a for o in overrides for a in ("--set", o)] + (["--seeds", str(n)] if n > 1 else []))
     results[name] = run(name, budget=budget, out=os.path.join(out, name), model=model,
-                        overrides=overrides, log=log,
-                        seeds=1 if name == "compute" else seeds)
+                        overrides=overrides, log=log, argv=sub, seeds=n)
   path = report.write_index(out, [(STUDIES[n], results[n]) for n in ALL], budget, seeds,
                             report.command(argv))
   log(f"index: {path}")
