@@ -27,8 +27,17 @@ def rank_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
             if all(r.status == "done" for r in g)}
   final = {rank_of[n]: runner.per_seed(g, metric) for n, g in groups.items()}
   drop = verdicts.paired(final[min(final)], final[max(final)]) if final else None
-  verdict = verdicts.rank({r: [(s, m) for s, m, _ in c] for r, c in curves.items()}, drop,
-                          early, rel_tol, tol)
+  # per seed, the ranks' curves on the same batches: their largest early spread
+  by_seed: dict[int, dict[int, list]] = {}
+  for n, g in groups.items():
+    for r in g:
+      if r.status == "done":
+        by_seed.setdefault(r.arm.seed, {})[rank_of[n]] = r.curve()
+  spreads = [verdicts.early_spread(c, early) for c in by_seed.values()
+             if len(c) == len(groups)]
+  spread = verdicts.estimate(spreads) if spreads and len(groups) > 1 else None
+  verdict = verdicts.rank(spread, drop, early, rel_tol, tol,
+                          (min(final), max(final)) if final else (1, 1))
   est = {r: e for r, v in sorted(final.items())
          if (e := verdicts.estimate(list(v.values()))) is not None}
   plt = report.pyplot()
@@ -60,10 +69,10 @@ def rank_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
                    ("within 2 standard errors of zero, so the order between them is noise."
                     if noise else "more than 2 standard errors (or one seed: unknown); late "
                     "single-batch spikes (visible in the curves) can do that at this budget."))
-  spread = verdicts.early_spread({r: [(s, m) for s, m, _ in c] for r, c in curves.items()},
-                                 early)
-  headline = (f"early spread {spread:.2%}; rank {min(final)} minus rank {max(final)}: "
-              f"{drop} nats" if spread is not None and drop is not None else verdict.reason)
+  headline = (f"early spread {100 * spread.mean:.2f}%" +
+              ("" if spread.se is None else f" ± {100 * spread.se:.2f}") +
+              f"; rank {min(final)} minus rank {max(final)}: {drop} nats"
+              if spread is not None and drop is not None else verdict.reason)
   return Outcome(verdict, measured, table, plots, headline, notes)
 
 
@@ -73,10 +82,10 @@ register(Study(
     "training; low ranks fall off later, at a step count that grows with rank.",
     "The post's learning curves per rank at the best LR (ranks 1-512 on Tulu3 / "
     "OpenThoughts3): early curves overlap.",
-    f"{METRIC} Coincide early: over steps 2..steps/4 the spread of training loss across "
-    "ranks, (max - min) / mean, stays within 2%. Fall off: the lowest rank's loss is above "
-    "the highest rank's by more than 0.01 nats and not within 2 standard errors of zero "
-    "(seed by seed). Reproduced: both; not reproduced: no early coincidence, or the highest "
-    "rank ends clearly worse by more than 0.01; inconclusive: they coincide but no rank "
-    "clearly falls off within the budget.",
+    f"{METRIC} Coincide early: per seed, the largest spread of training loss across ranks "
+    "over steps 2..steps/4, (max - min) / mean; its 2-standard-error interval within 2%. "
+    "Fall off: the lowest rank's loss is above the highest rank's by more than 0.01 nats "
+    "and not within 2 standard errors of zero (seed by seed). Reproduced: both; not "
+    "reproduced: the spread clearly above 2%, or the highest rank ends clearly worse by "
+    "more than 0.01; inconclusive otherwise.",
     rank_prepare, rank_analyse))

@@ -218,29 +218,32 @@ def early_spread(curves: dict[int, Sequence[tuple[int, float]]], early_steps: in
   return max(spreads)
 
 
-def rank(curves: dict[int, Sequence[tuple[int, float]]], drop: Estimate | None,
-         early_steps: int, rel_tol: float, tol: float) -> Verdict:
-  """Training-loss curves per rank (mean over seeds; the same batches for every rank at a
-  seed) and ``drop``: the lowest rank's final loss minus the highest rank's. "Coincide
-  early": over the steps 2..early_steps (step 1 is before any update: equal by
-  construction) the spread across ranks, (max - min) / mean, stays within ``rel_tol``.
-  "Fall off later": the drop is above ``tol`` and not within 2 s.e. of zero. Reproduced:
-  both; not reproduced: the curves do not coincide early, or the highest rank ends
-  clearly worse (by more than ``tol``); inconclusive: they coincide early and no rank
-  clearly falls off within this budget."""
-  if len(curves) < 2 or drop is None:
-    return Verdict(INCONCLUSIVE, "fewer than two ranks finished")
-  spread = early_spread(curves, early_steps)
-  if spread is None:
-    return Verdict(INCONCLUSIVE, f"no common logged steps in 2..{early_steps}")
-  low, high = min(curves), max(curves)
-  said = (f"largest early spread (steps 2-{early_steps}) {spread:.2%} (tolerance "
-          f"{rel_tol:.0%}); final loss rank {low} minus rank {high}: {drop} "
-          f"nats (tolerance {tol:g}; {_seeds(drop)})")
-  if spread > rel_tol or below(drop, tol):
+def rank(spread: Estimate | None, drop: Estimate | None, early_steps: int, rel_tol: float,
+         tol: float, ranks: tuple[int, int] = (1, 64)) -> Verdict:
+  """``spread``: per seed, the largest spread of the training-loss curves across ranks,
+  (max - min) / mean, over the steps 2..early_steps (step 1 is before any update: equal by
+  construction; every rank sees the same batches at a seed), ``early_spread``; ``drop``:
+  the lowest rank's final loss minus the highest rank's (``ranks``), seed by seed.
+  "Coincide early": the spread's 2-s.e. interval lies within ``rel_tol``. "Fall off
+  later": the drop is above ``tol`` and not within 2 s.e. of zero. Reproduced: both; not
+  reproduced: the spread is clearly above ``rel_tol`` (its whole interval), or the
+  highest rank ends clearly worse (by more than ``tol``); inconclusive otherwise."""
+  if spread is None or drop is None:
+    return Verdict(INCONCLUSIVE, "fewer than two ranks finished, or no common logged steps "
+                   f"in 2..{early_steps}")
+  low, high = ranks
+  pct = (f"{100 * spread.mean:.2f}%" + ("" if spread.se is None else
+                                          f" ± {100 * spread.se:.2f}"))
+  said = (f"largest early spread (steps 2-{early_steps}) {pct} (tolerance {rel_tol:.0%}); "
+          f"final loss rank {low} minus rank {high}: {drop} nats (tolerance {tol:g}; "
+          f"{_seeds(drop)})")
+  if spread.mean - spread.noise > rel_tol or below(drop, tol):
     return Verdict(NOT_REPRODUCED, said)
-  if above(drop, tol):
+  if spread.mean + spread.noise <= rel_tol and above(drop, tol):
     return Verdict(REPRODUCED, said)
+  if spread.mean + spread.noise > rel_tol:
+    return Verdict(INCONCLUSIVE, said + ": whether the curves coincide early is within 2 "
+                   "standard errors of the tolerance")
   return Verdict(INCONCLUSIVE, said + ": the curves coincide early, but no rank clearly "
                  "falls off within this budget")
 

@@ -111,24 +111,27 @@ def _curves(final_by_rank, early_spread=0.0):
 
 def test_rank_rule():
   ranks = {1: None, 4: None, 16: None}
-  assert verdicts.rank(_curves(ranks), E(0.15), 5, 0.02, 0.01).outcome == REPRODUCED
-  wide = _curves(ranks, early_spread=0.2)  # ranks apart from the first updates
-  assert verdicts.rank(wide, E(0.15), 5, 0.02, 0.01).outcome == NOT_REPRODUCED
-  assert verdicts.rank(_curves(ranks), E(0.0), 5, 0.02, 0.01).outcome == INCONCLUSIVE
-  # the highest rank ends worst
-  assert verdicts.rank(_curves(ranks), E(-0.2), 5, 0.02, 0.01).outcome == NOT_REPRODUCED
-  # Step 1 is before any update: a spread there is not held against the rule.
+  spread = lambda e: verdicts.early_spread(_curves(ranks, e), 5)  # noqa: E731
+  assert spread(0.0) == 0.0
+  assert spread(0.03) == pytest.approx(0.06 / (2.75 + 0.03))  # step 5: the largest
   c = _curves(ranks)
-  c[16][0] = (1, 9.0)
-  assert verdicts.rank(c, E(0.15), 5, 0.02, 0.01).outcome == REPRODUCED
-  # with noise: a drop within 2 s.e. of zero either way is inconclusive
-  assert verdicts.rank(_curves(ranks), E(0.05, 0.01), 5, 0.02, 0.01).outcome == REPRODUCED
-  assert verdicts.rank(_curves(ranks), E(0.05, 0.03), 5, 0.02, 0.01).outcome == INCONCLUSIVE
-  assert verdicts.rank(_curves(ranks), E(-0.05, 0.03), 5, 0.02, 0.01).outcome == \
-      INCONCLUSIVE
-  assert verdicts.rank(_curves(ranks), E(-0.05, 0.01), 5, 0.02, 0.01).outcome == \
-      NOT_REPRODUCED
-  assert verdicts.early_spread(_curves(ranks, 0.03), 5) == pytest.approx(0.06 / (2.75 + 0.03))  # step 5
+  c[16][0] = (1, 9.0)  # step 1 is before any update: not held against the rule
+  assert verdicts.early_spread(c, 5) == 0.0
+  rule = lambda s, d: verdicts.rank(s, d, 5, 0.02, 0.01, (1, 16)).outcome  # noqa: E731
+  # one seed: the tolerances alone
+  assert rule(E(0.01), E(0.15)) == REPRODUCED
+  assert rule(E(0.07), E(0.15)) == NOT_REPRODUCED  # ranks apart from the first updates
+  assert rule(E(0.01), E(0.0)) == INCONCLUSIVE  # no rank falls off
+  assert rule(E(0.01), E(-0.2)) == NOT_REPRODUCED  # the highest rank ends worst
+  assert rule(None, E(0.15)) == INCONCLUSIVE
+  # with noise: the same means decide differently
+  assert rule(E(0.01, 0.002), E(0.05, 0.01)) == REPRODUCED
+  assert rule(E(0.01, 0.002), E(0.05, 0.03)) == INCONCLUSIVE  # drop within 2 s.e. of 0
+  assert rule(E(0.01, 0.002), E(-0.05, 0.03)) == INCONCLUSIVE
+  assert rule(E(0.01, 0.002), E(-0.05, 0.01)) == NOT_REPRODUCED
+  assert rule(E(0.025, 0.01), E(0.05, 0.01)) == INCONCLUSIVE  # spread across 2% at 2 s.e.
+  assert rule(E(0.015, 0.005), E(0.05, 0.01)) == INCONCLUSIVE  # interval reaches 2.5%
+  assert rule(E(0.05, 0.01), E(0.05, 0.01)) == NOT_REPRODUCED  # clearly above 2%
 
 
 def test_batch_flops_capacity_and_rl_rules():
