@@ -277,32 +277,50 @@ def flop_ratio(ratio: float, low: float = 0.67, high: float = 0.72) -> Verdict:
                  f"{said} ({'within' if inside else 'outside'} [{low:g}, {high:g}])")
 
 
+def separation(gaps: dict[int, Estimate], margin: float) -> tuple[int | None, int | None]:
+  """(the smallest rank whose gap could be within ``margin`` at 2 s.e., the smallest whose
+  gap clearly is; None: no such rank among ``gaps``)."""
+  ranks = sorted(gaps)
+  earliest = next((r for r in ranks if gaps[r].mean - gaps[r].noise <= margin), None)
+  latest = next((r for r in ranks if gaps[r].mean + gaps[r].noise <= margin), None)
+  return earliest, latest
+
+
+def separation_text(earliest: int | None, latest: int | None) -> str:
+  if earliest is None:
+    return "no rank tried"
+  if earliest == latest:
+    return f"rank {earliest}"
+  return f"ranks {earliest}-{latest}" if latest else f"rank {earliest} or above"
+
+
 def capacity(gaps: dict[int, Estimate | None], threshold: float, margin: float,
              factor: float = 2.0) -> Verdict:
   """``gaps``: per rank, LoRA's final loss minus FullFT's (bits per answer, seed by seed);
   ``threshold``: the rank at which LoRA's parameters x 2 bits hold the data. The
-  separation rank is the smallest rank whose gap is within ``margin``. Reproduced when it
-  and the threshold agree within ``factor``; inconclusive when no rank is within the
-  margin, or a rank up to the separation is within 2 s.e. of the margin (which rank
-  separates is then noise); else not reproduced."""
+  separation rank is the smallest rank whose gap is within ``margin``; with noise it lies
+  between the smallest rank whose gap could be within it (gap - 2 s.e. <= margin) and the
+  smallest whose gap is clearly within it (gap + 2 s.e. <= margin; none: beyond the ranks
+  tried). Reproduced when that whole range is within ``factor`` of the threshold; not
+  reproduced when it lies wholly outside; inconclusive otherwise (and when no rank could
+  be within the margin)."""
   done = {r: g for r, g in sorted(gaps.items()) if g is not None}
-  within = [r for r, g in done.items() if g.mean <= margin]
-  if not within:
-    return Verdict(INCONCLUSIVE, "no rank came within the margin of full fine-tuning")
-  separation = within[0]
-  unsure = [r for r, g in done.items() if r <= separation and g.se is not None and
-            abs(g.mean - margin) <= g.noise]
-  ratio = separation / threshold
-  said = (f"separation rank {separation} vs the 2-bits-per-parameter threshold "
-          f"{threshold:.1f}: ratio {ratio:.2f} (gaps to FullFT: " + ", ".join(
-              f"r{r} {g.format('+.2f')}" for r, g in done.items()) +
-          f" bits/answer, margin {margin:g}; {_seeds(*done.values())})")
-  if unsure:
-    return Verdict(INCONCLUSIVE, said + f": rank {unsure[0]}'s gap is within 2 standard "
-                   "errors of the margin")
-  inside = 1 / factor <= ratio <= factor
-  return Verdict(REPRODUCED if inside else NOT_REPRODUCED,
-                 f"{said} ({'within' if inside else 'outside'} {factor:g}x)")
+  earliest, latest = separation(done, margin)
+  gaps_text = ", ".join(f"r{r} {g.format('+.2f')}" for r, g in done.items())
+  if earliest is None:
+    return Verdict(INCONCLUSIVE, f"no rank came within the margin of full fine-tuning (gaps "
+                   f"{gaps_text} bits/answer, margin {margin:g})")
+  low = earliest / threshold
+  high = math.inf if latest is None else latest / threshold
+  said = (f"separation at {separation_text(earliest, latest)} vs the 2-bits-per-parameter threshold {threshold:.1f}: "
+          f"ratio {low:.2f}" + ("" if high == low else f"-{high:.2f}") + f" (gaps to FullFT: "
+          f"{gaps_text} bits/answer, margin {margin:g}; {_seeds(*done.values())})")
+  if 1 / factor <= low and high <= factor:
+    return Verdict(REPRODUCED, f"{said} (within {factor:g}x)")
+  if low > factor or high < 1 / factor:
+    return Verdict(NOT_REPRODUCED, f"{said} (outside {factor:g}x)")
+  return Verdict(INCONCLUSIVE, f"{said}: which rank separates is within 2 standard errors, "
+                 f"and the range crosses {factor:g}x")
 
 
 def matches(diff: Estimate | None, tol: float, what: str, low_rank: Estimate | None = None,

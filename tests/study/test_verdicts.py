@@ -150,9 +150,16 @@ def test_batch_flops_capacity_and_rl_rules():
   assert verdicts.capacity(curve, 3.0, 0.5).outcome == REPRODUCED  # separates at 4
   assert verdicts.capacity(curve, 12.0, 0.5).outcome == NOT_REPRODUCED  # 4 vs 12: 3x off
   assert verdicts.capacity({1: E(3.0), 2: E(1.5)}, 3.0, 0.5).outcome == INCONCLUSIVE
-  # rank 4's gap within 2 s.e. of the margin: which rank separates is noise
+  # rank 4's gap within 2 s.e. of the margin: separation at rank 4 or 8
   unsure = {**curve, 4: E(0.45, 0.1)}
-  assert verdicts.capacity(unsure, 3.0, 0.5).outcome == INCONCLUSIVE
+  assert verdicts.capacity(unsure, 3.0, 0.5).outcome == INCONCLUSIVE  # 1.3-2.7x: crosses 2x
+  assert verdicts.capacity(unsure, 5.0, 0.5).outcome == REPRODUCED  # 0.8-1.6x
+  assert verdicts.capacity(unsure, 1.0, 0.5).outcome == NOT_REPRODUCED  # 4-8x
+  # the last rank not clearly within: the separation may lie beyond the ranks tried
+  beyond = {1: E(5.4, 0.15), 2: E(3.35, 0.09), 4: E(0.96, 0.03), 8: E(0.28, 0.19)}
+  v = verdicts.capacity(beyond, 1.5, 0.5)
+  assert v.outcome == NOT_REPRODUCED and "rank 8 or above" in v.reason  # >= 5.3x
+  assert verdicts.capacity(beyond, 6.0, 0.5).outcome == INCONCLUSIVE  # 1.3x or more
   assert verdicts.capacity({**curve, 4: E(0.45)}, 3.0, 0.5).outcome == REPRODUCED  # one seed
   assert verdicts.matches(E(-0.02), 0.05, "accuracy").outcome == REPRODUCED
   assert verdicts.matches(E(-0.22), 0.05, "accuracy").outcome == NOT_REPRODUCED
