@@ -313,7 +313,8 @@ def capacity(gaps: dict[int, Estimate | None], threshold: float, margin: float,
   low = earliest / threshold
   high = math.inf if latest is None else latest / threshold
   said = (f"separation at {separation_text(earliest, latest)} vs the 2-bits-per-parameter threshold {threshold:.1f}: "
-          f"ratio {low:.2f}" + ("" if high == low else f"-{high:.2f}") + f" (gaps to FullFT: "
+          f"ratio {low:.2f}" + ("" if high == low else " or more" if math.isinf(high) else
+                                f"-{high:.2f}") + f" (gaps to FullFT: "
           f"{gaps_text} bits/answer, margin {margin:g}; {_seeds(*done.values())})")
   if 1 / factor <= low and high <= factor:
     return Verdict(REPRODUCED, f"{said} (within {factor:g}x)")
