@@ -75,10 +75,10 @@ class QTensor:
 
   def dequantize(self, dtype=None) -> jax.Array:
     """The kernel in ``dtype`` (default: the model's)."""
-    import qwix  # where used: unquantised runs need no qwix (e.g. a GPU image without it)
     dtype = dtype or self.dtype
     if self.format.startswith(ggml.PREFIX):
       return ggml.dequantize(self.codes, self.scale, self.format, self.axis).astype(dtype)
+    import qwix  # where used: unquantised and gguf runs need no qwix
     if self.format == "int8":
       q = qwix.QArray(self.codes, self.scale, qtype=jnp.int8)
     else:

@@ -235,7 +235,9 @@ class Embed(nn.Module):
 
   def rows(self, start, size: int, dtype):
     """Rows ``start .. start + size`` of the table in ``dtype`` (a quantised table
-    dequantises only those); ``start`` may be traced, rows past the end are zeros."""
+    dequantises only those); ``start`` may be traced; rows past the end are padding (zero
+    codes: zeros, or nf4's lowest level times a double-quantised offset), which the caller
+    masks (``target_logprobs``)."""
     pad = lambda x: jnp.pad(x, [(0, -x.shape[0] % size)] + [(0, 0)] * (x.ndim - 1))  # noqa
     cut = lambda x: jax.lax.dynamic_slice_in_dim(pad(x), start, size, 0)  # noqa: E731
     return quant.dense(quant.map_rows(self.embedding, cut), dtype)

@@ -137,7 +137,8 @@ def capacity_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
   full_bits = best.get(0, (None,))[0]
   per_rank = params[b["ranks"][0]] / b["ranks"][0]
   threshold = info / (advisor.BITS_PER_PARAM * per_rank)
-  gaps = {rank: verdicts.paired(bits[rank], bits[0]) for rank in bits if rank and 0 in bits}
+  gaps = {rank: (verdicts.paired(bits[rank], bits[0]) if rank in bits and 0 in bits
+                 else None) for rank in b["ranks"]}  # every rank tried: None if unfinished
   where = verdicts.separation_text(*verdicts.separation(
       {r: g for r, g in gaps.items() if g is not None}, MARGIN))
   verdict = (verdicts.capacity(gaps, threshold, MARGIN) if full_bits is not None
@@ -170,5 +171,7 @@ register(Study(
     "bits/answer of FullFT's; with noise, between the smallest rank that could be (gap - 2 "
     "s.e. within the margin) and the smallest that clearly is (gap + 2 s.e.). The whole range "
     "within 2x of the 2-bits-per-parameter threshold rank: reproduced; wholly outside: not "
-    "reproduced; across a bound, or no rank near the margin: inconclusive.",
+    "reproduced; across a bound, no rank near the margin, or an unfinished rank below the "
+    "range: inconclusive (the first rank tried, within the margin, leaves the range open "
+    "down to rank 1).",
     capacity_prepare, capacity_analyse))

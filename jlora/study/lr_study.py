@@ -32,10 +32,10 @@ def lr_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
   series: dict[str, dict[int, list]] = {}  # series -> seed -> its arms
   for r in results:
     series.setdefault(r.arm.series, {}).setdefault(r.arm.seed, []).append(r)
-  optima = {name: [verdicts.lr_optimum([r.arm.x for r in rs], [metric(r) for r in rs])
-                   for _, rs in sorted(by_seed.items())] for name, by_seed in series.items()}
+  optima = {name: {k: verdicts.lr_optimum([r.arm.x for r in rs], [metric(r) for r in rs])
+                   for k, rs in sorted(by_seed.items())} for name, by_seed in series.items()}
   full = optima.pop("FullFT", None)
-  verdict = verdicts.lr_ratio(optima, full or [])
+  verdict = verdicts.lr_ratio(optima, full or {})
   plt = report.pyplot()
   fig, ax = plt.subplots(figsize=(6.5, 4))
   for name, by_seed in series.items():
@@ -48,8 +48,8 @@ def lr_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
                          yerr=[e.se or 0 for _, e in pts], fmt="o-", capsize=3, label=name)
       color = line[0].get_color()
     os = full if name == "FullFT" else optima.get(name)
-    if os and all(o is not None for o in os):
-      ax.axvline(_geomean(o.lr for o in os), ls=":", lw=1, color=color or "k")
+    if os and all(o is not None for o in os.values()):
+      ax.axvline(_geomean(o.lr for o in os.values()), ls=":", lw=1, color=color or "k")
     for g in groups.values():
       if any(r.status != "done" for r in g):
         ax.plot([g[0].arm.x], [ax.get_ylim()[1]], "x", color="k")
@@ -59,31 +59,32 @@ def lr_analyse(ctx: Context, plan: StudyPlan, results) -> Outcome:
   plots = [report.save(fig, ctx.out, "lr.png")]
 
   def says(name, os):
-    if not os or any(o is None for o in os):
+    if not os or any(o is None for o in os.values()):
       return f"{name} -"
-    logs = verdicts.estimate([math.log10(o.lr) for o in os])
+    logs = verdicts.estimate([math.log10(o.lr) for o in os.values()])
     spread = "" if logs.se is None else f" (x/ {10 ** logs.se:.2f} s.e.)"
     return (f"{name} {10 ** logs.mean:.3g}{spread}" +
-            ("" if all(o.fitted for o in os) else " (a grid point at some seed)") +
-            ("" if all(o.bracketed for o in os) else " (at the grid's edge)"))
+            ("" if all(o.fitted for o in os.values()) else " (a grid point at some seed)") +
+            ("" if all(o.bracketed for o in os.values()) else " (at the grid's edge)"))
   measured = ["Optimal LR (parabola in log LR through the best point and its neighbours, "
               "per seed; geometric mean over seeds): " +
               ", ".join([says("FullFT", full)] + [says(k, o) for k, o in optima.items()]) +
               "."]
   ratios = {}
-  if full and all(o is not None for o in full):
+  if full and all(o is not None for o in full.values()):
     for k, os in optima.items():
-      if os and all(o is not None for o in os):
-        ratios[k] = verdicts.estimate([math.log10(o.lr / f.lr) for o, f in zip(os, full)])
+      if os and all(o is not None for o in os.values()):
+        ratios[k] = verdicts.paired({s: math.log10(o.lr) for s, o in os.items()},
+                                    {s: math.log10(o.lr) for s, o in full.items()})
     measured.append("LoRA / FullFT optimum, seed by seed: " + ", ".join(
         f"{k} {_times(e)}" for k, e in ratios.items()) + ".")
-    lows = [_geomean(o.lr for o in os) for os in optima.values()
-            if os and all(o is not None for o in os)]
+    lows = [_geomean(o.lr for o in os.values()) for os in optima.values()
+            if os and all(o is not None for o in os.values())]
     if len(lows) > 1:
       measured.append(f"Across ranks the LoRA optimum moves {max(lows) / min(lows):.2f}x "
                       "(the post: < 2x between rank 4 and 512).")
     headline = "LoRA/FullFT optimal LR " + ", ".join(f"{k.split()[-1]} {_times(e)}"
-                                                      for k, e in ratios.items())
+                                                      for k, e in ratios.items() if e)
   else:
     headline = "no FullFT optimum"
   table = runner.summary_table(results, lambda r: {"series": r.arm.series, "lr": r.arm.x})

@@ -148,22 +148,24 @@ def lr_optimum(lrs: Sequence[float], losses: Sequence[float | None]) -> Optimum 
   return Optimum(10 ** vertex, best, bracketed=True, fitted=True)
 
 
-def lr_ratio(lora: dict[str, Sequence[Optimum | None]], full: Sequence[Optimum | None],
+def lr_ratio(lora: dict[str, dict[int, Optimum | None]], full: dict[int, Optimum | None],
              low: float = 5.0, high: float = 20.0) -> Verdict:
-  """Per seed, each method's optimum; LoRA's over FullFT's is taken seed by seed and
-  averaged in log10. Reproduced when, for every LoRA rank, the ratio's interval (2 s.e.,
+  """Per seed ({seed: optimum}), each method's optimum; LoRA's over FullFT's is taken seed
+  by seed (the seeds both have) and averaged in log10. Reproduced when, for every LoRA rank, the ratio's interval (2 s.e.,
   in log10) lies within [low, high] and every optimum is bracketed by the grid; not
   reproduced when a rank's interval lies wholly outside; otherwise (an optimum at the
   grid's edge, an interval across a bound) inconclusive."""
-  if not full or any(o is None for o in full) or \
-      any(not os or any(o is None for o in os) for os in lora.values()):
+  if not full or any(o is None for o in full.values()) or \
+      any(not os or any(o is None for o in os.values()) or not set(os) & set(full)
+          for os in lora.values()):
     return Verdict(INCONCLUSIVE, "an arm group has no finite loss at any LR")
   edge = [name for name, os in {**lora, "FullFT": full}.items()
-          if not all(o.bracketed for o in os)]
+          if not all(o.bracketed for o in os.values())]
   if edge:
     return Verdict(INCONCLUSIVE, f"the best LR of {', '.join(edge)} is at the edge of the "
                    "grid: widen the sweep")
-  logs = {name: estimate([math.log10(o.lr / f.lr) for o, f in zip(os, full)])
+  logs = {name: paired({k: math.log10(o.lr) for k, o in os.items()},
+                      {k: math.log10(o.lr) for k, o in full.items()})
           for name, os in lora.items()}
   lo, hi = math.log10(low), math.log10(high)
   text = ", ".join(f"{name} {10 ** e.mean:.1f}x" + (
@@ -296,23 +298,32 @@ def separation_text(earliest: int | None, latest: int | None) -> str:
 
 def capacity(gaps: dict[int, Estimate | None], threshold: float, margin: float,
              factor: float = 2.0) -> Verdict:
-  """``gaps``: per rank, LoRA's final loss minus FullFT's (bits per answer, seed by seed);
-  ``threshold``: the rank at which LoRA's parameters x 2 bits hold the data. The
-  separation rank is the smallest rank whose gap is within ``margin``; with noise it lies
-  between the smallest rank whose gap could be within it (gap - 2 s.e. <= margin) and the
-  smallest whose gap is clearly within it (gap + 2 s.e. <= margin; none: beyond the ranks
-  tried). Reproduced when that whole range is within ``factor`` of the threshold; not
-  reproduced when it lies wholly outside; inconclusive otherwise (and when no rank could
-  be within the margin)."""
+  """``gaps``: per rank tried, LoRA's final loss minus FullFT's (bits per answer, seed by
+  seed; None: the rank did not finish at every seed); ``threshold``: the rank at which
+  LoRA's parameters x 2 bits hold the data. The separation rank is the smallest rank whose
+  gap is within ``margin``; with noise it lies between the smallest rank whose gap could be
+  within it (gap - 2 s.e. <= margin) and the smallest whose gap clearly is (gap + 2 s.e. <=
+  margin; none: beyond the ranks tried); when the smallest rank tried could already be
+  within it, the separation may lie anywhere down to rank 1. Reproduced when that whole
+  range is within ``factor`` of the threshold; not reproduced when it lies wholly outside;
+  inconclusive otherwise, when no rank could be within the margin, or when a rank below
+  the range's top did not finish."""
   done = {r: g for r, g in sorted(gaps.items()) if g is not None}
   earliest, latest = separation(done, margin)
   gaps_text = ", ".join(f"r{r} {g.format('+.2f')}" for r, g in done.items())
   if earliest is None:
     return Verdict(INCONCLUSIVE, f"no rank came within the margin of full fine-tuning (gaps "
                    f"{gaps_text} bits/answer, margin {margin:g})")
-  low = earliest / threshold
+  missing = [r for r, g in sorted(gaps.items()) if g is None and (latest is None or r < latest)]
+  if missing:
+    return Verdict(INCONCLUSIVE, f"rank {missing[0]} did not finish at every seed, and the "
+                   f"separation could lie there (gaps {gaps_text} bits/answer)")
+  lowest = 1 if earliest == min(gaps) else earliest  # at or below the first rank tried
+  low = lowest / threshold
   high = math.inf if latest is None else latest / threshold
-  said = (f"separation at {separation_text(earliest, latest)} vs the 2-bits-per-parameter threshold {threshold:.1f}: "
+  where = separation_text(earliest, latest) + (
+      f" (or lower: rank {earliest} is the first tried)" if lowest < earliest else "")
+  said = (f"separation at {where} vs the 2-bits-per-parameter threshold {threshold:.1f}: "
           f"ratio {low:.2f}" + ("" if high == low else " or more" if math.isinf(high) else
                                 f"-{high:.2f}") + f" (gaps to FullFT: "
           f"{gaps_text} bits/answer, margin {margin:g}; {_seeds(*done.values())})")
@@ -320,8 +331,8 @@ def capacity(gaps: dict[int, Estimate | None], threshold: float, margin: float,
     return Verdict(REPRODUCED, f"{said} (within {factor:g}x)")
   if low > factor or high < 1 / factor:
     return Verdict(NOT_REPRODUCED, f"{said} (outside {factor:g}x)")
-  return Verdict(INCONCLUSIVE, f"{said}: which rank separates is within 2 standard errors, "
-                 f"and the range crosses {factor:g}x")
+  return Verdict(INCONCLUSIVE, f"{said}: which rank separates is not pinned down, and the "
+                 f"range crosses {factor:g}x")
 
 
 def matches(diff: Estimate | None, tol: float, what: str, low_rank: Estimate | None = None,

@@ -64,23 +64,28 @@ def test_estimates_and_paired_differences_against_statistics():
 
 
 def test_lr_ratio_rule():
-  full = [_opt(1e-4)]
-  assert verdicts.lr_ratio({"r4": [_opt(1e-3)], "r32": [_opt(1.5e-3)]}, full).outcome == \
-      REPRODUCED
-  assert verdicts.lr_ratio({"r4": [_opt(1e-4)]}, full).outcome == NOT_REPRODUCED  # 1x
-  assert verdicts.lr_ratio({"r4": [_opt(1e-3)], "r32": [_opt(4e-3)]}, full).outcome == \
+  one = lambda *os: dict(enumerate(os))  # noqa: E731  {seed: optimum}
+  full = one(_opt(1e-4))
+  assert verdicts.lr_ratio({"r4": one(_opt(1e-3)), "r32": one(_opt(1.5e-3))}, full).outcome \
+      == REPRODUCED
+  assert verdicts.lr_ratio({"r4": one(_opt(1e-4))}, full).outcome == NOT_REPRODUCED  # 1x
+  assert verdicts.lr_ratio({"r4": one(_opt(1e-3)), "r32": one(_opt(4e-3))}, full).outcome == \
       NOT_REPRODUCED  # one rank at 40x
-  assert verdicts.lr_ratio({"r4": [_opt(1e-3, False)]}, full).outcome == INCONCLUSIVE
-  assert verdicts.lr_ratio({"r4": [None]}, full).outcome == INCONCLUSIVE
+  assert verdicts.lr_ratio({"r4": one(_opt(1e-3, False))}, full).outcome == INCONCLUSIVE
+  assert verdicts.lr_ratio({"r4": one(None)}, full).outcome == INCONCLUSIVE
   # Three seeds: ratios 9-11x agree (reproduced); 3x, 10x, 30x is noise across a bound
   # (inconclusive: the geometric mean alone, 9.7x, would say reproduced); 0.9-1.1x is
   # clearly outside.
-  full3 = [_opt(1e-4), _opt(2e-4), _opt(1e-4)]
-  seeds = lambda *ratios: [_opt(f.lr * r) for f, r in zip(full3, ratios)]  # noqa: E731
+  full3 = one(_opt(1e-4), _opt(2e-4), _opt(1e-4))
+  seeds = lambda *ratios: {k: _opt(full3[k].lr * r) for k, r in enumerate(ratios)}  # noqa
   assert verdicts.lr_ratio({"r4": seeds(9, 10, 11)}, full3).outcome == REPRODUCED
   noisy = verdicts.lr_ratio({"r4": seeds(3, 10, 30)}, full3)
   assert noisy.outcome == INCONCLUSIVE and "r4 9.7x (2 s.e.: 2.6-36.5x)" in noisy.reason
   assert verdicts.lr_ratio({"r4": seeds(0.9, 1.0, 1.1)}, full3).outcome == NOT_REPRODUCED
+  # paired by seed, not by position: LoRA lacks seed 1, so seed 2 meets FullFT's seed 2
+  gappy = {0: _opt(1e-3), 2: _opt(1e-3)}
+  v = verdicts.lr_ratio({"r4": gappy}, full3)
+  assert "10.0x" in v.reason and "over 2 seeds" in v.reason
 
 
 def test_layers_rule():
@@ -161,6 +166,15 @@ def test_batch_flops_capacity_and_rl_rules():
   assert v.outcome == NOT_REPRODUCED and "rank 8 or above" in v.reason  # >= 5.3x
   assert verdicts.capacity(beyond, 6.0, 0.5).outcome == INCONCLUSIVE  # 1.3x or more
   assert verdicts.capacity({**curve, 4: E(0.45)}, 3.0, 0.5).outcome == REPRODUCED  # one seed
+  # a rank below the separation that did not finish: the separation could lie there
+  assert verdicts.capacity({**curve, 2: None}, 3.0, 0.5).outcome == INCONCLUSIVE
+  assert verdicts.capacity({**curve, 16: None}, 3.0, 0.5).outcome == REPRODUCED  # above
+  # the first rank tried is already within the margin: the separation may be lower, down
+  # to rank 1 (0.33x of a threshold of 3: not pinned down within 2x)
+  early = {2: E(0.1, 0.05), 4: E(0.05, 0.05)}
+  v = verdicts.capacity(early, 3.0, 0.5)
+  assert v.outcome == INCONCLUSIVE and "or lower" in v.reason
+  assert verdicts.capacity(early, 1.5, 0.5).outcome == REPRODUCED  # ranks 1-2: 0.67-1.33x
   assert verdicts.matches(E(-0.02), 0.05, "accuracy").outcome == REPRODUCED
   assert verdicts.matches(E(-0.22), 0.05, "accuracy").outcome == NOT_REPRODUCED
   assert verdicts.matches(E(-0.01, 0.01), 0.05, "accuracy").outcome == REPRODUCED
