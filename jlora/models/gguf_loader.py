@@ -167,9 +167,9 @@ def hf_tensors(path: str, cfg: ModelConfig, reader=None, blocks=frozenset()) -> 
   reader = reader or open_reader(path)
   records = {hf_name(t.name): t for t in reader.tensors}
   records.pop(None, None)  # e.g. rope_freqs: computed from the config instead
-  for name in blocks:
-    if name in records:
-      ggml.kind(records[name].tensor_type.name, f"{path}: tensor {records[name].name}")
+  for name, t in records.items():  # the file's order: the first offending tensor named
+    if name in blocks:
+      ggml.kind(t.tensor_type.name, f"{path}: tensor {t.name}")
   return _Tensors(records, cfg, frozenset(blocks))
 
 
