@@ -56,7 +56,7 @@ from jlora.data import pairs
 from jlora.findings import advisor, hparams
 from jlora.infra import mesh as mesh_lib
 from jlora.objectives import lm
-from jlora.run import build, config as config_lib, driver, evaluate, group, loop
+from jlora.run import build, config as config_lib, driver, evaluate, group, plug
 from jlora.run import train_step
 
 LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
@@ -206,7 +206,7 @@ def _starts_trained(cfg: config_lib.RunConfig) -> bool:
           and cfg.dpo.loss not in REFERENCE_FREE)
 
 
-class PairBatches(loop.DataBatches):
+class PairBatches(plug.DataBatches):
   """A run's preference batches (``jlora.data.pairs``) on its mesh. In a group it also
   keeps the run's starting adapter (``start``: a copy, taken before the step owns the
   run's state) and whether it came from ``lora.init``, for the group's reference."""
@@ -238,7 +238,7 @@ HELD_OUT = {"eval_loss": None, "preference_accuracy": "rewards/accuracies",
             "eval_rewards/margins": "rewards/margins"}
 
 
-def objective(s: build.Setup) -> loop.Objective:
+def objective(s: build.Setup) -> plug.Objective:
   """The preference objective for the shared loop (see the module docstring)."""
   cfg = s.cfg
   loss = dpo_loss(s.model, s.plan, **_section_kwargs(cfg))
@@ -249,7 +249,7 @@ def objective(s: build.Setup) -> loop.Objective:
   def eval_loss(trainable) -> dict:
     return _means([loss_fn(trainable, frozen, b) for b in held], HELD_OUT) if held else {}
 
-  return loop.Objective(loss, PairBatches(cfg.data, s.tok, s.mesh),
+  return plug.Objective(loss, PairBatches(cfg.data, s.tok, s.mesh),
                         evaluate.with_accuracy(s, eval_loss), eval_loss, FIELDS, frozen=frozen)
 
 
@@ -262,7 +262,7 @@ def dpo_batches(s: build.Setup) -> PairBatches:
 
 
 def dpo_group(setups: list[build.Setup], st: stack.Stack, sources: list[PairBatches],
-              micro: int) -> loop.Objective:
+              micro: int) -> plug.Objective:
   """``objective`` for runs trained together (``jlora dpo A.toml B.toml``): the stacked
   loss over micro-batches of one run each; held out, each run's loss and preference
   accuracy on its own pairs, and greedy answers in shared decodes
@@ -282,7 +282,7 @@ def dpo_group(setups: list[build.Setup], st: stack.Stack, sources: list[PairBatc
     return [_means([jax.tree_util.tree_map(lambda x: x[j], loss_fn(trainable, frozen, b))
                     for b in held[j]], HELD_OUT) if held[j] else {} for j in which]
 
-  return loop.Objective(loss, group.GroupBatches(sources, s0.mesh, micro),
+  return plug.Objective(loss, group.GroupBatches(sources, s0.mesh, micro),
                         evaluate.with_group_accuracy(setups, st, eval_loss), eval_loss, FIELDS,
                         frozen=frozen)
 

@@ -12,10 +12,10 @@ from jlora import data
 from jlora.core import optim, stack
 from jlora.infra import mesh as mesh_lib
 from jlora.objectives import lm
-from jlora.run import build, config as config_lib, driver, evaluate, group, loop
+from jlora.run import build, config as config_lib, driver, evaluate, group, plug
 
 
-def sft_objective(s: build.Setup) -> loop.Objective:
+def sft_objective(s: build.Setup) -> plug.Objective:
   """Supervised fine-tuning: token cross-entropy over the data's masked-in tokens; held
   out (before, every ``eval.every`` steps, after), the same loss and (for tasks that can
   check answers) greedy accuracy."""
@@ -33,16 +33,16 @@ def sft_objective(s: build.Setup) -> loop.Objective:
 
   # every eval.every steps too: a held-out accuracy curve, not two points
   metrics = evaluate.with_accuracy(s, eval_loss)
-  return loop.Objective(loss, sft_batches(s), metrics, metrics)
+  return plug.Objective(loss, sft_batches(s), metrics, metrics)
 
 
-def sft_batches(s: build.Setup) -> loop.DataBatches:
+def sft_batches(s: build.Setup) -> plug.DataBatches:
   """A run's training batches: its data pipeline on its mesh."""
-  return loop.DataBatches(iter(data.dataset(s.cfg.data, s.tok)), s.mesh)
+  return plug.DataBatches(iter(data.dataset(s.cfg.data, s.tok)), s.mesh)
 
 
-def sft_group(setups: list[build.Setup], st: stack.Stack, sources: list[loop.DataBatches],
-              micro: int) -> loop.Objective:
+def sft_group(setups: list[build.Setup], st: stack.Stack, sources: list[plug.DataBatches],
+              micro: int) -> plug.Objective:
   """``sft_objective`` for runs trained together (``jlora.run.group``): the stacked loss
   over micro-batches of one run each (``group.GroupBatches``); held out, each run's loss on
   its own batches through the same one-adapter program, and the greedy answers of every
@@ -63,7 +63,7 @@ def sft_group(setups: list[build.Setup], st: stack.Stack, sources: list[loop.Dat
     return out
 
   metrics = evaluate.with_group_accuracy(setups, st, eval_loss)
-  return loop.Objective(loss, group.GroupBatches(sources, s0.mesh, micro), metrics, metrics)
+  return plug.Objective(loss, group.GroupBatches(sources, s0.mesh, micro), metrics, metrics)
 
 
 SFT = driver.register(driver.Kind(

@@ -20,7 +20,7 @@ import jax
 from jlora.findings import advisor
 from jlora.infra import fs, multihost
 from jlora.run import build, checkpoint, config as config_lib, events, group as group_lib
-from jlora.run import loop, rundir
+from jlora.run import loop, plug, rundir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Kind:
     command: its ``jlora`` subcommand (the CLI makes one per registered kind).
     help: that subcommand's one-line help; ``example`` a recipe for it.
     rules: what it decides before the build (``build.Rules``).
-    make: a ``build.Setup`` -> the ``loop.Objective`` (loss, batches, held-out evaluation)
+    make: a ``build.Setup`` -> the ``plug.Objective`` (loss, batches, held-out evaluation)
       the loop trains.
     section: its own config section (``config.Section``), or None for the objective of a
       config without one (supervised fine-tuning).
@@ -44,7 +44,7 @@ class Kind:
   help: str
   example: str
   rules: build.Rules
-  make: Callable[[build.Setup], loop.Objective]
+  make: Callable[[build.Setup], plug.Objective]
   section: config_lib.Section | None = None
   advise: Callable[..., list] = advisor.advise_run
   group: group_lib.Group | None = None
@@ -242,7 +242,7 @@ def _train_group(setups: list[build.Setup], objective: Kind, resume: bool, progr
     for s in setups:
       run_dir, lock = rundir.create(s.cfg, resume)
       locks.append(lock)
-      members.append(loop.Member(s, run_dir, objective.group.batches(s)))
+      members.append(plug.Member(s, run_dir, objective.group.batches(s)))
     try:
       loop.run_members(members, group_lib.Stacked(objective.group), resume=resume, log=log,
                        progress=progress, emit=emit)
@@ -263,7 +263,7 @@ def _train_group(setups: list[build.Setup], objective: Kind, resume: bool, progr
       lock.release()
 
 
-def _finish(s: build.Setup, run_dir: str, result: loop.Result) -> dict:
+def _finish(s: build.Setup, run_dir: str, result: plug.Result) -> dict:
   """adapters.safetensors and summary.json of a completed run."""
   t, trainable = s.cfg.train, result.state["trainable"]
   if t.method == "lora":

@@ -20,7 +20,7 @@ import numpy as np
 from jlora import models
 from jlora.core import sharding, stack
 from jlora.infra import fs, mesh as mesh_lib
-from jlora.run import config as config_lib, loop, train_step
+from jlora.run import config as config_lib, plug, train_step
 
 # The keys every run of a group shares: the base model and what shapes its computation
 # (and the batch's layout). Each run may differ in the rest: LoRA rank, alpha, targets,
@@ -92,7 +92,7 @@ class GroupBatches:
   most is padded with rows of weight 0 (``mask`` 0: exact, paid in compute). Positions stay
   with the runs' sources (each run's checkpoints hold its own)."""
 
-  def __init__(self, sources: list[loop.DataBatches], mesh, micro: int):
+  def __init__(self, sources: list[plug.DataBatches], mesh, micro: int):
     self.sources, self._mesh, self.micro = sources, mesh, micro
 
   def next(self, state) -> dict:
@@ -151,18 +151,18 @@ class Group:
   """How an objective trains several runs in one step (``driver.Kind.group``).
 
   Attributes:
-    batches: a run's ``build.Setup`` -> its own batch source (``loop.DataBatches``: its
+    batches: a run's ``build.Setup`` -> its own batch source (``plug.DataBatches``: its
       rows, its position).
     make: (setups, ``stack.Stack``, their sources, micro) -> the group's
-      ``loop.Objective``: a loss with one total and count per adapter over the micro-batches
+      ``plug.Objective``: a loss with one total and count per adapter over the micro-batches
       of ``GroupBatches(sources, mesh, micro)`` (``lm.stacked_lm_loss``), and
       ``evaluate`` / ``eval_loss`` taking (trainable, which runs) and returning one dict
       per run asked.
     shared: the objective's own keys its runs must share (RL: one decode, one loss).
     rows: a run's rows per step (a run's tokens in the metrics).
   """
-  batches: Callable[[Any], loop.DataBatches]
-  make: Callable[[list, stack.Stack, list, int], loop.Objective]
+  batches: Callable[[Any], plug.DataBatches]
+  make: Callable[[list, stack.Stack, list, int], plug.Objective]
   shared: tuple[str, ...] = ()  # keys the objective's runs share besides SHARED
   rows: Callable[[config_lib.RunConfig], int] = lambda cfg: cfg.data.batch_size
 
@@ -186,9 +186,9 @@ class Stacked:
 
   def __init__(self, group: Group):
     self.group = group
-    self.members: list[loop.Member] = []
+    self.members: list[plug.Member] = []
     self.st: stack.Stack | None = None
-    self.objective: loop.Objective | None = None
+    self.objective: plug.Objective | None = None
 
   def build(self, members, states):
     s = members[0].s
@@ -208,7 +208,7 @@ class Stacked:
                           sharding.stacked_adapter_shardings(self.st, specs, s.mesh))
     state = {**state, "trainable": {"lora": lora, "full": {}}}
     return train_step.build(self.objective.loss, tx, state["trainable"],
-                            loop.frozen_of(self.objective, s), s.mesh, micro,
+                            plug.frozen_of(self.objective, s), s.mesh, micro,
                             adapter_axes=stack.adapter_axes(self.st), state=state)
 
   def next(self, state):

@@ -1,7 +1,7 @@
 """The run loop every objective shares: resume, the step loop, logging, checkpoints,
 held-out evaluation, the non-finite stop and preemption.
 
-An objective (``jlora.objectives``: SFT, RL) supplies an ``Objective``: its loss
+An objective (``jlora.objectives``: SFT, DPO, RL) supplies a ``plug.Objective``: its loss
 (``train_step.build`` turns it into the one train step, jitted with the state's
 shardings), a batch source, and its held-out evaluation. Everything else is here, once,
 with these guarantees (the order of the loop's work within a run: docs/ARCHITECTURE.md,
@@ -31,13 +31,13 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator, Protocol
+from typing import Callable, Iterator
 
 import jax
 
 from jlora.core import optim
-from jlora.infra import fs, mesh as mesh_lib, multihost
-from jlora.run import checkpoint, events, metrics as metrics_lib, rundir, train_step
+from jlora.infra import fs, multihost
+from jlora.run import checkpoint, events, metrics as metrics_lib, plug, rundir, train_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -61,80 +61,6 @@ class Interrupted(Exception):
     return 130 if self.signum == signal.SIGINT else 0
 
 
-class Batches(Protocol):
-  """A batch source: ``next(state)`` gives the next global batch (it may sample from the
-  current policy); its position round-trips through JSON for checkpoints."""
-
-  def next(self, state: Any) -> Any: ...
-  def metrics(self) -> dict: ...  # host-side metrics of the last batch (e.g. rewards)
-  def get_state(self) -> dict: ...
-  def set_state(self, state: dict) -> None: ...
-  def close(self) -> None: ...
-
-
-class DataBatches:
-  """Batches from a data pipeline iterator (``jlora.data.dataset``): each process's rows
-  assembled into global arrays on the mesh."""
-
-  def __init__(self, iterator, mesh):
-    self._it, self._mesh = iterator, mesh
-
-  def next(self, state) -> dict:
-    del state  # supervised data does not depend on the model
-    return mesh_lib.global_batch(self.rows(), self._mesh)
-
-  def rows(self) -> dict:
-    """This process's rows of the next batch (host arrays)."""
-    return next(self._it)
-
-  def metrics(self) -> dict:
-    return {}
-
-  def get_state(self) -> dict:
-    return self._it.get_state()
-
-  def set_state(self, state: dict) -> None:
-    self._it.set_state(state)
-
-  def close(self) -> None:
-    if hasattr(self._it, "close"):
-      self._it.close()
-
-
-@dataclasses.dataclass
-class Objective:
-  """What an objective plugs into the loop.
-
-  Attributes:
-    loss: ``loss(trainable, frozen, batch) -> (sum, count[, aux])`` (``train_step.make_step``).
-    batches: where batches come from (``Batches``).
-    evaluate: trainable -> held-out metrics, run before and after training (a group's
-      objective: (trainable, which runs) -> their metrics, a dict each).
-    eval_loss: trainable -> the cheaper metrics run every ``eval.every`` steps (a group's:
-      as ``evaluate``).
-    fields: extra metric names for metrics.csv (JSONL and TensorBoard take them all).
-    frozen: what the loss gets as ``frozen`` when that is more than the run's frozen base
-      (None: the base; preference tuning: the base and its reference's adapter). Passed
-      to the step as an argument, never baked into the program.
-  """
-  loss: train_step.LossFn
-  batches: Batches
-  evaluate: Callable[[Any], dict]
-  eval_loss: Callable[[Any], dict]
-  fields: tuple[str, ...] = ()
-  frozen: Any = None
-
-
-@dataclasses.dataclass
-class Result:
-  state: Any
-  first: int  # the step this invocation started from
-  before: dict  # held-out metrics before training
-  after: dict  # and after
-  last: dict | None  # the last logged row
-  stored_bytes: int | None  # arrays in the last checkpoint
-
-
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[list[int]]:
   """Within the block SIGINT and SIGTERM are recorded (in the yielded list) instead of
@@ -151,93 +77,6 @@ def deferred_signals() -> Iterator[list[int]]:
   finally:
     for sig, handler in old.items():
       signal.signal(sig, handler)
-
-
-@dataclasses.dataclass
-class Member:
-  """One run in the step loop: trained alone (``run``) or one of a group training in the
-  same step (``run_members``). Its own directory, checkpoints, metrics, batch source and
-  progress, and how far it has got."""
-  s: Any  # its build.Setup
-  run_dir: str
-  batches: Batches  # its own batch source: its position is in its checkpoints
-  fields: tuple[str, ...] = ()  # its objective's extra metric names
-  template: Any = None  # its fresh state, abstract: the restore target and its saved layout
-  ckpts: checkpoint.Checkpoints | None = None
-  metrics_out: metrics_lib.Metrics | None = None
-  first: int = 0  # the step this invocation started it from
-  n: int = 0  # steps done
-  good: int = 0  # the last logged step that was finite
-  seen_tokens: int = 0  # tokens since the throughput clock started
-  before: dict = dataclasses.field(default_factory=dict)
-  after: dict = dataclasses.field(default_factory=dict)
-  last: dict | None = None
-  state: Any = None  # its state when it left the step
-  stored_bytes: int | None = None
-  error: NonFiniteLoss | None = None  # a group's run that diverged (the others went on)
-  bar: Any = None
-
-  @property
-  def steps(self) -> int:
-    return self.s.cfg.train.steps
-
-  def result(self) -> Result:
-    return Result(self.state, self.first, self.before, self.after, self.last,
-                  self.stored_bytes)
-
-
-class Trainer(Protocol):
-  """How the runs of one step train: ``Alone`` (one run: its objective's loss, its
-  optimizer, its state) or several runs' adapters stacked over one base
-  (``jlora.run.group.Stacked``)."""
-
-  objective: Objective | None  # what it trains (set by ``build`` for a group)
-
-  def build(self, members: list[Member], states: list) -> tuple[Callable, Any]:
-    """(the jitted step, its state) for these runs, from each run's own state."""
-    ...
-
-  def next(self, state: Any) -> Any: ...  # the next batch: every run's rows
-  def own(self, state: Any, j: int) -> Any: ...  # run j's state as its solo run holds it
-  def pick(self, metrics: dict, j: int) -> dict: ...  # run j's step metrics (on the host)
-  def tokens(self, batch: Any, j: int) -> int: ...  # run j's tokens in a batch
-
-  def evaluate(self, trainable: Any, which: list[int], full: bool) -> list[dict]:
-    """Held-out metrics of runs ``which``: all of them (``full``) or the cheaper loss."""
-    ...
-
-
-class Alone:
-  """One run's step: the objective's loss, the run's optimizer, the run's state."""
-
-  def __init__(self, objective: Objective):
-    self.objective = objective
-
-  def build(self, members, states):
-    s = members[0].s
-    return train_step.build(self.objective.loss, s.tx, states[0]["trainable"],
-                            frozen_of(self.objective, s), s.mesh, s.cfg.train.grad_accum,
-                            state=states[0])
-
-  def next(self, state):
-    return self.objective.batches.next(state)
-
-  def own(self, state, j):
-    return state
-
-  def pick(self, metrics, j):
-    return metrics
-
-  def tokens(self, batch, j):
-    return batch["inputs"].size if "inputs" in batch else 0
-
-  def evaluate(self, trainable, which, full):
-    return [(self.objective.evaluate if full else self.objective.eval_loss)(trainable)]
-
-
-def frozen_of(objective: Objective, s) -> Any:
-  """What the step's loss gets as ``frozen``: the objective's own, else the run's base."""
-  return s.frozen if objective.frozen is None else objective.frozen
 
 
 def _fields(fields: tuple[str, ...]) -> tuple[str, ...]:
@@ -272,15 +111,15 @@ class _Timer:
     return out
 
 
-def run(s, objective: Objective, run_dir: str, *, resume: bool = False,
+def run(s, objective: plug.Objective, run_dir: str, *, resume: bool = False,
         log: Callable[[str], None] = print, progress: bool = True,
-        emit: events.Listener = events.ignore) -> Result:
+        emit: events.Listener = events.ignore) -> plug.Result:
   """Train ``s`` (a ``jlora.run.build.Setup``) with ``objective`` from step 0 or the latest
   checkpoint to ``train.steps``. ``emit`` is told the phases, each metrics row as it is
   written (a notebook's live plot) and each checkpoint (``jlora.run.events``). Raises
   ``NonFiniteLoss``, ``Interrupted`` (after saving) or ``checkpoint.StorageFailed``."""
-  member = Member(s, run_dir, objective.batches, objective.fields)
-  run_members([member], Alone(objective), resume=resume, log=log, progress=progress,
+  member = plug.Member(s, run_dir, objective.batches, objective.fields)
+  run_members([member], plug.Alone(objective), resume=resume, log=log, progress=progress,
               emit=emit)
   return member.result()
 
@@ -288,8 +127,8 @@ def run(s, objective: Objective, run_dir: str, *, resume: bool = False,
 @dataclasses.dataclass
 class _Loop:
   """What the pieces of one step loop share."""
-  members: list[Member]  # every run of the step, in order
-  trainer: Trainer
+  members: list[plug.Member]  # every run of the step, in order
+  trainer: plug.Trainer
   log: Callable[[str], None]
   emit: events.Listener
   progress: bool
@@ -299,14 +138,14 @@ class _Loop:
   def group(self) -> bool:
     return len(self.members) > 1
 
-  def say(self, m: Member, text: str) -> None:
+  def say(self, m: plug.Member, text: str) -> None:
     self.log(f"{m.run_dir}: {text}" if self.group else text)
 
-  def emit_row(self, m: Member, row: dict) -> None:
+  def emit_row(self, m: plug.Member, row: dict) -> None:
     self.emit(events.row(row, m.run_dir if self.group else None))
 
 
-def run_members(members: list[Member], trainer: Trainer, *, resume: bool = False,
+def run_members(members: list[plug.Member], trainer: plug.Trainer, *, resume: bool = False,
                 log: Callable[[str], None] = print, progress: bool = True,
                 emit: events.Listener = events.ignore) -> None:
   """Train ``members`` together with ``trainer``, each from step 0 or its own latest
@@ -359,7 +198,7 @@ def _run(loop: _Loop, resume: bool) -> None:
           closing.callback(m.bar.close)
 
 
-def _common_step(members: list[Member]) -> int | None:
+def _common_step(members: list[plug.Member]) -> int | None:
   """A group's step to resume from: the last checkpoint step every run has (None: one run
   alone, or runs without a common one: each resumes from its own latest). A group killed
   while saving leaves some runs a step ahead; resuming them all from the step they share
@@ -373,7 +212,7 @@ def _common_step(members: list[Member]) -> int | None:
   return max(common) if common else None
 
 
-def _restore(loop: _Loop, m: Member, fresh, resume: bool, at: int | None = None):
+def _restore(loop: _Loop, m: plug.Member, fresh, resume: bool, at: int | None = None):
   """A member's state: from its latest checkpoint, or step ``at`` (``_common_step``; later
   ones deleted), with its batch source's position and its held-out metrics before
   training; or ``fresh``."""
@@ -419,7 +258,7 @@ def _before(loop: _Loop, state, fresh: list[int]) -> None:
                                        or "no held-out data") + f" ({took:.1f} s)")
 
 
-def _leave(loop: _Loop, step_fn, state, active: list[Member], leaving: list[int]):
+def _leave(loop: _Loop, step_fn, state, active: list[plug.Member], leaving: list[int]):
   """Members ``leaving`` (indices into ``active``: finished or diverged) leave the step;
   the step is rebuilt for the rest. Returns (step, state, the members still training)."""
   if not leaving:
@@ -439,7 +278,7 @@ def _leave(loop: _Loop, step_fn, state, active: list[Member], leaving: list[int]
   return step_fn, state, rest
 
 
-def _steps(loop: _Loop, step_fn, state, active: list[Member]) -> None:
+def _steps(loop: _Loop, step_fn, state, active: list[plug.Member]) -> None:
   """The step loop proper, until every member has left it."""
   for j, m in enumerate(active):
     m.bar = _progress(m.steps, m.first, loop.progress,
@@ -455,7 +294,7 @@ def _steps(loop: _Loop, step_fn, state, active: list[Member]) -> None:
     if fresh_build:
       compiled_at = time.perf_counter()
       step_fn = _compile(loop, step_fn, state, batch)
-    state, metrics = step_fn(state, frozen_of(loop.trainer.objective, active[0].s),
+    state, metrics = step_fn(state, plug.frozen_of(loop.trainer.objective, active[0].s),
                              batch)
     if begin is None:  # throughput counts from here: the first step includes compilation
       jax.block_until_ready(metrics)
@@ -509,7 +348,7 @@ def _progress(total: int, initial: int, enabled: bool, name: str | None = None,
               position=position, dynamic_ncols=True)
 
 
-def _rows(loop: _Loop, active: list[Member], metrics, logged: list[bool], stop: bool,
+def _rows(loop: _Loop, active: list[plug.Member], metrics, logged: list[bool], stop: bool,
           timing: dict, begin: float) -> tuple[dict[int, dict], list[int]]:
   """The metrics rows of the members that log at this step ({index: row}), and those
   whose loss, gradient or parameters went non-finite (a run alone raises)."""
@@ -540,7 +379,7 @@ def _compile(loop: _Loop, step_fn, state, batch):
   """The step compiled for the batch's shapes, ahead of its first call."""
   loop.emit(events.phase("compilation"))
   begin = time.perf_counter()
-  frozen = frozen_of(loop.trainer.objective, loop.members[0].s)
+  frozen = plug.frozen_of(loop.trainer.objective, loop.members[0].s)
   compiled = train_step.compile_step(step_fn, state, frozen, batch)
   loop.log(f"compiled the train step in {time.perf_counter() - begin:.1f} s")
   loop.emit(events.phase("steps"))
@@ -568,7 +407,7 @@ def _check_finite(m: dict, n: int, good: int, ckpts) -> None:
       f"in {ckpts.directory}")
 
 
-def _evaluate(loop: _Loop, state, active: list[Member], rows: dict[int, dict],
+def _evaluate(loop: _Loop, state, active: list[plug.Member], rows: dict[int, dict],
               final: list[bool]) -> None:
   """Held-out metrics into the rows, batched over the members that need them: all of them
   after a member's final step (kept as its ``after``), the cheaper ``eval_loss`` every
@@ -587,7 +426,7 @@ def _evaluate(loop: _Loop, state, active: list[Member], rows: dict[int, dict],
       rows[j].update(found)
 
 
-def _save(loop: _Loop, m: Member, state, row: dict) -> None:
+def _save(loop: _Loop, m: plug.Member, state, row: dict) -> None:
   """Checkpoint step ``m.n`` of a member: its state, every process's batch-source
   position, meta."""
   loop.emit(events.checkpoint(m.n, m.run_dir if loop.group else None))

@@ -76,9 +76,7 @@ def capacity_prepare(ctx: Context) -> StudyPlan:
 def _best(seeds_of_lrs, to_bits):
   """Of one rank's arms (every LR, every seed), the seeds of the LR whose mean final bits
   are lowest; None when none finished at every seed."""
-  means = {name: e.mean for name, seeds in runner.by_arm(seeds_of_lrs).items()
-           if (e := verdicts.estimate([to_bits(r.final()) for r in seeds])) is not None}
-  return runner.by_arm(seeds_of_lrs)[min(means, key=means.get)] if means else None
+  return runner.best_arm(seeds_of_lrs, lambda r: to_bits(r.final()))
 
 
 def _plots(ctx: Context, best: dict, full_bits, threshold: float, measured_arms) -> list:

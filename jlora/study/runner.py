@@ -326,6 +326,16 @@ def by_arm(results: Sequence[ArmResult]) -> dict[str, list[ArmResult]]:
   return out
 
 
+def best_arm(results: Sequence[ArmResult], value: Callable[[ArmResult], float | None]
+             ) -> list[ArmResult] | None:
+  """Every seed's result of the arm whose mean ``value`` over its seeds is lowest (the
+  post's minimum over LRs); None when no arm has a value at every seed."""
+  groups = by_arm(results)
+  means = {name: e.mean for name, seeds in groups.items()
+           if (e := verdicts.estimate([value(r) for r in seeds])) is not None}
+  return groups[min(means, key=means.get)] if means else None
+
+
 def per_seed(group: Sequence[ArmResult], value: Callable[[ArmResult], float | None]
              ) -> dict[int, float | None]:
   """{seed: value(result)} of one arm's seeds."""

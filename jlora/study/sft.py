@@ -90,7 +90,4 @@ def best_arm(results) -> list[runner.ArmResult] | None:
   """Of ``results`` (arms of one condition, every seed), the seeds of the arm with the
   lowest mean loss over its seeds (the post's minimum over LRs); None when no arm
   finished at every seed."""
-  from jlora.study import verdicts
-  means = {name: e.mean for name, seeds in runner.by_arm(results).items()
-           if (e := verdicts.estimate([metric(r) for r in seeds])) is not None}
-  return runner.by_arm(results)[min(means, key=means.get)] if means else None
+  return runner.best_arm(results, metric)

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 from jlora import cli
 from jlora.objectives import sft
-from jlora.run import build, config, driver, loop
+from jlora.run import build, config, driver, plug
 from tests.helpers import recipe, write_toml
 
 
@@ -26,7 +26,7 @@ class ScaledSection:
       raise ValueError(f"scaled.scale must be >= 0, got {self.scale}")
 
 
-def _scaled_objective(s: build.Setup) -> loop.Objective:
+def _scaled_objective(s: build.Setup) -> plug.Objective:
   """SFT with its training loss multiplied by ``scaled.scale`` (0: nothing learns)."""
   made = sft.sft_objective(s)
 

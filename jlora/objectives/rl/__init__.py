@@ -3,7 +3,7 @@
 The pieces: ``rollouts.Rollouts`` (the batch source: sample prompts x group completions
 from the current policy, score them with ``rewards``, centre the rewards per group),
 ``losses.policy_loss`` (importance-sampling or PPO loss, optional KL to the base), and
-``objective`` tying them into a ``loop.Objective``, and ``check_data`` (what RL checks before
+``objective`` tying them into a ``plug.Objective``, and ``check_data`` (what RL checks before
 anything is loaded): ``RL`` declares them to the shared run (``driver.run``), so
 checkpoints, resume, metrics, signals and export are SFT's. Defaults from the
 findings (FINDINGS 6): rank 1 (``section.SECTION``), alpha 32, a tenth of the LR rule's LR,
@@ -22,7 +22,7 @@ from jlora import data, models
 from jlora.core import optim, stack
 from jlora.data import render
 from jlora.findings import advisor, hparams
-from jlora.run import build, config as config_lib, driver, evaluate, group, loop
+from jlora.run import build, config as config_lib, driver, evaluate, group, plug
 from jlora.objectives.rl import losses, rewards, rollouts, section
 from jlora.objectives.rl.rollouts import Rollouts
 from jlora.objectives.rl.section import RLSection
@@ -82,12 +82,12 @@ def loss_settings(cfg: config_lib.RunConfig) -> dict:
           "gspo_clip": (rl.gspo_clip_low, rl.gspo_clip_high)}
 
 
-def objective(s: build.Setup) -> loop.Objective:
+def objective(s: build.Setup) -> plug.Objective:
   """The RL objective for the shared loop (see the module docstring)."""
   loss = losses.policy_loss(s.model, s.plan, **loss_settings(s.cfg))
   rollouts = Rollouts(s, data.open_source(s.cfg.data), reference(s))
   evaluate_fn = held_out(s, rollouts)
-  return loop.Objective(loss, rollouts, evaluate_fn, evaluate_fn, FIELDS)
+  return plug.Objective(loss, rollouts, evaluate_fn, evaluate_fn, FIELDS)
 
 
 def check_data(cfg: config_lib.RunConfig, tok, model_cfg, limit: int) -> str:
@@ -138,7 +138,7 @@ def rl_batches(s: build.Setup) -> Rollouts:
 
 
 def rl_group(setups: list[build.Setup], st: stack.Stack, runs: list[Rollouts], micro: int
-             ) -> loop.Objective:
+             ) -> plug.Objective:
   """``objective`` for RL runs trained together (``jlora rl A.toml B.toml``): every run's
   step sampled in one decode (``rollouts.GroupRollouts``), the stacked policy loss over
   micro-batches of one run each (``losses.stacked_policy_loss``); held out, each run's
@@ -151,7 +151,7 @@ def rl_group(setups: list[build.Setup], st: stack.Stack, runs: list[Rollouts], m
     return [held[j]({"lora": stack.unstack(trainable["lora"], st, j), "full": {}})
             for j in which]
 
-  return loop.Objective(loss, rollouts.GroupRollouts(runs, st, micro), evaluate_fn,
+  return plug.Objective(loss, rollouts.GroupRollouts(runs, st, micro), evaluate_fn,
                         evaluate_fn, FIELDS)
 
 

@@ -1,4 +1,4 @@
-"""Rollouts: the RL batch source for the run loop (``loop.Batches``).
+"""Rollouts: the RL batch source for the run loop (``plug.Batches``).
 
 Each ``next(state)`` takes the next ``prompts_per_step`` prompts (a seeded permutation per
 epoch of the data source), repeats each ``group_size`` times, samples completions from the
@@ -111,7 +111,7 @@ def _place_whole(batch: dict, mesh) -> dict:
 
 
 class Rollouts:
-  """``loop.Batches`` for RL (see the module docstring). ``s``: a ``build.Setup``."""
+  """``plug.Batches`` for RL (see the module docstring). ``s``: a ``build.Setup``."""
 
   def __init__(self, s, source, reference=None):
     self.s, self.rl, self.source = s, s.cfg.rl, source
@@ -125,7 +125,7 @@ class Rollouts:
     self.reuse = Reuse(self.rl.updates_per_batch)
     self.placed = Placed()
 
-  # --- loop.Batches ------------------------------------------------------------------
+  # --- plug.Batches ------------------------------------------------------------------
   def get_state(self) -> dict:
     return {"prompts_used": self.used,
             "key": np.asarray(jax.random.key_data(self.key)).tolist(),
@@ -298,7 +298,7 @@ def sample_together(runs: list[Rollouts], params, drawn: list[tuple[list[dict], 
 
 
 class GroupRollouts:
-  """``loop.Batches`` of RL runs trained together (``jlora.run.group``): each run draws its
+  """``plug.Batches`` of RL runs trained together (``jlora.run.group``): each run draws its
   step's prompts and key from its own ``Rollouts`` (its position, its checkpointed state),
   all sample in one decode (``sample_together``), each scores and centres its own
   episodes, and the runs' batches become one batch of micro-batches of one run each
