@@ -187,3 +187,21 @@ def test_what_a_row_samples_does_not_depend_on_the_other_rows(served):
   other = np.asarray(models.sample(model, params, tokens, mask, jax.random.PRNGKey(6),
                                    max_new_tokens=6, temperature=1.0).tokens)
   assert np.any(other != together)  # the key matters
+
+
+def test_a_group_prefilled_once_samples_what_its_rows_sample_each_with_its_prompt(served):
+  """Rows of several runs sampled together (RL's ``sample_together``): each prompt
+  prefilled once for its group of samples, one key per row and one adapter per prompt,
+  samples what the same rows sample with every row prefilling its own copy of the prompt."""
+  model, params, st, solos, slots, prompts = served
+  tokens, mask = rollouts.left_pad(prompts[:4], 8)
+  ids = np.array([2, 0, 1, 2])
+  keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.PRNGKey(9), r))(jnp.arange(12))
+  shared = models.sample(model, slots, tokens, mask, keys, max_new_tokens=6, group=3,
+                         temperature=1.0, adapter_ids=ids)
+  each = models.sample(model, slots, np.repeat(tokens, 3, 0), np.repeat(mask, 3, 0), keys,
+                       max_new_tokens=6, temperature=1.0, adapter_ids=np.repeat(ids, 3))
+  np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(each.tokens))
+  np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(each.logprobs),
+                             atol=2e-5)
+  assert len({tuple(row) for row in np.asarray(shared.tokens)}) > 4  # rows differ

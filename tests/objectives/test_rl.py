@@ -198,3 +198,36 @@ def test_updates_per_batch_reuse_the_batch_and_resume_mid_batch_exactly(model_di
   assert got.keys() == want.keys()
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_runs_of_one_group_size_prefill_each_prompt_once_and_train_as_alone(model_dir,
+                                                                            tmp_path):
+  """``jlora rl A B`` with one ``rl.group_size`` (a study's arms): the group samples each
+  prompt once for its group of samples (``rollouts.sample_together``) and trains the
+  grouped layout; each run's sampled rewards per step are its solo run's and its adapters
+  its solo run's within float noise (8 devices, as the solo runs)."""
+  from safetensors.numpy import load_file
+
+  from jlora.objectives import rl
+  from jlora.run import config, driver
+
+  def cfg(name, **changes):
+    values = rl_recipe(model_dir, tmp_path / name, group_size=2, prompts_per_step=8)
+    values["train"] = {**values["train"], "steps": 3, "lr": 1e-3, "checkpoint_every": 3}
+    for section, v in changes.items():
+      values[section] = {**values.get(section, {}), **v}
+    return config.from_dict(values)
+
+  b = {"lora": {"rank": 2}, "train": {"seed": 3}, "data": {"seed": 2}}
+  driver.run_group([cfg("a"), cfg("b", **b)], driver.KINDS["rl"], ["a", "b"],
+                   progress=False, log=lambda _: None)
+  rows = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa
+  for name, changes in (("a", {}), ("b", b)):
+    rl.run(cfg(f"solo_{name}", **changes), progress=False, log=lambda _: None)
+    got, alone = rows(name), rows(f"solo_{name}")
+    assert [r.get("reward_mean") for r in got] == [r.get("reward_mean") for r in alone], name
+    assert any(r.get("reward_mean") for r in got) and got[1]["completion_tokens"] > 1
+    want, solo = (load_file(tmp_path / d / "adapters.safetensors") for d in (name, f"solo_{name}"))
+    assert want.keys() == solo.keys()
+    for k in solo:
+      np.testing.assert_allclose(want[k], solo[k], rtol=0, atol=1e-5, err_msg=f"{name} {k}")

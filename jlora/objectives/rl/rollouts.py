@@ -272,22 +272,31 @@ def sample_together(runs: list[Rollouts], params, drawn: list[tuple[list[dict], 
   bigger batch). The runs share ``rl.max_new_tokens``, ``temperature`` and ``top_p``
   (``RL_SHARED``)."""
   s, rl = runs[0].s, runs[0].rl
+  # As a solo run samples: each prompt prefilled once for its group (its KV cache copied to
+  # the group's rows), where the runs' groups are of one size and the prompts split over the
+  # data shards; else every row is a prompt of its own (a prefill per sample: group_size
+  # times the work).
+  sizes = {run.rl.group_size for run in runs}
+  shards = s.mesh.shape["data"] * s.mesh.shape["fsdp"]
+  shared = sizes.pop() if len(sizes) == 1 and sum(len(d[0]) for d in drawn) % shards == 0 \
+      else 1
   ids, keys, adapter, widths, expanded = [], [], [], [], []
   for i, (run, (records, key)) in enumerate(zip(runs, drawn)):
-    own = [run.prompt_ids(r) for r in records for _ in range(run.rl.group_size)]
+    own = [run.prompt_ids(r) for r in records for _ in range(run.rl.group_size // shared)]
     widths.append(_width(own, run.rl, s.model_cfg))
     ids += own
-    keys.append(jax.vmap(lambda r, key=key: jax.random.fold_in(key, r))(
-        jnp.arange(len(own))))
-    adapter += [i] * len(own)
     expanded.append([r for r in records for _ in range(run.rl.group_size)])
+    keys.append(jax.vmap(lambda r, key=key: jax.random.fold_in(key, r))(
+        jnp.arange(len(expanded[-1]))))
+    adapter += [i] * len(own)
   prompts, mask = left_pad(ids, max(widths))
-  placed = _place_whole({"t": prompts, "m": mask, "k": np.asarray(jnp.concatenate(keys)),
-                         "a": np.asarray(adapter, np.int32)}, s.mesh)
+  placed = _place_whole({"t": prompts, "m": mask, "a": np.asarray(adapter, np.int32)}, s.mesh)
+  placed["k"] = _place_whole({"k": np.asarray(jnp.concatenate(keys))}, s.mesh)["k"]  # per row
   out = multihost.to_host(mesh_lib.traced_in(models.sample, s.mesh)(
       s.model, params, placed["t"], placed["m"], placed["k"], max_new_tokens=rl.max_new_tokens,
-      temperature=rl.temperature, top_p=rl.top_p, eos_id=s.tok.eos_id, pad=s.tok.eos_id or 0,
-      adapter_ids=placed["a"]))
+      group=shared, temperature=rl.temperature, top_p=rl.top_p, eos_id=s.tok.eos_id,
+      pad=s.tok.eos_id or 0, adapter_ids=placed["a"]))
+  prompts, mask = (np.repeat(x, shared, axis=0) for x in (prompts, mask))
   episodes, start = [], 0
   for records, width in zip(expanded, widths):
     rows = slice(start, start + len(records))
