@@ -15,6 +15,13 @@ both), prompts rendered as chats and left-padded to one width; both programs com
 before timing (one for the batch of N, one for batch 1 shared by the N single runs);
 median of ``--repeats``. The mixed answers are checked against the single ones, token for
 token.
+
+``--group G`` (G > 1) measures what RL's runs trained together sample instead
+(``rollouts.sample_together``): ``--adapters`` runs x ``--prompts`` prompts each x G samples
+at temperature 1 with one key per row, each prompt prefilled once for its G samples
+(``group=G``, what ``jlora rl A B`` does since 2026-12-06) against every row prefilling its
+own copy of its prompt (``group=1``, what it did before); the samples are checked equal.
+Defaults of the rl study's 6 arms: ``--adapters 6 --prompts 4 --group 16 --new-tokens 8``.
 """
 
 from __future__ import annotations
@@ -87,6 +94,49 @@ def measure(adapters: int, new_tokens: int, rank: int, repeats: int, mixed_ranks
           "ratio": single_ms / mixed_ms, "same_tokens": same}
 
 
+def measure_groups(adapters: int, prompts: int, group: int, new_tokens: int, rank: int,
+                   repeats: int, smoke: bool) -> dict:
+  """RL's decode of several runs: prefilled once per group vs once per row (module doc)."""
+  if smoke:
+    from tests.helpers import CFG, byte_tokenizer, tiny_model
+    model, params = tiny_model()
+    cfg, tok = CFG, byte_tokenizer()
+  else:
+    path = models.smollm2_gguf()
+    model, params, cfg = models.load(path)
+    tok = data.Tokenizer.from_model(path)
+  st = stack.stack(params, [models.lora_spec(cfg, rank=rank)] * adapters)
+  solos = [_randomized(lora.init_adapters(params, p, jax.random.PRNGKey(i)),
+                       jax.random.PRNGKey(100 + i), 0.05) for i, p in enumerate(st.plans)]
+  slots = stack.with_adapters(params, stack.stack_adapters(solos, st), st)
+  n = adapters * prompts
+  ids = [render.prompt_ids({"prompt": PROMPTS[i % len(PROMPTS)]}, tok) for i in range(n)]
+  tokens, mask = rollouts.left_pad(ids, models.bucket(max(len(p) for p in ids), 8))
+  owner = np.repeat(np.arange(adapters), prompts)
+  keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.PRNGKey(0), r))(
+      np.arange(n * group))
+  kw = dict(max_new_tokens=new_tokens, temperature=1.0, eos_id=None)
+  out = {}
+
+  def shared():
+    out["shared"] = block(models.sample(model, slots, tokens, mask, keys, group=group,
+                                        adapter_ids=owner, **kw).tokens)
+
+  def per_row():
+    out["per_row"] = block(models.sample(
+        model, slots, np.repeat(tokens, group, 0), np.repeat(mask, group, 0), keys,
+        adapter_ids=np.repeat(owner, group), **kw).tokens)
+
+  shared_ms = median_ms(shared, repeats, warmup=1)
+  per_row_ms = median_ms(per_row, repeats, warmup=1)
+  return {"adapters": adapters, "prompts": prompts, "group": group, "new_tokens": new_tokens,
+          "rank": rank, "prompt_width": int(tokens.shape[1]),
+          "model": "tiny" if smoke else "SmolLM2-135M", "shared_ms": shared_ms,
+          "per_row_ms": per_row_ms, "ratio": per_row_ms / shared_ms,
+          "same_tokens": bool(np.array_equal(np.asarray(out["shared"]),
+                                             np.asarray(out["per_row"])))}
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--adapters", type=int, default=8)
@@ -94,11 +144,22 @@ def main(argv=None) -> dict:
   p.add_argument("--rank", type=int, default=8)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--mixed-ranks", action="store_true")
+  p.add_argument("--group", type=int, default=1,
+                 help="> 1: RL's decode of several runs, prefilled per group vs per row")
+  p.add_argument("--prompts", type=int, default=4, help="prompts per adapter (--group)")
   p.add_argument("--smoke", action="store_true", help="a tiny random model: checks that it runs")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
   if args.smoke:
     args.adapters, args.new_tokens, args.repeats = 3, 4, 1
+  if args.group > 1:
+    result = stamped(measure_groups(args.adapters, args.prompts, args.group, args.new_tokens,
+                                    args.rank, args.repeats, args.smoke))
+    print(f"{args.adapters} adapters x {args.prompts} prompts x {args.group} samples, "
+          f"{args.new_tokens} new tokens, {result['model']}: prefilled per group "
+          f"{result['shared_ms']:.0f} ms, per row {result['per_row_ms']:.0f} ms "
+          f"({result['ratio']:.2f}x); same tokens: {result['same_tokens']}")
+    return save_json(result, args.json)
   result = measure(args.adapters, args.new_tokens, args.rank, args.repeats, args.mixed_ranks,
                    args.smoke)
   stamped(result)

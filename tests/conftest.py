@@ -2,16 +2,6 @@ import os
 import subprocess
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# JAX's persistent compilation cache, shared by the xdist workers and every subprocess a
-# test starts (they inherit the environment): the suite compiles the same tiny programs
-# many times (a group and its solo runs, a run and its resume, each seed of an arm), and
-# a hit skips XLA's compile. Keys cover the program, the devices and JAX's version, so a
-# hit runs the same executable a fresh compile would (measured: a group resume test
-# 108 -> 66 s of CPU from an empty cache).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

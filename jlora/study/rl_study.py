@@ -11,7 +11,7 @@ a model that already answers: without ``--model`` the study first runs the SFT q
 (configs/quickstart.toml's recipe: 45 steps of LoRA on SmolLM2) and merges it, once,
 whatever ``--seeds``; the RL arms then use configs/rl_arithmetic.toml's recipe (groups of
 16 x 4 prompts, all 200 held-out problems; why those: bench/RESULTS.md, "RL"), its 200
-steps at ``full`` and its first 100 at ``small``.
+steps at ``full`` and its first 75 at ``small``.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from jlora.study.sft import model_path
 
 
 def _rl_values(ctx: Context, model: str) -> dict:
-  # small: the recipe's first 100 steps (most of its gain: bench/RESULTS.md, "RL"), so
+  # small: the recipe's first 75 steps (most of its gain: bench/RESULTS.md, "RL"), so
   # three seeds of three arms fit the study's 3-hour budget on 2 CPU cores
-  steps = ctx.pick(2, 100, 200)
+  steps = ctx.pick(2, 75, 200)
   return {
       "model": {"path": model, "remat": False},
       "data": {"source": "task:arithmetic", "seed": 1, "chat": ctx.budget != "smoke",
