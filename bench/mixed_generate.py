@@ -51,16 +51,18 @@ def _randomized(adapters, key, scale: float):
                          for (p, x), k in zip(flat.items(), keys)})
 
 
-def measure(adapters: int, new_tokens: int, rank: int, repeats: int, mixed_ranks: bool,
-            smoke: bool) -> dict:
+def _model(smoke: bool):
+  """(model, params, config, tokenizer): SmolLM2-135M, or the tests' tiny model."""
   if smoke:
     from tests.helpers import CFG, byte_tokenizer, tiny_model
-    model, params = tiny_model()
-    cfg, tok = CFG, byte_tokenizer()
-  else:
-    path = models.smollm2_gguf()
-    model, params, cfg = models.load(path)
-    tok = data.Tokenizer.from_model(path)
+    return (*tiny_model(), CFG, byte_tokenizer())
+  path = models.smollm2_gguf()
+  return (*models.load(path), data.Tokenizer.from_model(path))
+
+
+def measure(adapters: int, new_tokens: int, rank: int, repeats: int, mixed_ranks: bool,
+            smoke: bool) -> dict:
+  model, params, cfg, tok = _model(smoke)
   ranks = [rank if not mixed_ranks or i % 2 == 0 else max(rank // 2, 1)
            for i in range(adapters)]
   st = stack.stack(params, [models.lora_spec(cfg, rank=r) for r in ranks])
@@ -97,14 +99,7 @@ def measure(adapters: int, new_tokens: int, rank: int, repeats: int, mixed_ranks
 def measure_groups(adapters: int, prompts: int, group: int, new_tokens: int, rank: int,
                    repeats: int, smoke: bool) -> dict:
   """RL's decode of several runs: prefilled once per group vs once per row (module doc)."""
-  if smoke:
-    from tests.helpers import CFG, byte_tokenizer, tiny_model
-    model, params = tiny_model()
-    cfg, tok = CFG, byte_tokenizer()
-  else:
-    path = models.smollm2_gguf()
-    model, params, cfg = models.load(path)
-    tok = data.Tokenizer.from_model(path)
+  model, params, cfg, tok = _model(smoke)
   st = stack.stack(params, [models.lora_spec(cfg, rank=rank)] * adapters)
   solos = [_randomized(lora.init_adapters(params, p, jax.random.PRNGKey(i)),
                        jax.random.PRNGKey(100 + i), 0.05) for i, p in enumerate(st.plans)]
