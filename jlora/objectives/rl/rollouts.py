@@ -215,10 +215,7 @@ class Rollouts:
              ) -> Episodes:
     """``group`` completions of each record's prompt from the policy ``trainable``."""
     s, rl = self.s, self.rl
-    shards = s.mesh.shape["data"] * s.mesh.shape["fsdp"]
-    # Each prompt is prefilled once for its group, unless the prompts alone do not split
-    # over the data shards (then every row is a prompt of its own).
-    shared = group if len(records) % shards == 0 else 1
+    shared = _prefill_group(group, len(records), s.mesh)
     ids = [self.prompt_ids(r) for r in records for _ in range(group // shared)]
     prompts, mask = left_pad(ids, _width(ids, rl, s.model_cfg))
     placed = _place_whole({"t": prompts, "m": mask}, s.mesh)
@@ -240,6 +237,13 @@ class Rollouts:
   @staticmethod
   def _correct(text: str, record: dict) -> bool:
     return rewards.correct(text, record["answer"])
+
+
+def _prefill_group(group: int, prompts: int, mesh) -> int:
+  """The rows that share one prefill of their prompt (``models.sample(group=...)``): the
+  whole group, unless the prompts alone do not split over the data shards (then every row
+  is a prompt of its own)."""
+  return group if prompts % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else 1
 
 
 def _width(ids: list, rl, model_cfg) -> int:
@@ -272,14 +276,11 @@ def sample_together(runs: list[Rollouts], params, drawn: list[tuple[list[dict], 
   bigger batch). The runs share ``rl.max_new_tokens``, ``temperature`` and ``top_p``
   (``RL_SHARED``)."""
   s, rl = runs[0].s, runs[0].rl
-  # As a solo run samples: each prompt prefilled once for its group (its KV cache copied to
-  # the group's rows), where the runs' groups are of one size and the prompts split over the
-  # data shards; else every row is a prompt of its own (a prefill per sample: group_size
-  # times the work).
+  # As a solo run samples (``_prefill_group``) where the runs' groups are of one size; else
+  # every row is a prompt of its own (a prefill per sample: group_size times the work).
   sizes = {run.rl.group_size for run in runs}
-  shards = s.mesh.shape["data"] * s.mesh.shape["fsdp"]
-  shared = sizes.pop() if len(sizes) == 1 and sum(len(d[0]) for d in drawn) % shards == 0 \
-      else 1
+  shared = _prefill_group(sizes.pop(), sum(len(d[0]) for d in drawn), s.mesh) \
+      if len(sizes) == 1 else 1
   ids, keys, adapter, widths, expanded = [], [], [], [], []
   for i, (run, (records, key)) in enumerate(zip(runs, drawn)):
     own = [run.prompt_ids(r) for r in records for _ in range(run.rl.group_size // shared)]
