@@ -6,10 +6,9 @@ pipeline, held-out loss and (for tasks that can check answers) greedy accuracy.
 from __future__ import annotations
 
 import jax
-import numpy as np
 
 from jlora import data
-from jlora.core import optim, stack
+from jlora.core import stack
 from jlora.infra import mesh as mesh_lib
 from jlora.objectives import lm
 from jlora.run import build, config as config_lib, driver, evaluate, group, plug
