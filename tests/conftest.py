@@ -1,7 +1,20 @@
 import os
 import subprocess
+import tempfile
+
+from tests import XLA_FLAGS
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # xdist's workers inherit it
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip()
+# One compile cache for every test process (xdist's workers, the jlora subprocesses and the
+# notebooks' kernels inherit the environment): many tests compile the same tiny model's
+# step. Compiles under 0.5 s are not kept (writing each slice and add costs more than it
+# saves). The key is the HLO, the flags and jax's version, so a changed jlora misses.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "jlora-tests-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

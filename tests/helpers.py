@@ -23,6 +23,7 @@ from jlora.models import ModelConfig, Transformer
 from jlora.objectives import lm
 from jlora.objectives.rl import rollouts
 from jlora.run import train_step
+from tests import XLA_FLAGS
 
 
 def randomize_b(adapters, key, scale=0.1):
@@ -281,7 +282,7 @@ def run_steps(mesh, steps=10, grad_accum=1, batch=None, cfg=CFG):
 
 
 def worker_env():
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+  env = {**os.environ, "XLA_FLAGS": XLA_FLAGS}  # the suite's flags, no others
   env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   return env
 

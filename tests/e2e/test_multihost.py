@@ -16,6 +16,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from jlora.infra import mesh as mesh_lib
+from tests import XLA_FLAGS
 from tests.helpers import (
   ROOT,
   recipe,
@@ -37,8 +38,7 @@ def _launch(toml: str, processes: int, *args, command="train", worker=None, env=
   procs = []
   for i in range(processes):
     e = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "JLORA_STALE_S": str(STALE_S),
-         "JLORA_WORKER_COMMAND": command, **(env or {})}
-    e.pop("XLA_FLAGS", None)
+         "JLORA_WORKER_COMMAND": command, "XLA_FLAGS": XLA_FLAGS, **(env or {})}
     if processes > 1:
       e.update(JLORA_COORDINATOR=f"127.0.0.1:{port}", JLORA_NUM_PROCESSES=str(processes),
                JLORA_PROCESS_ID=str(i))
