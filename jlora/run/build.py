@@ -219,9 +219,11 @@ def build(cfg: config_lib.RunConfig, pre: Preflight | None = None,
     params = sharding.place_like(new_params, params)
   else:
     plan = lora.plan(params, config_spec(cfg, model_cfg))
-    key = jax.random.PRNGKey(cfg.train.seed)
-    adapters = jax.jit(lambda p: lora.init_adapters(p, plan, key),
-                       out_shardings=_adapter_shardings(model, plan, mesh))(params)
+    # The key is an argument, not a constant: every seed runs one program (one compile, and
+    # one entry in a persistent compile cache).
+    adapters = jax.jit(lambda p, key: lora.init_adapters(p, plan, key),
+                       out_shardings=_adapter_shardings(model, plan, mesh))(
+                           params, jax.random.PRNGKey(cfg.train.seed))
   trainable, frozen = optim.trainable(params, adapters, plan)
   if quantized := [p for p, x in lora.flatten(trainable["full"]).items()
                    if quant.is_quantized(x)]:
