@@ -15,6 +15,7 @@ rl study's ``sft_model`` or ``jlora merge runs/quickstart --out runs/quickstart_
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import tempfile
@@ -30,7 +31,7 @@ def recipes(n: int, model: str, steps: int, out_dir: str) -> list[str]:
   os.makedirs(out_dir, exist_ok=True)
   paths = []
   for i in range(n):
-    values = json.loads(json.dumps(base))
+    values = copy.deepcopy(base)
     values["run_dir"] = os.path.join(out_dir, f"run{i}")
     values["model"]["path"] = os.path.abspath(model)
     values["train"].update(steps=steps, seed=i, checkpoint_every=steps)

@@ -282,9 +282,9 @@ def run_steps(mesh, steps=10, grad_accum=1, batch=None, cfg=CFG):
 
 
 def worker_env():
-  env = {**os.environ, "XLA_FLAGS": XLA_FLAGS}  # the suite's flags, no others
-  env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return env
+  """A child process's environment: this one's, the suite's XLA flags (no others), jlora
+  and tests importable."""
+  return {**os.environ, "XLA_FLAGS": XLA_FLAGS, "PYTHONPATH": ROOT}
 
 
 def train_one_batch(cfg, dtype=jnp.float32, steps=10, lr=3e-3):

@@ -16,7 +16,6 @@ import pytest
 from safetensors.numpy import load_file
 
 from jlora.infra import mesh as mesh_lib
-from tests import XLA_FLAGS
 from tests.helpers import (
   ROOT,
   recipe,
@@ -37,8 +36,8 @@ def _launch(toml: str, processes: int, *args, command="train", worker=None, env=
   port = portpicker.pick_unused_port()
   procs = []
   for i in range(processes):
-    e = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "JLORA_STALE_S": str(STALE_S),
-         "JLORA_WORKER_COMMAND": command, "XLA_FLAGS": XLA_FLAGS, **(env or {})}
+    e = {**worker_env(), "JAX_PLATFORMS": "cpu", "JLORA_STALE_S": str(STALE_S),
+         "JLORA_WORKER_COMMAND": command, **(env or {})}
     if processes > 1:
       e.update(JLORA_COORDINATOR=f"127.0.0.1:{port}", JLORA_NUM_PROCESSES=str(processes),
                JLORA_PROCESS_ID=str(i))
