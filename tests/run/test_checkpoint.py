@@ -54,13 +54,23 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_partial(small_disk, trained_
   assert os.listdir(run / "checkpoints") == ["2"]  # (its resume: the test above)
 
   # The disk fills while orbax writes (the space check passed): orbax's writer threads give
-  # up, the loop finds out at its next poll, and their tracebacks are not shown.
+  # up, the loop finds out at its next poll, and their tracebacks are not shown. The disk is
+  # filled from inside the run, right after step 4's space check, to 64 KiB left: a checkpoint
+  # takes ~300 KiB on tmpfs, but how many files orbax writes varies from run to run, so a
+  # fill made before the run could not promise that checkpoint 2 fits and 4 does not.
+  small_disk.empty()
   again = small_disk.path / "again"
   toml = write_toml(tmp_path / "again.toml", recipe(model_dir, again))
-  small_disk.fill(free_kib=420)  # checkpoint 2 fits, 4 fails while it is written
-  script = ("import collections, sys; from jlora import cli; from jlora.run import checkpoint; "
-            "U = collections.namedtuple('U', 'total used free'); "
-            "checkpoint.shutil.disk_usage = lambda p: U(1 << 40, 0, 1 << 40); "
+  script = ("import collections, os, sys; from jlora import cli; from jlora.run import checkpoint; "
+            "U = collections.namedtuple('U', 'total used free'); checks = []\n"
+            "def usage(path):\n"
+            "  checks.append(path)\n"
+            "  if len(checks) == 2:\n"
+            f"    st = os.statvfs({str(small_disk.path)!r})\n"
+            f"    with open({str(small_disk.filler)!r}, 'wb') as f:\n"
+            "      f.write(bytes(st.f_bavail * st.f_frsize - 64 * 1024))\n"
+            "  return U(1 << 40, 0, 1 << 40)\n"
+            "checkpoint.shutil.disk_usage = usage\n"
             f"sys.exit(cli.main(['train', {toml!r}, '--no-progress']))")
   out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                        text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
