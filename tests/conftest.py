@@ -27,6 +27,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 from jlora import cli  # noqa: E402
 from tests.helpers import HF_KINDS, QUANT_SIZES, recipe, tiny_model_dir, write_toml  # noqa: E402
 from tests.hf_models import save_tiny  # noqa: E402
+from tests.small_disk import SmallDisk  # noqa: E402
 
 
 @pytest.fixture
@@ -46,29 +47,6 @@ def pytest_terminal_summary(terminalreporter):
       terminalreporter.write_line(f"{seconds:7.1f} s  {nodeid}")
     terminalreporter.write_line(f"{sum(s for _, s in rows):7.1f} s  all notebooks")
 
-
-
-class SmallDisk:
-  """A 4 MiB tmpfs at ``path``; ``fill(free_kib)`` leaves that much room, ``empty()``
-  frees it again."""
-
-  def __init__(self, path):
-    self.path = path
-    self.filler = path / ".filler"
-
-  def fill(self, free_kib: int) -> None:
-    self.empty()
-    st = os.statvfs(self.path)
-    with open(self.filler, "wb") as f:
-      f.write(b"\0" * (st.f_bavail * st.f_frsize - free_kib * 1024))
-
-  def empty(self) -> None:
-    self.filler.unlink(missing_ok=True)
-
-  def files(self) -> list[str]:
-    """Every file and directory on the disk but the filler, relative to it."""
-    return sorted(str(p.relative_to(self.path)) for p in self.path.rglob("*")
-                  if p != self.filler)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ process with 4 devices; one run directory written once; resume after both are ki
 process killed alone; a config error on both; a sharded step across two processes."""
 
 import json
-import os
 import subprocess
 import sys
 import time

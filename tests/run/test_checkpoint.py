@@ -56,19 +56,18 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_partial(small_disk, trained_
   # The disk fills while orbax writes (the space check passed): orbax's writer threads give
   # up, the loop finds out at its next poll, and their tracebacks are not shown. The disk is
   # filled from inside the run, right after step 4's space check, to 64 KiB left: a checkpoint
-  # takes ~300 KiB on tmpfs, but how many files orbax writes varies from run to run, so a
+  # takes 0.3-0.4 MiB on tmpfs, but how many files orbax writes varies from run to run, so a
   # fill made before the run could not promise that checkpoint 2 fits and 4 does not.
   small_disk.empty()
   again = small_disk.path / "again"
   toml = write_toml(tmp_path / "again.toml", recipe(model_dir, again))
-  script = ("import collections, os, sys; from jlora import cli; from jlora.run import checkpoint; "
+  script = ("import collections, pathlib, sys; from jlora import cli; "
+            "from jlora.run import checkpoint; from tests.small_disk import SmallDisk; "
             "U = collections.namedtuple('U', 'total used free'); checks = []\n"
             "def usage(path):\n"
             "  checks.append(path)\n"
             "  if len(checks) == 2:\n"
-            f"    st = os.statvfs({str(small_disk.path)!r})\n"
-            f"    with open({str(small_disk.filler)!r}, 'wb') as f:\n"
-            "      f.write(bytes(st.f_bavail * st.f_frsize - 64 * 1024))\n"
+            f"    SmallDisk(pathlib.Path({str(small_disk.path)!r})).fill(free_kib=64)\n"
             "  return U(1 << 40, 0, 1 << 40)\n"
             "checkpoint.shutil.disk_usage = usage\n"
             f"sys.exit(cli.main(['train', {toml!r}, '--no-progress']))")
